@@ -1,0 +1,180 @@
+// pybind11 surface of the engine. Conversions only: every call that reaches llama.cpp
+// releases the GIL, and every C++ exception becomes a Python one.
+#include <dlfcn.h>
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "ggml-backend.h"
+#include "engine.hpp"
+#include "logging.hpp"
+#include "model.hpp"
+#include "text.hpp"
+
+namespace py = pybind11;
+using namespace pg;
+
+namespace {
+
+// The file that provides llama_decode in this process: proves which libllama we use.
+std::string libllama_path() {
+    Dl_info info{};
+    if (dladdr(reinterpret_cast<void *>(&llama_decode), &info) && info.dli_fname) {
+        return info.dli_fname;
+    }
+    return "";
+}
+
+std::vector<std::string> backend_names() {
+    std::vector<std::string> out;
+    for (size_t i = 0; i < ggml_backend_reg_count(); ++i) {
+        out.emplace_back(ggml_backend_reg_name(ggml_backend_reg_get(i)));
+    }
+    return out;
+}
+
+py::dict counters_dict(const Counters & c) {
+    py::dict d;
+    d["decode_calls"]       = c.decode_calls;
+    d["decode_retries"]     = c.decode_retries;
+    d["fallback_decodes"]   = c.fallback_decodes;
+    d["preemptions"]        = c.preemptions;
+    d["prompt_tokens"]      = c.prompt_tokens;
+    d["generated_tokens"]   = c.generated_tokens;
+    d["prompt_seconds"]     = c.prompt_seconds;
+    d["generation_seconds"] = c.generation_seconds;
+    return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "parallel_gen native engine (llama.cpp batch loop)";
+    install_log_router();
+
+    m.def("libllama_path", &libllama_path);
+    m.def("backends", &backend_names);
+    m.def("system_info", [] { return std::string(llama_print_system_info()); });
+    m.def("max_parallel_sequences", [] { return llama_max_parallel_sequences(); });
+    m.def("supports_gpu_offload", [] { return llama_supports_gpu_offload(); });
+
+    py::class_<ModelHandle, std::shared_ptr<ModelHandle>>(m, "ModelHandle")
+        .def_static("load", &ModelHandle::load, py::arg("path"), py::arg("n_gpu_layers"), py::arg("verbose"),
+                    py::call_guard<py::gil_scoped_release>())
+        .def_static("borrow", &ModelHandle::borrow, py::arg("address"))
+        .def_property_readonly("owned", &ModelHandle::owned)
+        .def_property_readonly("n_vocab", &ModelHandle::n_vocab)
+        .def_property_readonly("n_ctx_train", &ModelHandle::n_ctx_train)
+        .def_property_readonly("description", &ModelHandle::description)
+        .def_property_readonly("n_params", [](const ModelHandle & h) { return llama_model_n_params(h.get()); })
+        .def_property_readonly("size_bytes", [](const ModelHandle & h) { return llama_model_size(h.get()); })
+        .def_property_readonly("n_layer", [](const ModelHandle & h) { return llama_model_n_layer(h.get()); })
+        .def_property_readonly("n_swa", [](const ModelHandle & h) { return llama_model_n_swa(h.get()); })
+        .def("metadata", &ModelHandle::metadata)
+        .def("chat_template", &ModelHandle::chat_template, py::arg("name") = "")
+        .def("is_eog", &ModelHandle::is_eog)
+        .def("tokenize",
+             [](const ModelHandle & h, const std::string & text, bool add_special, bool parse_special) {
+                 return h.tokenize(text, add_special, parse_special);
+             },
+             py::arg("text"), py::arg("add_special") = true, py::arg("parse_special") = true,
+             py::call_guard<py::gil_scoped_release>())
+        .def("detokenize",
+             [](const ModelHandle & h, const std::vector<llama_token> & tokens, bool render_special) {
+                 for (llama_token t : tokens) {
+                     if (t < 0 || t >= h.n_vocab()) {
+                         throw py::value_error("token id " + std::to_string(t) + " is outside the vocabulary");
+                     }
+                 }
+                 return py::bytes(h.detokenize(tokens, render_special));
+             },
+             py::arg("tokens"), py::arg("render_special") = false);
+
+    py::class_<SamplingConfig>(m, "SamplingConfig")
+        .def(py::init<>())
+        .def_readwrite("max_tokens", &SamplingConfig::max_tokens)
+        .def_readwrite("temperature", &SamplingConfig::temperature)
+        .def_readwrite("top_k", &SamplingConfig::top_k)
+        .def_readwrite("top_p", &SamplingConfig::top_p)
+        .def_readwrite("min_p", &SamplingConfig::min_p)
+        .def_readwrite("repeat_penalty", &SamplingConfig::repeat_penalty)
+        .def_readwrite("repeat_last_n", &SamplingConfig::repeat_last_n)
+        .def_readwrite("frequency_penalty", &SamplingConfig::frequency_penalty)
+        .def_readwrite("presence_penalty", &SamplingConfig::presence_penalty)
+        .def_readwrite("seed", &SamplingConfig::seed)
+        .def_readwrite("stop", &SamplingConfig::stop)
+        .def_readwrite("stop_token_ids", &SamplingConfig::stop_token_ids)
+        .def_readwrite("ignore_eos", &SamplingConfig::ignore_eos);
+
+    py::class_<EngineConfig>(m, "EngineConfig")
+        .def(py::init<>())
+        .def_readwrite("n_parallel", &EngineConfig::n_parallel)
+        .def_readwrite("n_ctx", &EngineConfig::n_ctx)
+        .def_readwrite("n_batch", &EngineConfig::n_batch)
+        .def_readwrite("n_threads", &EngineConfig::n_threads)
+        .def_readwrite("kv_unified", &EngineConfig::kv_unified)
+        .def_readwrite("flash_attn", &EngineConfig::flash_attn)
+        .def_readwrite("type_k", &EngineConfig::type_k)
+        .def_readwrite("type_v", &EngineConfig::type_v)
+        .def_readwrite("kv_size", &EngineConfig::kv_size)
+        .def_readwrite("verbose", &EngineConfig::verbose);
+
+    py::enum_<Finish>(m, "Finish").value("stop", Finish::Stop).value("length", Finish::Length).value("error", Finish::Error);
+
+    py::class_<Result>(m, "Result")
+        .def_readonly("index", &Result::index)
+        .def_readonly("sample", &Result::sample)
+        .def_readonly("n_prompt", &Result::n_prompt)
+        .def_readonly("tokens", &Result::tokens)
+        .def_property_readonly("text", [](const Result & r) { return py::bytes(r.text); })
+        .def_readonly("finish", &Result::finish)
+        .def_readonly("stop_string", &Result::stop_string)
+        .def_readonly("stop_token", &Result::stop_token)
+        .def_readonly("error", &Result::error)
+        .def_readonly("aborted", &Result::aborted);
+
+    py::class_<Engine>(m, "Engine")
+        .def(py::init<std::shared_ptr<ModelHandle>, const EngineConfig &>(), py::arg("model"), py::arg("config"),
+             py::call_guard<py::gil_scoped_release>())
+        .def("submit",
+             [](Engine & e, int64_t index, int32_t sample, std::string prompt, const SamplingConfig & params) {
+                 Request r;
+                 r.index  = index;
+                 r.sample = sample;
+                 r.prompt = std::move(prompt);
+                 r.params = params;
+                 py::gil_scoped_release release;
+                 e.submit(std::move(r));
+             },
+             py::arg("index"), py::arg("sample"), py::arg("prompt"), py::arg("params"))
+        .def("step",
+             [](Engine & e) {
+                 StepOutput out;
+                 {
+                     py::gil_scoped_release release;
+                     out = e.step();
+                 }
+                 return py::make_tuple(py::cast(std::move(out.finished)), out.fatal);
+             })
+        .def("has_work", &Engine::has_work)
+        .def("cancel_all", &Engine::cancel_all, py::call_guard<py::gil_scoped_release>())
+        .def("counters", [](const Engine & e) { return counters_dict(e.counters()); })
+        .def("reset_counters", &Engine::reset_counters)
+        .def("abort_after_decodes", &Engine::abort_after_decodes)
+        .def_property_readonly("n_live", &Engine::n_live)
+        .def_property_readonly("n_waiting", &Engine::n_waiting)
+        .def_property_readonly("n_ctx", &Engine::n_ctx)
+        .def_property_readonly("n_ctx_seq", &Engine::n_ctx_seq)
+        .def_property_readonly("kv_capacity", &Engine::kv_capacity)
+        .def_property_readonly("n_batch", &Engine::n_batch)
+        .def_property_readonly("n_parallel", &Engine::n_parallel);
+
+    // Exposed so the stop-string and UTF-8 logic can be tested on exact byte splits.
+    py::class_<TextAssembler>(m, "TextAssembler")
+        .def(py::init<std::vector<std::string>>(), py::arg("stops") = std::vector<std::string>{})
+        .def("append", [](TextAssembler & t, py::bytes piece) { return t.append(std::string(piece)); })
+        .def_property_readonly("matched_stop", &TextAssembler::matched_stop)
+        .def_property_readonly("bytes", [](const TextAssembler & t) { return py::bytes(t.bytes()); })
+        .def_property_readonly("stable_len", &TextAssembler::stable_len)
+        .def("final_bytes", [](const TextAssembler & t) { return py::bytes(t.final_bytes()); });
+}

@@ -1,0 +1,458 @@
+#include "engine.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <stdexcept>
+#include <thread>
+
+#include "logging.hpp"
+
+namespace pg {
+
+struct Engine::Sequence {
+    Request                  req;
+    std::vector<llama_token> tokens;          // prompt, then generated tokens
+    int32_t                  n_prompt    = 0;
+    int32_t                  n_past      = 0; // tokens whose KV is in the cache
+    int32_t                  n_generated = 0;
+    llama_seq_id             seq_id      = -1; // -1 while waiting
+    uint64_t                 admitted_at = 0;  // admission order: the youngest is paused first
+    SamplerPtr               sampler;
+    TextAssembler            text;
+    bool                     done        = false;
+    Finish                   finish      = Finish::Stop;
+    llama_token              stop_token  = -1;
+    std::string              error;
+    bool                     aborted     = false;
+
+    int32_t to_feed() const { return static_cast<int32_t>(tokens.size()) - n_past; }
+    bool    live() const { return seq_id >= 0 && !done; }
+};
+
+struct Engine::Entry {
+    Sequence *  seq;
+    llama_token token;
+    llama_pos   pos;
+    bool        logits;  // sample after this token
+    bool        prompt;  // counted as prompt work in the timing split
+};
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::string decode_error_text(int32_t code) {
+    switch (code) {
+        case 2:  return "llama_decode was aborted (code 2)";
+        case -1: return "llama_decode rejected the batch as invalid (code -1)";
+        case -2: return "llama_decode could not allocate compute or KV memory (code -2)";
+        case -3: return "llama_decode compute failed (code -3)";
+        default: return "llama_decode failed (code " + std::to_string(code) + ")";
+    }
+}
+
+}  // namespace
+
+Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : model_(std::move(model)), cfg_(cfg) {
+    if (cfg_.n_parallel < 1 || cfg_.n_ctx < 2 || cfg_.n_batch < cfg_.n_parallel) {
+        throw std::invalid_argument("engine config: need n_parallel >= 1, n_ctx >= 2, n_batch >= n_parallel");
+    }
+    install_log_router();
+    LogScope scope(cfg_.verbose);
+
+    llama_context_params cp = llama_context_default_params();
+    const int64_t total = cfg_.kv_unified && cfg_.kv_size > 0 ? int64_t(cfg_.kv_size)
+                                                                : int64_t(cfg_.n_ctx) * cfg_.n_parallel;
+    if (total > INT32_MAX) {
+        throw std::invalid_argument("n_ctx * n_parallel is too large");
+    }
+    int32_t threads = cfg_.n_threads > 0 ? cfg_.n_threads : static_cast<int32_t>(std::thread::hardware_concurrency());
+    threads = std::max(threads, 1);
+    cp.n_ctx           = static_cast<uint32_t>(total);
+    cp.n_batch         = static_cast<uint32_t>(cfg_.n_batch);
+    cp.n_ubatch        = static_cast<uint32_t>(cfg_.n_batch);
+    cp.n_seq_max       = static_cast<uint32_t>(cfg_.n_parallel);
+    cp.n_threads       = threads;
+    cp.n_threads_batch = threads;
+    cp.flash_attn_type = static_cast<llama_flash_attn_type>(cfg_.flash_attn);
+    cp.type_k          = static_cast<ggml_type>(cfg_.type_k);
+    cp.type_v          = static_cast<ggml_type>(cfg_.type_v);
+    cp.kv_unified      = cfg_.kv_unified;
+    cp.no_perf         = true;
+    cp.abort_callback      = &Engine::abort_cb;
+    cp.abort_callback_data = this;
+
+    ctx_ = llama_init_from_model(model_->get(), cp);
+    if (!ctx_) {
+        std::string why = take_log_errors();
+        throw std::runtime_error("llama.cpp could not create a context" + (why.empty() ? "" : ": " + why));
+    }
+    mem_     = llama_get_memory(ctx_);
+    n_batch_ = static_cast<int32_t>(llama_n_batch(ctx_));
+    if (n_ctx_seq() < cfg_.n_ctx || static_cast<int32_t>(llama_n_seq_max(ctx_)) < cfg_.n_parallel ||
+        n_batch_ < cfg_.n_parallel) {
+        llama_free(ctx_);
+        throw std::runtime_error("llama.cpp gave a smaller context than asked for (n_ctx_seq " +
+                                 std::to_string(n_ctx_seq()) + " < " + std::to_string(cfg_.n_ctx) + ")");
+    }
+    batch_ = llama_batch_init(n_batch_, 0, 1);
+    slots_.resize(static_cast<size_t>(cfg_.n_parallel));
+}
+
+Engine::~Engine() {
+    LogScope scope(cfg_.verbose);  // llama.cpp reports buffer sizes on free
+    if (batch_.token) {
+        llama_batch_free(batch_);
+    }
+    if (ctx_) {
+        llama_free(ctx_);
+    }
+}
+
+int32_t Engine::n_ctx_seq() const { return static_cast<int32_t>(llama_n_ctx_seq(ctx_)); }
+int32_t Engine::kv_capacity() const { return static_cast<int32_t>(llama_n_ctx(ctx_)); }
+
+bool Engine::flash_attn() const {
+    // llama.cpp resolves "auto" at context creation; the effective choice is in the
+    // context's params, which the C API does not expose, so report what was asked.
+    return cfg_.flash_attn == 1;
+}
+
+bool Engine::abort_cb(void * data) {
+    return static_cast<Engine *>(data)->abort_now_.load(std::memory_order_relaxed);
+}
+
+void Engine::submit(Request req) {
+    auto s  = std::make_unique<Sequence>();
+    s->text = TextAssembler(req.params.stop);
+    try {
+        s->tokens = model_->tokenize(req.prompt, /*add_special=*/true, /*parse_special=*/true);
+    } catch (const std::exception & e) {
+        s->error = std::string("could not tokenize the prompt: ") + e.what();
+    }
+    s->n_prompt = static_cast<int32_t>(s->tokens.size());
+    s->req      = std::move(req);
+    s->req.prompt.clear();  // tokens are all the engine needs from here on
+    s->req.prompt.shrink_to_fit();
+
+    if (s->error.empty() && s->n_prompt == 0) {
+        s->error = "the prompt is empty: it has no tokens to start from";
+    }
+    if (s->error.empty() && s->n_prompt >= cfg_.n_ctx) {
+        s->error = "the prompt has " + std::to_string(s->n_prompt) + " tokens but a sequence holds n_ctx=" +
+                   std::to_string(cfg_.n_ctx) + " tokens (prompt + output); shorten it or open the model with a larger n_ctx";
+    }
+    if (!s->error.empty()) {
+        s->done   = true;
+        s->finish = Finish::Error;
+        ready_.push_back(to_result(*s));
+        return;
+    }
+    waiting_.push_back(std::move(s));
+}
+
+int64_t Engine::kv_used_estimate() const {
+    int64_t used = 0;
+    for (const auto & s : slots_) {
+        if (s) {
+            used += s->n_past;
+        }
+    }
+    return used;
+}
+
+void Engine::admit() {
+    for (size_t id = 0; id < slots_.size() && !waiting_.empty(); ++id) {
+        if (slots_[id]) {
+            continue;
+        }
+        Sequence & s = *waiting_.front();
+        // A shared pool can be smaller than n_parallel * n_ctx: admit only what fits now,
+        // so sequences wait in the queue instead of thrashing the cache.
+        if (cfg_.kv_unified && n_live_ > 0 &&
+            kv_used_estimate() + static_cast<int64_t>(s.tokens.size()) + 1 > kv_capacity()) {
+            break;
+        }
+        s.seq_id      = static_cast<llama_seq_id>(id);
+        s.admitted_at = ++admit_clock_;
+        if (!s.sampler) {
+            s.sampler = make_sampler(model_->vocab(), s.req.params, cfg_.n_ctx,
+                                     std::vector<llama_token>(s.tokens.begin(), s.tokens.begin() + s.n_prompt));
+        }
+        llama_memory_seq_rm(mem_, s.seq_id, -1, -1);  // a slot always starts empty
+        slots_[id] = std::move(waiting_.front());
+        waiting_.pop_front();
+        ++n_live_;
+    }
+}
+
+void Engine::build_batch(std::vector<Entry> & entries) {
+    std::vector<Sequence *> live;
+    for (auto & s : slots_) {
+        if (s && s->live()) {
+            live.push_back(s.get());
+        }
+    }
+    std::sort(live.begin(), live.end(), [](Sequence * a, Sequence * b) { return a->admitted_at < b->admitted_at; });
+
+    // Every generating sequence gets its next token in; prompt chunks fill the rest, so a
+    // long prompt never stalls the others for its whole prefill.
+    for (Sequence * s : live) {
+        if (s->to_feed() == 1) {
+            const int32_t p = s->n_past;
+            entries.push_back({s, s->tokens[p], p, true, p < s->n_prompt});
+        }
+    }
+    for (Sequence * s : live) {
+        const int32_t room = n_batch_ - static_cast<int32_t>(entries.size());
+        if (room <= 0) {
+            break;
+        }
+        if (s->to_feed() <= 1) {
+            continue;
+        }
+        const int32_t n = std::min(s->to_feed(), room);
+        for (int32_t k = 0; k < n; ++k) {
+            const int32_t p    = s->n_past + k;
+            const bool    last = p + 1 == static_cast<int32_t>(s->tokens.size());
+            entries.push_back({s, s->tokens[p], p, last, true});
+        }
+    }
+}
+
+// The failure policy, in one place:
+//  - 0: sample every sequence whose logits are in this view, go on.
+//  - 1 (no KV room): retry the same tokens in views half the size; when a single token
+//    still does not fit, pause the youngest live sequence (its KV is dropped and it is
+//    queued again, to be recomputed later) and retry; a sequence that does not fit even
+//    alone finishes with "error".
+//  - anything else is fatal: thrown to step(), which drops every live sequence.
+void Engine::decode_entries(std::vector<Entry> & entries) {
+    size_t i    = 0;
+    size_t view = entries.size();
+    bool   split = false;
+    std::vector<size_t> taken;
+    taken.reserve(entries.size());
+
+    while (i < entries.size()) {
+        taken.clear();
+        size_t j = i;
+        while (j < entries.size() && taken.size() < view) {
+            if (entries[j].seq->live()) {
+                taken.push_back(j);
+            }
+            ++j;
+        }
+        if (taken.empty()) {
+            i = j;
+            continue;
+        }
+
+        // Checks llama.cpp would otherwise answer with an abort of the whole process.
+        if (taken.size() > static_cast<size_t>(n_batch_)) {
+            throw std::logic_error("batch larger than n_batch");
+        }
+        batch_.n_tokens = 0;
+        int32_t n_prompt_tok = 0;
+        for (size_t k : taken) {
+            const Entry & e = entries[k];
+            if (e.seq->seq_id < 0 || e.seq->seq_id >= cfg_.n_parallel || e.pos < e.seq->n_past ||
+                e.pos >= n_ctx_seq()) {
+                throw std::logic_error("batch entry out of range (seq " + std::to_string(e.seq->seq_id) + ", pos " +
+                                       std::to_string(e.pos) + ")");
+            }
+            const int32_t b     = batch_.n_tokens++;
+            batch_.token[b]     = e.token;
+            batch_.pos[b]       = e.pos;
+            batch_.n_seq_id[b]  = 1;
+            batch_.seq_id[b][0] = e.seq->seq_id;
+            batch_.logits[b]    = e.logits ? 1 : 0;
+            n_prompt_tok += e.prompt ? 1 : 0;
+        }
+
+        if (abort_countdown_ > 0 && --abort_countdown_ == 0) {
+            abort_now_.store(true);
+        }
+        const auto    t0  = Clock::now();
+        const int32_t ret = llama_decode(ctx_, batch_);
+        const double  dt  = seconds_since(t0);
+        abort_now_.store(false);
+
+        if (ret == 0) {
+            ++counters_.decode_calls;
+            counters_.fallback_decodes += split ? 1 : 0;
+            const double share = static_cast<double>(n_prompt_tok) / batch_.n_tokens;
+            counters_.prompt_seconds += dt * share;
+            counters_.generation_seconds += dt * (1.0 - share);
+            counters_.prompt_tokens += n_prompt_tok;
+            for (size_t b = 0; b < taken.size(); ++b) {
+                Entry & e     = entries[taken[b]];
+                e.seq->n_past = e.pos + 1;
+                if (e.logits) {
+                    sample(e.seq, static_cast<int32_t>(b));
+                }
+            }
+            i = j;
+            continue;
+        }
+        if (ret != 1) {
+            throw std::runtime_error(decode_error_text(ret));
+        }
+
+        ++counters_.decode_retries;
+        split = true;
+        if (taken.size() > 1) {
+            view = (taken.size() + 1) / 2;
+            continue;
+        }
+        make_room(entries[taken[0]].seq);
+        view = entries.size() - i;  // room was freed: try the rest whole again
+    }
+}
+
+void Engine::make_room(Sequence * blocked) {
+    Sequence * youngest = nullptr;
+    int32_t    n_alive  = 0;
+    for (auto & s : slots_) {
+        if (s && s->live()) {
+            ++n_alive;
+            if (!youngest || s->admitted_at > youngest->admitted_at) {
+                youngest = s.get();
+            }
+        }
+    }
+    if (n_alive <= 1) {
+        blocked->error = "no KV cache room for this sequence even alone (" + std::to_string(blocked->tokens.size()) +
+                         " tokens; KV pool " + std::to_string(kv_capacity()) + " cells)";
+        finish(blocked, Finish::Error);
+        llama_memory_seq_rm(mem_, blocked->seq_id, -1, -1);
+        return;
+    }
+    preempt(youngest);
+}
+
+void Engine::preempt(Sequence * s) {
+    const llama_seq_id id = s->seq_id;
+    llama_memory_seq_rm(mem_, id, -1, -1);
+    s->seq_id = -1;
+    s->n_past = 0;  // its tokens (prompt + generated so far) are recomputed on readmission
+    ++counters_.preemptions;
+    --n_live_;
+    waiting_.push_front(std::move(slots_[static_cast<size_t>(id)]));
+}
+
+void Engine::sample(Sequence * s, int32_t idx) {
+    const llama_token tok = llama_sampler_sample(s->sampler.get(), ctx_, idx);
+    s->tokens.push_back(tok);
+    ++s->n_generated;
+    ++counters_.generated_tokens;
+    const SamplingConfig & p = s->req.params;
+
+    if (!p.ignore_eos && model_->is_eog(tok)) {
+        s->stop_token = tok;
+        finish(s, Finish::Stop);
+        return;
+    }
+    if (std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), tok) != p.stop_token_ids.end()) {
+        s->stop_token = tok;
+        finish(s, Finish::Stop);
+        return;
+    }
+    if (s->text.append(model_->piece(tok))) {
+        finish(s, Finish::Stop);
+        return;
+    }
+    if (s->n_generated >= p.max_tokens || static_cast<int32_t>(s->tokens.size()) >= cfg_.n_ctx) {
+        finish(s, Finish::Length);
+    }
+}
+
+void Engine::finish(Sequence * s, Finish why) {
+    s->done   = true;
+    s->finish = why;
+}
+
+Result Engine::to_result(Sequence & s) const {
+    Result r;
+    r.index    = s.req.index;
+    r.sample   = s.req.sample;
+    r.n_prompt = s.n_prompt;
+    r.tokens.assign(s.tokens.begin() + std::min<size_t>(s.tokens.size(), static_cast<size_t>(s.n_prompt)), s.tokens.end());
+    r.text       = s.text.final_bytes();
+    r.finish     = s.finish;
+    r.stop_token = s.stop_token;
+    r.error      = s.error;
+    r.aborted    = s.aborted;
+    if (s.text.matched_stop() >= 0) {
+        r.stop_string = s.req.params.stop[static_cast<size_t>(s.text.matched_stop())];
+    }
+    return r;
+}
+
+void Engine::collect_finished(std::vector<Result> & out) {
+    for (auto & slot : slots_) {
+        if (slot && slot->done) {
+            llama_memory_seq_rm(mem_, slot->seq_id, -1, -1);
+            out.push_back(to_result(*slot));
+            slot.reset();
+            --n_live_;
+        }
+    }
+}
+
+void Engine::drop_live(const std::string & why, std::vector<Result> & out) {
+    for (auto & slot : slots_) {
+        if (slot) {
+            llama_memory_seq_rm(mem_, slot->seq_id, -1, -1);
+            if (!slot->done) {
+                slot->done    = true;
+                slot->finish  = Finish::Error;
+                slot->error   = why;
+                slot->aborted = true;
+            }
+            out.push_back(to_result(*slot));
+            slot.reset();
+        }
+    }
+    n_live_ = 0;
+}
+
+StepOutput Engine::step() {
+    LogScope   scope(cfg_.verbose);
+    StepOutput out;
+    out.finished.swap(ready_);
+    admit();
+    if (n_live_ == 0) {
+        return out;
+    }
+    std::vector<Entry> entries;
+    entries.reserve(static_cast<size_t>(n_batch_));
+    build_batch(entries);
+    try {
+        decode_entries(entries);
+    } catch (const std::exception & e) {
+        // Whatever llama.cpp kept of a failed call is unusable: clear every live sequence.
+        out.fatal = e.what();
+        std::string why = take_log_errors();
+        if (!why.empty()) {
+            out.fatal += ": " + why;
+        }
+        drop_live(out.fatal, out.finished);
+        return out;
+    }
+    collect_finished(out.finished);
+    return out;
+}
+
+void Engine::cancel_all() {
+    std::vector<Result> dropped;
+    drop_live("cancelled", dropped);
+    waiting_.clear();
+    ready_.clear();
+}
+
+}  // namespace pg

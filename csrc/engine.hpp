@@ -1,0 +1,145 @@
+// The batch engine: slots, admission, one llama_batch per step, decode with the
+// failure policy, sampling and finishing. Python drives it one step() at a time.
+//
+// A sequence's life: WAITING (queued, no seq_id) -> live in a slot (prefill, then one
+// token per step) -> finished (KV removed, slot freed, result handed out). A live
+// sequence can be paused back to WAITING when a shared KV pool runs out of room.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "llama.h"
+#include "model.hpp"
+#include "sampling.hpp"
+#include "text.hpp"
+
+namespace pg {
+
+struct EngineConfig {
+    int32_t n_parallel = 8;     // slots: sequences live at once, seq_ids [0, n_parallel)
+    int32_t n_ctx      = 4096;  // tokens per sequence, prompt + output
+    int32_t n_batch    = 512;   // tokens per llama_decode
+    int32_t n_threads  = 0;     // 0: all hardware threads
+    bool    kv_unified = false; // one KV buffer shared by all sequences
+    int32_t flash_attn = -1;    // -1 auto, 0 off, 1 on
+    int32_t type_k     = 1;     // ggml_type of the K cache (1 = f16)
+    int32_t type_v     = 1;
+    int32_t kv_size    = 0;     // kv_unified only: cells in the shared pool; 0 = n_ctx * n_parallel
+    bool    verbose    = false;
+};
+
+struct Request {
+    int64_t        index  = 0;  // caller's prompt index
+    int32_t        sample = 0;  // which of the prompt's samples
+    std::string    prompt;      // UTF-8
+    SamplingConfig params;
+};
+
+enum class Finish : int { Stop = 0, Length = 1, Error = 2 };
+
+struct Result {
+    int64_t                  index       = 0;
+    int32_t                  sample      = 0;
+    int32_t                  n_prompt    = 0;
+    std::vector<llama_token> tokens;        // generated tokens, a final stop token included
+    std::string              text;          // complete UTF-8 characters; stop string removed
+    Finish                   finish      = Finish::Stop;
+    std::string              stop_string;   // the stop string that ended it, if any
+    llama_token              stop_token  = -1; // the EOG / stop token that ended it, if any
+    std::string              error;         // why, when finish == Error
+    bool                     aborted     = false; // cut off by a fatal backend failure
+};
+
+struct Counters {
+    int64_t decode_calls      = 0;  // llama_decode calls that succeeded
+    int64_t decode_retries    = 0;  // calls that returned 1 (no KV room) and were retried smaller
+    int64_t fallback_decodes  = 0;  // successful calls made on a split batch after a retry
+    int64_t preemptions       = 0;  // live sequences paused to free KV room
+    int64_t prompt_tokens     = 0;  // prompt (and recomputed) tokens decoded
+    int64_t generated_tokens  = 0;  // tokens sampled
+    double  prompt_seconds    = 0;  // decode time, split by token share between prompt...
+    double  generation_seconds = 0; // ...and generation tokens of each call
+};
+
+struct StepOutput {
+    std::vector<Result> finished;
+    std::string         fatal;  // non-empty: llama_decode failed fatally; live sequences were dropped
+};
+
+class Engine {
+public:
+    // Throws std::runtime_error (with llama.cpp's reason) if the context cannot be created.
+    Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg);
+    ~Engine();
+    Engine(const Engine &) = delete;
+    Engine & operator=(const Engine &) = delete;
+
+    // Queues a request. Tokenizes it now; a prompt that cannot run (empty, longer than the
+    // sequence context) becomes an error result handed out by the next step().
+    void submit(Request req);
+
+    // One batch step: admit waiting sequences, decode one batch, sample, finish.
+    StepOutput step();
+
+    bool has_work() const { return !waiting_.empty() || n_live_ > 0 || !ready_.empty(); }
+    // Drops every queued and live sequence and removes their KV; the engine stays usable.
+    void cancel_all();
+
+    Counters counters() const { return counters_; }
+    void     reset_counters() { counters_ = Counters{}; }
+    int32_t  n_live() const { return n_live_; }
+    size_t   n_waiting() const { return waiting_.size(); }
+    int32_t  n_ctx() const { return cfg_.n_ctx; }
+    int32_t  n_ctx_seq() const;     // KV positions one sequence can hold in llama.cpp
+    int32_t  kv_capacity() const;   // total KV cells
+    int32_t  n_batch() const { return n_batch_; }
+    int32_t  n_parallel() const { return cfg_.n_parallel; }
+    bool     flash_attn() const;
+    const ModelHandle & model() const { return *model_; }
+
+    // Test hook: make the n-th llama_decode from now abort through llama.cpp's own abort
+    // callback (it then returns 2), to exercise the fatal-failure path for real.
+    void abort_after_decodes(int32_t n) { abort_countdown_ = n; }
+
+private:
+    struct Sequence;
+    struct Entry;
+
+    void admit();
+    void build_batch(std::vector<Entry> & entries);
+    void decode_entries(std::vector<Entry> & entries);
+    void make_room(Sequence * blocked);
+    void preempt(Sequence * s);
+    void sample(Sequence * s, int32_t idx);
+    void finish(Sequence * s, Finish why);
+    void collect_finished(std::vector<Result> & out);
+    void drop_live(const std::string & why, std::vector<Result> & out);
+    Result to_result(Sequence & s) const;
+    int64_t kv_used_estimate() const;
+
+    static bool abort_cb(void * data);
+
+    std::shared_ptr<ModelHandle> model_;
+    EngineConfig                 cfg_;
+    llama_context *              ctx_ = nullptr;
+    llama_memory_t               mem_ = nullptr;
+    llama_batch                  batch_{};
+    int32_t                      n_batch_ = 0;
+
+    std::vector<std::unique_ptr<Sequence>> slots_;   // index == seq_id
+    std::deque<std::unique_ptr<Sequence>>  waiting_;
+    std::vector<Result>                    ready_;   // results waiting for the next step()
+    int32_t                                n_live_ = 0;
+    uint64_t                               admit_clock_ = 0;
+    Counters                               counters_;
+
+    int32_t           abort_countdown_ = 0;
+    std::atomic<bool> abort_now_{false};
+};
+
+}  // namespace pg

@@ -1,0 +1,305 @@
+"""Model: a GGUF model plus the batch engine (a llama.cpp context with n_parallel slots)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from typing import Any, Dict, List, Optional, Union
+
+from ._native import _core, llama_cpp
+from .errors import ModelLoadError
+
+logger = logging.getLogger("parallel_gen")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# KV cache element types llama.cpp accepts (ggml_type values).
+KV_TYPES: Dict[str, int] = {
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30,
+}
+_KV_TYPE_NAMES = {v: k for k, v in KV_TYPES.items()}
+_FLASH = {None: -1, "auto": -1, False: 0, True: 1}
+_DEFAULT_N_CTX = 4096
+
+
+def _cpu_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _check_int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Model {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"Model {name}={value!r}: must be {rng}")
+    return value
+
+
+def _kv_type(name: str, value: Any) -> int:
+    if value not in KV_TYPES:
+        raise ValueError(f"Model {name}={value!r}: must be one of {sorted(KV_TYPES)}")
+    return KV_TYPES[value]
+
+
+def _flash(value: Any) -> int:
+    if value not in _FLASH:
+        raise ValueError(f"Model flash_attn={value!r}: must be True, False or None (auto)")
+    return _FLASH[value]
+
+
+def _check_gguf(path: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "model file not found", path)
+    if os.path.isdir(path):
+        raise ModelLoadError(f"{path!r} is a directory, not a GGUF model file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path!r} is not a GGUF model file (it starts with {magic!r}, not b'GGUF')")
+
+
+class Model:
+    """A GGUF model ready for batched generation.
+
+    ``n_parallel`` sequences run at once, each with its own KV stream of ``n_ctx`` tokens
+    (prompt + output). More prompts than slots wait and are admitted as slots free.
+
+    Args:
+        path: the .gguf file.
+        n_parallel: sequences decoded together (slots), >= 1.
+        n_ctx: tokens per sequence, prompt + output. None: min(training context, 4096).
+        n_batch: most tokens per llama_decode call (>= n_parallel).
+        n_threads: CPU threads. None: every core this process may use.
+        n_gpu_layers: layers offloaded to the GPU (-1: all) when llama-cpp-python was
+            built with a GPU backend.
+        kv_unified: one KV buffer shared by all sequences. The default (False) gives each
+            sequence its own stream, which keeps a prompt's greedy output identical to
+            decoding it alone and is faster when prompts share little.
+        flash_attn: True, False, or None for llama.cpp's automatic choice. It changes the
+            numerics: keep it the same when comparing outputs.
+        type_k, type_v: KV cache element types ("f16", "q8_0", ...).
+        kv_size: with kv_unified=True only, the cells of the shared KV pool (>= n_ctx;
+            default n_ctx * n_parallel). A smaller pool is shared on demand: when it runs
+            out, the youngest sequence is paused and recomputed later.
+        verbose: let llama.cpp print its log to stderr.
+
+    A Model serves one call at a time: calls from several threads are serialized on an
+    internal lock, so each gets its own complete, unmixed results.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        n_parallel: int = 8,
+        n_ctx: Optional[int] = None,
+        n_batch: int = 512,
+        n_threads: Optional[int] = None,
+        n_gpu_layers: int = 0,
+        kv_unified: bool = False,
+        flash_attn: Optional[bool] = None,
+        type_k: str = "f16",
+        type_v: str = "f16",
+        kv_size: Optional[int] = None,
+        verbose: bool = False,
+    ) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"Model path must be a str or os.PathLike, got {type(path).__name__}")
+        path = os.fspath(path)
+        _check_int("n_gpu_layers", n_gpu_layers, -1)
+        config = self._config(n_parallel, n_ctx, n_batch, n_threads, kv_unified, flash_attn, type_k, type_v,
+                              kv_size, verbose)
+        _check_gguf(path)
+        try:
+            handle = _core.ModelHandle.load(path, n_gpu_layers, bool(verbose))
+        except RuntimeError as e:
+            raise ModelLoadError(str(e)) from None
+        self._setup(path, handle, config, owner=None)
+
+    @classmethod
+    def from_llama(
+        cls,
+        llm: "llama_cpp.Llama",
+        *,
+        n_parallel: int = 8,
+        n_ctx: Optional[int] = None,
+        n_batch: Optional[int] = None,
+        n_threads: Optional[int] = None,
+        kv_unified: bool = False,
+        flash_attn: Union[bool, str, None] = None,
+        type_k: Optional[str] = None,
+        type_v: Optional[str] = None,
+        kv_size: Optional[int] = None,
+        verbose: Optional[bool] = None,
+    ) -> "Model":
+        """A Model over the weights an existing ``llama_cpp.Llama`` already holds.
+
+        The weights are never loaded again; the Model gets its own context (KV cache) and
+        keeps ``llm`` alive. Settings left as None follow the Llama's own (n_batch,
+        n_threads, flash_attn, type_k, type_v, verbose), so outputs compare like with like
+        against it; pass ``flash_attn="auto"`` for llama.cpp's automatic choice.
+        """
+        if not isinstance(llm, llama_cpp.Llama):
+            raise TypeError(f"from_llama needs a llama_cpp.Llama, got {type(llm).__name__}")
+        raw = getattr(getattr(llm, "_model", None), "model", None)
+        if raw is None:
+            raise ValueError("this llama_cpp.Llama has been closed: it holds no model")
+        address = raw if isinstance(raw, int) else ctypes.cast(raw, ctypes.c_void_p).value
+        cp = llm.context_params
+        config = cls._config(
+            n_parallel,
+            n_ctx,
+            max(llm.n_batch, n_parallel) if n_batch is None else n_batch,
+            llm.n_threads if n_threads is None else n_threads,
+            kv_unified,
+            {-1: None, 0: False, 1: True}.get(int(cp.flash_attn_type)) if flash_attn is None else flash_attn,
+            _KV_TYPE_NAMES.get(int(cp.type_k), "f16") if type_k is None else type_k,
+            _KV_TYPE_NAMES.get(int(cp.type_v), "f16") if type_v is None else type_v,
+            kv_size,
+            bool(llm.verbose) if verbose is None else verbose,
+        )
+        self = cls.__new__(cls)
+        self._setup(getattr(llm, "model_path", "<llama_cpp.Llama>"), _core.ModelHandle.borrow(address), config,
+                    owner=llm)
+        return self
+
+    @classmethod
+    def default(cls, **kwargs: Any) -> "Model":
+        """Opens the default model (see :func:`parallel_gen.default_model_path`)."""
+        from .models import default_model_path
+
+        return cls(default_model_path(), **kwargs)
+
+    @staticmethod
+    def _config(n_parallel: Any, n_ctx: Any, n_batch: Any, n_threads: Any, kv_unified: Any, flash_attn: Any,
+                type_k: Any, type_v: Any, kv_size: Any, verbose: Any) -> Dict[str, Any]:
+        """Checks every setting before any loading is done."""
+        _check_int("n_parallel", n_parallel, 1, int(_core.max_parallel_sequences()))
+        if n_ctx is not None:
+            _check_int("n_ctx", n_ctx, 8)
+        _check_int("n_batch", n_batch, 1)
+        if n_batch < n_parallel:
+            raise ValueError(f"Model n_batch={n_batch} must be >= n_parallel={n_parallel}: every generating "
+                             "sequence adds one token to each batch")
+        if n_threads is not None:
+            _check_int("n_threads", n_threads, 1)
+        if not isinstance(kv_unified, bool):
+            raise TypeError(f"Model kv_unified must be a bool, got {kv_unified!r}")
+        if kv_size is not None:
+            if not kv_unified:
+                raise ValueError("Model kv_size is only meaningful with kv_unified=True (a shared KV pool); "
+                                 "without it every sequence has its own n_ctx stream")
+            _check_int("kv_size", kv_size, 8)
+        if not isinstance(verbose, bool):
+            raise TypeError(f"Model verbose must be a bool, got {verbose!r}")
+        return dict(n_parallel=n_parallel, n_ctx=n_ctx, n_batch=n_batch,
+                    n_threads=_cpu_threads() if n_threads is None else n_threads, kv_unified=kv_unified,
+                    flash_attn=_flash(flash_attn), type_k=_kv_type("type_k", type_k),
+                    type_v=_kv_type("type_v", type_v), kv_size=kv_size, verbose=verbose)
+
+    def _setup(self, path: str, handle: "_core.ModelHandle", config: Dict[str, Any], owner: Any) -> None:
+        self.path = path
+        self._handle: Optional[_core.ModelHandle] = handle
+        self._owner = owner  # a llama_cpp.Llama whose weights we borrow: keep it alive
+        self._lock = threading.Lock()
+        self._engine: Optional[_core.Engine] = None
+        n_ctx = config["n_ctx"]
+        if n_ctx is None:
+            n_ctx = max(8, min(handle.n_ctx_train, _DEFAULT_N_CTX))
+        elif n_ctx > handle.n_ctx_train > 0:
+            logger.warning("n_ctx=%d is beyond the model's training context (%d): quality may drop past it",
+                           n_ctx, handle.n_ctx_train)
+        kv_size = config["kv_size"]
+        if kv_size is not None and kv_size < n_ctx:
+            raise ValueError(f"Model kv_size={kv_size} must be >= n_ctx={n_ctx}: one sequence must fit the pool")
+        ec = _core.EngineConfig()
+        ec.n_parallel = config["n_parallel"]
+        ec.n_ctx = n_ctx
+        ec.n_batch = config["n_batch"]
+        ec.n_threads = config["n_threads"]
+        ec.kv_unified = config["kv_unified"]
+        ec.flash_attn = config["flash_attn"]
+        ec.type_k = config["type_k"]
+        ec.type_v = config["type_v"]
+        ec.kv_size = kv_size or 0
+        ec.verbose = config["verbose"]
+        try:
+            self._engine = _core.Engine(handle, ec)
+        except RuntimeError as e:
+            raise ModelLoadError(str(e)) from None
+        self.n_parallel: int = ec.n_parallel
+        self.n_ctx: int = n_ctx
+        self.n_batch: int = self._engine.n_batch
+        self.n_threads: int = ec.n_threads
+        self.kv_unified: bool = ec.kv_unified
+        self.flash_attn: Optional[bool] = {-1: None, 0: False, 1: True}[ec.flash_attn]
+        self.verbose: bool = ec.verbose
+
+    # -- lifecycle -------------------------------------------------------------------
+    def close(self) -> None:
+        """Frees the context and, unless borrowed from a Llama, the weights. Idempotent."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            self._engine = None
+            self._handle = None
+            self._owner = None
+
+    @property
+    def closed(self) -> bool:
+        return self._engine is None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"n_parallel={self.n_parallel}, n_ctx={self.n_ctx}"
+        return f"Model({os.path.basename(self.path)!r}, {state})"
+
+    def _require(self) -> "_core.Engine":
+        if self._engine is None:
+            raise RuntimeError("this Model is closed")
+        return self._engine
+
+    @property
+    def _model(self) -> "_core.ModelHandle":
+        if self._handle is None:
+            raise RuntimeError("this Model is closed")
+        return self._handle
+
+    # -- model facts -----------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self._model.n_vocab
+
+    @property
+    def n_ctx_train(self) -> int:
+        return self._model.n_ctx_train
+
+    @property
+    def description(self) -> str:
+        return self._model.description
+
+    def metadata(self) -> Dict[str, str]:
+        """The GGUF key/value metadata, values as strings."""
+        return dict(self._model.metadata())
+
+    def chat_template(self, name: Optional[str] = None) -> Optional[str]:
+        """The model's chat template (Jinja text), or None when the GGUF has none."""
+        return self._model.chat_template(name or "") or None
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> List[int]:
+        """Token ids of ``text`` as generate_parallel tokenizes prompts."""
+        return list(self._model.tokenize(text.encode("utf-8"), add_special, parse_special))
+
+    def detokenize(self, tokens: List[int], *, render_special: bool = False) -> str:
+        return self._model.detokenize(list(tokens), render_special).decode("utf-8", "replace")

@@ -1,0 +1,195 @@
+"""SamplingParams: how each completion is sampled and when it stops."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple, Union
+
+from ._native import _core
+
+_UINT32 = 2**32
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _bad(name: str, value: Any, want: str) -> ValueError:
+    return ValueError(f"SamplingParams.{name}={value!r}: {want}")
+
+
+def _need_int(name: str, value: Any) -> None:
+    if not _is_int(value):
+        raise TypeError(f"SamplingParams.{name} must be an int, got {type(value).__name__} {value!r}")
+
+
+def _need_real(name: str, value: Any) -> None:
+    if not _is_real(value):
+        raise TypeError(f"SamplingParams.{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise _bad(name, value, "must be finite")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling and stopping settings for one completion (validated on creation).
+
+    Every field can also be passed to :func:`generate_parallel` as a keyword.
+    """
+
+    max_tokens: int = 128
+    """Most tokens to generate (>= 1). A sequence also stops, with finish_reason
+    "length", when prompt + output reach the Model's n_ctx."""
+
+    temperature: float = 0.8
+    """Softmax temperature (>= 0). 0 means greedy: always the most likely token, and
+    top_k, top_p, min_p and seed are then ignored."""
+
+    top_k: int = 40
+    """Keep only the k most likely tokens (>= 0; 0 turns it off)."""
+
+    top_p: float = 0.95
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p,
+    in (0, 1]; 1 turns it off."""
+
+    min_p: float = 0.05
+    """Drop tokens less likely than min_p times the most likely one, in [0, 1]; 0 turns
+    it off."""
+
+    repeat_penalty: float = 1.0
+    """Divide the logits of tokens seen in the last repeat_last_n tokens (prompt
+    included) by this (> 0; 1 turns it off)."""
+
+    repeat_last_n: int = 64
+    """Window of the penalties, in tokens (>= 0, or -1 for the whole context)."""
+
+    frequency_penalty: float = 0.0
+    """Subtract this times a token's count in the window from its logit (0: off)."""
+
+    presence_penalty: float = 0.0
+    """Subtract this from the logit of every token present in the window (0: off)."""
+
+    seed: Optional[int] = None
+    """RNG seed in [0, 2**32). With one SamplingParams for a whole call, prompt i uses
+    seed + i (mod 2**32); a per-prompt SamplingParams uses its seed as given. None:
+    fresh randomness on every call."""
+
+    stop: Tuple[str, ...] = ()
+    """Strings that end the completion when they appear in its text, even across token
+    boundaries. The stop string itself is not included in the text."""
+
+    stop_token_ids: Tuple[int, ...] = ()
+    """Token ids that end the completion. The stop token is in token_ids, not in text."""
+
+    ignore_eos: bool = False
+    """Keep generating past end-of-generation tokens (for benchmarks and fixed-length
+    outputs)."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise in place once
+        _need_int("max_tokens", self.max_tokens)
+        if self.max_tokens < 1:
+            raise _bad("max_tokens", self.max_tokens, "must be >= 1")
+        _need_real("temperature", self.temperature)
+        if self.temperature < 0:
+            raise _bad("temperature", self.temperature, "must be >= 0 (0 is greedy)")
+        _need_int("top_k", self.top_k)
+        if self.top_k < 0:
+            raise _bad("top_k", self.top_k, "must be >= 0 (0 turns it off)")
+        _need_real("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise _bad("top_p", self.top_p, "must be in (0, 1]")
+        _need_real("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise _bad("min_p", self.min_p, "must be in [0, 1]")
+        _need_real("repeat_penalty", self.repeat_penalty)
+        if self.repeat_penalty <= 0:
+            raise _bad("repeat_penalty", self.repeat_penalty, "must be > 0 (1 turns it off)")
+        _need_int("repeat_last_n", self.repeat_last_n)
+        if self.repeat_last_n < -1:
+            raise _bad("repeat_last_n", self.repeat_last_n, "must be >= 0, or -1 for the whole context")
+        _need_real("frequency_penalty", self.frequency_penalty)
+        _need_real("presence_penalty", self.presence_penalty)
+        if self.seed is not None:
+            _need_int("seed", self.seed)
+            if not 0 <= self.seed < _UINT32:
+                raise _bad("seed", self.seed, "must be in [0, 2**32)")
+        set_(self, "stop", _as_str_tuple(self.stop))
+        set_(self, "stop_token_ids", _as_int_tuple(self.stop_token_ids))
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
+        # Store plain Python types (numpy scalars and the like would leak into results).
+        for name in ("max_tokens", "top_k", "repeat_last_n"):
+            set_(self, name, int(getattr(self, name)))
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"):
+            set_(self, name, float(getattr(self, name)))
+        if self.seed is not None:
+            set_(self, "seed", int(self.seed))
+
+    def replace(self, **changes: Any) -> "SamplingParams":
+        """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - FIELD_NAMES)
+        if unknown:
+            raise TypeError(f"unknown SamplingParams field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def _to_native(self, seed: int) -> "_core.SamplingConfig":
+        c = _core.SamplingConfig()
+        c.max_tokens = self.max_tokens
+        c.temperature = self.temperature
+        c.top_k = self.top_k
+        c.top_p = self.top_p
+        c.min_p = self.min_p
+        c.repeat_penalty = self.repeat_penalty
+        c.repeat_last_n = self.repeat_last_n
+        c.frequency_penalty = self.frequency_penalty
+        c.presence_penalty = self.presence_penalty
+        c.seed = seed
+        c.stop = list(self.stop)
+        c.stop_token_ids = list(self.stop_token_ids)
+        c.ignore_eos = self.ignore_eos
+        return c
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def _as_str_tuple(value: Union[str, Sequence[str], None]) -> Tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"SamplingParams.stop must be a str or a sequence of str, got {value!r}") from None
+    for i, s in enumerate(items):
+        if not isinstance(s, str):
+            raise TypeError(f"SamplingParams.stop[{i}] must be a str, got {type(s).__name__} {s!r}")
+        if s == "":
+            raise _bad("stop", items, "stop strings must not be empty")
+    return items
+
+
+def _as_int_tuple(value: Union[int, Sequence[int], None]) -> Tuple[int, ...]:
+    if value is None:
+        return ()
+    if _is_int(value):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"SamplingParams.stop_token_ids must be a sequence of int, got {value!r}") from None
+    for i, t in enumerate(items):
+        if not _is_int(t):
+            raise TypeError(f"SamplingParams.stop_token_ids[{i}] must be an int, got {type(t).__name__} {t!r}")
+        if t < 0:
+            raise _bad("stop_token_ids", items, f"token ids are >= 0, got {t}")
+    return tuple(int(t) for t in items)

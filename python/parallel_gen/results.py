@@ -1,0 +1,126 @@
+"""Result types: one Completion per prompt, gathered in a BatchResult with BatchStats."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as _SequenceABC
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Union, overload
+
+FinishReason = str  # "stop" | "length" | "error"
+
+
+@dataclass(frozen=True)
+class Output:
+    """One generated sample of a prompt."""
+
+    text: str
+    """Generated text, always valid UTF-8; a stop string that ended it is not included."""
+    token_ids: List[int]
+    """Generated token ids; a final EOG or stop token is included."""
+    finish_reason: FinishReason
+    """"stop" (end-of-generation token, stop string or stop token), "length" (max_tokens,
+    or the sequence's context is full) or "error" (see ``error``)."""
+    stop_reason: Union[str, int, None] = None
+    """The stop string or the token id that ended it; None otherwise."""
+    error: Optional[str] = None
+    """Why it failed, when finish_reason is "error"."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The result for one prompt, at position ``index`` of the call's prompts."""
+
+    index: int
+    prompt: str
+    outputs: List[Output]
+    prompt_tokens: int
+    """Tokens in the prompt (BOS included when the model adds one)."""
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> List[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        return self.outputs[0].finish_reason
+
+    @property
+    def stop_reason(self) -> Union[str, int, None]:
+        return self.outputs[0].stop_reason
+
+    @property
+    def error(self) -> Optional[str]:
+        return self.outputs[0].error
+
+    @property
+    def completion_tokens(self) -> int:
+        """Generated tokens over all outputs."""
+        return sum(len(o.token_ids) for o in self.outputs)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one call did, and how fast."""
+
+    prompts: int
+    prompt_tokens: int
+    """Tokens in all prompts."""
+    completion_tokens: int
+    """Tokens generated for all prompts."""
+    prompt_seconds: float
+    """Decode time spent on prompt tokens. A llama_decode call that mixes prompt chunks
+    and generation tokens is split between the two by their token counts."""
+    generation_seconds: float
+    """Decode time spent on generation tokens (see prompt_seconds)."""
+    wall_seconds: float
+    """Time of the whole call, tokenizing, sampling and Python included."""
+    prompt_tokens_per_second: float
+    """Prompt tokens decoded per second of prompt_seconds."""
+    generation_tokens_per_second: float
+    """Tokens generated per second of generation_seconds, all sequences together."""
+    decode_calls: int
+    """Successful llama_decode calls."""
+    decode_retries: int
+    """llama_decode calls that found no KV room (returned 1) and were retried smaller."""
+    fallback_decodes: int
+    """Successful llama_decode calls on a batch split up after a retry."""
+    failed: int
+    """Prompts that finished with "error"."""
+    preemptions: int = 0
+    """Live sequences paused (KV dropped, recomputed later) to make room in a shared KV pool."""
+
+
+class BatchResult(_SequenceABC):
+    """The completions of one call, in prompt order, plus ``texts`` and ``stats``."""
+
+    def __init__(self, completions: List[Completion], stats: BatchStats) -> None:
+        self._completions = completions
+        self.stats = stats
+
+    @overload
+    def __getitem__(self, i: int) -> Completion: ...
+    @overload
+    def __getitem__(self, i: slice) -> List[Completion]: ...
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        return self._completions[i]
+
+    def __len__(self) -> int:
+        return len(self._completions)
+
+    def __iter__(self) -> Iterator[Completion]:
+        return iter(self._completions)
+
+    @property
+    def texts(self) -> List[str]:
+        """The first output's text of every prompt, in prompt order."""
+        return [c.text for c in self._completions]
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (f"BatchResult({len(self)} completions, {s.completion_tokens} tokens, "
+                f"{s.generation_tokens_per_second:.1f} gen tok/s, {s.failed} failed)")

@@ -1,0 +1,68 @@
+"""Shared fixtures: the two real test models, opened once per session.
+
+A missing model is a test failure, never a skip: the suite is meaningless without them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import parallel_gen as pg
+from parallel_gen import models
+
+PROMPTS_16 = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fib(n):",
+    "1, 2, 3, 4,",
+    "The best way to learn programming is",
+    "Water boils at",
+    "In 1492, Columbus",
+    "The mitochondria is",
+    "Dear Sir or Madam,",
+    "Q: What is 7 times 8?\nA:",
+    "My favourite food is",
+    "The quick brown fox",
+    "import numpy as np\n",
+    "Translate to French: cheese ->",
+    "The theory of relativity",
+    "Roses are red,",
+]
+
+
+def _require(fn, name: str) -> Path:
+    try:
+        return fn()
+    except models.ModelNotInstalledError as e:
+        pytest.fail(f"test model {name} missing: {e}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return _require(models.smollm2_path, "SmolLM2-135M")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    return _require(models.gemma3_path, "Gemma 3 270M")
+
+
+@pytest.fixture(scope="session")
+def smol(smollm2_path):
+    """SmolLM2 with 8 slots of 512 tokens: the workhorse of the suite."""
+    with pg.Model(smollm2_path, n_parallel=8, n_ctx=512) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma3_path):
+    with pg.Model(gemma3_path, n_parallel=8, n_ctx=512) as m:
+        yield m
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

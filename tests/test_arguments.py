@@ -1,0 +1,142 @@
+"""Bad arguments fail fast with TypeError/ValueError naming the culprit, before any work."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import parallel_gen as pg
+
+
+@pytest.mark.parametrize(
+    "field, value, exc, match",
+    [
+        ("max_tokens", 0, ValueError, "max_tokens=0"),
+        ("max_tokens", -5, ValueError, "max_tokens"),
+        ("max_tokens", 2.5, TypeError, "max_tokens must be an int"),
+        ("max_tokens", True, TypeError, "max_tokens must be an int"),
+        ("temperature", -0.1, ValueError, "temperature=-0.1"),
+        ("temperature", math.nan, ValueError, "temperature=nan"),
+        ("temperature", math.inf, ValueError, "finite"),
+        ("temperature", "hot", TypeError, "temperature must be a number"),
+        ("top_p", 0.0, ValueError, r"top_p=0.0: must be in \(0, 1\]"),
+        ("top_p", 1.5, ValueError, "top_p"),
+        ("min_p", -0.01, ValueError, "min_p"),
+        ("min_p", 1.01, ValueError, "min_p"),
+        ("top_k", -1, ValueError, "top_k=-1"),
+        ("repeat_penalty", 0.0, ValueError, "repeat_penalty"),
+        ("repeat_last_n", -2, ValueError, "repeat_last_n"),
+        ("frequency_penalty", math.nan, ValueError, "frequency_penalty"),
+        ("seed", -1, ValueError, "seed=-1"),
+        ("seed", 2**32, ValueError, "seed"),
+        ("seed", "42", TypeError, "seed must be an int"),
+        ("stop", [""], ValueError, "must not be empty"),
+        ("stop", [3], TypeError, r"stop\[0\] must be a str"),
+        ("stop_token_ids", ["a"], TypeError, r"stop_token_ids\[0\]"),
+        ("stop_token_ids", [-3], ValueError, "stop_token_ids"),
+        ("ignore_eos", 1, TypeError, "ignore_eos must be a bool"),
+    ],
+)
+def test_sampling_params_rejects(field, value, exc, match):
+    with pytest.raises(exc, match=match):
+        pg.SamplingParams(**{field: value})
+
+
+def test_sampling_params_normalizes():
+    p = pg.SamplingParams(stop="END", stop_token_ids=7, temperature=0)
+    assert p.stop == ("END",) and p.stop_token_ids == (7,)
+    assert isinstance(p.temperature, float)
+    assert p.replace(max_tokens=3).max_tokens == 3
+    with pytest.raises(TypeError, match="unknown SamplingParams field"):
+        p.replace(max_token=3)
+    with pytest.raises(ValueError):
+        p.replace(max_tokens=0)
+
+
+@pytest.mark.parametrize(
+    "prompts, exc, match",
+    [
+        ([1, 2], TypeError, r"prompts\[0\] must be a str, got int"),
+        (["ok", None], TypeError, r"prompts\[1\] must be a str, got NoneType"),
+        (b"bytes", TypeError, "got bytes"),
+        (42, TypeError, "prompts must be str or a sequence"),
+    ],
+)
+def test_bad_prompts(smol, prompts, exc, match):
+    with pytest.raises(exc, match=match):
+        pg.generate_parallel(smol, prompts)
+
+
+def test_bad_call_arguments(smol):
+    with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
+        pg.generate_parallel(smol, ["a", "b"], [pg.SamplingParams()])
+    with pytest.raises(TypeError, match=r"params\[1\] must be a SamplingParams"):
+        pg.generate_parallel(smol, ["a", "b"], [pg.SamplingParams(), {"max_tokens": 3}])
+    with pytest.raises(TypeError, match="unknown sampling option.*max_token"):
+        pg.generate_parallel(smol, ["a"], max_token=3)
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        pg.generate_parallel(smol, ["a"], max_tokens=0)
+    with pytest.raises(ValueError, match="not in the model's vocabulary"):
+        pg.generate_parallel(smol, ["a"], stop_token_ids=[10**7])
+    with pytest.raises(TypeError, match="model must be"):
+        pg.generate_parallel(3.14, ["a"])
+
+
+def test_empty_prompt_list_gives_empty_result(smol):
+    r = pg.generate_parallel(smol, [])
+    assert len(r) == 0 and r.texts == [] and r.stats.prompts == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(n_parallel=0), ValueError, "n_parallel=0"),
+        (dict(n_parallel=2.0), TypeError, "n_parallel must be an int"),
+        (dict(n_parallel=10**6), ValueError, "n_parallel"),
+        (dict(n_ctx=4), ValueError, "n_ctx=4"),
+        (dict(n_batch=4, n_parallel=8), ValueError, "n_batch=4 must be >= n_parallel=8"),
+        (dict(n_threads=0), ValueError, "n_threads=0"),
+        (dict(type_k="q9"), ValueError, "type_k='q9'"),
+        (dict(flash_attn="yes"), ValueError, "flash_attn='yes'"),
+        (dict(kv_size=1024), ValueError, "only meaningful with kv_unified=True"),
+        (dict(kv_unified=True, kv_size=64, n_ctx=512), ValueError, "kv_size=64 must be >= n_ctx=512"),
+        (dict(n_gpu_layers=-2), ValueError, "n_gpu_layers"),
+    ],
+)
+def test_bad_model_settings(smollm2_path, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        pg.Model(smollm2_path, **kwargs)
+
+
+def test_missing_model_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        pg.Model(tmp_path / "nope.gguf")
+    with pytest.raises(FileNotFoundError):
+        pg.generate_parallel(str(tmp_path / "nope.gguf"), ["hi"])
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"this is not a model at all" * 100)
+    with pytest.raises(pg.ModelLoadError, match="not a GGUF"):
+        pg.Model(bad)
+    with pytest.raises(pg.ModelLoadError, match="directory"):
+        pg.Model(tmp_path)
+    assert issubclass(pg.ModelLoadError, ValueError)
+
+
+def test_truncated_gguf(tmp_path, smollm2_path):
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2_path, "rb") as f:
+        cut.write_bytes(f.read(1 << 20))  # a real header, most tensors missing
+    with pytest.raises(pg.ModelLoadError, match="could not load"):
+        pg.Model(cut)
+
+
+def test_closed_model(smollm2_path):
+    m = pg.Model(smollm2_path, n_parallel=1, n_ctx=64)
+    m.close()
+    m.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        pg.generate_parallel(m, ["hi"])
