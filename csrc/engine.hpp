@@ -30,6 +30,8 @@ struct EngineConfig {
     int32_t type_k     = 1;     // ggml_type of the K cache (1 = f16)
     int32_t type_v     = 1;
     int32_t kv_size    = 0;     // kv_unified only: cells in the shared pool; 0 = n_ctx * n_parallel
+    int32_t min_prefix = 16;    // shortest common prompt prefix worth decoding once and copying;
+                                // INT32_MAX: never share (and no KV stream is kept for it)
     bool    verbose    = false;
 };
 
@@ -53,6 +55,7 @@ struct Result {
     llama_token              stop_token  = -1; // the EOG / stop token that ended it, if any
     std::string              error;         // why, when finish == Error
     bool                     aborted     = false; // cut off by a fatal backend failure
+    std::vector<TokenLogprob> logprobs;     // per generated token, if params.logprobs >= 0
 };
 
 struct Counters {
@@ -61,6 +64,7 @@ struct Counters {
     int64_t fallback_decodes  = 0;  // successful calls made on a split batch after a retry
     int64_t preemptions       = 0;  // live sequences paused to free KV room
     int64_t prompt_tokens     = 0;  // prompt (and recomputed) tokens decoded
+    int64_t prefix_tokens_reused = 0; // prompt tokens not decoded: copied from a shared prefix
     int64_t generated_tokens  = 0;  // tokens sampled
     double  prompt_seconds    = 0;  // decode time, split by token share between prompt...
     double  generation_seconds = 0; // ...and generation tokens of each call
@@ -110,7 +114,11 @@ private:
     struct Sequence;
     struct Entry;
 
+    void choose_prefix();
+    bool uses_prefix(const Sequence & s) const;
+    void drop_prefix();
     void admit();
+    void admit_round();
     void build_batch(std::vector<Entry> & entries);
     void decode_entries(std::vector<Entry> & entries);
     void make_room(Sequence * blocked);
@@ -121,6 +129,7 @@ private:
     void drop_live(const std::string & why, std::vector<Result> & out);
     Result to_result(Sequence & s) const;
     int64_t kv_used_estimate() const;
+    bool    sharing_prefixes() const { return cfg_.min_prefix < INT32_MAX; }
 
     static bool abort_cb(void * data);
 
@@ -129,9 +138,15 @@ private:
     llama_context *              ctx_ = nullptr;
     llama_memory_t               mem_ = nullptr;
     llama_batch                  batch_{};
+    std::vector<llama_token_data> candidates_;  // sampling scratch, vocabulary-sized
     int32_t                      n_batch_ = 0;
 
     std::vector<std::unique_ptr<Sequence>> slots_;   // index == seq_id
+    // A prompt prefix shared by waiting sequences, decoded once into its own sequence
+    // (seq_id n_parallel) and copied into each user's KV on admission.
+    std::unique_ptr<Sequence>              prefix_;
+    int32_t                                prefix_users_   = 0;        // waiting users not yet admitted
+    const Sequence *                       no_prefix_head_ = nullptr;  // queue head known to share nothing
     std::deque<std::unique_ptr<Sequence>>  waiting_;
     std::vector<Result>                    ready_;   // results waiting for the next step()
     int32_t                                n_live_ = 0;

@@ -32,6 +32,9 @@ void route(ggml_log_level level, const char * text, void * /*ud*/) {
     ggml_log_level eff = level == GGML_LOG_LEVEL_CONT ? t_last_level : level;
     t_last_level = eff;
     if (eff == GGML_LOG_LEVEL_ERROR || eff == GGML_LOG_LEVEL_WARN) {
+        if (level != GGML_LOG_LEVEL_CONT && !t_errors.empty() && t_errors.back() != '\n') {
+            t_errors += '\n';  // a new message: keep it apart from the previous one
+        }
         t_errors += text;
         if (t_errors.size() > 4096) {  // keep the tail: the last lines name the cause
             t_errors.erase(0, t_errors.size() - 4096);
@@ -70,7 +73,18 @@ std::string take_log_errors() {
     while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) {
         out.pop_back();
     }
-    return out;
+    // One line for an exception message: llama.cpp's messages joined with "; ".
+    std::string joined;
+    for (char c : out) {
+        if (c == '\n') {
+            if (!joined.empty() && joined.back() != ' ') {
+                joined += "; ";
+            }
+        } else {
+            joined += c;
+        }
+    }
+    return joined;
 }
 
 }  // namespace pg

@@ -1,44 +1,152 @@
 #include "sampling.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+#include "logging.hpp"
 
 namespace pg {
+namespace {
 
-SamplerPtr make_sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t n_ctx,
-                        const std::vector<llama_token> & prompt) {
+void fill(std::vector<llama_token_data> & buf, const float * logits, int32_t n_vocab) {
+    buf.resize(static_cast<size_t>(n_vocab));
+    for (int32_t t = 0; t < n_vocab; ++t) {
+        buf[static_cast<size_t>(t)] = llama_token_data{t, logits[t], 0.0f};
+    }
+}
+
+llama_token pick(llama_sampler * s, std::vector<llama_token_data> & buf) {
+    llama_token_data_array arr = {buf.data(), buf.size(), -1, false};
+    llama_sampler_apply(s, &arr);
+    if (arr.selected < 0 || static_cast<size_t>(arr.selected) >= arr.size) {
+        throw std::runtime_error("the sampler chain selected no token");
+    }
+    return arr.data[arr.selected].id;
+}
+
+}  // namespace
+
+Sampler::Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t n_ctx,
+                 const std::vector<llama_token> & prompt)
+    : n_vocab_(llama_vocab_n_tokens(vocab)), logprobs_(cfg.logprobs) {
     llama_sampler_chain_params cp = llama_sampler_chain_default_params();
     cp.no_perf = true;
-    SamplerPtr chain(llama_sampler_chain_init(cp));
+    chain_.reset(llama_sampler_chain_init(cp));
 
+    if (!cfg.logit_bias.empty()) {
+        std::vector<llama_logit_bias> bias;
+        for (const auto & [tok, b] : cfg.logit_bias) {
+            bias.push_back({tok, b});
+        }
+        llama_sampler_chain_add(chain_.get(),
+                                llama_sampler_init_logit_bias(n_vocab_, static_cast<int32_t>(bias.size()), bias.data()));
+    }
     const bool penalize = cfg.repeat_penalty != 1.0f || cfg.frequency_penalty != 0.0f || cfg.presence_penalty != 0.0f;
     const int32_t last_n = cfg.repeat_last_n < 0 ? n_ctx : cfg.repeat_last_n;
     if (penalize && last_n > 0) {
-        llama_sampler * pen = llama_sampler_init_penalties(llama_vocab_n_tokens(vocab), last_n, cfg.repeat_penalty,
+        llama_sampler * pen = llama_sampler_init_penalties(n_vocab_, last_n, cfg.repeat_penalty,
                                                            cfg.frequency_penalty, cfg.presence_penalty);
         // Only the penalty sampler sees the prompt: it is the one with a token history.
         const size_t start = prompt.size() > static_cast<size_t>(last_n) ? prompt.size() - last_n : 0;
         for (size_t i = start; i < prompt.size(); ++i) {
             llama_sampler_accept(pen, prompt[i]);
         }
-        llama_sampler_chain_add(chain.get(), pen);
+        llama_sampler_chain_add(chain_.get(), pen);
     }
 
     if (cfg.temperature <= 0.0f) {
-        llama_sampler_chain_add(chain.get(), llama_sampler_init_greedy());
-        return chain;
+        llama_sampler_chain_add(chain_.get(), llama_sampler_init_greedy());
+    } else {
+        if (cfg.top_k > 0) {
+            llama_sampler_chain_add(chain_.get(), llama_sampler_init_top_k(cfg.top_k));
+        }
+        if (cfg.top_p < 1.0f) {
+            llama_sampler_chain_add(chain_.get(), llama_sampler_init_top_p(cfg.top_p, 1));
+        }
+        if (cfg.min_p > 0.0f) {
+            llama_sampler_chain_add(chain_.get(), llama_sampler_init_min_p(cfg.min_p, 1));
+        }
+        llama_sampler_chain_add(chain_.get(), llama_sampler_init_temp(cfg.temperature));
+        llama_sampler_chain_add(chain_.get(), llama_sampler_init_dist(cfg.seed));
     }
-    if (cfg.top_k > 0) {
-        llama_sampler_chain_add(chain.get(), llama_sampler_init_top_k(cfg.top_k));
+
+    if (!cfg.grammar.empty()) {
+        grammar_.reset(llama_sampler_init_grammar(vocab, cfg.grammar.c_str(), "root"));
+        if (!grammar_) {
+            throw std::invalid_argument("the grammar does not parse");
+        }
     }
-    if (cfg.top_p < 1.0f) {
-        llama_sampler_chain_add(chain.get(), llama_sampler_init_top_p(cfg.top_p, 1));
+}
+
+llama_token Sampler::sample(llama_context * ctx, int32_t idx, std::vector<llama_token_data> & buf,
+                            TokenLogprob * logprob_out) {
+    if (!grammar_ && logprobs_ < 0) {
+        return llama_sampler_sample(chain_.get(), ctx, idx);  // the common case: llama.cpp's own path
     }
-    if (cfg.min_p > 0.0f) {
-        llama_sampler_chain_add(chain.get(), llama_sampler_init_min_p(cfg.min_p, 1));
+    const float * logits = llama_get_logits_ith(ctx, idx);
+    if (!logits) {
+        throw std::runtime_error("no logits for output " + std::to_string(idx));
     }
-    llama_sampler_chain_add(chain.get(), llama_sampler_init_temp(cfg.temperature));
-    llama_sampler_chain_add(chain.get(), llama_sampler_init_dist(cfg.seed));
-    return chain;
+    fill(buf, logits, n_vocab_);
+    llama_token tok = pick(chain_.get(), buf);
+    if (grammar_) {
+        // Checking the one chosen token against the grammar is far cheaper than masking
+        // the whole vocabulary; only when it is rejected is the full distribution
+        // constrained and sampled again.
+        llama_token_data       one = {tok, 1.0f, 0.0f};
+        llama_token_data_array a1  = {&one, 1, -1, false};
+        llama_sampler_apply(grammar_.get(), &a1);
+        if (one.logit == -std::numeric_limits<float>::infinity()) {
+            fill(buf, logits, n_vocab_);
+            llama_token_data_array arr = {buf.data(), buf.size(), -1, false};
+            llama_sampler_apply(grammar_.get(), &arr);
+            tok = pick(chain_.get(), buf);
+        }
+        llama_sampler_accept(grammar_.get(), tok);
+    }
+    llama_sampler_accept(chain_.get(), tok);
+
+    if (logprob_out && logprobs_ >= 0) {
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int32_t t = 0; t < n_vocab_; ++t) {
+            mx = std::max(mx, logits[t]);
+        }
+        double sum = 0.0;
+        for (int32_t t = 0; t < n_vocab_; ++t) {
+            sum += std::exp(static_cast<double>(logits[t] - mx));
+        }
+        const float lse      = mx + static_cast<float>(std::log(sum));
+        logprob_out->logprob = logits[tok] - lse;
+        logprob_out->top.clear();
+        if (logprobs_ > 0) {
+            std::vector<int32_t> ids(static_cast<size_t>(n_vocab_));
+            for (int32_t t = 0; t < n_vocab_; ++t) {
+                ids[static_cast<size_t>(t)] = t;
+            }
+            const size_t k = std::min<size_t>(static_cast<size_t>(logprobs_), ids.size());
+            std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(k), ids.end(),
+                              [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+            for (size_t i = 0; i < k; ++i) {
+                logprob_out->top.emplace_back(ids[i], logits[ids[i]] - lse);
+            }
+        }
+    }
+    return tok;
+}
+
+std::string grammar_error(const llama_vocab * vocab, const std::string & grammar) {
+    install_log_router();
+    LogScope scope(false);
+    llama_sampler * s = llama_sampler_init_grammar(vocab, grammar.c_str(), "root");
+    if (s) {
+        llama_sampler_free(s);
+        take_log_errors();
+        return "";
+    }
+    std::string why = take_log_errors();
+    return why.empty() ? "the grammar does not parse" : why;
 }
 
 }  // namespace pg

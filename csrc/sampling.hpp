@@ -1,9 +1,11 @@
-// One llama_sampler chain per sequence, built from that sequence's parameters.
+// One sampler per sequence, built from that sequence's parameters, and the sampling
+// step itself (with an optional grammar and log-probabilities).
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "llama.h"
@@ -25,6 +27,9 @@ struct SamplingConfig {
     std::vector<std::string> stop;
     std::vector<int32_t>     stop_token_ids;
     bool     ignore_eos        = false;
+    std::string grammar;                             // GBNF; empty: unconstrained
+    std::vector<std::pair<int32_t, float>> logit_bias;
+    int32_t  logprobs          = -1;                 // -1: off; k >= 0: chosen + top k
 };
 
 struct SamplerDeleter {
@@ -32,10 +37,35 @@ struct SamplerDeleter {
 };
 using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
 
-// Builds the chain [penalties] -> top-k -> top-p -> min-p -> temperature -> dist,
-// or [penalties] -> greedy at temperature 0. The penalty window is primed with the
-// tail of the prompt, as llama-cpp-python and llama-server do.
-SamplerPtr make_sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t n_ctx,
-                        const std::vector<llama_token> & prompt);
+// Log-probability of each generated token under the model's raw distribution (the
+// log-softmax of the logits, before bias, penalties, grammar, temperature, truncation).
+struct TokenLogprob {
+    float                                   logprob = 0.0f;
+    std::vector<std::pair<int32_t, float>>  top;    // the k most likely tokens, best first
+};
+
+class Sampler {
+public:
+    // The chain is [logit bias] -> [penalties] -> top-k -> top-p -> min-p -> temperature
+    // -> dist, or [logit bias] -> [penalties] -> greedy at temperature 0. The penalty
+    // window is primed with the tail of the prompt, as llama-cpp-python and llama-server
+    // do. Throws std::invalid_argument when the grammar does not parse.
+    Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t n_ctx,
+            const std::vector<llama_token> & prompt);
+
+    // Samples (and accepts) the next token from output `idx` of the last decode. `buf`
+    // is scratch space of vocabulary size, shared by all sequences of an engine.
+    llama_token sample(llama_context * ctx, int32_t idx, std::vector<llama_token_data> & buf,
+                       TokenLogprob * logprob_out);
+
+private:
+    SamplerPtr chain_;
+    SamplerPtr grammar_;    // separate: checked against one token first, see sample()
+    int32_t    n_vocab_;
+    int32_t    logprobs_;
+};
+
+// Empty when `grammar` parses for this vocabulary, else llama.cpp's complaint.
+std::string grammar_error(const llama_vocab * vocab, const std::string & grammar);
 
 }  // namespace pg

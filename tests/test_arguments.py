@@ -31,7 +31,7 @@ import parallel_gen as pg
         ("seed", -1, ValueError, "seed=-1"),
         ("seed", 2**32, ValueError, "seed"),
         ("seed", "42", TypeError, "seed must be an int"),
-        ("stop", [""], ValueError, "must not be empty"),
+        ("stop", [""], ValueError, "must not hold empty strings"),
         ("stop", [3], TypeError, r"stop\[0\] must be a str"),
         ("stop_token_ids", ["a"], TypeError, r"stop_token_ids\[0\]"),
         ("stop_token_ids", [-3], ValueError, "stop_token_ids"),

@@ -2,10 +2,12 @@
 
     import parallel_gen as pg
     results = pg.generate_parallel("model.gguf", prompts, max_tokens=128, temperature=0.7)
+    answers = pg.chat_parallel(model, [[{"role": "user", "content": "Hi!"}]], max_tokens=64)
 """
 
 import logging as _logging
 
+from .chat import apply_chat_template, chat_parallel
 from .errors import GenerationError, ModelLoadError
 from .generate import generate_parallel
 from .model import Model
@@ -23,8 +25,11 @@ __all__ = [
     "ModelLoadError",
     "Output",
     "SamplingParams",
+    "apply_chat_template",
+    "chat_parallel",
     "default_model_path",
     "generate_parallel",
 ]
 
+# Silent by default: a library leaves handlers to the application.
 _logging.getLogger("parallel_gen").addHandler(_logging.NullHandler())

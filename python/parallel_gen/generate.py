@@ -6,22 +6,26 @@ import contextlib
 import os
 import secrets
 import time
-from typing import Any, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 from ._native import _core, llama_cpp
 from .errors import GenerationError
 from .model import Model
-from .params import FIELD_NAMES, SamplingParams
-from .results import BatchResult, BatchStats, Completion, Output
+from .params import FIELD_NAMES, SamplingParams, sample_seed
+from .progress import make_progress
+from .results import BatchResult, BatchStats, Completion, Logprob, Output, TokenLogprobs
 
 ModelLike = Union[Model, str, "os.PathLike[str]", "llama_cpp.Llama"]
 Prompts = Union[str, Sequence[str]]
 Params = Union[SamplingParams, Sequence[SamplingParams], None]
+# Called after every engine step with (prompts finished, prompts in total, tokens generated so far).
+StepCallback = Callable[[int, int, int], None]
 
 _FINISH = {_core.Finish.stop: "stop", _core.Finish.length: "length", _core.Finish.error: "error"}
 
 
-def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None, **overrides: Any) -> BatchResult:
+def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *,
+                      progress: Optional[bool] = None, **overrides: Any) -> BatchResult:
     """Generates a completion for every prompt, decoding them together in one batch.
 
     Args:
@@ -29,6 +33,8 @@ def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None,
             inside the call); or a ``llama_cpp.Llama`` (its weights are shared).
         prompts: one prompt (str) or a sequence of prompts.
         params: one :class:`SamplingParams` for all prompts, or one per prompt.
+        progress: a tqdm bar on stderr (finished prompts, generated tokens/s); None shows
+            it only when stderr is a terminal and tqdm is installed.
         **overrides: any SamplingParams field, applied on top of ``params``.
 
     Returns:
@@ -42,11 +48,13 @@ def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None,
         GenerationError: llama.cpp failed fatally; carries the completions finished so far.
         KeyboardInterrupt: Ctrl-C stops the call within about one decode step; the Model
             is cleaned up and stays usable.
+        ImportError: progress=True and tqdm is not installed.
     """
     prompt_list = _prompt_list(prompts)
     param_list = _param_list(params, overrides, len(prompt_list))
-    with _open(model) as m:
-        return run_batch(m, prompt_list, param_list)
+    bar = make_progress(progress, len(prompt_list))  # checks `progress` before the model loads
+    with _open(model) as m, bar as on_step:
+        return run_batch(m, prompt_list, param_list, on_step=on_step)
 
 
 def _prompt_list(prompts: Prompts) -> List[str]:
@@ -109,59 +117,115 @@ def _open(model: ModelLike) -> Iterator[Model]:
         m.close()
 
 
-def _error_completion(index: int, prompt: str, message: str) -> Completion:
-    return Completion(index, prompt, [Output("", [], "error", None, message)], 0)
+def run_batch(model: Model, prompts: List[str], params: List[SamplingParams],
+              on_step: Optional[StepCallback] = None) -> BatchResult:
+    """Runs validated prompts and per-prompt params (seeds set) through the model's engine.
 
-
-def _completion(r: "_core.Result", prompt: str) -> Completion:
-    finish = _FINISH[r.finish]
-    stop_reason: Union[str, int, None] = None
-    if r.stop_string:
-        stop_reason = r.stop_string
-    elif r.stop_token >= 0:
-        stop_reason = int(r.stop_token)
-    out = Output(r.text.decode("utf-8", "replace"), list(r.tokens), finish, stop_reason, r.error or None)
-    return Completion(int(r.index), prompt, [out], int(r.n_prompt))
-
-
-def run_batch(model: Model, prompts: List[str], params: List[SamplingParams]) -> BatchResult:
-    """Runs validated prompts and per-prompt params (seeds set) through the model's engine."""
+    ``on_step`` (if given) is called after every engine step, for progress reporting.
+    """
     t0 = time.perf_counter()
     with model._lock:
         engine = model._require()
-        n_vocab = model.n_vocab
-        for i, p in enumerate(params):
-            bad = [t for t in p.stop_token_ids if t >= n_vocab]
-            if bad:
-                raise ValueError(f"SamplingParams.stop_token_ids of prompt {i}: {bad} not in the model's "
-                                 f"vocabulary of {n_vocab} tokens")
-        done: List[Optional[Completion]] = [None] * len(prompts)
+        _check_against_model(model, params)
+        pending = _Gather(model, prompts, params)
         engine.reset_counters()
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 try:
                     raw = prompt.encode("utf-8")
                 except UnicodeEncodeError as e:
-                    done[i] = _error_completion(i, prompt, f"the prompt is not valid Unicode text: {e}")
+                    pending.fail(i, f"the prompt is not valid Unicode text: {e}")
                     continue
-                engine.submit(i, 0, raw, p._to_native(p.seed))
+                for j in range(p.n):  # the engine shares the prompt's KV among samples
+                    engine.submit(i, j, raw, p._to_native(sample_seed(p.seed, j)))
             while engine.has_work():
                 finished, fatal = engine.step()
                 for r in finished:
                     if not r.aborted:
-                        done[r.index] = _completion(r, prompts[r.index])
+                        pending.add(r)
+                if on_step is not None:
+                    on_step(pending.n_done, len(prompts), engine.counters()["generated_tokens"])
                 if fatal:
                     engine.cancel_all()
-                    raise GenerationError(f"llama.cpp failed while decoding: {fatal}",
-                                          [c for c in done if c is not None])
+                    raise GenerationError(f"llama.cpp failed while decoding: {fatal}", pending.completed())
         except BaseException:
             # Ctrl-C, a failure, anything: leave no sequence or KV behind.
             engine.cancel_all()
             raise
         counters = engine.counters()
-    completions = [c for c in done if c is not None]
+    completions = pending.completed()
     assert len(completions) == len(prompts), "engine lost a prompt"
     return BatchResult(completions, _stats(completions, counters, time.perf_counter() - t0))
+
+
+def _check_against_model(model: Model, params: List[SamplingParams]) -> None:
+    """Checks what only the model can tell (token ids, grammars), before any work."""
+    n_vocab = model.n_vocab
+    grammar_ok: dict = {}
+    for i, p in enumerate(params):
+        for field, ids in (("stop_token_ids", p.stop_token_ids), ("logit_bias", list(p.logit_bias or ()))):
+            bad = [t for t in ids if t >= n_vocab]
+            if bad:
+                raise ValueError(f"SamplingParams.{field} of prompt {i}: {bad} not in the model's "
+                                 f"vocabulary of {n_vocab} tokens")
+        g = p.compiled_grammar
+        if g is not None:
+            if g not in grammar_ok:
+                grammar_ok[g] = model._model.grammar_error(g)
+            if grammar_ok[g]:
+                what = "grammar" if p.grammar is not None else "json_schema" if p.json_schema is not None else "choices"
+                raise ValueError(f"SamplingParams.{what} of prompt {i}: llama.cpp rejects the grammar: {grammar_ok[g]}")
+
+
+class _Gather:
+    """Collects the engine's per-sample results into per-prompt Completions."""
+
+    def __init__(self, model: Model, prompts: List[str], params: List[SamplingParams]) -> None:
+        self.model = model
+        self.token_text: dict = {}
+        self.prompts = prompts
+        self.outputs: List[List[Optional[Output]]] = [[None] * p.n for p in params]
+        self.prompt_tokens = [0] * len(prompts)
+        self.missing = [p.n for p in params]
+        self.n_done = 0
+
+    def add(self, r: "_core.Result") -> None:
+        i = int(r.index)
+        self.outputs[i][r.sample] = self._output(r)
+        self.prompt_tokens[i] = int(r.n_prompt)
+        self.missing[i] -= 1
+        self.n_done += self.missing[i] == 0
+
+    def fail(self, i: int, message: str) -> None:
+        self.outputs[i] = [Output("", [], "error", None, message) for _ in self.outputs[i]]
+        self.missing[i] = 0
+        self.n_done += 1
+
+    def completed(self) -> List[Completion]:
+        return [Completion(i, self.prompts[i], list(outs), self.prompt_tokens[i])  # type: ignore[arg-type]
+                for i, outs in enumerate(self.outputs) if self.missing[i] == 0]
+
+
+    def _text(self, token: int) -> str:
+        text = self.token_text.get(token)
+        if text is None:
+            text = self.token_text[token] = self.model.detokenize([token])
+        return text
+
+    def _output(self, r: "_core.Result") -> Output:
+        stop_reason: Union[str, int, None] = None
+        if r.stop_string:
+            stop_reason = r.stop_string
+        elif r.stop_token >= 0:
+            stop_reason = int(r.stop_token)
+        tokens = list(r.tokens)
+        logprobs = None
+        raw = r.logprobs
+        if raw:
+            logprobs = [TokenLogprobs(t, self._text(t), lp, [Logprob(a, self._text(a), alp) for a, alp in top])
+                        for t, (lp, top) in zip(tokens, raw)]
+        return Output(r.text.decode("utf-8", "replace"), tokens, _FINISH[r.finish], stop_reason, r.error or None,
+                      logprobs)
 
 
 def _stats(completions: List[Completion], c: dict, wall: float) -> BatchStats:
@@ -179,6 +243,7 @@ def _stats(completions: List[Completion], c: dict, wall: float) -> BatchStats:
         decode_calls=c["decode_calls"],
         decode_retries=c["decode_retries"],
         fallback_decodes=c["fallback_decodes"],
-        failed=sum(1 for x in completions if x.finish_reason == "error"),
+        failed=sum(1 for x in completions if any(o.finish_reason == "error" for o in x.outputs)),
         preemptions=c["preemptions"],
+        prefix_tokens_reused=c["prefix_tokens_reused"],
     )

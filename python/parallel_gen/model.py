@@ -22,6 +22,9 @@ KV_TYPES: Dict[str, int] = {
 _KV_TYPE_NAMES = {v: k for k, v in KV_TYPES.items()}
 _FLASH = {None: -1, "auto": -1, False: 0, True: 1}
 _DEFAULT_N_CTX = 4096
+# Shorter shared prefixes are cheaper to recompute than to copy (a copy moves a whole KV
+# stream when every sequence has its own).
+_MIN_SHARED_PREFIX = 16
 
 
 def _cpu_threads() -> int:
@@ -86,6 +89,9 @@ class Model:
         kv_size: with kv_unified=True only, the cells of the shared KV pool (>= n_ctx;
             default n_ctx * n_parallel). A smaller pool is shared on demand: when it runs
             out, the youngest sequence is paused and recomputed later.
+        share_prefix: decode a prompt prefix (>= 16 tokens) shared by several waiting
+            prompts, or by the n samples of one prompt, once, and copy its KV to each.
+            Costs one more KV stream when kv_unified=False.
         verbose: let llama.cpp print its log to stderr.
 
     A Model serves one call at a time: calls from several threads are serialized on an
@@ -106,6 +112,7 @@ class Model:
         type_k: str = "f16",
         type_v: str = "f16",
         kv_size: Optional[int] = None,
+        share_prefix: bool = True,
         verbose: bool = False,
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
@@ -113,7 +120,7 @@ class Model:
         path = os.fspath(path)
         _check_int("n_gpu_layers", n_gpu_layers, -1)
         config = self._config(n_parallel, n_ctx, n_batch, n_threads, kv_unified, flash_attn, type_k, type_v,
-                              kv_size, verbose)
+                              kv_size, share_prefix, verbose)
         _check_gguf(path)
         try:
             handle = _core.ModelHandle.load(path, n_gpu_layers, bool(verbose))
@@ -135,6 +142,7 @@ class Model:
         type_k: Optional[str] = None,
         type_v: Optional[str] = None,
         kv_size: Optional[int] = None,
+        share_prefix: bool = True,
         verbose: Optional[bool] = None,
     ) -> "Model":
         """A Model over the weights an existing ``llama_cpp.Llama`` already holds.
@@ -161,6 +169,7 @@ class Model:
             _KV_TYPE_NAMES.get(int(cp.type_k), "f16") if type_k is None else type_k,
             _KV_TYPE_NAMES.get(int(cp.type_v), "f16") if type_v is None else type_v,
             kv_size,
+            share_prefix,
             bool(llm.verbose) if verbose is None else verbose,
         )
         self = cls.__new__(cls)
@@ -177,7 +186,7 @@ class Model:
 
     @staticmethod
     def _config(n_parallel: Any, n_ctx: Any, n_batch: Any, n_threads: Any, kv_unified: Any, flash_attn: Any,
-                type_k: Any, type_v: Any, kv_size: Any, verbose: Any) -> Dict[str, Any]:
+                type_k: Any, type_v: Any, kv_size: Any, share_prefix: Any, verbose: Any) -> Dict[str, Any]:
         """Checks every setting before any loading is done."""
         _check_int("n_parallel", n_parallel, 1, int(_core.max_parallel_sequences()))
         if n_ctx is not None:
@@ -197,10 +206,13 @@ class Model:
             _check_int("kv_size", kv_size, 8)
         if not isinstance(verbose, bool):
             raise TypeError(f"Model verbose must be a bool, got {verbose!r}")
+        if not isinstance(share_prefix, bool):
+            raise TypeError(f"Model share_prefix must be a bool, got {share_prefix!r}")
         return dict(n_parallel=n_parallel, n_ctx=n_ctx, n_batch=n_batch,
                     n_threads=_cpu_threads() if n_threads is None else n_threads, kv_unified=kv_unified,
                     flash_attn=_flash(flash_attn), type_k=_kv_type("type_k", type_k),
-                    type_v=_kv_type("type_v", type_v), kv_size=kv_size, verbose=verbose)
+                    type_v=_kv_type("type_v", type_v), kv_size=kv_size, share_prefix=share_prefix,
+                    verbose=verbose)
 
     def _setup(self, path: str, handle: "_core.ModelHandle", config: Dict[str, Any], owner: Any) -> None:
         self.path = path
@@ -227,6 +239,7 @@ class Model:
         ec.type_k = config["type_k"]
         ec.type_v = config["type_v"]
         ec.kv_size = kv_size or 0
+        ec.min_prefix = _MIN_SHARED_PREFIX if config["share_prefix"] else 2**31 - 1
         ec.verbose = config["verbose"]
         try:
             self._engine = _core.Engine(handle, ec)
@@ -237,6 +250,7 @@ class Model:
         self.n_batch: int = self._engine.n_batch
         self.n_threads: int = ec.n_threads
         self.kv_unified: bool = ec.kv_unified
+        self.share_prefix: bool = config["share_prefix"]
         self.flash_attn: Optional[bool] = {-1: None, 0: False, 1: True}[ec.flash_attn]
         self.verbose: bool = ec.verbose
 

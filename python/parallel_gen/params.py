@@ -6,9 +6,10 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from ._native import _core
+from .constraints import choices_grammar, schema_grammar
 
 _UINT32 = 2**32
 
@@ -43,6 +44,11 @@ class SamplingParams:
 
     Every field can also be passed to :func:`generate_parallel` as a keyword.
     """
+
+    n: int = 1
+    """Completions to generate for the prompt (>= 1). They share the prompt's KV (decoded
+    once) and each samples with its own seed: sample j uses the prompt's seed plus
+    j * 0x9E3779B1 (mod 2**32), so samples never collide with nearby seeds seed + i."""
 
     max_tokens: int = 128
     """Most tokens to generate (>= 1). A sequence also stops, with finish_reason
@@ -92,8 +98,31 @@ class SamplingParams:
     """Keep generating past end-of-generation tokens (for benchmarks and fixed-length
     outputs)."""
 
+    grammar: Optional[str] = None
+    """A GBNF grammar (llama.cpp's format, start symbol ``root``) the output must follow.
+    At most one of grammar, json_schema and choices."""
+
+    json_schema: Union[Mapping[str, Any], str, None] = None
+    """A JSON schema (dict or JSON text) the output must match; converted to a grammar
+    with llama-cpp-python's converter."""
+
+    choices: Optional[Tuple[str, ...]] = None
+    """The output is exactly one of these strings (unless max_tokens cuts it short)."""
+
+    logprobs: Optional[int] = None
+    """Report log-probabilities: for every generated token its own and those of the
+    ``logprobs`` most likely tokens (0 to 20). They are the log-softmax of the model's
+    raw logits, before logit bias, penalties, grammar, temperature and truncation (as
+    vLLM reports by default)."""
+
+    logit_bias: Optional[Mapping[int, float]] = None
+    """Added to the logits of the given token ids before sampling (-inf bans a token)."""
+
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once
+        _need_int("n", self.n)
+        if self.n < 1:
+            raise _bad("n", self.n, "must be >= 1")
         _need_int("max_tokens", self.max_tokens)
         if self.max_tokens < 1:
             raise _bad("max_tokens", self.max_tokens, "must be >= 1")
@@ -121,17 +150,55 @@ class SamplingParams:
             _need_int("seed", self.seed)
             if not 0 <= self.seed < _UINT32:
                 raise _bad("seed", self.seed, "must be in [0, 2**32)")
-        set_(self, "stop", _as_str_tuple(self.stop))
+        set_(self, "stop", _as_str_tuple(self.stop, "stop"))
         set_(self, "stop_token_ids", _as_int_tuple(self.stop_token_ids))
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
+        set_(self, "_gbnf", self._constraint_grammar())
+        if self.logprobs is not None:
+            _need_int("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= 20:
+                raise _bad("logprobs", self.logprobs, "must be in [0, 20] (or None for no log-probabilities)")
+        if self.logit_bias is not None:
+            set_(self, "logit_bias", _as_bias(self.logit_bias))
         # Store plain Python types (numpy scalars and the like would leak into results).
-        for name in ("max_tokens", "top_k", "repeat_last_n"):
+        for name in ("n", "max_tokens", "top_k", "repeat_last_n"):
             set_(self, name, int(getattr(self, name)))
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"):
             set_(self, name, float(getattr(self, name)))
         if self.seed is not None:
             set_(self, "seed", int(self.seed))
+
+    def _constraint_grammar(self) -> Optional[str]:
+        given = [f for f in ("grammar", "json_schema", "choices") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise ValueError(f"SamplingParams: give at most one of grammar, json_schema and choices, got {given}")
+        if self.grammar is not None:
+            if not isinstance(self.grammar, str):
+                raise TypeError(f"SamplingParams.grammar must be GBNF text, got {type(self.grammar).__name__}")
+            if not self.grammar.strip():
+                raise _bad("grammar", self.grammar, "must not be empty")
+            return self.grammar
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, (str, Mapping)):
+                raise TypeError(f"SamplingParams.json_schema must be a dict or JSON text, "
+                                f"got {type(self.json_schema).__name__}")
+            try:
+                return schema_grammar(self.json_schema)
+            except ValueError as e:
+                raise ValueError(f"SamplingParams.json_schema: {e}") from None
+        if self.choices is not None:
+            items = _as_str_tuple(self.choices, "choices")
+            if not items:
+                raise _bad("choices", self.choices, "must hold at least one string")
+            object.__setattr__(self, "choices", items)
+            return choices_grammar(items)
+        return None
+
+    @property
+    def compiled_grammar(self) -> Optional[str]:
+        """The GBNF grammar the output follows (from grammar, json_schema or choices)."""
+        return self._gbnf  # type: ignore[attr-defined]
 
     def replace(self, **changes: Any) -> "SamplingParams":
         """A copy with some fields changed (validated again)."""
@@ -155,13 +222,23 @@ class SamplingParams:
         c.stop = list(self.stop)
         c.stop_token_ids = list(self.stop_token_ids)
         c.ignore_eos = self.ignore_eos
+        c.grammar = self.compiled_grammar or ""
+        c.logit_bias = sorted(self.logit_bias.items()) if self.logit_bias else []
+        c.logprobs = -1 if self.logprobs is None else self.logprobs
         return c
 
 
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
+SAMPLE_SEED_STRIDE = 0x9E3779B1  # odd, ~2**32 / golden ratio: spreads the samples' seeds
 
-def _as_str_tuple(value: Union[str, Sequence[str], None]) -> Tuple[str, ...]:
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample ``sample`` of a prompt whose seed is ``seed``."""
+    return (seed + sample * SAMPLE_SEED_STRIDE) % _UINT32
+
+
+def _as_str_tuple(value: Union[str, Sequence[str], None], name: str) -> Tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
@@ -169,13 +246,26 @@ def _as_str_tuple(value: Union[str, Sequence[str], None]) -> Tuple[str, ...]:
     try:
         items = tuple(value)
     except TypeError:
-        raise TypeError(f"SamplingParams.stop must be a str or a sequence of str, got {value!r}") from None
+        raise TypeError(f"SamplingParams.{name} must be a str or a sequence of str, got {value!r}") from None
     for i, s in enumerate(items):
         if not isinstance(s, str):
-            raise TypeError(f"SamplingParams.stop[{i}] must be a str, got {type(s).__name__} {s!r}")
+            raise TypeError(f"SamplingParams.{name}[{i}] must be a str, got {type(s).__name__} {s!r}")
         if s == "":
-            raise _bad("stop", items, "stop strings must not be empty")
+            raise _bad(name, items, "must not hold empty strings")
     return items
+
+
+def _as_bias(value: Any) -> Dict[int, float]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"SamplingParams.logit_bias must be a mapping of token id to bias, got {type(value).__name__}")
+    out: Dict[int, float] = {}
+    for tok, bias in value.items():
+        if not _is_int(tok) or tok < 0:
+            raise _bad("logit_bias", dict(value), f"keys are token ids >= 0, got {tok!r}")
+        if not _is_real(bias) or math.isnan(bias) or bias == math.inf:
+            raise _bad("logit_bias", dict(value), f"biases are finite numbers or -inf, got {bias!r}")
+        out[int(tok)] = float(bias)
+    return out
 
 
 def _as_int_tuple(value: Union[int, Sequence[int], None]) -> Tuple[int, ...]:

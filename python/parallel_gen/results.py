@@ -10,6 +10,27 @@ FinishReason = str  # "stop" | "length" | "error"
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """A token and its log-probability under the model's raw distribution."""
+
+    token_id: int
+    token: str
+    """The token's text (empty for control tokens)."""
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability, with the most likely alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: List[Logprob]
+    """The ``SamplingParams.logprobs`` most likely tokens at that position, best first."""
+
+
+@dataclass(frozen=True)
 class Output:
     """One generated sample of a prompt."""
 
@@ -24,6 +45,13 @@ class Output:
     """The stop string or the token id that ended it; None otherwise."""
     error: Optional[str] = None
     """Why it failed, when finish_reason is "error"."""
+    logprobs: Optional[List[TokenLogprobs]] = None
+    """Per generated token, when SamplingParams.logprobs is set."""
+
+    @property
+    def cumulative_logprob(self) -> Optional[float]:
+        """Sum of the generated tokens' log-probabilities (None without logprobs)."""
+        return None if self.logprobs is None else sum(t.logprob for t in self.logprobs)
 
 
 @dataclass(frozen=True)
@@ -92,6 +120,9 @@ class BatchStats:
     """Prompts that finished with "error"."""
     preemptions: int = 0
     """Live sequences paused (KV dropped, recomputed later) to make room in a shared KV pool."""
+    prefix_tokens_reused: int = 0
+    """Prompt tokens not decoded because a prefix shared by several prompts (or the n
+    samples of one prompt) was decoded once and its KV copied."""
 
 
 class BatchResult(_SequenceABC):

@@ -1,0 +1,111 @@
+# R values -> the Python values parallel_gen expects, with R errors naming the argument.
+
+# Arguments Python wants as int: whole doubles (5, 1e3) are accepted and converted.
+.INT_ARGS <- c("n", "max_tokens", "top_k", "repeat_last_n", "seed",
+               "n_parallel", "n_ctx", "n_batch", "n_threads", "n_gpu_layers", "kv_size")
+# Arguments Python wants as a list of int / a list of str (any length, length 1 included).
+.INT_LIST_ARGS <- c("stop_token_ids")
+.STR_LIST_ARGS <- c("stop")
+
+.is_whole <- function(x) is.numeric(x) & is.finite(x) & x == trunc(x)
+
+# One whole number -> a Python int (exact up to 2^53, so seeds up to 2^32 work too).
+.py_int <- function(x, name) {
+  if (is.null(x)) return(NULL)
+  if (!is.numeric(x) || length(x) != 1L || is.na(x) || !.is_whole(x)) {
+    .arg_error(sprintf("`%s` must be a single whole number, got %s", name, .describe(x)))
+  }
+  if (is.integer(x)) return(x)
+  reticulate::import_builtins(convert = FALSE)$int(as.double(x))
+}
+
+.py_int_list <- function(x, name) {
+  if (is.null(x)) return(NULL)
+  if (!is.numeric(x) || anyNA(x) || !all(.is_whole(x))) {
+    .arg_error(sprintf("`%s` must be whole numbers without NA, got %s", name, .describe(x)))
+  }
+  lapply(unname(x), function(v) .py_int(v, name))
+}
+
+.py_str_list <- function(x, name) {
+  if (is.null(x)) return(NULL)
+  if (is.factor(x)) x <- as.character(x)
+  if (!is.character(x)) .arg_error(sprintf("`%s` must be a character vector, got %s", name, .describe(x)))
+  if (anyNA(x)) .arg_error(sprintf("`%s` must not contain NA (%s)", name, .na_positions(x, name)))
+  as.list(unname(x))
+}
+
+# Any other argument: scalars pass as they are (NA rejected), longer vectors as lists,
+# Python objects (e.g. a SamplingParams) untouched.
+.py_value <- function(x, name) {
+  if (is.null(x) || inherits(x, "python.builtin.object")) return(x)
+  if (name %in% .INT_ARGS) return(.py_int(x, name))
+  if (name %in% .INT_LIST_ARGS) return(.py_int_list(x, name))
+  if (name %in% .STR_LIST_ARGS) return(.py_str_list(x, name))
+  if (is.factor(x)) x <- as.character(x)
+  if (is.atomic(x)) {
+    if (anyNA(x)) .arg_error(sprintf("`%s` must not be NA", name))
+    if (length(x) == 1L) return(unname(x))
+    return(as.list(unname(x)))
+  }
+  x
+}
+
+# Named R arguments -> a named list of Python-ready values (NULLs left out: Python's default).
+.py_kwargs <- function(args) {
+  nms <- names(args)
+  if (length(args) && (is.null(nms) || any(!nzchar(nms)))) {
+    .arg_error("every argument in `...` must be named (e.g. top_k = 20)")
+  }
+  out <- list()
+  for (name in nms) {
+    v <- .py_value(args[[name]], name)
+    if (!is.null(v)) out[name] <- list(v)
+  }
+  out
+}
+
+.check_flag <- function(x, name) {
+  if (!is.logical(x) || length(x) != 1L || is.na(x)) {
+    .arg_error(sprintf("`%s` must be TRUE or FALSE, got %s", name, .describe(x)))
+  }
+  x
+}
+
+.describe <- function(x) {
+  if (is.null(x)) return("NULL")
+  if (inherits(x, "python.builtin.object")) return(sprintf("a Python %s", class(x)[[1L]]))
+  s <- paste(utils::head(format(x), 3L), collapse = ", ")
+  if (length(x) > 3L) s <- paste0(s, ", ...")
+  sprintf("%s of length %d (%s)", class(x)[[1L]], length(x), s)
+}
+
+# "prompts[2], prompts[5]" for the NA entries (at most 5 named).
+.na_positions <- function(x, name) {
+  where <- which(is.na(x))
+  s <- paste(sprintf("%s[%d]", name, utils::head(where, 5L)), collapse = ", ")
+  if (length(where) > 5L) s <- sprintf("%s and %d more", s, length(where) - 5L)
+  s
+}
+
+# Prompts: a character vector (or factor) of any length, no NA.
+.check_prompts <- function(prompts) {
+  if (is.factor(prompts)) prompts <- as.character(prompts)
+  if (!is.character(prompts) || !is.null(dim(prompts))) {
+    .arg_error(sprintf("`prompts` must be a character vector, got %s", .describe(prompts)))
+  }
+  if (anyNA(prompts)) {
+    n <- sum(is.na(prompts))
+    .arg_error(sprintf("%s %s NA: every prompt must be a string (drop or replace missing values first)",
+                       .na_positions(prompts, "prompts"), if (n == 1L) "is" else "are"))
+  }
+  as.vector(unname(prompts))
+}
+
+# A Model from pg_model(), or the path of a .gguf file.
+.check_model <- function(model) {
+  if (inherits(model, "python.builtin.object")) return(model)
+  if (is.character(model) && length(model) == 1L && !is.na(model)) return(path.expand(model))
+  .arg_error(sprintf("`model` must be a model from pg_model() or the path of a .gguf file, got %s",
+                     .describe(model)))
+}

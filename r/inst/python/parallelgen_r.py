@@ -1,0 +1,60 @@
+"""Glue between the R package parallelgen and the Python package parallel_gen.
+
+Every call from R goes through call(): a Python exception comes back as data (its class
+names, its message, the exception and its formatted traceback) instead of being raised,
+so R can signal a condition with the original message under every reticulate version.
+Results are handed to R column by column (one conversion per column, not per prompt).
+"""
+
+import dataclasses
+import inspect
+import traceback
+
+
+def call(f, args, kwargs):
+    """[None, f(*args, **kwargs)], or [[class names, message, exception, traceback], None]."""
+    try:
+        return [None, f(*list(args or ()), **dict(kwargs or {}))]
+    except Exception as e:  # KeyboardInterrupt and SystemExit go through to R
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        classes = [c.__name__ for c in type(e).__mro__ if c is not object]
+        # Drop the frames (they would keep the call's locals, a Model among them, alive).
+        return [[classes, str(e), e.with_traceback(None), tb], None]
+
+
+def accepts(f, name):
+    """Whether f takes a parameter called name (explicitly, not through **kwargs)."""
+    try:
+        p = inspect.signature(f).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _r_str(s):
+    # R strings cannot hold NUL characters.
+    return s.replace("\x00", "\ufffd") if "\x00" in s else s
+
+
+def columns(result):
+    """A BatchResult as a dict of equal-length lists: one entry per output (sample) of
+    every completion, in prompt order, then sample order."""
+    cols = {k: [] for k in ("index", "sample", "prompt", "text", "finish_reason", "prompt_tokens",
+                            "completion_tokens", "error", "failed")}
+    for c in result:
+        for j, o in enumerate(c.outputs):
+            cols["index"].append(int(c.index))
+            cols["sample"].append(j)
+            cols["prompt"].append(_r_str(c.prompt))
+            cols["text"].append(_r_str(o.text))
+            cols["finish_reason"].append(str(o.finish_reason))
+            cols["prompt_tokens"].append(int(c.prompt_tokens))
+            cols["completion_tokens"].append(len(o.token_ids))
+            cols["error"].append(_r_str(o.error or ""))
+            cols["failed"].append(o.error is not None)
+    return cols
+
+
+def stats(result):
+    """result.stats (a BatchStats dataclass) as a dict."""
+    return dataclasses.asdict(result.stats)

