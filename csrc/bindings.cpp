@@ -130,7 +130,15 @@ PYBIND11_MODULE(_core, m) {
 
     py::enum_<Finish>(m, "Finish").value("stop", Finish::Stop).value("length", Finish::Length).value("error", Finish::Error);
 
+    py::class_<StreamDelta>(m, "StreamDelta")
+        .def_readonly("request", &StreamDelta::request)
+        .def_readonly("index", &StreamDelta::index)
+        .def_readonly("sample", &StreamDelta::sample)
+        .def_readonly("tokens", &StreamDelta::tokens)
+        .def_property_readonly("text", [](const StreamDelta & d) { return py::bytes(d.text); });
+
     py::class_<Result>(m, "Result")
+        .def_readonly("request", &Result::request)
         .def_readonly("index", &Result::index)
         .def_readonly("sample", &Result::sample)
         .def_readonly("n_prompt", &Result::n_prompt)
@@ -154,16 +162,20 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init<std::shared_ptr<ModelHandle>, const EngineConfig &>(), py::arg("model"), py::arg("config"),
              py::call_guard<py::gil_scoped_release>())
         .def("submit",
-             [](Engine & e, int64_t index, int32_t sample, std::string prompt, const SamplingConfig & params) {
+             [](Engine & e, int64_t index, int32_t sample, std::string prompt, const SamplingConfig & params,
+                uint64_t request, bool stream) {
                  Request r;
-                 r.index  = index;
-                 r.sample = sample;
-                 r.prompt = std::move(prompt);
-                 r.params = params;
+                 r.request = request;
+                 r.index   = index;
+                 r.sample  = sample;
+                 r.stream  = stream;
+                 r.prompt  = std::move(prompt);
+                 r.params  = params;
                  py::gil_scoped_release release;
                  e.submit(std::move(r));
              },
-             py::arg("index"), py::arg("sample"), py::arg("prompt"), py::arg("params"))
+             py::arg("index"), py::arg("sample"), py::arg("prompt"), py::arg("params"), py::arg("request") = 0,
+             py::arg("stream") = false)
         .def("step",
              [](Engine & e) {
                  StepOutput out;
@@ -171,14 +183,16 @@ PYBIND11_MODULE(_core, m) {
                      py::gil_scoped_release release;
                      out = e.step();
                  }
-                 return py::make_tuple(py::cast(std::move(out.finished)), out.fatal);
+                 return py::make_tuple(py::cast(std::move(out.finished)), out.fatal, py::cast(std::move(out.deltas)));
              })
         .def("has_work", &Engine::has_work)
         .def("cancel_all", &Engine::cancel_all, py::call_guard<py::gil_scoped_release>())
+        .def("cancel_request", &Engine::cancel_request, py::arg("request"), py::call_guard<py::gil_scoped_release>())
         .def("counters", [](const Engine & e) { return counters_dict(e.counters()); })
         .def("reset_counters", &Engine::reset_counters)
         .def("abort_after_decodes", &Engine::abort_after_decodes)
         .def_property_readonly("n_live", &Engine::n_live)
+        .def_property_readonly("kv_tokens", &Engine::kv_tokens)
         .def_property_readonly("n_waiting", &Engine::n_waiting)
         .def_property_readonly("n_ctx", &Engine::n_ctx)
         .def_property_readonly("n_ctx_seq", &Engine::n_ctx_seq)

@@ -26,6 +26,8 @@ struct Engine::Sequence {
     std::string              error;
     bool                     aborted     = false;
     bool                     prefix_user = false; // counted as a user of the shared prefix
+    size_t                   tokens_streamed = 0;  // generated tokens already in a delta
+    size_t                   bytes_streamed  = 0;  // text bytes already in a delta
 
     int32_t to_feed() const { return static_cast<int32_t>(tokens.size()) - n_past; }
     bool    live() const { return seq_id >= 0 && !done; }
@@ -120,6 +122,16 @@ Engine::~Engine() {
     }
 }
 
+int64_t Engine::kv_tokens() const {
+    int64_t total = 0;
+    for (int32_t id = 0; id <= cfg_.n_parallel; ++id) {
+        if (id < static_cast<int32_t>(llama_n_seq_max(ctx_))) {
+            total += llama_memory_seq_pos_max(mem_, id) + 1;
+        }
+    }
+    return total;
+}
+
 int32_t Engine::n_ctx_seq() const { return static_cast<int32_t>(llama_n_ctx_seq(ctx_)); }
 int32_t Engine::kv_capacity() const { return static_cast<int32_t>(llama_n_ctx(ctx_)); }
 
@@ -166,6 +178,11 @@ void Engine::submit(Request req) {
         s->finish = Finish::Error;
         ready_.push_back(to_result(*s));
         return;
+    }
+    if (prefix_ && s->n_prompt > prefix_->n_prompt &&
+        std::equal(prefix_->tokens.begin(), prefix_->tokens.end(), s->tokens.begin())) {
+        s->prefix_user = true;  // prompts fed in one by one keep an active prefix alive
+        ++prefix_users_;
     }
     waiting_.push_back(std::move(s));
     no_prefix_head_ = nullptr;  // a new prompt may share a prefix with the queue head
@@ -518,6 +535,7 @@ void Engine::finish(Sequence * s, Finish why) {
 
 Result Engine::to_result(Sequence & s) const {
     Result r;
+    r.request  = s.req.request;
     r.index    = s.req.index;
     r.sample   = s.req.sample;
     r.n_prompt = s.n_prompt;
@@ -543,6 +561,65 @@ void Engine::collect_finished(std::vector<Result> & out) {
             --n_live_;
         }
     }
+}
+
+void Engine::collect_deltas(std::vector<StreamDelta> & out) {
+    for (auto & slot : slots_) {
+        if (!slot || !slot->req.stream || slot->done) {
+            continue;
+        }
+        Sequence &   s         = *slot;
+        const size_t generated = s.tokens.size() - static_cast<size_t>(s.n_prompt);
+        const size_t stable    = s.text.stable_len();
+        if (generated == s.tokens_streamed && stable <= s.bytes_streamed) {
+            continue;
+        }
+        StreamDelta d;
+        d.request = s.req.request;
+        d.index   = s.req.index;
+        d.sample  = s.req.sample;
+        d.tokens.assign(s.tokens.begin() + s.n_prompt + static_cast<std::ptrdiff_t>(s.tokens_streamed), s.tokens.end());
+        if (stable > s.bytes_streamed) {
+            d.text.assign(s.text.bytes(), s.bytes_streamed, stable - s.bytes_streamed);
+            s.bytes_streamed = stable;
+        }
+        s.tokens_streamed = generated;
+        out.push_back(std::move(d));
+    }
+}
+
+size_t Engine::cancel_request(uint64_t request) {
+    size_t dropped = 0;
+    for (auto it = waiting_.begin(); it != waiting_.end();) {
+        if ((*it)->req.request == request) {
+            if ((*it)->prefix_user) {
+                --prefix_users_;
+            }
+            if (it->get() == no_prefix_head_) {
+                no_prefix_head_ = nullptr;
+            }
+            it = waiting_.erase(it);
+            ++dropped;
+        } else {
+            ++it;
+        }
+    }
+    for (auto & slot : slots_) {
+        if (slot && slot->req.request == request) {
+            llama_memory_seq_rm(mem_, slot->seq_id, -1, -1);
+            slot.reset();
+            --n_live_;
+            ++dropped;
+        }
+    }
+    const size_t before = ready_.size();
+    ready_.erase(std::remove_if(ready_.begin(), ready_.end(), [&](const Result & r) { return r.request == request; }),
+                 ready_.end());
+    dropped += before - ready_.size();
+    if (prefix_ && prefix_users_ <= 0) {
+        drop_prefix();
+    }
+    return dropped;
 }
 
 void Engine::drop_live(const std::string & why, std::vector<Result> & out) {
@@ -590,6 +667,7 @@ StepOutput Engine::step() {
     if (prefix_ && prefix_->done) {
         drop_prefix();
     }
+    collect_deltas(out.deltas);
     collect_finished(out.finished);
     return out;
 }

@@ -36,15 +36,18 @@ struct EngineConfig {
 };
 
 struct Request {
-    int64_t        index  = 0;  // caller's prompt index
-    int32_t        sample = 0;  // which of the prompt's samples
-    std::string    prompt;      // UTF-8
+    uint64_t       request = 0;  // the caller's request (one call), for routing and cancelling
+    int64_t        index   = 0;  // the prompt's index within its request
+    int32_t        sample  = 0;  // which of the prompt's samples
+    bool           stream  = false; // report new tokens every step (StepOutput::deltas)
+    std::string    prompt;       // UTF-8
     SamplingConfig params;
 };
 
 enum class Finish : int { Stop = 0, Length = 1, Error = 2 };
 
 struct Result {
+    uint64_t                 request     = 0;
     int64_t                  index       = 0;
     int32_t                  sample      = 0;
     int32_t                  n_prompt    = 0;
@@ -70,7 +73,17 @@ struct Counters {
     double  generation_seconds = 0; // ...and generation tokens of each call
 };
 
+// New output of a streaming sequence since its previous delta.
+struct StreamDelta {
+    uint64_t                 request = 0;
+    int64_t                  index   = 0;
+    int32_t                  sample  = 0;
+    std::vector<llama_token> tokens;
+    std::string              text;   // complete characters, never part of a possible stop string
+};
+
 struct StepOutput {
+    std::vector<StreamDelta> deltas;  // sequences still running; a finished one's last words are its Result
     std::vector<Result> finished;
     std::string         fatal;  // non-empty: llama_decode failed fatally; live sequences were dropped
 };
@@ -93,10 +106,15 @@ public:
     bool has_work() const { return !waiting_.empty() || n_live_ > 0 || !ready_.empty(); }
     // Drops every queued and live sequence and removes their KV; the engine stays usable.
     void cancel_all();
+    // Drops the sequences of one request (queued, live, or finished but not handed out).
+    // Returns how many were dropped.
+    size_t cancel_request(uint64_t request);
 
     Counters counters() const { return counters_; }
     void     reset_counters() { counters_ = Counters{}; }
     int32_t  n_live() const { return n_live_; }
+    // KV positions held by any sequence id (0 when nothing is running): leak checks.
+    int64_t  kv_tokens() const;
     size_t   n_waiting() const { return waiting_.size(); }
     int32_t  n_ctx() const { return cfg_.n_ctx; }
     int32_t  n_ctx_seq() const;     // KV positions one sequence can hold in llama.cpp
@@ -126,6 +144,7 @@ private:
     void sample(Sequence * s, int32_t idx);
     void finish(Sequence * s, Finish why);
     void collect_finished(std::vector<Result> & out);
+    void collect_deltas(std::vector<StreamDelta> & out);
     void drop_live(const std::string & why, std::vector<Result> & out);
     Result to_result(Sequence & s) const;
     int64_t kv_used_estimate() const;

@@ -117,7 +117,8 @@ def test_logit_bias_bans_and_forces(smol):
 def test_bad_constraints_fail_before_any_work(smol, kwargs, match):
     with pytest.raises(ValueError, match=match):
         pg.generate_parallel(smol, ["a", "b"], max_tokens=2, **kwargs)
-    assert smol._engine.n_live == 0 and smol._engine.n_waiting == 0
+    s = smol.stats()
+    assert s.slots_busy == 0 and s.queued_prompts == 0 and s.active_requests == 0
 
 
 def test_bad_constraint_types():

@@ -17,6 +17,13 @@ import parallel_gen as pg
 from conftest import PROMPTS_16, rss_bytes
 
 
+def _idle(model) -> bool:
+    """Nothing queued or running, and no KV left in any sequence."""
+    s = model.stats()
+    kv = model._require_runner().run_on_engine(lambda e: e.kv_tokens)
+    return s.slots_busy == 0 and s.queued_prompts == 0 and s.active_requests == 0 and kv == 0
+
+
 def test_tiny_shared_pool_forces_retries_and_still_finishes_everything(smollm2_path):
     """A shared KV pool far smaller than n_parallel * n_ctx: decode runs out of room,
     retries on split batches, pauses the youngest sequences, and every prompt that fits
@@ -41,13 +48,13 @@ def test_fatal_decode_failure_raises_with_partial_results_and_model_survives(smo
         prompts = ["Hi", "A long story: " + "once " * 20, "Third", "Fourth"]
         params = [pg.SamplingParams(max_tokens=2, temperature=0)] + [pg.SamplingParams(max_tokens=50,
                                                                                       temperature=0)] * 3
-        m._engine.abort_after_decodes(6)  # llama.cpp's abort callback fires in the 6th decode
+        m._inject_abort(6)  # llama.cpp's abort callback fires in the 6th decode
         with pytest.raises(pg.GenerationError, match="aborted") as ei:
             pg.generate_parallel(m, prompts, params)
         done = ei.value.results
         assert [c.index for c in done] == [0]  # only the short one finished before the abort
         assert done[0].finish_reason == "length" and len(done[0].token_ids) == 2
-        assert m._engine.n_live == 0 and m._engine.n_waiting == 0
+        assert _idle(m)
         # the Model is still usable and its KV is clean: same results as a fresh model
         again = pg.generate_parallel(m, prompts, params)
         with pg.Model(smollm2_path, n_parallel=2, n_ctx=256) as fresh:
@@ -67,7 +74,9 @@ CTRL_C_CHILD = textwrap.dedent(
         print("finished-unexpectedly", flush=True)
     except KeyboardInterrupt:
         print("interrupted", time.time(), flush=True)
-    assert m._engine.n_live == 0 and m._engine.n_waiting == 0
+    s = m.stats()
+    assert s.slots_busy == 0 and s.queued_prompts == 0 and s.active_requests == 0, s
+    assert m._require_runner().run_on_engine(lambda e: e.kv_tokens) == 0
     r = pg.generate_parallel(m, ["Hello"], max_tokens=4, temperature=0)
     print("usable", len(r[0].token_ids), flush=True)
     """

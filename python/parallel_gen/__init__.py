@@ -7,28 +7,38 @@
 
 import logging as _logging
 
+from .cache import ResultCache
 from .chat import apply_chat_template, chat_parallel
 from .errors import GenerationError, ModelLoadError
 from .generate import generate_parallel
 from .model import Model
 from .models import default_model_path
 from .params import SamplingParams
-from .results import BatchResult, BatchStats, Completion, Output
+from .results import BatchResult, BatchStats, Completion, Logprob, Output, TokenLogprobs
+from .runner import EngineStats
+from .stream import StreamEvent, astream_parallel, stream_parallel
 
 __version__ = "0.1.0"
 __all__ = [
     "BatchResult",
     "BatchStats",
     "Completion",
+    "EngineStats",
     "GenerationError",
+    "Logprob",
     "Model",
     "ModelLoadError",
     "Output",
+    "ResultCache",
     "SamplingParams",
+    "StreamEvent",
+    "TokenLogprobs",
     "apply_chat_template",
+    "astream_parallel",
     "chat_parallel",
     "default_model_path",
     "generate_parallel",
+    "stream_parallel",
 ]
 
 # Silent by default: a library leaves handlers to the application.

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import os
+import queue
 import secrets
 import time
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+import uuid
+from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ._native import _core, llama_cpp
 from .errors import GenerationError
@@ -14,6 +18,13 @@ from .model import Model
 from .params import FIELD_NAMES, SamplingParams, sample_seed
 from .progress import make_progress
 from .results import BatchResult, BatchStats, Completion, Logprob, Output, TokenLogprobs
+from .runner import Item, Request
+from .cache import open_cache
+
+if TYPE_CHECKING:
+    from .cache import ResultCache
+
+logger = logging.getLogger("parallel_gen")
 
 ModelLike = Union[Model, str, "os.PathLike[str]", "llama_cpp.Llama"]
 Prompts = Union[str, Sequence[str]]
@@ -25,7 +36,9 @@ _FINISH = {_core.Finish.stop: "stop", _core.Finish.length: "length", _core.Finis
 
 
 def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *,
-                      progress: Optional[bool] = None, **overrides: Any) -> BatchResult:
+                      progress: Optional[bool] = None, request_id: Optional[str] = None,
+                      cache: Union[None, str, "os.PathLike[str]", "ResultCache"] = None,
+                      **overrides: Any) -> BatchResult:
     """Generates a completion for every prompt, decoding them together in one batch.
 
     Args:
@@ -35,6 +48,10 @@ def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None,
         params: one :class:`SamplingParams` for all prompts, or one per prompt.
         progress: a tqdm bar on stderr (finished prompts, generated tokens/s); None shows
             it only when stderr is a terminal and tqdm is installed.
+        request_id: a name for this call in log lines (default: a random id).
+        cache: a directory (or a :class:`ResultCache`) caching the results of
+            deterministic prompts (greedy, or an explicit seed): a repeated prompt with the
+            same parameters on the same model file is answered without decoding.
         **overrides: any SamplingParams field, applied on top of ``params``.
 
     Returns:
@@ -52,9 +69,16 @@ def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None,
     """
     prompt_list = _prompt_list(prompts)
     param_list = _param_list(params, overrides, len(prompt_list))
+    cacheable = _deterministic(params, overrides, len(prompt_list))
     bar = make_progress(progress, len(prompt_list))  # checks `progress` before the model loads
-    with _open(model) as m, bar as on_step:
-        return run_batch(m, prompt_list, param_list, on_step=on_step)
+    result_cache = open_cache(cache)
+    try:
+        with _open(model) as m, bar as on_step:
+            return run_batch(m, prompt_list, param_list, on_step=on_step, request_id=request_id,
+                             cache=result_cache, cacheable=cacheable)
+    finally:
+        if result_cache is not None and result_cache is not cache:
+            result_cache.close()  # opened from a path for this call
 
 
 def _prompt_list(prompts: Prompts) -> List[str]:
@@ -100,62 +124,121 @@ def _param_list(params: Params, overrides: dict, n: int) -> List[SamplingParams]
     return out
 
 
+def _deterministic(params: Params, overrides: dict, n: int) -> List[bool]:
+    """Per prompt: is its result a function of the inputs (greedy, or a seed given)?"""
+    def fixed(p: SamplingParams) -> bool:
+        p = p.replace(**overrides) if overrides else p
+        return p.temperature == 0 or p.seed is not None
+
+    if params is None or isinstance(params, SamplingParams):
+        return [fixed(params or SamplingParams())] * n
+    return [fixed(p) for p in params]
+
+
+def _open_model(model: ModelLike) -> Tuple[Model, bool]:
+    """The Model to use, and whether this call opened it (and must close it)."""
+    if isinstance(model, Model):
+        return model, False
+    if isinstance(model, (str, os.PathLike)):
+        return Model(model), True
+    if isinstance(model, llama_cpp.Llama):
+        return Model.from_llama(model), True
+    raise TypeError(f"model must be a parallel_gen.Model, a path or a llama_cpp.Llama, got {type(model).__name__}")
+
+
 @contextlib.contextmanager
 def _open(model: ModelLike) -> Iterator[Model]:
-    if isinstance(model, Model):
-        yield model
-        return
-    if isinstance(model, (str, os.PathLike)):
-        m = Model(model)
-    elif isinstance(model, llama_cpp.Llama):
-        m = Model.from_llama(model)
-    else:
-        raise TypeError(f"model must be a parallel_gen.Model, a path or a llama_cpp.Llama, got {type(model).__name__}")
+    m, owned = _open_model(model)
     try:
         yield m
     finally:
-        m.close()
+        if owned:
+            m.close()
 
 
 def run_batch(model: Model, prompts: List[str], params: List[SamplingParams],
-              on_step: Optional[StepCallback] = None) -> BatchResult:
+              on_step: Optional[StepCallback] = None, *, request_id: Optional[str] = None,
+              cache: Optional["ResultCache"] = None, cacheable: Optional[List[bool]] = None) -> BatchResult:
     """Runs validated prompts and per-prompt params (seeds set) through the model's engine.
 
-    ``on_step`` (if given) is called after every engine step, for progress reporting.
+    The request joins the Model's running batch (shared with any other callers) and this
+    thread waits for its results. ``on_step`` (if given) is called after engine steps,
+    for progress reporting. With a ``cache``, prompts whose ``cacheable`` flag is set are
+    looked up first and stored after.
     """
     t0 = time.perf_counter()
-    with model._lock:
-        engine = model._require()
-        _check_against_model(model, params)
-        pending = _Gather(model, prompts, params)
-        engine.reset_counters()
+    runner = model._require_runner()
+    _check_against_model(model, params)
+    gather = _Gather(model, prompts, params)
+    name = request_id or new_request_id()
+    keys: List[Optional[str]] = [None] * len(prompts)
+    items: Deque[Item] = collections.deque()
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        if cache is not None and (cacheable is None or cacheable[i]):
+            keys[i] = cache.key(model, prompt, p)
+            hit = cache.get(keys[i])
+            if hit is not None:
+                gather.hit(i, hit)
+                continue
         try:
-            for i, (prompt, p) in enumerate(zip(prompts, params)):
-                try:
-                    raw = prompt.encode("utf-8")
-                except UnicodeEncodeError as e:
-                    pending.fail(i, f"the prompt is not valid Unicode text: {e}")
-                    continue
-                for j in range(p.n):  # the engine shares the prompt's KV among samples
-                    engine.submit(i, j, raw, p._to_native(sample_seed(p.seed, j)))
-            while engine.has_work():
-                finished, fatal = engine.step()
-                for r in finished:
-                    if not r.aborted:
-                        pending.add(r)
+            raw = prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            gather.fail(i, f"the prompt is not valid Unicode text: {e}")
+            continue
+        for j in range(p.n):  # the engine shares the prompt's KV among samples
+            items.append((i, j, raw, p._to_native(sample_seed(p.seed, j))))
+    events: "queue.SimpleQueue[Tuple[str, Any]]" = queue.SimpleQueue()
+    req = Request(name, items, lambda kind, payload: events.put((kind, payload)), ticks=on_step is not None)
+    logger.info("request %s: %d prompts, %d sequences", name, len(prompts), len(items))
+    runner.submit(req)
+    tokens = 0  # the engine's generated-token count at the last tick
+    try:
+        while True:
+            kind, payload = _next_event(events)
+            if kind == "result":
+                gather.add(payload)
+                tokens += len(payload.tokens)
+            elif kind == "tick" and on_step is not None:
+                tokens = payload
+                on_step(gather.n_done, len(prompts), tokens)
+            elif kind == "done":
                 if on_step is not None:
-                    on_step(pending.n_done, len(prompts), engine.counters()["generated_tokens"])
-                if fatal:
-                    engine.cancel_all()
-                    raise GenerationError(f"llama.cpp failed while decoding: {fatal}", pending.completed())
-        except BaseException:
-            # Ctrl-C, a failure, anything: leave no sequence or KV behind.
-            engine.cancel_all()
-            raise
-        counters = engine.counters()
-    completions = pending.completed()
+                    on_step(gather.n_done, len(prompts), tokens)  # the request ends before its step's tick
+                break
+            elif kind == "fatal":
+                raise GenerationError(f"llama.cpp failed while decoding: {payload}", gather.completed())
+            elif kind == "closed":
+                raise GenerationError(CLOSED_MESSAGE, gather.completed())
+    except BaseException:
+        # Ctrl-C, a failure, anything: leave no sequence or KV of ours behind.
+        with contextlib.suppress(RuntimeError):  # the Model was closed meanwhile
+            runner.cancel(req).wait()
+        raise
+    completions = gather.completed()
     assert len(completions) == len(prompts), "engine lost a prompt"
-    return BatchResult(completions, _stats(completions, counters, time.perf_counter() - t0))
+    if cache is not None:
+        for i, c in enumerate(completions):
+            if keys[i] is not None and i not in gather.hits and not any(o.finish_reason == "error" for o in c.outputs):
+                cache.put(keys[i], c)
+    stats = _stats(completions, req.counters, time.perf_counter() - t0, cache_hits=len(gather.hits))
+    logger.info("request %s: done, %d tokens in %.2f s", name, stats.completion_tokens, stats.wall_seconds)
+    return BatchResult(completions, stats)
+
+
+CLOSED_MESSAGE = "the Model was closed while this call was running"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _next_event(events: "queue.SimpleQueue[Tuple[str, Any]]") -> Tuple[str, Any]:
+    # A short timeout keeps the waiting thread responsive to Ctrl-C.
+    while True:
+        try:
+            return events.get(timeout=0.1)
+        except queue.Empty:
+            continue
 
 
 def _check_against_model(model: Model, params: List[SamplingParams]) -> None:
@@ -188,6 +271,14 @@ class _Gather:
         self.prompt_tokens = [0] * len(prompts)
         self.missing = [p.n for p in params]
         self.n_done = 0
+        self.hits: set = set()
+
+    def hit(self, i: int, c: Completion) -> None:
+        self.outputs[i] = list(c.outputs)
+        self.prompt_tokens[i] = c.prompt_tokens
+        self.missing[i] = 0
+        self.n_done += 1
+        self.hits.add(i)
 
     def add(self, r: "_core.Result") -> None:
         i = int(r.index)
@@ -228,7 +319,7 @@ class _Gather:
                       logprobs)
 
 
-def _stats(completions: List[Completion], c: dict, wall: float) -> BatchStats:
+def _stats(completions: List[Completion], c: dict, wall: float, cache_hits: int = 0) -> BatchStats:
     ps, gs = c["prompt_seconds"], c["generation_seconds"]
     completion_tokens = sum(x.completion_tokens for x in completions)
     return BatchStats(
@@ -240,10 +331,11 @@ def _stats(completions: List[Completion], c: dict, wall: float) -> BatchStats:
         wall_seconds=wall,
         prompt_tokens_per_second=c["prompt_tokens"] / ps if ps > 0 else 0.0,
         generation_tokens_per_second=c["generated_tokens"] / gs if gs > 0 else 0.0,
-        decode_calls=c["decode_calls"],
-        decode_retries=c["decode_retries"],
-        fallback_decodes=c["fallback_decodes"],
+        decode_calls=int(c["decode_calls"]),
+        decode_retries=int(c["decode_retries"]),
+        fallback_decodes=int(c["fallback_decodes"]),
         failed=sum(1 for x in completions if any(o.finish_reason == "error" for o in x.outputs)),
-        preemptions=c["preemptions"],
-        prefix_tokens_reused=c["prefix_tokens_reused"],
+        preemptions=int(c["preemptions"]),
+        prefix_tokens_reused=int(c["prefix_tokens_reused"]),
+        cache_hits=cache_hits,
     )

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from ._native import _core, llama_cpp
 from .errors import ModelLoadError
+from .runner import EngineRunner, EngineStats
 
 logger = logging.getLogger("parallel_gen")
 
@@ -126,7 +127,7 @@ class Model:
             handle = _core.ModelHandle.load(path, n_gpu_layers, bool(verbose))
         except RuntimeError as e:
             raise ModelLoadError(str(e)) from None
-        self._setup(path, handle, config, owner=None)
+        self._setup(path, handle, config, owner=None, n_gpu_layers=n_gpu_layers)
 
     @classmethod
     def from_llama(
@@ -174,7 +175,7 @@ class Model:
         )
         self = cls.__new__(cls)
         self._setup(getattr(llm, "model_path", "<llama_cpp.Llama>"), _core.ModelHandle.borrow(address), config,
-                    owner=llm)
+                    owner=llm, n_gpu_layers=int(llm.model_params.n_gpu_layers))
         return self
 
     @classmethod
@@ -214,12 +215,14 @@ class Model:
                     type_v=_kv_type("type_v", type_v), kv_size=kv_size, share_prefix=share_prefix,
                     verbose=verbose)
 
-    def _setup(self, path: str, handle: "_core.ModelHandle", config: Dict[str, Any], owner: Any) -> None:
+    def _setup(self, path: str, handle: "_core.ModelHandle", config: Dict[str, Any], owner: Any,
+               n_gpu_layers: int) -> None:
         self.path = path
         self._handle: Optional[_core.ModelHandle] = handle
         self._owner = owner  # a llama_cpp.Llama whose weights we borrow: keep it alive
         self._lock = threading.Lock()
         self._engine: Optional[_core.Engine] = None
+        self._runner: Optional[EngineRunner] = None
         n_ctx = config["n_ctx"]
         if n_ctx is None:
             n_ctx = max(8, min(handle.n_ctx_train, _DEFAULT_N_CTX))
@@ -253,21 +256,49 @@ class Model:
         self.share_prefix: bool = config["share_prefix"]
         self.flash_attn: Optional[bool] = {-1: None, 0: False, 1: True}[ec.flash_attn]
         self.verbose: bool = ec.verbose
+        self.type_k: str = _KV_TYPE_NAMES[ec.type_k]
+        self.type_v: str = _KV_TYPE_NAMES[ec.type_v]
+        self.kv_size: Optional[int] = kv_size
+        self.n_gpu_layers: int = n_gpu_layers
+        self._runner = EngineRunner(self._engine, ec.n_parallel)
 
     # -- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
-        """Frees the context and, unless borrowed from a Llama, the weights. Idempotent."""
+        """Stops the engine thread (calls still running raise GenerationError), frees the
+        context and, unless borrowed from a Llama, the weights. Idempotent."""
         lock = getattr(self, "_lock", None)
         if lock is None:
             return
         with lock:
+            if self._runner is not None:
+                self._runner.stop()
+            self._runner = None
             self._engine = None
             self._handle = None
             self._owner = None
 
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing sensible left to do
+            pass
+
+    def stats(self) -> EngineStats:
+        """What the engine is doing now: active requests, queued prompts, busy slots,
+        tokens generated since the Model was opened, uptime."""
+        return self._require_runner().stats()
+
+    def numerics(self) -> Dict[str, Any]:
+        """Every setting that can change this Model's outputs for the same prompt and
+        sampling parameters (the result cache keys on it)."""
+        return dict(n_ctx=self.n_ctx, n_batch=self.n_batch, kv_unified=self.kv_unified, kv_size=self.kv_size,
+                    flash_attn=self.flash_attn, type_k=self.type_k, type_v=self.type_v,
+                    n_gpu_layers=self.n_gpu_layers, share_prefix=self.share_prefix,
+                    llama_cpp=getattr(llama_cpp, "__version__", "?"), backends=tuple(_core.backends()))
+
     @property
     def closed(self) -> bool:
-        return self._engine is None
+        return self._runner is None
 
     def __enter__(self) -> "Model":
         return self
@@ -279,10 +310,15 @@ class Model:
         state = "closed" if self.closed else f"n_parallel={self.n_parallel}, n_ctx={self.n_ctx}"
         return f"Model({os.path.basename(self.path)!r}, {state})"
 
-    def _require(self) -> "_core.Engine":
-        if self._engine is None:
+    def _require_runner(self) -> EngineRunner:
+        runner = self._runner
+        if runner is None:
             raise RuntimeError("this Model is closed")
-        return self._engine
+        return runner
+
+    def _inject_abort(self, n_decodes: int) -> None:
+        """Test hook: llama.cpp's abort callback fires in the n-th decode from now."""
+        self._require_runner().run_on_engine(lambda e: e.abort_after_decodes(n_decodes))
 
     @property
     def _model(self) -> "_core.ModelHandle":

@@ -92,7 +92,12 @@ class Completion:
 
 @dataclass(frozen=True)
 class BatchStats:
-    """What one call did, and how fast."""
+    """What one call did, and how fast.
+
+    The decode figures are the engine's over the steps the call was running in: exact
+    for a call alone; calls running at the same time share steps, and each one's
+    figures then include the others' work in those steps.
+    """
 
     prompts: int
     prompt_tokens: int
@@ -123,6 +128,8 @@ class BatchStats:
     prefix_tokens_reused: int = 0
     """Prompt tokens not decoded because a prefix shared by several prompts (or the n
     samples of one prompt) was decoded once and its KV copied."""
+    cache_hits: int = 0
+    """Prompts answered from the result cache, without decoding."""
 
 
 class BatchResult(_SequenceABC):

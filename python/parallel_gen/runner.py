@@ -1,0 +1,252 @@
+"""The engine thread: one batch loop per Model, shared by every caller.
+
+Callers (generate_parallel, chat_parallel, streams, from any thread) hand a request to
+the runner; the runner's thread owns the C++ engine outright, so the engine needs no
+locking. Between two batch steps it applies commands (new requests, cancellations),
+tops up the engine's queue, and routes each step's results and stream deltas to the
+request they belong to.
+
+Fairness: requests feed the engine's queue round-robin, one sequence at a time, and the
+queue is kept short (two sequences per slot). A caller submitting 10,000 prompts
+therefore cannot push another caller's 4 prompts behind all of its own: they join the
+batch as soon as slots free, in turn with the big request's.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+
+from ._native import _core
+
+logger = logging.getLogger("parallel_gen")
+
+# (index, sample, UTF-8 prompt, native sampling config)
+Item = Tuple[int, int, bytes, "_core.SamplingConfig"]
+# Called on the engine thread with (kind, payload): "result" (a _core.Result), "delta"
+# (a _core.StreamDelta), "tick" (engine's generated-token total), "fatal" (message),
+# "closed" (None: the Model was closed), "done" (None), "cancelled" (None). It must be
+# quick and must not raise.
+Sink = Callable[[str, Any], None]
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Request:
+    """One call's sequences on their way through the engine."""
+
+    name: str
+    items: Deque[Item]
+    sink: Sink
+    stream: bool = False
+    ticks: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    remaining: int = 0  # sequences not finished yet (queued here or in the engine)
+    started: float = field(default_factory=time.perf_counter)
+    # The engine's counters over the steps this request was active in: exact for a lone
+    # call; with concurrent calls they include the others' work in the same steps.
+    counters: Dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+
+    def __post_init__(self) -> None:
+        self.remaining = len(self.items)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of a Model's engine (``Model.stats()``)."""
+
+    active_requests: int
+    """Calls with sequences queued or running."""
+    queued_prompts: int
+    """Sequences waiting for a slot (all requests)."""
+    slots_busy: int
+    """Slots decoding a sequence now (of n_parallel)."""
+    n_parallel: int
+    tokens_generated: int
+    """Tokens generated since the Model was opened."""
+    requests_completed: int
+    uptime_seconds: float
+
+
+class EngineRunner:
+    """Runs one engine's batch loop on a daemon thread (started on first use)."""
+
+    def __init__(self, engine: "_core.Engine", n_parallel: int) -> None:
+        self._engine = engine
+        self._n_parallel = n_parallel
+        self._feed_target = 2 * n_parallel
+        self._commands: "queue.Queue[Tuple[Any, ...]]" = queue.Queue()
+        self._requests: Dict[int, Request] = {}
+        self._turns: Deque[Request] = collections.deque()  # requests with items to feed
+        self._thread: Optional[threading.Thread] = None
+        self._start_lock = threading.Lock()
+        self._stopped = False
+        self._opened = time.perf_counter()
+        self._snapshot = (0, 0, 0, 0)  # queued, busy, tokens, completed: read by stats()
+        self._tokens = 0
+        self._completed = 0
+
+    # -- called from any thread ---------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        self._send(("submit", request))
+
+    def cancel(self, request: Request) -> threading.Event:
+        """Drops the request's sequences and KV; the event is set once that is done."""
+        done = threading.Event()
+        self._send(("cancel", request, done))
+        return done
+
+    def run_on_engine(self, fn: Callable[["_core.Engine"], Any]) -> Any:
+        """Runs ``fn(engine)`` on the engine thread between two steps; returns its result."""
+        box: List[Any] = []
+        done = threading.Event()
+        self._send(("call", fn, box, done))
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def stats(self) -> EngineStats:
+        queued, busy, tokens, completed = self._snapshot
+        return EngineStats(active_requests=len(self._requests), queued_prompts=queued, slots_busy=busy,
+                           n_parallel=self._n_parallel, tokens_generated=tokens, requests_completed=completed,
+                           uptime_seconds=time.perf_counter() - self._opened)
+
+    def stop(self) -> None:
+        """Cancels everything, ends the thread and waits for it. Idempotent."""
+        with self._start_lock:
+            thread, self._stopped = self._thread, True
+        if thread is not None:
+            self._commands.put(("stop",))
+            thread.join()
+
+    def _send(self, command: Tuple[Any, ...]) -> None:
+        with self._start_lock:
+            if self._stopped:
+                raise RuntimeError("this Model is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="parallel_gen-engine", daemon=True)
+                self._thread.start()
+            self._commands.put(command)
+
+    # -- the engine thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self._engine
+        while True:
+            idle = not engine.has_work() and not self._turns
+            try:
+                command = self._commands.get(block=idle)
+                while True:
+                    if not self._apply(command):
+                        return
+                    command = self._commands.get_nowait()
+            except queue.Empty:
+                pass
+            self._feed()
+            if engine.has_work():
+                self._step()
+            self._refresh()
+
+    def _apply(self, command: Tuple[Any, ...]) -> bool:
+        kind = command[0]
+        if kind == "submit":
+            req: Request = command[1]
+            self._requests[req.id] = req
+            if req.items:
+                self._turns.append(req)
+                logger.debug("request %s: %d sequences queued", req.name, len(req.items))
+            else:
+                self._finish(req)
+        elif kind == "cancel":
+            req, done = command[1], command[2]
+            if self._requests.pop(req.id, None) is not None:
+                self._drop(req)
+                req.sink("cancelled", None)
+                logger.info("request %s: cancelled", req.name)
+            self._refresh()  # so stats() read after the wait already shows it gone
+            done.set()
+        elif kind == "call":
+            fn, box, done = command[1], command[2], command[3]
+            try:
+                box.append(fn(self._engine))
+            except BaseException as e:  # handed to the caller
+                box.append(e)
+            done.set()
+        elif kind == "stop":
+            self._engine.cancel_all()
+            for req in list(self._requests.values()):
+                req.sink("closed", None)
+            self._requests.clear()
+            self._turns.clear()
+            return False
+        return True
+
+    def _drop(self, req: Request) -> None:
+        req.items.clear()
+        if req in self._turns:
+            self._turns.remove(req)
+        self._engine.cancel_request(req.id)
+
+    def _feed(self) -> None:
+        """Round-robin over requests, one sequence each, until the engine's queue is full."""
+        engine = self._engine
+        while self._turns and engine.n_waiting < self._feed_target:
+            req = self._turns.popleft()
+            index, sample, prompt, params = req.items.popleft()
+            engine.submit(index, sample, prompt, params, req.id, req.stream)
+            if req.items:
+                self._turns.append(req)
+
+    def _step(self) -> None:
+        engine = self._engine
+        active = list(self._requests.values())
+        finished, fatal, deltas = engine.step()
+        counters = engine.counters()
+        engine.reset_counters()
+        for req in active:
+            for k, v in counters.items():
+                req.counters[k] += v
+        self._tokens += counters["generated_tokens"]
+        for d in deltas:
+            req = self._requests.get(d.request)
+            if req is not None:
+                req.sink("delta", d)
+        failed = set()
+        for r in finished:
+            req = self._requests.get(r.request)
+            if req is None:
+                continue
+            if r.aborted:
+                failed.add(req)
+                continue
+            req.sink("result", r)
+            req.remaining -= 1
+            if req.remaining == 0:
+                self._finish(req)
+        if fatal:
+            for req in failed:
+                self._requests.pop(req.id, None)
+                self._drop(req)
+                req.sink("fatal", fatal)
+                logger.error("request %s: llama.cpp failed: %s", req.name, fatal)
+        for req in self._requests.values():
+            if req.ticks:
+                req.sink("tick", self._tokens)
+
+    def _refresh(self) -> None:
+        engine = self._engine
+        queued = engine.n_waiting + sum(len(r.items) for r in self._turns)
+        self._snapshot = (queued, engine.n_live, self._tokens, self._completed)
+
+    def _finish(self, req: Request) -> None:
+        self._requests.pop(req.id, None)
+        self._completed += 1
+        req.sink("done", None)
+        logger.debug("request %s: done in %.2f s", req.name, time.perf_counter() - req.started)

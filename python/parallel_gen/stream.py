@@ -1,0 +1,241 @@
+"""Streaming: events as tokens arrive, from a plain or an async iterator.
+
+Both iterators submit into the Model's shared engine; closing one (or dropping it, or
+breaking out of its loop) cancels its sequences and frees their KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Deque, Dict, Iterator, List, Optional, Tuple, Union
+
+from ._native import _core
+from .errors import GenerationError
+from .generate import (CLOSED_MESSAGE, ModelLike, Params, Prompts, _check_against_model, _FINISH, _next_event,
+                       _open_model, _param_list, _prompt_list, new_request_id)
+from .model import Model
+from .params import sample_seed
+from .runner import Item, Request
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """New output of one prompt (one sample of it) since its previous event."""
+
+    index: int
+    """The prompt's position in the call's prompts."""
+    text: str
+    """Text generated since the previous event of this prompt and sample: whole
+    characters only, and never the start of what may turn out to be a stop string."""
+    token_ids: List[int]
+    """Tokens generated since the previous event."""
+    finished: bool
+    """True on the prompt's (sample's) last event."""
+    finish_reason: Optional[str] = None
+    """On the last event: "stop", "length" or "error"."""
+    sample: int = 0
+    """Which of the prompt's SamplingParams.n samples."""
+    stop_reason: Union[str, int, None] = None
+    error: Optional[str] = None
+
+
+class _StreamState:
+    """What both iterators share: submission, and turning engine output into events."""
+
+    def __init__(self, model: ModelLike, prompts: Prompts, params: Params, overrides: Dict[str, Any],
+                 request_id: Optional[str]) -> None:
+        prompt_list = _prompt_list(prompts)
+        param_list = _param_list(params, overrides, len(prompt_list))
+        self.model, self.owns_model = _open_model(model)
+        try:
+            _check_against_model(self.model, param_list)
+        except BaseException:
+            self.release_model()
+            raise
+        self.ready: Deque[StreamEvent] = collections.deque()
+        items: Deque[Item] = collections.deque()
+        for i, (prompt, p) in enumerate(zip(prompt_list, param_list)):
+            try:
+                raw = prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                self.ready.extend(StreamEvent(i, "", [], True, "error", j, None,
+                                              f"the prompt is not valid Unicode text: {e}") for j in range(p.n))
+                continue
+            for j in range(p.n):
+                items.append((i, j, raw, p._to_native(sample_seed(p.seed, j))))
+        self.sent: Dict[Tuple[int, int], Tuple[int, int]] = {}  # (index, sample) -> (bytes, tokens) sent
+        self.request: Optional[Request] = None
+        self.items = items
+        self.name = request_id or new_request_id()
+        self.finished = False
+
+    def submit(self, sink: Any) -> None:
+        self.request = Request(self.name, self.items, sink, stream=True)
+        self.model._require_runner().submit(self.request)
+
+    def event(self, kind: str, payload: Any) -> Optional[StreamEvent]:
+        """The event for one engine message; None when it has nothing to show."""
+        if kind == "delta":
+            key = (int(payload.index), int(payload.sample))
+            sent_bytes, sent_tokens = self.sent.get(key, (0, 0))
+            raw: bytes = payload.text
+            tokens = list(payload.tokens)
+            self.sent[key] = (sent_bytes + len(raw), sent_tokens + len(tokens))
+            return StreamEvent(key[0], raw.decode("utf-8", "replace"), tokens, False, sample=key[1])
+        if kind == "result":
+            r: "_core.Result" = payload
+            key = (int(r.index), int(r.sample))
+            sent_bytes, sent_tokens = self.sent.pop(key, (0, 0))
+            stop_reason: Union[str, int, None] = r.stop_string or (int(r.stop_token) if r.stop_token >= 0 else None)
+            return StreamEvent(key[0], r.text[sent_bytes:].decode("utf-8", "replace"), list(r.tokens)[sent_tokens:],
+                               True, _FINISH[r.finish], key[1], stop_reason, r.error or None)
+        if kind == "done":
+            self.finished = True
+            return None
+        if kind == "fatal":
+            self.finished = True
+            raise GenerationError(f"llama.cpp failed while decoding: {payload}", [])
+        if kind == "closed":
+            self.finished = True
+            raise GenerationError(CLOSED_MESSAGE, [])
+        return None  # "cancelled", "tick"
+
+    def cancel(self) -> Any:
+        """Cancels the request if it is still running; returns an Event to wait on, or None."""
+        done = None
+        if self.request is not None and not self.finished:
+            self.finished = True
+            try:
+                done = self.model._require_runner().cancel(self.request)
+            except RuntimeError:  # the Model is already closed
+                done = None
+        return done
+
+    def release_model(self) -> None:
+        if self.owns_model:
+            self.owns_model = False
+            self.model.close()
+
+
+class StreamIterator(Iterator[StreamEvent]):
+    """Iterator of :class:`StreamEvent`; ``close()`` (or ``with``) cancels what is left."""
+
+    def __init__(self, state: _StreamState) -> None:
+        self._state = state
+        self._events: "queue.SimpleQueue[Tuple[str, Any]]" = queue.SimpleQueue()
+        state.submit(lambda kind, payload: self._events.put((kind, payload)))
+
+    def __iter__(self) -> "StreamIterator":
+        return self
+
+    def __next__(self) -> StreamEvent:
+        st = self._state
+        while not st.ready:
+            if st.finished:
+                self.close()
+                raise StopIteration
+            try:
+                ev = st.event(*_next_event(self._events))
+            except BaseException:
+                self.close()  # Ctrl-C or a failure: cancel, then let it propagate
+                raise
+            if ev is not None:
+                return ev
+        return st.ready.popleft()
+
+    def close(self) -> None:
+        done = self._state.cancel()
+        if done is not None:
+            done.wait()
+        self._state.release_model()
+
+    def __enter__(self) -> "StreamIterator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Abandoned: cancel without waiting (this may run on any thread, even the engine's).
+        try:
+            self._state.cancel()
+        except Exception:
+            pass
+
+
+class AsyncStreamIterator(AsyncIterator[StreamEvent]):
+    """Async iterator of :class:`StreamEvent`; ``await aclose()`` cancels what is left."""
+
+    def __init__(self, state: _StreamState) -> None:
+        self._state = state
+        self._queue: Optional["asyncio.Queue[Tuple[str, Any]]"] = None
+
+    def __aiter__(self) -> "AsyncStreamIterator":
+        return self
+
+    def _start(self) -> "asyncio.Queue[Tuple[str, Any]]":
+        loop = asyncio.get_running_loop()
+        q: "asyncio.Queue[Tuple[str, Any]]" = asyncio.Queue()
+
+        def sink(kind: str, payload: Any) -> None:  # on the engine thread
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                pass
+
+        self._state.submit(sink)
+        return q
+
+    async def __anext__(self) -> StreamEvent:
+        if self._queue is None:
+            self._queue = self._start()  # submitted on first use, inside the running loop
+        st = self._state
+        while not st.ready:
+            if st.finished:
+                await self.aclose()
+                raise StopAsyncIteration
+            try:
+                ev = st.event(*await self._queue.get())
+            except BaseException:
+                await self.aclose()
+                raise
+            if ev is not None:
+                return ev
+        return st.ready.popleft()
+
+    async def aclose(self) -> None:
+        done = self._state.cancel()
+        if done is not None:
+            await asyncio.get_running_loop().run_in_executor(None, done.wait)
+        self._state.release_model()
+
+    def __del__(self) -> None:
+        try:
+            self._state.cancel()
+        except Exception:
+            pass
+
+
+def stream_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *,
+                    request_id: Optional[str] = None, **overrides: Any) -> StreamIterator:
+    """Like :func:`generate_parallel`, but yields :class:`StreamEvent` as tokens arrive.
+
+    Events of different prompts interleave in generation order; each prompt's (sample's)
+    last event has ``finished=True`` and its finish reason. The prompts start decoding
+    at once. Closing the iterator (``close()``, leaving a ``with`` block, or dropping
+    it) cancels the prompts still running and frees their KV cache.
+    """
+    return StreamIterator(_StreamState(model, prompts, params, overrides, request_id))
+
+
+def astream_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *,
+                     request_id: Optional[str] = None, **overrides: Any) -> AsyncStreamIterator:
+    """The asyncio version of :func:`stream_parallel`: ``async for event in ...``.
+
+    Arguments are checked at once; the prompts are submitted on the first iteration, from
+    the running event loop. ``await it.aclose()`` cancels the rest.
+    """
+    return AsyncStreamIterator(_StreamState(model, prompts, params, overrides, request_id))

@@ -1,0 +1,240 @@
+"""One engine per Model shared by many callers: threads, streams, asyncio, cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import threading
+import time
+
+import pytest
+
+import parallel_gen as pg
+
+from conftest import PROMPTS_16
+
+GREEDY = dict(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+def _kv_left(model) -> int:
+    return model._require_runner().run_on_engine(lambda e: e.kv_tokens)
+
+
+def _tokens(result):
+    return [[o.token_ids for o in c.outputs] for c in result]
+
+
+def test_eight_threads_mixed_calls_each_equal_to_alone(smol):
+    jobs = []
+    for t in range(8):
+        prompts = PROMPTS_16[(2 * t) % 16: (2 * t) % 16 + 1 + t % 3]
+        if t % 4 == 3:
+            jobs.append(("chat", [[{"role": "user", "content": p}] for p in prompts]))
+        elif t % 4 == 2:
+            jobs.append(("stream", prompts))
+        else:
+            jobs.append(("generate", prompts))
+
+    def run(kind, payload):
+        if kind == "chat":
+            return _tokens(pg.chat_parallel(smol, payload, max_tokens=10, temperature=0))
+        if kind == "stream":
+            got = {}
+            for ev in pg.stream_parallel(smol, payload, **GREEDY):
+                got.setdefault(ev.index, []).extend(ev.token_ids)
+            return [[got[i]] for i in range(len(payload))]
+        return _tokens(pg.generate_parallel(smol, payload, **GREEDY))
+
+    alone = [run(kind, payload) for kind, payload in jobs]
+    results, errors = [None] * len(jobs), []
+
+    def worker(k):
+        try:
+            for _ in range(2):
+                results[k] = run(*jobs[k])
+                assert results[k] == alone[k], (k, jobs[k])
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert results == alone
+    s = smol.stats()
+    assert s.active_requests == 0 and s.slots_busy == 0 and _kv_left(smol) == 0
+
+
+def test_stream_events_add_up_to_the_batch_result(smol):
+    prompts = ["Write a haiku about rain.", "List three colours:", "1, 2, 3,"]
+    ref = pg.generate_parallel(smol, prompts, max_tokens=24, temperature=0, stop=["\n\n"])
+    text, tokens, final = {}, {}, {}
+    for ev in pg.stream_parallel(smol, prompts, max_tokens=24, temperature=0, stop=["\n\n"]):
+        assert ev.index not in final, "no event after the final one"
+        text[ev.index] = text.get(ev.index, "") + ev.text
+        tokens.setdefault(ev.index, []).extend(ev.token_ids)
+        if ev.finished:
+            final[ev.index] = ev
+    for i, c in enumerate(ref):
+        assert text[i] == c.text and tokens[i] == c.token_ids
+        assert final[i].finish_reason == c.finish_reason and final[i].stop_reason == c.stop_reason
+
+
+def test_stream_cancelled_halfway_leaves_no_kv(smol):
+    before = smol.stats().tokens_generated
+    it = pg.stream_parallel(smol, PROMPTS_16[:6], max_tokens=400, temperature=0, ignore_eos=True)
+    seen = [next(it) for _ in range(12)]
+    assert all(not ev.finished for ev in seen)
+    it.close()
+    s = smol.stats()
+    assert s.active_requests == 0 and s.slots_busy == 0 and s.queued_prompts == 0
+    assert _kv_left(smol) == 0
+    assert s.tokens_generated - before < 6 * 400 / 2  # stopped early, not run to the end
+    # the next call works and is unaffected
+    r = pg.generate_parallel(smol, PROMPTS_16[:2], **GREEDY)
+    assert _tokens(r) == _tokens(pg.generate_parallel(smol, PROMPTS_16[:2], **GREEDY))
+
+
+def test_abandoned_stream_is_cancelled(smol):
+    it = pg.stream_parallel(smol, PROMPTS_16[:4], max_tokens=400, temperature=0, ignore_eos=True)
+    next(it)
+    del it  # dropped without close(): cancelled all the same
+    deadline = time.time() + 30
+    while smol.stats().active_requests and time.time() < deadline:
+        time.sleep(0.05)
+    assert smol.stats().active_requests == 0 and _kv_left(smol) == 0
+
+
+def test_asyncio_consumer(smol):
+    prompts = PROMPTS_16[:4]
+    ref = pg.generate_parallel(smol, prompts, **GREEDY)
+
+    async def consume():
+        got = {}
+        async for ev in pg.astream_parallel(smol, prompts, **GREEDY):
+            got[ev.index] = got.get(ev.index, "") + ev.text
+            await asyncio.sleep(0)  # the loop stays free while tokens arrive
+        return got
+
+    async def cancel_early():
+        it = pg.astream_parallel(smol, prompts, max_tokens=400, temperature=0, ignore_eos=True)
+        async for _ in it:
+            break
+        await it.aclose()
+
+    got = asyncio.run(consume())
+    assert [got[i] for i in range(4)] == ref.texts
+    asyncio.run(cancel_early())
+    assert smol.stats().active_requests == 0 and _kv_left(smol) == 0
+
+
+def test_small_request_is_not_starved_by_a_big_one(smollm2_path):
+    with pg.Model(smollm2_path, n_parallel=4, n_ctx=256) as m:
+        done = {}
+
+        def big():
+            pg.generate_parallel(m, [f"Item {i}:" for i in range(120)], max_tokens=8, temperature=0, ignore_eos=True)
+            done["big"] = time.perf_counter()
+
+        t = threading.Thread(target=big)
+        t.start()
+        while m.stats().tokens_generated == 0:
+            time.sleep(0.01)
+        pg.generate_parallel(m, PROMPTS_16[:4], max_tokens=8, temperature=0, ignore_eos=True)
+        done["small"] = time.perf_counter()
+        assert m.stats().active_requests == 1  # the big one is still running
+        t.join(timeout=600)
+        assert done["small"] < done["big"]
+
+
+def test_request_ids_and_stats(smol, caplog):
+    with caplog.at_level(logging.INFO, logger="parallel_gen"):
+        pg.generate_parallel(smol, ["Hi"], max_tokens=2, request_id="job-42")
+    assert any("job-42" in r.getMessage() for r in caplog.records)
+    s = smol.stats()
+    assert s.n_parallel == 8 and s.uptime_seconds > 0 and s.tokens_generated > 0 and s.requests_completed > 0
+
+
+def test_close_while_another_thread_generates(smollm2_path):
+    m = pg.Model(smollm2_path, n_parallel=2, n_ctx=256)
+    errors = []
+
+    def long_call():
+        try:
+            pg.generate_parallel(m, PROMPTS_16[:4], max_tokens=500, temperature=0, ignore_eos=True)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=long_call)
+    t.start()
+    while m.stats().tokens_generated == 0:
+        time.sleep(0.01)
+    m.close()
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], pg.GenerationError) and "closed" in str(errors[0])
+    with pytest.raises(RuntimeError, match="closed"):
+        pg.generate_parallel(m, ["Hi"])
+
+
+# -- result cache ------------------------------------------------------------------------
+def test_cache_hit_and_misses(smol, tmp_path):
+    cache_dir = tmp_path / "cache"
+    prompts = PROMPTS_16[:3]
+    first = pg.generate_parallel(smol, prompts, max_tokens=8, temperature=0, cache=cache_dir)
+    assert first.stats.cache_hits == 0 and first.stats.decode_calls > 0
+    again = pg.generate_parallel(smol, prompts, max_tokens=8, temperature=0, cache=cache_dir)
+    assert again.stats.cache_hits == 3 and again.stats.decode_calls == 0
+    assert _tokens(again) == _tokens(first) and again.texts == first.texts
+    assert [c.index for c in again] == [0, 1, 2]
+    # any parameter change is a miss
+    for change in (dict(max_tokens=9), dict(stop=["x"]), dict(repeat_penalty=1.1), dict(n=2),
+                   dict(temperature=0.5, seed=1), dict(logprobs=1)):
+        r = pg.generate_parallel(smol, prompts[:1], **{**dict(max_tokens=8, temperature=0), **change},
+                                 cache=cache_dir)
+        assert r.stats.cache_hits == 0, change
+    # a fixed seed is deterministic: cached; no seed is not
+    seeded = [pg.generate_parallel(smol, prompts[:1], max_tokens=8, temperature=0.9, seed=5, cache=cache_dir)
+              for _ in range(2)]
+    assert seeded[1].stats.cache_hits == 1 and seeded[0].texts == seeded[1].texts
+    free = [pg.generate_parallel(smol, prompts[:1], max_tokens=8, temperature=0.9, cache=cache_dir)
+            for _ in range(2)]
+    assert free[1].stats.cache_hits == 0
+    # the order of prompts in a call does not matter; a cached prompt mixes with new ones
+    mixed = pg.generate_parallel(smol, [prompts[2], "A new prompt"], max_tokens=8, temperature=0, cache=cache_dir)
+    assert mixed.stats.cache_hits == 1 and mixed[0].token_ids == first[2].token_ids
+
+
+def test_cache_never_crosses_models(smollm2_path, gemma3_path, tmp_path):
+    cache = pg.ResultCache(tmp_path / "cache")
+    with pg.Model(smollm2_path, n_parallel=2, n_ctx=128) as a:
+        pg.generate_parallel(a, ["Hello"], max_tokens=4, temperature=0, cache=cache)
+        assert pg.generate_parallel(a, ["Hello"], max_tokens=4, temperature=0, cache=cache).stats.cache_hits == 1
+    with pg.Model(gemma3_path, n_parallel=2, n_ctx=128) as b:
+        assert pg.generate_parallel(b, ["Hello"], max_tokens=4, temperature=0, cache=cache).stats.cache_hits == 0
+    with pg.Model(smollm2_path, n_parallel=2, n_ctx=128, flash_attn=True) as c:  # other numerics
+        assert pg.generate_parallel(c, ["Hello"], max_tokens=4, temperature=0, cache=cache).stats.cache_hits == 0
+    cache.close()
+
+
+def test_corrupted_cache_is_set_aside(smol, tmp_path, caplog):
+    cache_dir = tmp_path / "cache"
+    pg.generate_parallel(smol, ["Hello"], max_tokens=4, temperature=0, cache=cache_dir)
+    db = cache_dir / "cache.db"
+    assert db.exists()
+    db.write_bytes(b"\x00garbage, not SQLite\x00" * 500)
+    with caplog.at_level(logging.WARNING, logger="parallel_gen"):
+        r = pg.generate_parallel(smol, ["Hello"], max_tokens=4, temperature=0, cache=cache_dir)
+    assert r.stats.cache_hits == 0 and r[0].completion_tokens > 0
+    assert any("unreadable" in rec.getMessage() for rec in caplog.records)
+    assert [p for p in os.listdir(tmp_path) if p.startswith("cache.corrupt-")]
+    assert pg.generate_parallel(smol, ["Hello"], max_tokens=4, temperature=0, cache=cache_dir).stats.cache_hits == 1
+
+
+def test_cache_argument_type(smol):
+    with pytest.raises(TypeError, match="cache must be"):
+        pg.generate_parallel(smol, ["Hi"], cache=42)
