@@ -169,6 +169,7 @@ def run_batch(model: Model, prompts: List[str], params: List[SamplingParams],
     t0 = time.perf_counter()
     runner = model._require_runner()
     _check_against_model(model, params)
+    _core.release_caller_openmp_threads()  # an idle team here would slow the engine's
     gather = _Gather(model, prompts, params)
     name = request_id or new_request_id()
     keys: List[Optional[str]] = [None] * len(prompts)

@@ -260,7 +260,9 @@ class Model:
         self.type_v: str = _KV_TYPE_NAMES[ec.type_v]
         self.kv_size: Optional[int] = kv_size
         self.n_gpu_layers: int = n_gpu_layers
-        self._runner = EngineRunner(self._engine, ec.n_parallel)
+        # The runner outlives a garbage-collected Model until its thread ends: it keeps
+        # the borrowed Llama (and so the weights) alive that long.
+        self._runner = EngineRunner(self._engine, ec.n_parallel, keepalive=owner)
 
     # -- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
@@ -278,10 +280,14 @@ class Model:
             self._owner = None
 
     def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing sensible left to do
-            pass
+        # Garbage collection may run on any thread, the engine's included, and inside any
+        # lock: stop the engine thread without waiting for it; it frees the context as it ends.
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            try:
+                runner.stop_soon()
+            except Exception:  # interpreter shutdown: nothing sensible left to do
+                pass
 
     def stats(self) -> EngineStats:
         """What the engine is doing now: active requests, queued prompts, busy slots,

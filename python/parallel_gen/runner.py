@@ -78,11 +78,14 @@ class EngineStats:
 class EngineRunner:
     """Runs one engine's batch loop on a daemon thread (started on first use)."""
 
-    def __init__(self, engine: "_core.Engine", n_parallel: int) -> None:
+    def __init__(self, engine: "_core.Engine", n_parallel: int, keepalive: Any = None) -> None:
         self._engine = engine
+        self._keepalive = keepalive  # a llama_cpp.Llama whose weights the engine borrows
         self._n_parallel = n_parallel
         self._feed_target = 2 * n_parallel
-        self._commands: "queue.Queue[Tuple[Any, ...]]" = queue.Queue()
+        # SimpleQueue: its put() is reentrant, so cancel_soon() is safe from __del__ even
+        # when the garbage collector runs inside this queue's own get().
+        self._commands: "queue.SimpleQueue[Tuple[Any, ...]]" = queue.SimpleQueue()
         self._requests: Dict[int, Request] = {}
         self._turns: Deque[Request] = collections.deque()  # requests with items to feed
         self._thread: Optional[threading.Thread] = None
@@ -102,6 +105,12 @@ class EngineRunner:
         done = threading.Event()
         self._send(("cancel", request, done))
         return done
+
+    def cancel_soon(self, request: Request) -> None:
+        """Cancels without waiting and without taking any lock: for ``__del__`` methods,
+        which may run on any thread at any moment (the engine's included)."""
+        if self._thread is not None and not self._stopped:
+            self._commands.put(("cancel", request, None))
 
     def run_on_engine(self, fn: Callable[["_core.Engine"], Any]) -> Any:
         """Runs ``fn(engine)`` on the engine thread between two steps; returns its result."""
@@ -127,6 +136,12 @@ class EngineRunner:
             self._commands.put(("stop",))
             thread.join()
 
+    def stop_soon(self) -> None:
+        """stop() without waiting or locks, for ``__del__``: the thread ends after its step."""
+        self._stopped = True
+        if self._thread is not None:
+            self._commands.put(("stop",))
+
     def _send(self, command: Tuple[Any, ...]) -> None:
         with self._start_lock:
             if self._stopped:
@@ -141,6 +156,10 @@ class EngineRunner:
         engine = self._engine
         while True:
             idle = not engine.has_work() and not self._turns
+            if idle:
+                # Going to sleep: free this thread's OpenMP team, or its docked threads
+                # would slow down llama.cpp work on other threads (see the C++ side).
+                _core.release_caller_openmp_threads()
             try:
                 command = self._commands.get(block=idle)
                 while True:
@@ -171,7 +190,8 @@ class EngineRunner:
                 req.sink("cancelled", None)
                 logger.info("request %s: cancelled", req.name)
             self._refresh()  # so stats() read after the wait already shows it gone
-            done.set()
+            if done is not None:
+                done.set()
         elif kind == "call":
             fn, box, done = command[1], command[2], command[3]
             try:

@@ -73,6 +73,7 @@ class _StreamState:
         self.finished = False
 
     def submit(self, sink: Any) -> None:
+        _core.release_caller_openmp_threads()  # an idle team here would slow the engine's
         self.request = Request(self.name, self.items, sink, stream=True)
         self.model._require_runner().submit(self.request)
 
@@ -102,6 +103,13 @@ class _StreamState:
             self.finished = True
             raise GenerationError(CLOSED_MESSAGE, [])
         return None  # "cancelled", "tick"
+
+    def cancel_soon(self) -> None:
+        """Cancel from ``__del__``: no waiting, no locks (see EngineRunner.cancel_soon)."""
+        runner = self.model._runner
+        if self.request is not None and not self.finished and runner is not None:
+            self.finished = True
+            runner.cancel_soon(self.request)
 
     def cancel(self) -> Any:
         """Cancels the request if it is still running; returns an Event to wait on, or None."""
@@ -161,7 +169,7 @@ class StreamIterator(Iterator[StreamEvent]):
     def __del__(self) -> None:
         # Abandoned: cancel without waiting (this may run on any thread, even the engine's).
         try:
-            self._state.cancel()
+            self._state.cancel_soon()
         except Exception:
             pass
 
@@ -214,7 +222,7 @@ class AsyncStreamIterator(AsyncIterator[StreamEvent]):
 
     def __del__(self) -> None:
         try:
-            self._state.cancel()
+            self._state.cancel_soon()
         except Exception:
             pass
 
