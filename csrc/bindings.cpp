@@ -58,6 +58,7 @@ py::dict counters_dict(const Counters & c) {
     d["decode_retries"]     = c.decode_retries;
     d["fallback_decodes"]   = c.fallback_decodes;
     d["preemptions"]        = c.preemptions;
+    d["sequence_moves"]     = c.sequence_moves;
     d["prompt_tokens"]      = c.prompt_tokens;
     d["prefix_tokens_reused"] = c.prefix_tokens_reused;
     d["generated_tokens"]   = c.generated_tokens;

@@ -66,6 +66,7 @@ struct Counters {
     int64_t decode_retries    = 0;  // calls that returned 1 (no KV room) and were retried smaller
     int64_t fallback_decodes  = 0;  // successful calls made on a split batch after a retry
     int64_t preemptions       = 0;  // live sequences paused to free KV room
+    int64_t sequence_moves    = 0;  // live sequences moved down to close a gap in the seq ids
     int64_t prompt_tokens     = 0;  // prompt (and recomputed) tokens decoded
     int64_t prefix_tokens_reused = 0; // prompt tokens not decoded: copied from a shared prefix
     int64_t generated_tokens  = 0;  // tokens sampled
@@ -137,6 +138,7 @@ private:
     void drop_prefix();
     void admit();
     void admit_round();
+    void close_gaps();
     void build_batch(std::vector<Entry> & entries);
     void decode_entries(std::vector<Entry> & entries);
     void make_room(Sequence * blocked);

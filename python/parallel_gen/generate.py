@@ -337,6 +337,7 @@ def _stats(completions: List[Completion], c: dict, wall: float, cache_hits: int 
         fallback_decodes=int(c["fallback_decodes"]),
         failed=sum(1 for x in completions if any(o.finish_reason == "error" for o in x.outputs)),
         preemptions=int(c["preemptions"]),
+        sequence_moves=int(c["sequence_moves"]),
         prefix_tokens_reused=int(c["prefix_tokens_reused"]),
         cache_hits=cache_hits,
     )

@@ -125,6 +125,10 @@ class BatchStats:
     """Prompts that finished with "error"."""
     preemptions: int = 0
     """Live sequences paused (KV dropped, recomputed later) to make room in a shared KV pool."""
+    sequence_moves: int = 0
+    """Live sequences moved to a lower slot (their KV stream copied) when others finished
+    with nothing queued, so the running ones keep consecutive ids: llama.cpp decodes
+    sequences with separate KV streams in one micro-batch only then."""
     prefix_tokens_reused: int = 0
     """Prompt tokens not decoded because a prefix shared by several prompts (or the n
     samples of one prompt) was decoded once and its KV copied."""

@@ -149,7 +149,8 @@ pg_chat <- function(model, conversations, ..., system = NULL) {
 #'   Python's `BatchStats`: `prompts`, `prompt_tokens`, `completion_tokens`,
 #'   `prompt_seconds`, `generation_seconds`, `wall_seconds`,
 #'   `prompt_tokens_per_second`, `generation_tokens_per_second`, `decode_calls`,
-#'   `decode_retries`, `fallback_decodes`, `failed`, `preemptions`.
+#'   `decode_retries`, `fallback_decodes`, `failed`, `preemptions`, `sequence_moves`,
+#'   `prefix_tokens_reused`, `cache_hits`.
 #' @export
 pg_stats <- function(x = NULL) {
   if (is.null(x)) {
