@@ -134,10 +134,6 @@ pg_chat <- function(model, conversations, ..., system = NULL) {
   args[["progress"]] <- NULL
   .check_flag(progress, "progress")
   kwargs <- .py_kwargs(args)
-  if (!reticulate::py_has_attr(.pg(), "chat_parallel")) {
-    .stop(c("pg_unsupported", "pg_error"),
-          "the installed parallel_gen has no chat_parallel(): upgrade the Python package", .user_call())
-  }
   .run("chat_parallel", model, convs, kwargs, progress, NULL)
 }
 

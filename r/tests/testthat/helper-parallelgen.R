@@ -30,6 +30,3 @@ catch_error <- function(expr) tryCatch({
   NULL
 }, error = identity)
 
-has_chat_parallel <- function() {
-  reticulate::py_has_attr(reticulate::import("parallel_gen", convert = FALSE), "chat_parallel")
-}

@@ -30,13 +30,7 @@ test_that("pg_chat rejects NA and malformed conversations with R errors naming t
   expect_error(pg_chat(m, "hi", system = NA_character_), "`system`", class = "pg_argument_error")
 })
 
-test_that("without chat_parallel() in Python, pg_chat says so", {
-  skip_if(has_chat_parallel(), "parallel_gen has chat_parallel(): tested below")
-  expect_error(pg_chat(test_model(), "hi"), "no chat_parallel", class = "pg_unsupported")
-})
-
 test_that("pg_chat answers every conversation, in order, on the real model", {
-  skip_if_not(has_chat_parallel(), "the installed parallel_gen has no chat_parallel() yet")
   m <- test_model()
   convs <- list("What is the capital of France?",
                 data.frame(role = c("system", "user"),

@@ -157,8 +157,6 @@ test_that("stop strings, progress, and a model given as a path", {
 })
 
 test_that("n samples per prompt: one row per sample, with index and sample columns", {
-  has_n <- reticulate::py_has_attr(reticulate::import("parallel_gen", convert = FALSE)$SamplingParams, "n")
-  skip_if_not(has_n, "the installed parallel_gen has no SamplingParams.n")
   m <- test_model()
   out <- pg_generate(m, prompts[1:2], n = 2, max_tokens = 4, temperature = 1, seed = 1,
                      ignore_eos = TRUE, progress = FALSE)
