@@ -76,6 +76,9 @@ def test_batched_bench_command_and_parsing(tmp_path):
     cmd = bench.batched_bench_command(exe, "m.gguf", 20, 128, 16, 2, "off")
     assert cmd[cmd.index("-c") + 1] == str(16 * (20 + 128))
     assert cmd[cmd.index("-fa") + 1] == "off" and cmd[cmd.index("--output-format") + 1] == "jsonl"
+    assert cmd[cmd.index("-ngl") + 1] == "0"
+    gpu = bench.batched_bench_command(exe, "m.gguf", 20, 128, 16, 2, "on", n_gpu_layers=-1)
+    assert gpu[gpu.index("-ngl") + 1] == "-1" and gpu[gpu.index("-fa") + 1] == "on"
     r = bench.run_batched_bench(cmd)
     assert r["gen_tps"] == pytest.approx(16 * 128 / 2.0) and r["completion_tokens"] == 16 * 128
     assert r["wall_s"] == pytest.approx(2.5) and r["peak_rss_mib"] > 0

@@ -226,12 +226,19 @@ def _flash_attn_auto() -> Iterator[None]:
         lc.LLAMA_FLASH_ATTN_TYPE_DISABLED = saved
 
 
-def open_llama(path: str, n_ctx: int, threads: int, flash_attn: str) -> Any:
-    """The llama_cpp.Llama of the loop; generate_parallel borrows its weights."""
+def _core_backends() -> List[str]:
+    from ._native import _core
+
+    return list(_core.backends())
+
+
+def open_llama(path: str, n_ctx: int, threads: int, flash_attn: str, n_gpu_layers: int = 0) -> Any:
+    """The llama_cpp.Llama of the loop; generate_parallel borrows its weights (and so its
+    GPU offload: a Model's KV lives where the Llama put each layer)."""
     import llama_cpp
 
     kwargs = dict(model_path=path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                  n_threads_batch=threads, n_gpu_layers=0, seed=0, verbose=False)
+                  n_threads_batch=threads, n_gpu_layers=n_gpu_layers, seed=0, verbose=False)
     if flash_attn == "auto":
         with _flash_attn_auto():
             return llama_cpp.Llama(flash_attn=False, **kwargs)
@@ -319,10 +326,10 @@ def batched_bench_ctx(pp: int, tg: int, n_parallel: int) -> int:
 
 
 def batched_bench_command(exe: str, model: str, pp: int, tg: int, n_parallel: int, threads: int,
-                          flash_attn: str) -> List[str]:
+                          flash_attn: str, n_gpu_layers: int = 0) -> List[str]:
     return [exe, "-m", model, "-c", str(batched_bench_ctx(pp, tg, n_parallel)), "-b", "2048", "-ub", "512",
             "-npp", str(pp), "-ntg", str(tg), "-npl", str(n_parallel), "-t", str(threads), "-tb", str(threads),
-            "-ngl", "0", "-fa", flash_attn, "-no-kvu", "--output-format", "jsonl"]
+            "-ngl", str(n_gpu_layers), "-fa", flash_attn, "-no-kvu", "--output-format", "jsonl"]
 
 
 def _proc_vmhwm_kib(pid: int) -> Optional[int]:
@@ -674,7 +681,8 @@ def run(args: argparse.Namespace) -> int:
     # One Llama for the loop, its weights shared with every generate_parallel Model. Its
     # context fits the longest prompt any workload builds (checked below) + max_tokens.
     longest = max(MIXED_LENGTHS[-1], args.prefix_tokens) + 64
-    llm = open_llama(model_path, _round_up(longest + args.max_tokens + 8, 256), threads, args.flash_attn)
+    llm = open_llama(model_path, _round_up(longest + args.max_tokens + 8, 256), threads, args.flash_attn,
+                     args.n_gpu_layers)
 
     def count(text: str) -> int:
         return len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
@@ -692,6 +700,7 @@ def run(args: argparse.Namespace) -> int:
         "model": model_path, "model_bytes": os.path.getsize(model_path), "prompts": args.prompts,
         "samples": args.samples, "max_tokens": args.max_tokens, "n_parallel": n_parallel,
         "n_parallel_skipped": skipped, "workloads": names, "threads": threads, "flash_attn": args.flash_attn,
+        "n_gpu_layers": args.n_gpu_layers, "backends": list(_core_backends()),
         "repeat": args.repeat, "prefix_tokens": args.prefix_tokens, "loop": not args.no_loop,
         "batched_bench": bb_exe, "n_ctx_llama": llm.n_ctx(), "n_ctx_per_sequence": n_ctx_seq,
         "sampling": {"temperature": 0.0, "ignore_eos": True, "loop_ignore_eos": "logit_bias -inf on EOG tokens"},
@@ -744,7 +753,7 @@ def run(args: argparse.Namespace) -> int:
                 if bb_exe:
                     for b in n_parallel:
                         cmd = batched_bench_command(bb_exe, model_path, pp, args.max_tokens, b, threads,
-                                                    args.flash_attn)
+                                                    args.flash_attn, args.n_gpu_layers)
                         record(wl, rnd, "batched-bench", b, lambda: run_batched_bench(cmd))
     except KeyboardInterrupt:  # report what was measured so far
         config["interrupted"] = True
@@ -792,6 +801,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: every usable core)")
     p.add_argument("--flash-attn", choices=("auto", "on", "off"), default="off",
                    help="flash attention everywhere (default off, llama-cpp-python's Llama default)")
+    p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
+                   help="layers offloaded to the GPU everywhere (the Llama, hence the Models that share its "
+                        "weights, and batched-bench's -ngl); -1: all. Needs a GPU build of llama-cpp-python "
+                        "(default 0)")
     p.add_argument("--repeat", type=_positive, default=3, metavar="R",
                    help="alternating rounds; medians are reported (default 3)")
     p.add_argument("--batched-bench", metavar="PATH",
