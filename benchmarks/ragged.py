@@ -26,13 +26,15 @@ def main() -> None:
     ap.add_argument("-m", "--model", default=None)
     ap.add_argument("--short", type=int, default=16, help="tokens of the short half")
     ap.add_argument("--long", type=int, default=160, help="tokens of the long half")
+    ap.add_argument("--n-ctx", type=int, default=None, help="tokens per sequence (default: --long + 64); "
+                    "a sequence's move copies its whole KV stream, so this sets a move's cost")
     ap.add_argument("--cpu-threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
     prompts = [f"Question {i + 1}: write a haiku about the sea.\nAnswer:" for i in range(16)]
     orders = {"contiguous": [args.short] * 8 + [args.long] * 8, "alternating": [args.short, args.long] * 8}
-    with pg.Model(args.model or default_model_path(), n_parallel=16, n_ctx=args.long + 64,
+    with pg.Model(args.model or default_model_path(), n_parallel=16, n_ctx=args.n_ctx or args.long + 64,
                   n_threads=args.cpu_threads) as model:
         pg.generate_parallel(model, prompts[:2], max_tokens=4)  # warm up
         walls: dict = {name: [] for name in orders}
