@@ -321,8 +321,8 @@ void Engine::admit_round() {
 // their ids are consecutive: live ids {0, 2, 5} cost three passes over the weights per
 // step instead of one (measured: 16 sequences ending at alternating times ran ~1.5x
 // slower). When no waiting sequence will fill a freed slot, the highest live sequence
-// moves down into the lowest free one between them. The move copies its stream cell for cell (done by
-// llama.cpp before the next decode), so its output is unchanged.
+// moves down into the lowest free slot between the live ones. The move copies its stream
+// cell for cell (llama.cpp does it before the next decode), so its output is unchanged.
 void Engine::close_gaps() {
     if (cfg_.kv_unified || !waiting_.empty()) {
         return;  // one stream: no such constraint; a queue: admission fills the gaps

@@ -226,12 +226,6 @@ def _flash_attn_auto() -> Iterator[None]:
         lc.LLAMA_FLASH_ATTN_TYPE_DISABLED = saved
 
 
-def _core_backends() -> List[str]:
-    from ._native import _core
-
-    return list(_core.backends())
-
-
 def open_llama(path: str, n_ctx: int, threads: int, flash_attn: str, n_gpu_layers: int = 0) -> Any:
     """The llama_cpp.Llama of the loop; generate_parallel borrows its weights (and so its
     GPU offload: a Model's KV lives where the Llama put each layer)."""
@@ -700,7 +694,7 @@ def run(args: argparse.Namespace) -> int:
         "model": model_path, "model_bytes": os.path.getsize(model_path), "prompts": args.prompts,
         "samples": args.samples, "max_tokens": args.max_tokens, "n_parallel": n_parallel,
         "n_parallel_skipped": skipped, "workloads": names, "threads": threads, "flash_attn": args.flash_attn,
-        "n_gpu_layers": args.n_gpu_layers, "backends": list(_core_backends()),
+        "n_gpu_layers": args.n_gpu_layers, "backends": list(_core.backends()),
         "repeat": args.repeat, "prefix_tokens": args.prefix_tokens, "loop": not args.no_loop,
         "batched_bench": bb_exe, "n_ctx_llama": llm.n_ctx(), "n_ctx_per_sequence": n_ctx_seq,
         "sampling": {"temperature": 0.0, "ignore_eos": True, "loop_ignore_eos": "logit_bias -inf on EOG tokens"},
