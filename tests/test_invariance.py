@@ -78,3 +78,15 @@ def test_gemma3_gap_closing_moves_keep_kv_intact(gemma3_path):
         assert all(tuple(c.token_ids) == full[:6] for c in r if len(c.token_ids) == 6)
         # nothing is left behind in either cache, in the old slots or the new ones
         assert m._require_runner().run_on_engine(lambda e: e.kv_tokens) == 0
+
+
+def test_gap_closing_moves_sequences_that_reused_a_shared_prefix(smollm2_path):
+    """KV that arrived by a prefix copy moves like any other: the long copies agree exactly."""
+    prompt = ("Here are the notes of the meeting held on Monday morning about the new library building "
+              "and its opening hours. Summary:")
+    with pg.Model(smollm2_path, n_parallel=16, n_ctx=256) as m:
+        r = _alternating(m, [prompt] * 16)
+        assert m._require_runner().run_on_engine(lambda e: e.kv_tokens) == 0
+    assert r.stats.prefix_tokens_reused >= 16 * 16 and r.stats.sequence_moves >= 4, r.stats
+    longs = {tuple(c.token_ids) for c in r if len(c.token_ids) == 40}
+    assert len(longs) == 1, "a moved sequence diverged from its unmoved copies"
