@@ -57,6 +57,7 @@ Sampler::Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t 
     }
 
     if (cfg.temperature <= 0.0f) {
+        plain_greedy_ = cfg.logit_bias.empty() && !penalize && cfg.grammar.empty();
         llama_sampler_chain_add(chain_.get(), llama_sampler_init_greedy());
     } else {
         if (cfg.top_k > 0) {
@@ -82,15 +83,26 @@ Sampler::Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t 
 
 llama_token Sampler::sample(llama_context * ctx, int32_t idx, std::vector<llama_token_data> & buf,
                             TokenLogprob * logprob_out) {
-    if (!grammar_ && logprobs_ < 0) {
+    if (!grammar_ && logprobs_ < 0 && !plain_greedy_) {
         return llama_sampler_sample(chain_.get(), ctx, idx);  // the common case: llama.cpp's own path
     }
     const float * logits = llama_get_logits_ith(ctx, idx);
     if (!logits) {
         throw std::runtime_error("no logits for output " + std::to_string(idx));
     }
-    fill(buf, logits, n_vocab_);
-    llama_token tok = pick(chain_.get(), buf);
+    llama_token tok = 0;
+    if (plain_greedy_) {
+        // llama.cpp's greedy sampler, without first copying the vocabulary into a
+        // candidate array (which takes longer than the scan): the first maximum wins, as there.
+        for (int32_t t = 1; t < n_vocab_; ++t) {
+            if (logits[t] > logits[tok]) {
+                tok = t;
+            }
+        }
+    } else {
+        fill(buf, logits, n_vocab_);
+        tok = pick(chain_.get(), buf);
+    }
     if (grammar_) {
         // Checking the one chosen token against the grammar is far cheaper than masking
         // the whole vocabulary; only when it is rejected is the full distribution
@@ -113,24 +125,29 @@ llama_token Sampler::sample(llama_context * ctx, int32_t idx, std::vector<llama_
         for (int32_t t = 0; t < n_vocab_; ++t) {
             mx = std::max(mx, logits[t]);
         }
-        double sum = 0.0;
+        double sum = 0.0;  // each term in float (the costly part), their sum in double
         for (int32_t t = 0; t < n_vocab_; ++t) {
-            sum += std::exp(static_cast<double>(logits[t] - mx));
+            sum += std::exp(logits[t] - mx);
         }
         const float lse      = mx + static_cast<float>(std::log(sum));
         logprob_out->logprob = logits[tok] - lse;
         logprob_out->top.clear();
-        if (logprobs_ > 0) {
-            std::vector<int32_t> ids(static_cast<size_t>(n_vocab_));
-            for (int32_t t = 0; t < n_vocab_; ++t) {
-                ids[static_cast<size_t>(t)] = t;
+        // The k best in one pass, best first; among equal logits the lower id first.
+        const size_t k = std::min<size_t>(static_cast<size_t>(logprobs_), static_cast<size_t>(n_vocab_));
+        auto &       top = logprob_out->top;
+        for (int32_t t = 0; t < n_vocab_ && k > 0; ++t) {
+            if (top.size() == k && !(logits[t] > top.back().second)) {
+                continue;
             }
-            const size_t k = std::min<size_t>(static_cast<size_t>(logprobs_), ids.size());
-            std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(k), ids.end(),
-                              [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-            for (size_t i = 0; i < k; ++i) {
-                logprob_out->top.emplace_back(ids[i], logits[ids[i]] - lse);
+            auto at = std::upper_bound(top.begin(), top.end(), logits[t],
+                                       [](float v, const std::pair<int32_t, float> & e) { return v > e.second; });
+            top.insert(at, {t, logits[t]});
+            if (top.size() > k) {
+                top.pop_back();
             }
+        }
+        for (auto & e : top) {
+            e.second -= lse;
         }
     }
     return tok;

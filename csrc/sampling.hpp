@@ -63,6 +63,7 @@ private:
     SamplerPtr grammar_;    // separate: checked against one token first, see sample()
     int32_t    n_vocab_;
     int32_t    logprobs_;
+    bool       plain_greedy_ = false;  // the chain is greedy alone: an argmax of the logits
 };
 
 // Empty when `grammar` parses for this vocabulary, else llama.cpp's complaint.

@@ -76,6 +76,17 @@ def test_greedy_logprobs_are_consistent(smol):
     assert plain[0].token_ids == r[0].token_ids and plain[0].outputs[0].logprobs is None
 
 
+def test_greedy_argmax_path_matches_llama_cpp_greedy_sampler(smol):
+    """Plain greedy takes a shortcut (an argmax over the logits); a zero logit bias makes
+    the same choice go through llama.cpp's own sampler chain: both must pick alike."""
+    from conftest import PROMPTS_16
+
+    kw = dict(max_tokens=24, temperature=0, ignore_eos=True)
+    fast = pg.generate_parallel(smol, PROMPTS_16, **kw)
+    chain = pg.generate_parallel(smol, PROMPTS_16, logit_bias={0: 0.0}, **kw)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in chain]
+
+
 def pg_text(lp):
     return lp.token  # the text is the model's own piece; checked for presence below
 
