@@ -592,13 +592,17 @@ Result Engine::to_result(Sequence & s) const {
     return r;
 }
 
+void Engine::free_slot(std::unique_ptr<Sequence> & slot) {
+    llama_memory_seq_rm(mem_, slot->seq_id, -1, -1);
+    slot.reset();
+    --n_live_;
+}
+
 void Engine::collect_finished(std::vector<Result> & out) {
     for (auto & slot : slots_) {
         if (slot && slot->done) {
-            llama_memory_seq_rm(mem_, slot->seq_id, -1, -1);
             out.push_back(to_result(*slot));
-            slot.reset();
-            --n_live_;
+            free_slot(slot);
         }
     }
 }
@@ -646,9 +650,7 @@ size_t Engine::cancel_request(uint64_t request) {
     }
     for (auto & slot : slots_) {
         if (slot && slot->req.request == request) {
-            llama_memory_seq_rm(mem_, slot->seq_id, -1, -1);
-            slot.reset();
-            --n_live_;
+            free_slot(slot);
             ++dropped;
         }
     }
@@ -666,7 +668,6 @@ void Engine::drop_live(const std::string & why, std::vector<Result> & out) {
     drop_prefix();
     for (auto & slot : slots_) {
         if (slot) {
-            llama_memory_seq_rm(mem_, slot->seq_id, -1, -1);
             if (!slot->done) {
                 slot->done    = true;
                 slot->finish  = Finish::Error;
@@ -674,10 +675,9 @@ void Engine::drop_live(const std::string & why, std::vector<Result> & out) {
                 slot->aborted = true;
             }
             out.push_back(to_result(*slot));
-            slot.reset();
+            free_slot(slot);
         }
     }
-    n_live_ = 0;
 }
 
 StepOutput Engine::step() {

@@ -145,6 +145,7 @@ private:
     void preempt(Sequence * s);
     void sample(Sequence * s, int32_t idx);
     void finish(Sequence * s, Finish why);
+    void free_slot(std::unique_ptr<Sequence> & slot);  // KV removed, slot emptied
     void collect_finished(std::vector<Result> & out);
     void collect_deltas(std::vector<StreamDelta> & out);
     void drop_live(const std::string & why, std::vector<Result> & out);

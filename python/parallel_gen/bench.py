@@ -202,13 +202,6 @@ def _ru_maxrss_kib(ru: Any) -> int:
     return int(ru.ru_maxrss // 1024 if sys.platform == "darwin" else ru.ru_maxrss)  # bytes on macOS
 
 
-def _cpu_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 @contextlib.contextmanager
 def _flash_attn_auto() -> Iterator[None]:
     """Lets ``Llama(flash_attn=False)`` ask for llama.cpp's automatic choice instead.
@@ -642,6 +635,7 @@ def run(args: argparse.Namespace) -> int:
     import llama_cpp
 
     import parallel_gen as pg
+    from parallel_gen.model import _cpu_threads
     from parallel_gen.models import default_model_path
 
     if args.plot:

@@ -181,13 +181,10 @@ def run_batch(model: Model, prompts: List[str], params: List[SamplingParams],
             if hit is not None:
                 gather.hit(i, hit)
                 continue
-        try:
-            raw = prompt.encode("utf-8")
-        except UnicodeEncodeError as e:
-            gather.fail(i, f"the prompt is not valid Unicode text: {e}")
-            continue
-        for j in range(p.n):  # the engine shares the prompt's KV among samples
-            items.append((i, j, raw, p._to_native(sample_seed(p.seed, j))))
+        mine, error = prompt_items(i, prompt, p)
+        if error:
+            gather.fail(i, error)
+        items.extend(mine)
     events: "queue.SimpleQueue[Tuple[str, Any]]" = queue.SimpleQueue()
     req = Request(name, items, lambda kind, payload: events.put((kind, payload)), ticks=on_step is not None)
     logger.info("request %s: %d prompts, %d sequences", name, len(prompts), len(items))
@@ -227,6 +224,16 @@ def run_batch(model: Model, prompts: List[str], params: List[SamplingParams],
 
 
 CLOSED_MESSAGE = "the Model was closed while this call was running"
+
+
+def prompt_items(index: int, prompt: str, params: SamplingParams) -> Tuple[List[Item], Optional[str]]:
+    """The engine's sequences for one prompt, one per sample (the engine shares the
+    prompt's KV among them); or none and why, for text that is not valid Unicode."""
+    try:
+        raw = prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return [], f"the prompt is not valid Unicode text: {e}"
+    return [(index, j, raw, params._to_native(sample_seed(params.seed, j))) for j in range(params.n)], None
 
 
 def new_request_id() -> str:

@@ -15,9 +15,8 @@ from typing import Any, AsyncIterator, Deque, Dict, Iterator, List, Optional, Tu
 from ._native import _core
 from .errors import GenerationError
 from .generate import (CLOSED_MESSAGE, ModelLike, Params, Prompts, _check_against_model, _FINISH, _next_event,
-                       _open_model, _param_list, _prompt_list, new_request_id)
+                       _open_model, _param_list, _prompt_list, new_request_id, prompt_items)
 from .model import Model
-from .params import sample_seed
 from .runner import Item, Request
 
 
@@ -58,14 +57,10 @@ class _StreamState:
         self.ready: Deque[StreamEvent] = collections.deque()
         items: Deque[Item] = collections.deque()
         for i, (prompt, p) in enumerate(zip(prompt_list, param_list)):
-            try:
-                raw = prompt.encode("utf-8")
-            except UnicodeEncodeError as e:
-                self.ready.extend(StreamEvent(i, "", [], True, "error", j, None,
-                                              f"the prompt is not valid Unicode text: {e}") for j in range(p.n))
-                continue
-            for j in range(p.n):
-                items.append((i, j, raw, p._to_native(sample_seed(p.seed, j))))
+            mine, error = prompt_items(i, prompt, p)
+            if error:
+                self.ready.extend(StreamEvent(i, "", [], True, "error", j, None, error) for j in range(p.n))
+            items.extend(mine)
         self.sent: Dict[Tuple[int, int], Tuple[int, int]] = {}  # (index, sample) -> (bytes, tokens) sent
         self.request: Optional[Request] = None
         self.items = items
