@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -70,18 +69,6 @@ def test_model_options():
     # Defaults: no more slots than prompts, everything else Model's own.
     assert cli._model_kwargs(p.parse_args(["generate", "x"]), 3) == dict(n_parallel=3, verbose=False)
     assert cli._model_kwargs(p.parse_args(["generate", "x"]), 50)["n_parallel"] == 8
-
-
-def test_bench_hook(monkeypatch):
-    def add_parser(sub):
-        sub.add_parser("bench").set_defaults(func=lambda args: 0)
-
-    monkeypatch.setitem(sys.modules, "parallel_gen.bench", types.SimpleNamespace(add_parser=add_parser))
-    assert cli.build_parser().parse_args(["bench"]).command == "bench"
-    monkeypatch.setitem(sys.modules, "parallel_gen.bench", None)  # bench.py absent
-    with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["bench"])
-    assert cli.build_parser().parse_args(["info"]).command == "info"
 
 
 def test_usage_errors():
