@@ -25,10 +25,10 @@ test-r:
 		test -x $(PY) || { echo "error: $(PY) not found: run make setup first" >&2; exit 1; }; \
 		RETICULATE_PYTHON="$(abspath $(PY))" Rscript r/tools/run_tests.R; \
 	elif [ "$${PG_REQUIRE_R:-}" = 1 ]; then \
-		echo "error: PG_REQUIRE_R=1 but R is not installed (Debian: apt-get install r-base-core r-cran-reticulate r-cran-testthat)" >&2; \
+		echo "error: PG_REQUIRE_R=1 but R is not installed (Debian: apt-get install r-base-core r-cran-reticulate r-cran-testthat r-cran-roxygen2)" >&2; \
 		exit 1; \
 	else \
-		echo "notice: Rscript not found: skipping the R tests (r/). Install r-base-core r-cran-reticulate r-cran-testthat to run them; PG_REQUIRE_R=1 makes this an error."; \
+		echo "notice: Rscript not found: skipping the R tests (r/). Install r-base-core r-cran-reticulate r-cran-testthat r-cran-roxygen2 to run them; PG_REQUIRE_R=1 makes this an error."; \
 	fi
 
 demo: $(PY)

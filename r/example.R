@@ -16,6 +16,7 @@ reviews <- c(
 )
 
 model <- pg_model(n_parallel = 16, n_ctx = 512)  # n_ctx: tokens per prompt + answer
+print(model)                                     # <pg_model> ...gguf: n_parallel 16, n_ctx 512, ...
 
 # Chat: the model's own chat template, one conversation per text.
 labels <- pg_chat(model, reviews, max_tokens = 8, temperature = 0,

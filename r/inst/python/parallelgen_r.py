@@ -7,7 +7,6 @@ Results are handed to R column by column (one conversion per column, not per pro
 """
 
 import dataclasses
-import inspect
 import traceback
 
 
@@ -22,15 +21,6 @@ def call(f, args, kwargs):
         return [[classes, str(e), e.with_traceback(None), tb], None]
 
 
-def accepts(f, name):
-    """Whether f takes a parameter called name (explicitly, not through **kwargs)."""
-    try:
-        p = inspect.signature(f).parameters.get(name)
-    except (TypeError, ValueError):
-        return False
-    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-
-
 def _r_str(s):
     # R strings cannot hold NUL characters.
     return s.replace("\x00", "\ufffd") if "\x00" in s else s
@@ -38,9 +28,10 @@ def _r_str(s):
 
 def columns(result):
     """A BatchResult as a dict of equal-length lists: one entry per output (sample) of
-    every completion, in prompt order, then sample order."""
-    cols = {k: [] for k in ("index", "sample", "prompt", "text", "finish_reason", "prompt_tokens",
-                            "completion_tokens", "error", "failed")}
+    every completion, in prompt order, then sample order. "" stands for None in
+    stop_reason and error (neither is ever an empty string)."""
+    cols = {k: [] for k in ("index", "sample", "prompt", "text", "finish_reason", "stop_reason",
+                            "prompt_tokens", "completion_tokens", "error")}
     for c in result:
         for j, o in enumerate(c.outputs):
             cols["index"].append(int(c.index))
@@ -48,11 +39,30 @@ def columns(result):
             cols["prompt"].append(_r_str(c.prompt))
             cols["text"].append(_r_str(o.text))
             cols["finish_reason"].append(str(o.finish_reason))
+            cols["stop_reason"].append("" if o.stop_reason is None else _r_str(str(o.stop_reason)))
             cols["prompt_tokens"].append(int(c.prompt_tokens))
             cols["completion_tokens"].append(len(o.token_ids))
             cols["error"].append(_r_str(o.error or ""))
-            cols["failed"].append(o.error is not None)
     return cols
+
+
+def logprobs(result):
+    """Per output (in the order of columns()), its log-probabilities as flat columns, one
+    entry per (position, rank): rank 0 is the generated token, ranks 1.. the most likely
+    tokens at that position, best first. Empty for an output without logprobs."""
+    out = []
+    for c in result:
+        for o in c.outputs:
+            cols = {k: [] for k in ("position", "rank", "token_id", "token", "logprob")}
+            for pos, t in enumerate(o.logprobs or ()):
+                for rank, lp in enumerate([t] + list(t.top)):
+                    cols["position"].append(pos)
+                    cols["rank"].append(rank)
+                    cols["token_id"].append(int(lp.token_id))
+                    cols["token"].append(_r_str(lp.token))
+                    cols["logprob"].append(float(lp.logprob))
+            out.append(cols)
+    return out
 
 
 def stats(result):

@@ -38,7 +38,8 @@ test_that("pg_chat answers every conversation, in order, on the real model", {
                 list(list(role = "user", content = "Say hello in Spanish.")))
   out <- pg_chat(m, convs, max_tokens = 8, temperature = 0, seed = 1, progress = FALSE)
   expect_s3_class(out, "data.frame")
-  expect_named(out, c("prompt", "text", "finish_reason", "prompt_tokens", "completion_tokens", "error"))
+  expect_named(out, c("prompt", "text", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens",
+                     "error"))
   expect_identical(nrow(out), 3L)
   expect_true(all(out$finish_reason %in% c("stop", "length")))
   expect_true(all(is.na(out$error)))
@@ -54,4 +55,5 @@ test_that("pg_chat answers every conversation, in order, on the real model", {
   sys <- pg_chat(m, c("Hi!", "Bye!"), system = "Answer in French.", max_tokens = 2, progress = FALSE)
   expect_true(all(grepl("Answer in French.", sys$prompt, fixed = TRUE)))
   expect_error(pg_chat(m, "Hi!", max_tokens = 0, progress = FALSE), class = "pg_python_error")
+  expect_error(pg_chat(m, "Hi!", progress = "yes"), "`progress` must be TRUE or FALSE", class = "pg_argument_error")
 })

@@ -1,7 +1,7 @@
 questions <- c("What is the capital of France?", "Count from one to five.",
                "Name a fruit that is yellow.", "Say hello in Spanish.")
 prompts <- chat_prompt(questions)
-columns <- c("prompt", "text", "finish_reason", "prompt_tokens", "completion_tokens", "error")
+columns <- c("prompt", "text", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "error")
 
 test_that("one row per prompt, in prompt order, with the documented columns", {
   m <- test_model()
@@ -144,10 +144,13 @@ test_that("an explicit seed repeats exactly whatever set.seed() says; R's RNG is
 
 test_that("stop strings, progress, and a model given as a path", {
   m <- test_model()
-  out <- pg_generate(m, chat_prompt("Count from one to ten, separated by commas."), max_tokens = 24,
-                     temperature = 0, stop = ",", progress = FALSE)
+  free <- pg_generate(m, "one, two, three", max_tokens = 12, temperature = 0, progress = FALSE)
+  expect_match(free$text, " six", fixed = TRUE)  # SmolLM2 counts on: ", four, five, six, ..."
+  out <- pg_generate(m, "one, two, three", max_tokens = 12, temperature = 0, stop = c("xyz", " six"),
+                     progress = FALSE)
   expect_identical(out$finish_reason, "stop")
-  expect_false(grepl(",", out$text, fixed = TRUE))
+  expect_identical(out$stop_reason, " six")
+  expect_identical(out$text, sub(" six.*", "", free$text))  # the text up to the stop string
   expect_identical(nrow(pg_generate(m, prompts[1:2], max_tokens = 2, progress = TRUE)), 2L)
   expect_error(pg_generate(m, "a", progress = NA), "`progress`", class = "pg_argument_error")
   by_path <- pg_generate(smollm2_path(), prompts[1], max_tokens = 4, temperature = 0, progress = FALSE)
