@@ -51,7 +51,12 @@ pg_model <- function(path = NULL, n_parallel = 8L, n_ctx = NULL, ...) {
 #' @return The attribute's value, converted to R.
 #' @export
 `$.pg_model` <- function(x, name) {
-  reticulate::py_to_r(reticulate::py_get_attr(.py_model(x), name))
+  py <- .py_model(x)
+  if (!reticulate::py_has_attr(py, name)) {
+    .arg_error(sprintf("a pg_model has no setting `%s` (Python's parallel_gen.Model has no attribute %s)",
+                       name, name))
+  }
+  reticulate::py_to_r(reticulate::py_get_attr(py, name))
 }
 
 #' @export

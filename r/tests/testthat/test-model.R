@@ -5,6 +5,7 @@ test_that("pg_model() returns an S3 object that prints its settings and reads th
   expect_identical(m$n_ctx, 256L)
   expect_identical(m$n_threads, 1L)
   expect_false(m$closed)
+  expect_error(m$no_such_setting, "no setting `no_such_setting`", fixed = TRUE, class = "pg_argument_error")
   shown <- capture.output(res <- print(m))
   expect_identical(res, m)  # print returns its argument, invisibly
   expect_match(shown, "^<pg_model> .*\\.gguf: n_parallel 4, n_ctx 256, n_batch [0-9]+, 1 thread\\(s\\), KV f16/f16")
