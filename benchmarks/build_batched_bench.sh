@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's `llama-batched-bench` from the llama.cpp that llama-cpp-python
-# 0.3.36 vendors (the same llama.cpp that parallel_gen runs on), into benchmarks/bin/.
+# Builds llama.cpp's `llama-batched-bench` (and, when named, `llama-server`) from the
+# llama.cpp that llama-cpp-python 0.3.36 vendors (the same llama.cpp that parallel_gen runs
+# on), into benchmarks/bin/.
 #
 #   benchmarks/build_batched_bench.sh                 # downloads the sdist with pip
+#   benchmarks/build_batched_bench.sh llama-batched-bench llama-server   # targets to build
 #   LLAMA_CPP_SDIST=/path/to/llama_cpp_python-0.3.36 benchmarks/build_batched_bench.sh
 #                                                     # or: an extracted sdist / its .tar.gz
 #
@@ -16,6 +18,10 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 WORK="$HERE/build"
 BIN="$HERE/bin"
 JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
+TARGETS=("$@")
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(llama-batched-bench)
+SERVER=OFF
+for t in "${TARGETS[@]}"; do [ "$t" = llama-server ] && SERVER=ON; done
 NICE="${NICE:-19}"
 mkdir -p "$WORK" "$BIN"
 
@@ -39,24 +45,25 @@ if [ ! -f "$LLAMA/tools/batched-bench/batched-bench.cpp" ]; then
 fi
 
 echo "== configuring $LLAMA"
-# Tests, examples, server and the unified app are off only to save configure/build time;
-# the target below is all that gets built anyway.
+# Tests, examples, the server (unless asked for) and the unified app are off only to save
+# configure/build time; the targets below are all that gets built anyway.
 # shellcheck disable=SC2086
 nice -n "$NICE" cmake -S "$LLAMA" -B "$WORK/cmake" \
     -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_BUILD_SERVER="$SERVER" -DLLAMA_BUILD_APP=OFF \
     ${CMAKE_ARGS:-}
 
-echo "== building llama-batched-bench with $JOBS jobs (nice $NICE)"
-nice -n "$NICE" cmake --build "$WORK/cmake" --target llama-batched-bench -j "$JOBS"
-
-exe="$(find "$WORK/cmake" -type f -name llama-batched-bench -perm -u+x | head -n 1)"
-if [ -z "$exe" ]; then
-    echo "error: the build produced no llama-batched-bench" >&2
-    exit 1
-fi
-cp "$exe" "$BIN/llama-batched-bench"
-echo "== built $BIN/llama-batched-bench"
-"$BIN/llama-batched-bench" --version 2>&1 | head -n 2 || true
+for target in "${TARGETS[@]}"; do
+    echo "== building $target with $JOBS jobs (nice $NICE)"
+    nice -n "$NICE" cmake --build "$WORK/cmake" --target "$target" -j "$JOBS"
+    exe="$(find "$WORK/cmake" -type f -name "$target" -perm -u+x | head -n 1)"
+    if [ -z "$exe" ]; then
+        echo "error: the build produced no $target" >&2
+        exit 1
+    fi
+    cp "$exe" "$BIN/$target"
+    echo "== built $BIN/$target"
+    "$BIN/$target" --version 2>&1 | head -n 2 || true
+done

@@ -1,0 +1,216 @@
+"""HTTP serving throughput: `parallel-gen serve` against in-process generate_parallel and
+against llama.cpp's own llama-server, same model, threads, prompts and settings.
+
+Every round runs, one after another on a quiet machine (only one server process alive at a
+time): in-process generate_parallel on the prompts; parallel-gen serve with C concurrent
+streaming HTTP clients (one prompt each); llama-server -np N with the same clients. The
+figures are ratios of generated tokens per second of wall time within a round, plus the
+time to first token (p50/p95) of the HTTP runs.
+
+    benchmarks/build_batched_bench.sh                       # also builds benchmarks/bin/llama-server
+    python benchmarks/serve.py --clients 16,64 --rounds 3 --json benchmarks/results-serve.json
+
+Greedy, ignore_eos (every prompt generates --max-tokens), flash attention off on all three
+(it changes numerics and speed: compare like with like).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import httpx
+
+import parallel_gen as pg
+from parallel_gen.models import default_model_path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Run:
+    """One measurement: who served, how many clients, what it took."""
+
+    impl: str
+    clients: int
+    round: int
+    tokens: int
+    seconds: float
+    ttft: List[float] = field(default_factory=list)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.seconds
+
+    def pct(self, q: float) -> Optional[float]:
+        if not self.ttft:
+            return None
+        xs = sorted(self.ttft)
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def prompts_for(n: int) -> List[str]:
+    topics = ["the sea", "a city at night", "learning to code", "the history of tea", "mountains", "robots",
+              "a rainy day", "the moon", "music", "a long journey", "bread", "winter", "friendship", "trains",
+              "gardens", "the desert"]
+    return [f"Write a short story about {topics[i % len(topics)]} (number {i}):" for i in range(n)]
+
+
+class Process:
+    """A server subprocess; ready once `ready_path` answers 200."""
+
+    def __init__(self, cmd: List[str], url: str, ready_path: str) -> None:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.url = url
+        self.log: List[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited:\n{''.join(self.log[-30:])}")
+            try:
+                if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{cmd[0]} never became ready:\n{''.join(self.log[-30:])}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def _clients(url: str, prompts: List[str], body: Dict) -> Run:
+    """One streaming /v1/completions request per prompt, all at once."""
+    limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def one(prompt: str):
+            first = None
+            tokens = 0
+            async with client.stream("POST", "/v1/completions",
+                                     json={**body, "prompt": prompt, "stream": True,
+                                           "stream_options": {"include_usage": True}}) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices") and chunk["choices"][0].get("text") and first is None:
+                        first = time.perf_counter() - t0
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+            return first, tokens
+
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        seconds = time.perf_counter() - t0
+    run = Run("", len(prompts), 0, sum(t for _, t in results), seconds, [f for f, _ in results if f is not None])
+    return run
+
+
+def http_run(url: str, prompts: List[str], max_tokens: int) -> Run:
+    body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    return asyncio.run(_clients(url, prompts, body))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--clients", default="16,64", help="concurrent HTTP clients, comma-separated")
+    ap.add_argument("--n-parallel", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+                    or str(HERE / "bin" / "llama-server"), help="llama-server binary (skipped if absent)")
+    ap.add_argument("--json", default=None, help="write every run to this file")
+    args = ap.parse_args()
+
+    model = args.model or default_model_path()
+    clients = [int(c) for c in args.clients.split(",")]
+    n_ctx = 256  # per sequence: these prompts are ~15 tokens + 128 generated
+    url = f"http://127.0.0.1:{args.port}"
+    ours_cmd = [sys.executable, "-m", "parallel_gen", "serve", "-m", model, "--port", str(args.port),
+                "--n-parallel", str(args.n_parallel), "--n-ctx", str(n_ctx), "--threads", str(args.threads),
+                "--flash-attn", "off", "--max-queue", str(max(clients) * 2)]
+    have_llama = Path(args.llama_server).is_file()
+    llama_cmd = [args.llama_server, "-m", model, "--port", str(args.port), "--host", "127.0.0.1",
+                 "-np", str(args.n_parallel), "-c", str(n_ctx * args.n_parallel), "-t", str(args.threads),
+                 "-tb", str(args.threads), "-fa", "off", "--no-webui", "-cb", "--log-disable"]
+    if not have_llama:
+        print(f"note: no llama-server at {args.llama_server}: build it with benchmarks/build_batched_bench.sh",
+              file=sys.stderr)
+
+    runs: List[Run] = []
+    with pg.Model(model, n_parallel=args.n_parallel, n_ctx=n_ctx, n_threads=args.threads, flash_attn=False) as m:
+        pg.generate_parallel(m, prompts_for(2), max_tokens=4)  # warm up
+        for rnd in range(1, args.rounds + 1):
+            for c in clients:
+                prompts = prompts_for(c)
+                t0 = time.perf_counter()
+                res = pg.generate_parallel(m, prompts, max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+                runs.append(Run("in-process", c, rnd, res.stats.completion_tokens, time.perf_counter() - t0))
+                print(f"round {rnd}: in-process, {c} prompts: {runs[-1].tps:.1f} t/s", flush=True)
+            # The in-process Model sleeps (its engine thread is idle) while the servers run.
+            for impl, cmd, ready in (("parallel-gen serve", ours_cmd, "/health"),
+                                     ("llama-server", llama_cmd, "/health")):
+                if impl == "llama-server" and not have_llama:
+                    continue
+                proc = Process(cmd, url, ready)
+                try:
+                    http_run(url, prompts_for(2), 4)  # warm up
+                    for c in clients:
+                        run = http_run(url, prompts_for(c), args.max_tokens)
+                        run.impl, run.round = impl, rnd
+                        runs.append(run)
+                        print(f"round {rnd}: {impl}, {c} clients: {run.tps:.1f} t/s, ttft p50 {run.pct(0.5):.2f} s "
+                              f"p95 {run.pct(0.95):.2f} s", flush=True)
+                finally:
+                    proc.stop()
+
+    print("\n| clients | impl | t/s (median) | x in-process | x llama-server | TTFT p50 | TTFT p95 |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for c in clients:
+        base = {r.round: r.tps for r in runs if r.impl == "in-process" and r.clients == c}
+        llama = {r.round: r.tps for r in runs if r.impl == "llama-server" and r.clients == c}
+        for impl in ("in-process", "parallel-gen serve", "llama-server"):
+            mine = [r for r in runs if r.impl == impl and r.clients == c]
+            if not mine:
+                continue
+            x_in = statistics.median(r.tps / base[r.round] for r in mine)
+            x_ll = statistics.median(r.tps / llama[r.round] for r in mine) if llama else float("nan")
+            p50 = statistics.median(r.pct(0.5) for r in mine) if mine[0].ttft else None
+            p95 = statistics.median(r.pct(0.95) for r in mine) if mine[0].ttft else None
+            print(f"| {c} | {impl} | {statistics.median(r.tps for r in mine):.1f} | {x_in:.3f} | {x_ll:.3f} | "
+                  f"{'' if p50 is None else f'{p50:.2f} s'} | {'' if p95 is None else f'{p95:.2f} s'} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "runs": [dict(asdict(r), tps=r.tps) for r in runs]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

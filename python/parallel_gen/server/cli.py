@@ -1,0 +1,99 @@
+"""``parallel-gen serve``: the OpenAI-compatible server under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+logger = logging.getLogger("parallel_gen")
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def add_parser(sub: Any, add_model_options: Any) -> None:
+    """Adds ``serve`` to the ``parallel-gen`` subcommands (``add_model_options``: the
+    Model options every subcommand shares)."""
+    s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                       description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, "
+                                   "/health, /metrics. Every client's prompts share the Model's one batch.")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    s.add_argument("--model-alias", metavar="NAME", help="the model name clients use (default: the file's stem)")
+    s.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="most sequences waiting for a slot before requests get 429 (default: 256)")
+    s.add_argument("--max-n", type=int, default=16, metavar="N", help="most completions per prompt (default: 16)")
+    s.add_argument("--max-prompts", type=int, default=256, metavar="N",
+                   help="most prompts in one completions request (default: 256)")
+    s.add_argument("--max-body", type=int, default=2 * 1024 * 1024, metavar="BYTES",
+                   help="largest request body (default: 2 MiB)")
+    k = s.add_mutually_exclusive_group()
+    k.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (visible in ps: prefer "
+                                                    "--api-key-file or PARALLEL_GEN_API_KEY)")
+    k.add_argument("--api-key-file", metavar="FILE", help="read the API key from FILE (first line)")
+    s.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl-C, seconds to let running requests finish before cancelling (default: 10)")
+    t = s.add_mutually_exclusive_group()
+    t.add_argument("--chat-template", metavar="TEMPLATE",
+                   help="Jinja text or a llama.cpp built-in name such as chatml (default: the model's)")
+    t.add_argument("--chat-template-file", metavar="FILE", help="read the Jinja chat template from a file")
+    add_model_options(s, "sequences decoded together, shared by all clients (default: 8)")
+    s.set_defaults(func=run)
+
+
+def _api_key(args: argparse.Namespace) -> Optional[str]:
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            key = f.readline().strip()
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file}: the file's first line is empty")
+        return key
+    return args.api_key or os.environ.get("PARALLEL_GEN_API_KEY") or None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .app import create_app
+        from .uvicorn_server import LifecycleServer
+    except ImportError as e:
+        raise ImportError(f"parallel-gen serve needs the server extra: pip install 'parallel_gen[serve]' ({e})")
+    from ..cli import _chat_template_arg, _model_kwargs
+    from ..model import Model
+    from ..models import default_model_path
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: must be in [0, 65535]")
+    if args.grace < 0:
+        raise ValueError(f"--grace {args.grace}: must be >= 0")
+    kwargs = _model_kwargs(args, 8)
+    path = args.model or default_model_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "model file not found", path)
+    key = _api_key(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s: reachable from other machines%s", args.host,
+                       "" if key else ", with no API key (--api-key-file)")
+    app = create_app(lambda: Model(path, **kwargs), model_alias=args.model_alias, max_queue=args.max_queue,
+                     max_n=args.max_n, max_prompts=args.max_prompts, max_body=args.max_body,
+                     api_key=key, chat_template=_chat_template_arg(args), shutdown_grace=args.grace)
+    life = app.state.lifecycle
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                            # a little longer than the streams' grace, so they end first
+                            timeout_graceful_shutdown=args.grace + 1, access_log=bool(args.verbose))
+    server = LifecycleServer(config, life)
+    failed = []
+
+    def load_failed(e: BaseException) -> None:
+        failed.append(e)
+        server.should_exit = True
+
+    life.on_load_error = load_failed
+    server.run()
+    if failed:
+        print(f"parallel-gen serve: error: the model failed to load: {failed[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0

@@ -1,0 +1,324 @@
+"""From a validated HTTP request to the Model's running batch and back.
+
+A request becomes a :class:`Job`: its prompts (chat messages already rendered), one
+SamplingParams per prompt, and its token counts. Jobs are admitted against a bound on
+the sequences the server holds (``n_parallel + max_queue``), run through the same
+streaming path as :func:`parallel_gen.astream_parallel`, and are cancelled (their KV
+freed) the moment their client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Dict, List, Optional, Tuple
+
+import anyio
+from starlette.requests import Request
+
+from ..model import Model
+from ..params import SamplingParams
+from ..results import TokenLogprobs
+from ..stream import AsyncStreamIterator, StreamEvent, astream_parallel
+from ..templates import ChatTemplate
+from .errors import APIError, invalid_value
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, CompletionRequest, _Request
+from .settings import ServerSettings
+
+logger = logging.getLogger("parallel_gen")
+
+_UINT32 = 2**32
+
+
+@dataclass
+class Choice:
+    """What one choice (prompt i, sample j) has produced so far."""
+
+    index: int
+    text: List[str] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    logprobs: Optional[List[TokenLogprobs]] = None
+
+
+@dataclass
+class Job:
+    """One HTTP request's generation work."""
+
+    id: str
+    endpoint: str
+    prompts: List[str]
+    params: List[SamplingParams]
+    n: int
+    prompt_tokens: List[int]
+    stream: Optional[AsyncStreamIterator] = None  # created once the request is validated
+    started: float = field(default_factory=time.perf_counter)
+    created: int = field(default_factory=lambda: int(time.time()))
+    first_token_at: Optional[float] = None
+    choices: Dict[int, Choice] = field(default_factory=dict)
+
+    @property
+    def sequences(self) -> int:
+        return len(self.prompts) * self.n
+
+    @property
+    def usage_prompt_tokens(self) -> int:
+        return sum(self.prompt_tokens)
+
+    @property
+    def usage_completion_tokens(self) -> int:
+        return sum(c.tokens for c in self.choices.values())
+
+    def choice(self, ev: StreamEvent) -> Choice:
+        """The choice an event belongs to (index prompt * n + sample, as OpenAI numbers them)."""
+        k = ev.index * self.n + ev.sample
+        c = self.choices.get(k)
+        if c is None:
+            c = self.choices[k] = Choice(k)
+        return c
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the response was ready."""
+
+
+class Service:
+    """The server's side of a Model: admission, job construction, running, accounting."""
+
+    def __init__(self, model: Model, settings: ServerSettings, metrics: Metrics) -> None:
+        self.model = model
+        self.settings = settings
+        self.metrics = metrics
+        self.in_flight = 0  # sequences of admitted jobs not finished yet (event loop only)
+        self.capacity = model.n_parallel + settings.max_queue
+        self.template: Optional[ChatTemplate] = None
+        self.template_error: Optional[str] = None
+        try:
+            self.template = ChatTemplate(model, settings.chat_template)
+        except (ValueError, TypeError) as e:
+            self.template_error = str(e)
+
+    # -- building jobs ------------------------------------------------------------------
+    async def completion_job(self, rid: str, body: CompletionRequest) -> Job:
+        if body.echo:
+            raise APIError(400, "echo=true is not supported: the response holds the completion only",
+                           param="echo", code="unsupported")
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(400, f"best_of={body.best_of} is not supported: ask for n completions and rank them "
+                                "yourself (e.g. with logprobs)", param="best_of", code="unsupported")
+        if body.suffix:
+            raise APIError(400, "suffix (insertion) is not supported", param="suffix", code="unsupported")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts:
+            raise APIError(400, "prompt=[]: give at least one prompt", param="prompt", code="invalid_value")
+        params = self._params(body, body.max_tokens, body.logprobs)
+        return await self._job(rid, "completions", prompts, params, body)
+
+    async def chat_job(self, rid: str, body: ChatCompletionRequest) -> Job:
+        if self.template is None:
+            raise APIError(400, f"this model cannot chat: {self.template_error} (start the server with "
+                                "--chat-template)", param="messages", code="no_chat_template")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt = self.template.render(messages)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, f"top_logprobs={body.top_logprobs} needs logprobs=true", param="top_logprobs",
+                           code="invalid_value")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        schema = None
+        fmt = body.response_format
+        if fmt is not None and fmt.type == "json_object":
+            schema = {"type": "object"}
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise APIError(400, "response_format.json_schema is required when type is 'json_schema'",
+                               param="response_format.json_schema", code="missing_field")
+            schema = fmt.json_schema.schema_
+        params = self._params(body, max_tokens, logprobs, schema)
+        params = self.template.add_stops(params)
+        return await self._job(rid, "chat", [prompt], params, body)
+
+    def _params(self, body: _Request, max_tokens: Optional[int], logprobs: Optional[int],
+                response_schema: Optional[dict] = None) -> SamplingParams:
+        """The request's SamplingParams: fields it sets, SamplingParams' defaults for the rest."""
+        s = self.settings
+        if body.n > s.max_n:
+            raise APIError(400, f"n={body.n}: at most {s.max_n} completions per prompt on this server",
+                           param="n", code="invalid_value")
+        kw: Dict[str, object] = {"n": body.n, "ignore_eos": body.ignore_eos}
+        # None: until the sequence's context is full, as OpenAI does for chat.
+        kw["max_tokens"] = self.model.n_ctx if max_tokens is None else max_tokens
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                     "repeat_penalty", "grammar", "json_schema"):
+            value = getattr(body, name)
+            if value is not None:
+                kw[name] = value
+        if response_schema is not None:
+            if body.json_schema is not None or body.grammar is not None:
+                raise APIError(400, "response_format cannot be combined with grammar or json_schema",
+                               param="response_format", code="invalid_value")
+            kw["json_schema"] = response_schema
+        if body.stop is not None:
+            kw["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+        if logprobs is not None:
+            kw["logprobs"] = logprobs
+        if body.logit_bias:
+            bias = {}
+            for key, value in body.logit_bias.items():
+                try:
+                    bias[int(key)] = float(value)
+                except ValueError:
+                    raise APIError(400, f"logit_bias key {key!r}: must be a token id (an integer)",
+                                   param="logit_bias", code="invalid_value") from None
+            kw["logit_bias"] = bias
+        if body.seed is not None:
+            kw["seed"] = body.seed
+        try:
+            return SamplingParams(**kw)  # type: ignore[arg-type]
+        except (ValueError, TypeError) as e:
+            raise invalid_value(e) from None
+
+    async def _job(self, rid: str, endpoint: str, prompts: List[str], base: SamplingParams, body: _Request) -> Job:
+        s = self.settings
+        if len(prompts) > s.max_prompts:
+            raise APIError(400, f"prompt: {len(prompts)} prompts in one request; this server takes at most "
+                                f"{s.max_prompts}", param="prompt", code="invalid_value")
+        if len(prompts) * base.n > self.capacity:
+            raise APIError(400, f"{len(prompts)} prompts x n={base.n} = {len(prompts) * base.n} sequences: more "
+                                f"than this server ever holds ({self.capacity}); split the request",
+                           param="n", code="invalid_value")
+        ignored = body.ignored_fields()
+        if ignored:
+            logger.info("request %s: ignoring unsupported fields %s", rid, ", ".join(ignored))
+        # As generate_parallel does with one seed for a call: prompt i uses seed + i.
+        params = [base if base.seed is None else base.replace(seed=(base.seed + i) % _UINT32)
+                  for i in range(len(prompts))]
+        counts = await anyio.to_thread.run_sync(self._token_counts, prompts)
+        for i, count in enumerate(counts):
+            name = "messages" if endpoint == "chat" else "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            if count == 0:
+                raise APIError(400, f"{name} is empty: it has no tokens", param=name, code="invalid_value")
+            if count >= self.model.n_ctx:
+                raise APIError(400, f"{name} has {count} tokens; this server's context holds {self.model.n_ctx} "
+                                    "tokens per sequence, prompt and completion together",
+                               param=name, code="context_length_exceeded")
+        job = Job(rid, endpoint, prompts, params, base.n, counts)
+        try:
+            job.stream = astream_parallel(self.model, prompts, params, request_id=rid)
+        except (ValueError, TypeError) as e:  # what only the model can check: token ids, grammars
+            raise invalid_value(e) from None
+        return job
+
+    def _token_counts(self, prompts: List[str]) -> List[int]:
+        return [len(self.model.tokenize(p)) for p in prompts]
+
+    # -- running ------------------------------------------------------------------------
+    def admit(self, job: Job) -> Callable[[], None]:
+        """Holds the job's sequences against the queue bound (429 when they do not fit);
+        returns the function that lets them go, to be called once the job has ended."""
+        if self.in_flight + job.sequences > self.capacity:
+            waiting = max(0, self.in_flight - self.model.n_parallel)
+            raise APIError(429, f"the server is busy: {waiting} sequences are waiting for a slot (limit "
+                                f"{self.settings.max_queue}); retry later", code="queue_full",
+                           headers={"Retry-After": str(self.settings.retry_after)})
+        self.in_flight += job.sequences
+        self.metrics.requests_waiting.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.in_flight -= job.sequences
+            if job.first_token_at is None:
+                self.metrics.requests_waiting.dec()
+            else:
+                self.metrics.requests_running.dec()
+
+        return release
+
+    async def events(self, job: Job) -> AsyncIterator[Tuple[Choice, StreamEvent]]:
+        """The job's stream events with their choices; the stream is closed (the engine's
+        work cancelled) however the caller stops iterating."""
+        stream = job.stream
+        assert stream is not None
+        try:
+            async for ev in stream:
+                if job.first_token_at is None and ev.token_ids:
+                    job.first_token_at = time.perf_counter()
+                    self.metrics.requests_waiting.dec()
+                    self.metrics.requests_running.inc()
+                    self.metrics.time_to_first_token.labels(job.endpoint).observe(job.first_token_at - job.started)
+                c = job.choice(ev)
+                c.text.append(ev.text)
+                c.tokens += len(ev.token_ids)
+                if ev.finished:
+                    c.finish_reason = ev.finish_reason
+                    c.error = ev.error
+                    c.logprobs = ev.logprobs
+                yield c, ev
+        finally:
+            await stream.aclose()
+
+    async def collect(self, job: Job, request: Request) -> None:
+        """Runs the job to the end; raises ClientGone (the work cancelled) if the client leaves."""
+        async def consume() -> None:
+            async for c, ev in self.events(job):
+                if ev.finished and ev.finish_reason == "error":
+                    raise failed_choice(c)
+
+        consumer = asyncio.ensure_future(consume())
+        watcher = asyncio.ensure_future(wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (consumer, watcher):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+        if consumer not in done:
+            raise ClientGone()
+        consumer.result()  # its exception, if any
+
+    def finish(self, job: Job, status: int) -> None:
+        """Accounting and the request's closing log line."""
+        seconds = time.perf_counter() - job.started
+        m = self.metrics
+        m.requests.labels(job.endpoint, str(status)).inc()
+        m.request_latency.labels(job.endpoint).observe(seconds)
+        m.prompt_tokens.inc(job.usage_prompt_tokens)
+        m.generation_tokens.inc(job.usage_completion_tokens)
+        reasons = Tally(c.finish_reason or "cancelled" for c in job.choices.values())
+        for reason, count in reasons.items():
+            m.finished.labels(reason).inc(count)
+        logger.info("request %s: %s %d, %d prompts x n=%d, %d prompt + %d completion tokens, %.2f s, finish %s",
+                    job.id, job.endpoint, status, len(job.prompts), job.n, job.usage_prompt_tokens,
+                    job.usage_completion_tokens, seconds,
+                    " ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "-")
+
+
+def failed_choice(c: Choice) -> APIError:
+    """The error response for a choice the engine could not complete."""
+    message = c.error or "generation failed"
+    if "context" in message:
+        return APIError(400, message, code="context_length_exceeded")
+    return APIError(500, f"generation failed: {message}", code="generation_failed")
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,462 @@
+"""The OpenAI-compatible server: a real uvicorn process on a loopback port, driven by the
+official `openai` client and by raw HTTP (httpx), compared with in-process generation."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+import parallel_gen as pg
+
+PYTHON_DIR = str(Path(pg.__file__).resolve().parent.parent)
+KEY = "test-key-8c1f"
+ALIAS = "smol"
+N_CTX = 512
+PROMPTS = ["The capital of France is", "Once upon a time", "def fib(n):", "Water boils at"]
+
+
+class Server:
+    """`parallel-gen serve` in a subprocess; its port read from its stderr."""
+
+    def __init__(self, model_path, *args, key=KEY):
+        self.key = key
+        self.lines = []
+        env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+        cmd = [sys.executable, "-m", "parallel_gen", "serve", "-m", str(model_path), "--port", "0",
+               "--model-alias", ALIAS, "--n-ctx", str(N_CTX), "--threads", "2", *map(str, args)]
+        if key is not None:
+            cmd += ["--api-key", key]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.port = None
+        found = threading.Event()
+
+        def read():
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+                if m:
+                    self.port = int(m.group(1))
+                    found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(60):
+            self.stop()
+            raise AssertionError("server did not start:\n" + "".join(self.lines))
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.Client(base_url=self.url, timeout=120,
+                                 headers={"Authorization": f"Bearer {key}"} if key else {})
+        deadline = time.monotonic() + 60
+        while self.http.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "model never became ready"
+            time.sleep(0.1)
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key or "none", max_retries=0, timeout=120, **kw)
+
+    def metric(self, name, labels=""):
+        text = self.http.get("/metrics").text
+        m = re.search(rf"^{re.escape(name + labels)} ([0-9.e+-]+)$", text, re.M)
+        return float(m.group(1)) if m else None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path):
+    s = Server(smollm2_path, "--n-parallel", "8", "--max-queue", "64")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def local(smollm2_path):
+    """In-process reference: same model file and per-sequence context as the server."""
+    with pg.Model(smollm2_path, n_parallel=8, n_ctx=N_CTX, n_threads=2) as m:
+        yield m
+
+
+def still_serves(server):
+    r = server.client().completions.create(model=ALIAS, prompt="2 + 2 =", max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens >= 1
+
+
+# -- the happy paths, through the official client ---------------------------------------------
+def test_completions_array_prompt_and_n_match_in_process(server, local):
+    r = server.client().completions.create(model=ALIAS, prompt=PROMPTS[:3], n=2, max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.model == ALIAS
+    assert [c.index for c in r.choices] == list(range(6))
+    want = pg.generate_parallel(local, PROMPTS[:3], max_tokens=12, temperature=0)
+    for i, c in enumerate(want):
+        assert r.choices[2 * i].text == c.text and r.choices[2 * i + 1].text == c.text  # prompt i, samples 0, 1
+        assert r.choices[2 * i].finish_reason == c.finish_reason
+    assert r.usage.prompt_tokens == sum(c.prompt_tokens for c in want)
+    assert r.usage.completion_tokens == 2 * sum(len(c.token_ids) for c in want)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_matches_chat_parallel(server, local):
+    messages = [{"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "What colour is the sky?"}]
+    r = server.client().chat.completions.create(model=ALIAS, messages=messages, max_completion_tokens=16,
+                                                temperature=0)
+    want = pg.chat_parallel(local, [messages], max_tokens=16, temperature=0)[0]
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want.text
+    assert "<|im_end|>" not in r.choices[0].message.content
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == want.prompt_tokens
+
+
+def test_streaming_with_usage_matches_whole_response(server):
+    client = server.client()
+    whole = client.completions.create(model=ALIAS, prompt=PROMPTS[:2], max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model=ALIAS, prompt=PROMPTS[:2], max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    texts = {0: "", 1: ""}
+    finish = {}
+    for ch in chunks[:-1]:
+        assert len(ch.choices) == 1
+        c = ch.choices[0]
+        assert c.index not in finish, "text after the choice's finish chunk"
+        texts[c.index] += c.text
+        if c.finish_reason is not None:
+            finish[c.index] = c.finish_reason
+    assert [texts[0], texts[1]] == [c.text for c in whole.choices]
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == whole.usage.completion_tokens
+    assert last.usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_chat_streaming_sends_role_then_content_then_finish(server):
+    stream = server.client().chat.completions.create(
+        model=ALIAS, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=12, temperature=0,
+        n=2, stream=True, stream_options={"include_usage": True})
+    per_choice = {0: [], 1: []}
+    usage = None
+    for ch in stream:
+        if not ch.choices:
+            usage = ch.usage
+            continue
+        per_choice[ch.choices[0].index].append(ch.choices[0])
+    for events in per_choice.values():
+        assert events[0].delta.role == "assistant"
+        assert events[-1].finish_reason in ("stop", "length")
+        assert all(e.finish_reason is None for e in events[:-1])
+    texts = ["".join(e.delta.content or "" for e in per_choice[i]) for i in (0, 1)]
+    assert texts[0] == texts[1] and texts[0]  # greedy: both samples agree
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_raw_sse_framing_ends_with_done(server):
+    with server.http.stream("POST", "/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "stream": True,
+                                                             "temperature": 0}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        data = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    assert all(json.loads(d)["object"] == "text_completion" for d in data[:-1])
+
+
+def test_response_format_json_schema_is_enforced(server):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = server.client().chat.completions.create(
+        model=ALIAS, messages=[{"role": "user", "content": "Describe a person as JSON."}], n=3, seed=5,
+        temperature=0.8, max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    assert len(r.choices) == 3
+    for c in r.choices:
+        assert c.finish_reason == "stop", c.message.content
+        jsonschema.validate(json.loads(c.message.content), schema)
+    obj = server.client().chat.completions.create(
+        model=ALIAS, messages=[{"role": "user", "content": "Give me JSON."}], max_tokens=60, temperature=0,
+        response_format={"type": "json_object"})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_completion_logprobs_match_in_process(server, local):
+    r = server.client().completions.create(model=ALIAS, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    want = pg.generate_parallel(local, PROMPTS[0], max_tokens=6, temperature=0, logprobs=3)[0].outputs[0]
+    assert len(lp.tokens) == len(want.token_ids) == r.usage.completion_tokens
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in want.logprobs], abs=1e-5)
+    assert all(len(top) == 3 for top in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # Greedy: the chosen token is the most likely one.
+    for tok, lp_tok, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert lp_tok == pytest.approx(max(top.values()), abs=1e-6)
+
+
+def test_chat_logprobs(server):
+    r = server.client().chat.completions.create(model=ALIAS, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 2
+        assert bytes(t.bytes).decode("utf-8") == t.token
+
+
+def test_stop_strings(server):
+    r = server.client().completions.create(model=ALIAS, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0,
+                                           stop=[" 7"])
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and " 7" not in c.text and "6" in c.text
+
+
+def test_seed_reproducibility(server):
+    client = server.client()
+
+    def sample(seed):
+        return client.completions.create(model=ALIAS, prompt="My favourite food is", max_tokens=16,
+                                         temperature=1.0, top_p=1.0, seed=seed, n=2,
+                                         extra_body={"top_k": 0, "min_p": 0.0}).choices
+
+    a, b = sample(11), sample(11)
+    assert [c.text for c in a] == [c.text for c in b]
+    others = [c.text for seed in (12, 13, 14) for c in sample(seed)]
+    assert any(t != a[0].text for t in others)
+
+
+def test_models_health_metrics_and_request_id(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [ALIAS]
+    assert server.http.get("/health").json() == {"status": "ok"}
+    r = server.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers={"X-Request-Id": "abc-123"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123" and r.json()["id"] == "cmpl-abc-123"
+    r2 = server.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert r2.headers["x-request-id"] and r2.json()["id"] == "cmpl-" + r2.headers["x-request-id"]
+    text = server.http.get("/metrics").text
+    for name in ("parallel_gen_requests_running", "parallel_gen_requests_waiting", "parallel_gen_prompt_tokens_total",
+                 "parallel_gen_generation_tokens_total", "parallel_gen_request_duration_seconds_bucket",
+                 "parallel_gen_time_to_first_token_seconds_bucket", "parallel_gen_sequences_finished_total",
+                 "parallel_gen_kv_cells_used", "parallel_gen_sequences_waiting"):
+        assert name in text, name
+    assert server.metric("parallel_gen_kv_cells_used") == 0  # nothing running now
+
+
+# -- every error status has OpenAI's body, and the server keeps serving -------------------------
+def _error(r, status, code=None, param=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert "Traceback" not in r.text and "detail" not in body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]
+
+
+def test_error_statuses(server):
+    http = server.http
+    post = lambda body, **kw: http.post("/v1/completions", json=body, **kw)  # noqa: E731
+    e = _error(http.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"}),
+               400, "invalid_json")
+    still_serves(server)
+    e = _error(post({"prompt": "x", "max_tokens": "many"}), 400, param="max_tokens")
+    assert "'many'" in e["message"]
+    e = _error(post({"prompt": 42}), 400, param="prompt")
+    e = _error(post({"max_tokens": 3}), 400, "missing_field", "prompt")
+    e = _error(post({"prompt": "x", "temperature": -1}), 400, "invalid_value", "temperature")
+    assert "temperature=-1" in e["message"]
+    e = _error(post({"prompt": "x", "top_p": 0}), 400, param="top_p")
+    e = _error(post({"prompt": "x", "logprobs": 99}), 400, param="logprobs")
+    e = _error(post({"prompt": "x", "logit_bias": {"abc": 1}}), 400, param="logit_bias")
+    e = _error(post({"prompt": "x", "logit_bias": {"99999999": 1}}), 400)
+    assert "vocabulary" in e["message"]
+    e = _error(post({"prompt": "x", "grammar": "root ::= nonsense("}), 400, param="grammar")
+    still_serves(server)
+    e = _error(post({"prompt": "x", "model": "gpt-4"}), 404, "model_not_found", "model")
+    e = _error(post({"prompt": "x", "n": 10_000}), 400, param="n")
+    e = _error(post({"prompt": ["x"] * 1000}), 400, param="prompt")
+    e = _error(post({"prompt": "x", "echo": True}), 400, "unsupported", "echo")
+    e = _error(post({"prompt": "x", "best_of": 3}), 400, "unsupported", "best_of")
+    e = _error(post({"prompt": "word " * 2000}), 400, "context_length_exceeded", "prompt")
+    e = _error(post({"prompt": ["ok", "word " * 2000]}), 400, "context_length_exceeded", "prompt[1]")
+    e = _error(post({"prompt": ""}), 400, param="prompt")
+    still_serves(server)
+    e = _error(post({"prompt": "x" * (3 * 1024 * 1024)}), 413, "body_too_large")
+    e = _error(http.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"}),
+               401, "invalid_api_key")
+    no_key = httpx.Client(base_url=server.url, timeout=30)
+    _error(no_key.post("/v1/completions", json={"prompt": "x"}), 401, "invalid_api_key")
+    _error(no_key.get("/v1/models"), 401)
+    assert no_key.get("/health").status_code == 200  # health needs no key
+    _error(http.get("/v1/nothing-here"), 404, "not_found")
+    _error(http.get("/v1/completions"), 405)
+    chat = lambda body: http.post("/v1/chat/completions", json=body)  # noqa: E731
+    _error(chat({"messages": []}), 400, param="messages")
+    _error(chat({"messages": [{"role": "user"}]}), 400)
+    _error(chat({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), 400, param="top_logprobs")
+    _error(chat({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}), 400)
+    still_serves(server)
+    # The openai client raises its typed errors on these bodies.
+    with pytest.raises(openai.NotFoundError):
+        server.client().completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="bad", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError) as exc:
+        server.client().completions.create(model=ALIAS, prompt="x", temperature=-3)
+    assert exc.value.body["param"] == "temperature"
+    assert "parallel_gen_requests_rejected_total" in http.get("/metrics").text
+    still_serves(server)
+
+
+# -- many clients, one batch ------------------------------------------------------------------
+def test_32_concurrent_clients_share_the_batch_and_get_in_process_answers(server, local):
+    from conftest import PROMPTS_16
+
+    prompts = [f"{p}" for p in PROMPTS_16] + [f"{p} and" for p in PROMPTS_16]
+    want = pg.generate_parallel(local, prompts, max_tokens=16, temperature=0)
+    calls_before = server.metric("parallel_gen_engine_decode_calls")
+    tokens_before = server.metric("parallel_gen_engine_tokens_generated")
+
+    def ask(i):
+        client = server.client()
+        if i % 2:
+            chunks = client.completions.create(model=ALIAS, prompt=prompts[i], max_tokens=16, temperature=0,
+                                               stream=True)
+            return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        return client.completions.create(model=ALIAS, prompt=prompts[i], max_tokens=16, temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(ask, range(32)))
+    assert got == [c.text for c in want]
+    calls = server.metric("parallel_gen_engine_decode_calls") - calls_before
+    tokens = server.metric("parallel_gen_engine_tokens_generated") - tokens_before
+    assert tokens == sum(len(c.token_ids) for c in want)
+    # Alone, every token would need its own decode call (plus a prefill each): shared steps
+    # decode 8 sequences per call.
+    assert calls < tokens / 3, (calls, tokens)
+
+
+# -- a small server for cancellation and backpressure -------------------------------------------
+@pytest.fixture()
+def small(smollm2_path):
+    s = Server(smollm2_path, "--n-parallel", "2", "--max-queue", "2", key=None)
+    yield s
+    s.stop()
+
+
+def _wait(pred, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+LONG = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "temperature": 0}
+
+
+def test_disconnect_mid_stream_frees_the_slot(small):
+    other = concurrent.futures.ThreadPoolExecutor(1).submit(
+        small.client().completions.create, model=ALIAS, prompt="Hello", max_tokens=40, temperature=0,
+        extra_body={"ignore_eos": True})
+    with httpx.Client(base_url=small.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got)
+            assert small.metric("parallel_gen_slots_busy") >= 1
+        t0 = time.monotonic()  # the connection is closed here
+    assert _wait(lambda: small.metric("parallel_gen_kv_cells_used") <= 60 and
+                 small.metric("parallel_gen_requests_running") + small.metric("parallel_gen_requests_waiting") <= 1, 2.0)
+    freed = time.monotonic() - t0
+    assert freed <= 2.0
+    r = other.result(60)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 40
+    assert _wait(lambda: small.metric("parallel_gen_slots_busy") == 0, 2.0)
+    assert small.metric("parallel_gen_sequences_finished_total", '{finish_reason="cancelled"}') >= 1
+
+
+def test_disconnect_while_waiting_for_a_whole_response(small):
+    c = httpx.Client(base_url=small.url, timeout=0.5)
+    with pytest.raises(httpx.ReadTimeout):
+        c.post("/v1/completions", json=LONG)
+    c.close()
+    assert _wait(lambda: small.metric("parallel_gen_slots_busy") == 0, 2.0)
+
+
+def test_queue_full_gets_429_then_succeeds_once_drained(small):
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+    http = httpx.Client(base_url=small.url, timeout=120)
+    # 2 slots + 2 waiting: four one-sequence requests fill the server.
+    busy = [pool.submit(http.post, "/v1/completions", json={**LONG, "max_tokens": 120}) for _ in range(4)]
+    assert _wait(lambda: small.metric("parallel_gen_slots_busy") == 2 and
+                 small.metric("parallel_gen_requests_waiting") + small.metric("parallel_gen_requests_running") == 4, 30)
+    r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    e = _error(r, 429, "queue_full")
+    assert r.headers["retry-after"] == "1"
+    assert "waiting" in e["message"]
+    with pytest.raises(openai.RateLimitError):
+        small.client().completions.create(model=ALIAS, prompt="Hi", max_tokens=2)
+    for f in busy:
+        assert f.result(120).status_code == 200
+    r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200
+    assert small.metric("parallel_gen_requests_rejected_total", '{reason="queue_full"}') == 2
+
+
+def test_sigterm_finishes_running_work_and_exits_0(small):
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    running = pool.submit(httpx.post, small.url + "/v1/completions",
+                          json={"prompt": "Hi", "max_tokens": 30, "ignore_eos": True}, timeout=60)
+
+    def stream():
+        chunks = small.client().completions.create(model=ALIAS, prompt="Hello", max_tokens=30, stream=True,
+                                                   extra_body={"ignore_eos": True})
+        return [c.choices[0].finish_reason for c in chunks if c.choices]
+
+    streaming = pool.submit(stream)
+    assert _wait(lambda: small.metric("parallel_gen_slots_busy") == 2, 10)
+    small.proc.send_signal(signal.SIGTERM)
+    assert small.proc.wait(30) == 0
+    r = running.result(30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 30
+    assert streaming.result(30)[-1] == "length"  # the stream ran to its end within the grace period
+    assert "Traceback" not in "".join(small.lines)
+
+
+def test_serve_cli_errors(tmp_path):
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "parallel_gen", "serve", "--port", "0", *a],  # noqa: E731
+                                    capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+    r = run("-m", str(tmp_path / "missing.gguf"))
+    assert r.returncode == 1 and "missing.gguf" in r.stderr
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    r = run("-m", str(bad))
+    assert r.returncode == 1 and "failed to load" in r.stderr
+    empty = tmp_path / "key"
+    empty.write_text("\n")
+    r = run("-m", str(bad), "--api-key-file", str(empty))
+    assert r.returncode == 2 and "empty" in r.stderr
+    r = run("--max-queue", "-1")
+    assert r.returncode == 2 and "max_queue" in r.stderr

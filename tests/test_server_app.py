@@ -1,0 +1,99 @@
+"""create_app in-process (Starlette's TestClient runs the app's lifespan): loading and
+load failure (503), an engine failure (500, then the server keeps serving), settings."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from starlette.testclient import TestClient
+
+import parallel_gen as pg
+from parallel_gen.server import ServerSettings, create_app
+
+
+def _error(r, status, code):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == code, body
+    return body["error"]
+
+
+def test_health_is_503_while_loading_then_200(smollm2_path):
+    go = threading.Event()
+    loaded = []
+
+    def load():
+        go.wait(30)
+        m = pg.Model(smollm2_path, n_parallel=2, n_ctx=256, n_threads=1)
+        loaded.append(m)
+        return m
+
+    with TestClient(create_app(load)) as client:
+        _error(client.get("/health"), 503, "loading")
+        r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        _error(r, 503, "loading")
+        assert r.headers["retry-after"] == "1"
+        go.set()
+        for _ in range(300):
+            if client.get("/health").status_code == 200:
+                break
+            threading.Event().wait(0.1)
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/v1/models").json()["data"][0]["id"] == smollm2_path.stem
+        assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+    assert loaded[0].closed  # the app loaded it, so the app closed it at shutdown
+
+
+def test_load_failure_is_503_with_the_reason(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    failures = []
+    app = create_app(lambda: pg.Model(bad))
+    app.state.lifecycle.on_load_error = failures.append
+    with TestClient(app) as client:
+        for _ in range(300):
+            if failures:
+                break
+            threading.Event().wait(0.05)
+        e = _error(client.get("/health"), 503, "load_failed")
+        assert "ModelLoadError" in e["message"]
+
+
+def test_engine_failure_is_500_and_the_server_keeps_serving(smollm2_path):
+    with pg.Model(smollm2_path, n_parallel=2, n_ctx=256, n_threads=1) as model:
+        with TestClient(create_app(model)) as client:
+            model._inject_abort(2)
+            e = _error(client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 20, "ignore_eos": True}),
+                       500, "engine_failure")
+            assert "Traceback" not in e["message"]
+            model._inject_abort(2)
+            with client.stream("POST", "/v1/completions", json={"prompt": "Hello", "max_tokens": 20,
+                                                                 "ignore_eos": True, "stream": True}) as r:
+                data = [line for line in r.iter_lines() if line.startswith("data: ")]
+            assert data[-1] == "data: [DONE]" and '"engine_failure"' in data[-2]
+            r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+            assert client.get("/health").status_code == 200
+        assert not model.closed  # a Model handed in is the caller's to close
+
+
+def test_model_without_chat_template_gets_400_naming_the_fix(gemma3_path):
+    with pg.Model(gemma3_path, n_parallel=1, n_ctx=128, n_threads=1) as model:
+        with TestClient(create_app(model)) as client:
+            e = _error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}),
+                       400, "no_chat_template")
+            assert "--chat-template" in e["message"]
+        with TestClient(create_app(model, chat_template="chatml")) as client:
+            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                          "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"max_queue": -1}, "max_queue=-1"), ({"max_n": 0}, "max_n=0"), ({"max_body": True}, "max_body"),
+    ({"api_key": "  "}, "api_key"), ({"nonsense": 1}, "nonsense"),
+])
+def test_bad_settings_raise_before_serving(kw, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        ServerSettings(**kw)
