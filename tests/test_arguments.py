@@ -68,6 +68,47 @@ def test_bad_prompts(smol, prompts, exc, match):
         pg.generate_parallel(smol, prompts)
 
 
+@pytest.mark.parametrize(
+    "prompts, match",
+    [
+        ({"q1": "Hello", "q2": "Hi"}, r"got dict: .*list\(d\.values\(\)\)"),
+        ({"Hello", "Hi"}, "got set, which has no order"),
+        (frozenset({"Hello"}), "got frozenset"),
+        ({"q1": "Hello"}.keys(), "got dict_keys"),
+    ],
+)
+def test_unordered_prompts_are_rejected(smol, prompts, match):
+    """A dict would be iterated for its keys (generating for the ids), a set in no
+    defined order: every entry point says what to pass instead, before any work."""
+    with pytest.raises(TypeError, match=match):
+        pg.generate_parallel(smol, prompts, max_tokens=2)
+    with pytest.raises(TypeError, match=match):
+        pg.stream_parallel(smol, prompts, max_tokens=2)
+    with pytest.raises(TypeError, match=match):
+        pg.astream_parallel(smol, prompts, max_tokens=2)
+    s = smol.stats()
+    assert s.active_requests == 0 and s.queued_prompts == 0
+
+
+def test_unordered_params_and_conversations_are_rejected(smol):
+    with pytest.raises(TypeError, match="params must be a sequence.*got dict"):
+        pg.generate_parallel(smol, ["a"], {"a": pg.SamplingParams()})
+    with pytest.raises(TypeError, match="conversations must be a sequence.*got frozenset"):
+        pg.chat_parallel(smol, frozenset({(("role", "user"),)}))
+
+
+def test_params_generator_with_cache(smol, tmp_path):
+    """params may be any iterable, a generator included, also with a cache (which reads
+    the parameters twice: once to run, once to decide what is cacheable)."""
+    def params():
+        return (pg.SamplingParams(max_tokens=3 + i, temperature=0, ignore_eos=True) for i in range(2))
+
+    first = pg.generate_parallel(smol, ["Hello", "The sky is"], params(), cache=tmp_path / "cache")
+    assert [len(c.token_ids) for c in first] == [3, 4] and first.stats.cache_hits == 0
+    again = pg.generate_parallel(smol, ["Hello", "The sky is"], params(), cache=tmp_path / "cache")
+    assert again.stats.cache_hits == 2 and [c.token_ids for c in again] == [c.token_ids for c in first]
+
+
 def test_bad_call_arguments(smol):
     with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
         pg.generate_parallel(smol, ["a", "b"], [pg.SamplingParams()])

@@ -63,7 +63,8 @@ def test_greedy_logprobs_are_consistent(smol):
         out = c.outputs[0]
         assert len(out.logprobs) == len(out.token_ids) == 8
         for tok, lp in zip(out.token_ids, out.logprobs):
-            assert lp.token_id == tok and lp.token == pg_text(lp)
+            assert lp.token_id == tok and lp.token == smol.detokenize([tok])
+            assert all(a.token == smol.detokenize([a.token_id]) for a in lp.top)
             assert len(lp.top) == 5
             assert [a.logprob for a in lp.top] == sorted((a.logprob for a in lp.top), reverse=True)
             # greedy picks the most likely token: its probability is the top-1 probability
@@ -85,10 +86,6 @@ def test_greedy_argmax_path_matches_llama_cpp_greedy_sampler(smol):
     fast = pg.generate_parallel(smol, PROMPTS_16, **kw)
     chain = pg.generate_parallel(smol, PROMPTS_16, logit_bias={0: 0.0}, **kw)
     assert [c.token_ids for c in fast] == [c.token_ids for c in chain]
-
-
-def pg_text(lp):
-    return lp.token  # the text is the model's own piece; checked for presence below
 
 
 def test_logprobs_zero_gives_only_the_chosen_token(smol):
