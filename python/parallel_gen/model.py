@@ -221,6 +221,7 @@ class Model:
         self._handle: Optional[_core.ModelHandle] = handle
         self._owner = owner  # a llama_cpp.Llama whose weights we borrow: keep it alive
         self._lock = threading.Lock()
+        self._token_texts: Dict[int, str] = {}
         self._engine: Optional[_core.Engine] = None
         self._runner: Optional[EngineRunner] = None
         n_ctx = config["n_ctx"]
@@ -359,3 +360,10 @@ class Model:
 
     def detokenize(self, tokens: List[int], *, render_special: bool = False) -> str:
         return self._model.detokenize(list(tokens), render_special).decode("utf-8", "replace")
+
+    def _token_text(self, token: int) -> str:
+        """One token's text, cached: logprobs name up to 20 alternatives per generated token."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.detokenize([token])
+        return text
