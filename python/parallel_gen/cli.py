@@ -416,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_bench = None
     if _add_bench is not None:
         _add_bench(sub)
+    from .server.cli import add_parser as _add_serve  # imports no server package until `serve` runs
+
+    _add_serve(sub, _add_model_options)
     return p
 
 
