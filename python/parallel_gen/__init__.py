@@ -11,6 +11,7 @@ from .cache import ResultCache
 from .chat import apply_chat_template, chat_parallel
 from .errors import GenerationError, ModelLoadError
 from .generate import generate_parallel
+from .jobs import JobSummary, generate_iter, run_file_job
 from .model import Model
 from .models import default_model_path
 from .params import SamplingParams
@@ -25,6 +26,7 @@ __all__ = [
     "Completion",
     "EngineStats",
     "GenerationError",
+    "JobSummary",
     "Logprob",
     "Model",
     "ModelLoadError",
@@ -37,7 +39,9 @@ __all__ = [
     "astream_parallel",
     "chat_parallel",
     "default_model_path",
+    "generate_iter",
     "generate_parallel",
+    "run_file_job",
     "stream_parallel",
 ]
 

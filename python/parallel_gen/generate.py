@@ -19,6 +19,7 @@ from .cache import open_cache
 from .errors import GenerationError
 from .events import (Cancelled, Closed, EngineCounters, EngineEvent, Fatal, Progress, RequestDone, SequenceFinished,
                      SequenceResult)
+from .memory import n_ctx_for_prompts
 from .model import Model
 from .params import FIELD_NAMES, SamplingParams, sample_seed
 from .progress import make_progress
@@ -76,7 +77,9 @@ def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None,
     bar = make_progress(progress, len(prompt_list))  # checks `progress` before the model loads
     result_cache = open_cache(cache)
     try:
-        with _open(model) as m, bar as on_step:
+        # A Model opened here gets a context sized to these prompts, not the 4096 default.
+        with _open(model, n_ctx_for_prompts(prompt_list, [p.max_tokens for p in param_list])) as m, \
+                bar as on_step:
             return run_batch(m, prompt_list, param_list, on_step=on_step, request_id=request_id,
                              cache=result_cache, cacheable=cacheable)
     finally:
@@ -159,20 +162,21 @@ def _deterministic(params: Params, overrides: dict, n: int) -> List[bool]:
     return [fixed(p) for p in params]
 
 
-def _open_model(model: ModelLike) -> Tuple[Model, bool]:
-    """The Model to use, and whether this call opened it (and must close it)."""
+def _open_model(model: ModelLike, n_ctx: Optional[Callable[[Model], int]] = None) -> Tuple[Model, bool]:
+    """The Model to use, and whether this call opened it (and must close it). A path is
+    opened with ``n_ctx(model)`` tokens per sequence when given, else the default."""
     if isinstance(model, Model):
         return model, False
     if isinstance(model, (str, os.PathLike)):
-        return Model(model), True
+        return (Model._sized(model, n_ctx) if n_ctx is not None else Model(model)), True
     if isinstance(model, llama_cpp.Llama):
         return Model.from_llama(model), True
     raise TypeError(f"model must be a parallel_gen.Model, a path or a llama_cpp.Llama, got {type(model).__name__}")
 
 
 @contextlib.contextmanager
-def _open(model: ModelLike) -> Iterator[Model]:
-    m, owned = _open_model(model)
+def _open(model: ModelLike, n_ctx: Optional[Callable[[Model], int]] = None) -> Iterator[Model]:
+    m, owned = _open_model(model, n_ctx)
     try:
         yield m
     finally:
