@@ -144,9 +144,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         kv = []
         for kv_type in ("f16", "q8_0"):
             o = d / f"kv-{kv_type}.jsonl"
-            r = isolated_rss(f"CLI, KV {kv_type}, n_ctx {args.kv_n_ctx}",
-                             cli(args, small, o, "--n-ctx", str(args.kv_n_ctx), "--type-k", kv_type, "--type-v", kv_type),
-                             args.rows, output_tokens(o))
+            kv_flags = ["--n-ctx", str(args.kv_n_ctx), "--type-k", kv_type, "--type-v", kv_type]
+            r = isolated_rss(f"CLI, KV {kv_type}, n_ctx {args.kv_n_ctx}", cli(args, small, o, *kv_flags), args.rows,
+                             output_tokens(o))
             texts[kv_type] = [json.loads(line)["text"] for line in open(o)]
             kv.append(r)
         runs += kv

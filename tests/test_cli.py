@@ -195,6 +195,7 @@ def test_no_default_model_says_how_to_install(monkeypatch, capsys, own_logger):
     (["x", "-f", "{tmp}/bad.csv"], None, "not both"),
     (["x", "--output-format", "parquet"], None, "Parquet output needs a file"),
     (["x", "--resume"], None, "--resume needs an output file"),
+    (["x", "--lookahead", "0"], None, "lookahead=0"),
     (["x", "--top-p", "2"], None, "top_p"),
     (["x", "--temperature", "warm"], None, "invalid float value"),
     (["x", "--n-parallel", "0"], None, "n_parallel"),

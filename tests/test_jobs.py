@@ -368,3 +368,36 @@ def test_generate_parallel_opening_a_path_sizes_n_ctx_to_the_prompts(smollm2_pat
         r = pg.generate_parallel(str(smollm2_path), ["Hi", "word " * 300], max_tokens=2, temperature=0)
     assert "n_ctx 512 sized to the work" in caplog.text  # 301 prompt tokens + 2, rounded up; not 4096
     assert [c.finish_reason for c in r] == ["length", "length"]
+
+
+def test_csv_messages_column_and_a_custom_prompt_column(smol, tmp_path):
+    src, out = tmp_path / "in.csv", tmp_path / "out.jsonl"
+    conv = [{"role": "user", "content": "Name a fruit."}]
+    with open(src, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["review", "conversation"])
+        w.writerow(["Water boils at", ""])
+        w.writerow(["", json.dumps(conv)])
+        w.writerow(["", "[not json"])
+    s = run_file_job(smol, src, out, prompt_column="review", messages_column="conversation", max_tokens=3,
+                     temperature=0)
+    assert (s.rows, s.failed) == (3, 1)
+    got = read_jsonl(out)
+    assert [g["review"] for g in got] == ["Water boils at", "", ""]  # carried as read
+    assert got[0]["text"] == greedy(smol, ["Water boils at"], 3)[0]
+    assert got[1]["text"] == pg.chat_parallel(smol, [conv], max_tokens=3, temperature=0)[0].text
+    assert "'conversation' cell is not JSON" in got[2]["error"]
+
+
+def test_a_fatal_llama_cpp_failure_mid_job_keeps_the_rows_written(smol, tmp_path):
+    prompts = [f"Item {i}: the sky is" for i in range(40)]
+    src, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    src.write_text("\n".join(prompts) + "\n")
+    smol._inject_abort(12)  # llama.cpp's abort callback fires in the 12th decode from now
+    with pytest.raises(pg.GenerationError):
+        run_file_job(smol, src, out, max_tokens=3, temperature=0, lookahead=8)
+    kept = read_jsonl(out)
+    assert 0 < len(kept) < 40 and [k["row"] for k in kept] == list(range(len(kept)))
+    s = run_file_job(smol, src, out, max_tokens=3, temperature=0, resume=True)
+    assert (s.skipped, s.rows) == (len(kept), 40)
+    assert [g["text"] for g in read_jsonl(out)] == greedy(smol, prompts, 3)

@@ -175,6 +175,7 @@ def _chat_template_arg(args: argparse.Namespace) -> Optional[str]:
 
 def _generate(args: argparse.Namespace) -> int:
     from .cli_io import print_summary, resume_command
+    from .errors import GenerationError
     from .jobs.job import JobInterrupted, run_source_job
 
     params = _sampling_params(args)
@@ -195,6 +196,11 @@ def _generate(args: argparse.Namespace) -> int:
             if s.output:
                 print(f"continue with: {resume_command(args.argv)}", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except GenerationError as e:  # the rows finished before the failure are in the output
+            print(f"parallel-gen generate: error: {e}", file=sys.stderr)
+            if args.output not in (None, "-"):
+                print(f"the rows written are kept; continue with: {resume_command(args.argv)}", file=sys.stderr)
+            return EXIT_FAILED
     finally:
         source.close()
     if args.stats:

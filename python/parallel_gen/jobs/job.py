@@ -23,7 +23,7 @@ from ..params import SamplingParams
 from ..progress import make_progress
 from ..templates import ChatTemplate
 from .formats import STDIN, InputFormat, JobInputError, input_format_for, output_format_for
-from .ordered import LOOKAHEAD_PER_SLOT, OrderedGeneration, Work
+from .ordered import LOOKAHEAD_PER_SLOT, OrderedGeneration, Work, check_lookahead
 from .overrides import row_params
 from .progress import job_progress
 from .records import carried, output_record
@@ -175,6 +175,7 @@ def run_source_job(model: Union[Model, PathLike, None], source: Source, output: 
     prompts from arguments are one); ``output`` None is stdout."""
     t0 = time.perf_counter()
     make_progress(progress, 0)
+    check_lookahead(lookahead)
     if resume and overwrite:
         raise JobInputError("resume and overwrite exclude each other: --resume continues the output, "
                             "--overwrite replaces it")

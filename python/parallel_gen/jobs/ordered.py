@@ -99,11 +99,16 @@ def generate_iter(model: ModelLike, prompts: Iterable[str],
     if isinstance(prompts, (str, bytes)):
         raise TypeError("prompts must be an iterable of str; for one prompt pass [prompt]")
     reject_unordered("prompts", prompts)
-    if lookahead is not None and (isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1):
-        raise ValueError(f"lookahead={lookahead!r}: must be an int >= 1")
+    check_lookahead(lookahead)
     works = _works(iter(prompts), params, overrides)
     m, owned = _open_model(model)
     return _iterate(m, owned, works, lookahead, request_id)
+
+
+def check_lookahead(lookahead: Optional[int]) -> None:
+    """Raises ValueError unless ``lookahead`` is None or an int >= 1."""
+    if lookahead is not None and (isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1):
+        raise ValueError(f"lookahead={lookahead!r}: must be an int >= 1")
 
 
 def _iterate(model: Model, owned: bool, works: Iterator[Work], lookahead: Optional[int],
@@ -154,6 +159,7 @@ class OrderedGeneration:
 
     def __init__(self, model: Model, works: Iterator[Work], lookahead: Optional[int] = None,
                  request_id: Optional[str] = None) -> None:
+        check_lookahead(lookahead)
         self.model = model
         self._runner = model._require_runner()
         self._works = works

@@ -89,7 +89,8 @@ def open_source(path: Optional[str], input_format: "str | InputFormat" = "auto",
     if fmt is InputFormat.AUTO:
         fmt, lines = _sniff(lines, columns)
     total = None
-    if count_rows and path not in (None, STDIN) and fmt in (InputFormat.TEXT, InputFormat.JSONL):
+    # A second pass over a regular file only: a pipe (-f <(...)) can be read once.
+    if count_rows and os.path.isfile(name) and fmt in (InputFormat.TEXT, InputFormat.JSONL):
         total = _count_nonblank_lines(name)
     readers = {InputFormat.TEXT: _text_rows, InputFormat.JSONL: _jsonl_rows, InputFormat.CSV: _csv_rows}
     return Source(name, fmt, readers[fmt](lines, name, columns), total, close)
@@ -113,11 +114,8 @@ def _sniff(lines: Iterator[bytes], columns: Columns) -> "tuple[InputFormat, Iter
 
 
 def _count_nonblank_lines(path: str) -> int:
-    n = 0
     with open(path, "rb") as f:
-        for line in f:
-            n += bool(line.strip())
-    return n
+        return sum(1 for _ in _nonblank(f, path))
 
 
 def _decode(line: bytes, where: str) -> "tuple[Optional[str], Optional[str]]":
@@ -127,23 +125,23 @@ def _decode(line: bytes, where: str) -> "tuple[Optional[str], Optional[str]]":
         return None, f"{where}: not UTF-8 text ({e.reason} at byte {e.start})"
 
 
-def _text_rows(lines: Iterable[bytes], name: str, columns: Columns) -> Iterator[InputRow]:
+def _nonblank(lines: Iterable[bytes], name: str) -> "Iterator[tuple[int, str, bytes]]":
+    """(row number, "file:line", line) of every non-blank line: blank lines are not rows."""
     row = 0
     for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{name}:{n}"
+        if line.strip():
+            yield row, f"{name}:{n}", line
+            row += 1
+
+
+def _text_rows(lines: Iterable[bytes], name: str, columns: Columns) -> Iterator[InputRow]:
+    for row, where, line in _nonblank(lines, name):
         text, error = _decode(line.rstrip(b"\r\n"), where)
         yield InputRow(row, where, {columns.prompt: text} if text is not None else {}, prompt=text, error=error)
-        row += 1
 
 
 def _jsonl_rows(lines: Iterable[bytes], name: str, columns: Columns) -> Iterator[InputRow]:
-    row = 0
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{name}:{n}"
+    for row, where, line in _nonblank(lines, name):
         text, error = _decode(line, where)
         obj: Any = None
         if text is not None:
@@ -156,7 +154,6 @@ def _jsonl_rows(lines: Iterable[bytes], name: str, columns: Columns) -> Iterator
                     error = (f"{where}: expected a JSON object with {columns.prompt!r} or {columns.messages!r}, "
                              f"got {type(obj).__name__}")
         yield _from_fields(row, where, obj if isinstance(obj, dict) else {}, columns, error)
-        row += 1
 
 
 def _csv_rows(lines: Iterable[bytes], name: str, columns: Columns) -> Iterator[InputRow]:
@@ -188,22 +185,17 @@ def _csv_rows(lines: Iterable[bytes], name: str, columns: Columns) -> Iterator[I
         if len(cells) != len(header):
             error = f"{where}: {len(cells)} cells for a header of {len(header)} columns"
         fields = dict(zip(header, cells))
-        # A messages cell holds the conversation as JSON text.
-        msg = fields.get(columns.messages)
-        parsed: Dict[str, Any] = dict(fields)
-        if isinstance(msg, str) and msg.strip():
+        # Empty cells are missing values; a messages cell holds the conversation as JSON text.
+        named = (columns.prompt, columns.messages)
+        parsed: Dict[str, Any] = {k: v for k, v in fields.items() if v != "" or k not in named}
+        if columns.messages in parsed:
             try:
-                parsed[columns.messages] = json.loads(msg)
+                parsed[columns.messages] = json.loads(parsed[columns.messages])
             except json.JSONDecodeError as e:
                 error = error or f"{where}: the {columns.messages!r} cell is not JSON ({e.msg})"
-        elif msg is not None:
-            parsed.pop(columns.messages)  # an empty cell: no conversation
-        for key in (columns.prompt,):
-            if parsed.get(key) == "":
-                parsed.pop(key)  # an empty cell is a missing prompt
-        row_ = _from_fields(row, where, parsed, columns, error)
-        row_.fields = fields  # carried as read
-        yield row_
+        out = _from_fields(row, where, parsed, columns, error)
+        out.fields = fields  # carried as read
+        yield out
         row += 1
 
 
