@@ -401,3 +401,12 @@ def test_a_fatal_llama_cpp_failure_mid_job_keeps_the_rows_written(smol, tmp_path
     s = run_file_job(smol, src, out, max_tokens=3, temperature=0, resume=True)
     assert (s.skipped, s.rows) == (len(kept), 40)
     assert [g["text"] for g in read_jsonl(out)] == greedy(smol, prompts, 3)
+
+
+def test_rows_parquet_cannot_hold_stay_in_the_journal(smol, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.parquet"
+    write_jsonl(src, [{"id": 1, "prompt": "Water boils at"}, {"id": "b", "prompt": "Roses are red,"}])
+    with pytest.raises(JobInputError, match="every row is kept in .*journal"):
+        run_file_job(smol, src, out, max_tokens=1, temperature=0)
+    assert [g["id"] for g in read_jsonl(str(out) + JOURNAL_SUFFIX)] == [1, "b"]
+    assert not out.exists()

@@ -328,7 +328,11 @@ class ParquetSink(Sink):
 
     def finish(self) -> None:
         self._journal.close()
-        journal_to_parquet(self.journal_path, self.path)
+        try:
+            journal_to_parquet(self.journal_path, self.path)
+        except (ValueError, TypeError, OSError) as e:  # pyarrow's ArrowInvalid/ArrowTypeError are ValueError/TypeError
+            raise JobInputError(f"cannot write {self.path}: {e}; every row is kept in {self.journal_path} "
+                                "(JSONL)") from None
         os.remove(self.journal_path)
 
     def close(self) -> None:
