@@ -287,6 +287,32 @@ def test_parquet_round_trip_and_resume(smol, tmp_path):
         run_file_job(smol, src, out, max_tokens=2)
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_kill_at_any_byte_leaves_an_output_that_resumes_cleanly(fmt, tmp_path):
+    """Whatever byte a SIGKILL stops the writing at, the scan keeps exactly the whole rows."""
+    from parallel_gen.jobs.formats import OutputFormat
+    from parallel_gen.jobs.sinks import WriteMode, open_sink
+
+    path = str(tmp_path / f"out.{fmt}")
+    sink, _ = open_sink(path, OutputFormat(fmt), WriteMode.NEW)
+    ends = []
+    for i in range(3):
+        sink.write({"id": i, "note": f'a "quoted",\nmulti-line cell {i}', "row": i, "text": "é" * i})
+        ends.append(os.path.getsize(path))
+    sink.close()
+    full = Path(path).read_bytes()
+    header = full.index(b"\n") + 1 if fmt == "csv" else 0  # a whole CSV header is kept
+    for cut in range(len(full) + 1):
+        Path(path).write_bytes(full[:cut])
+        sink, point = open_sink(path, OutputFormat(fmt), WriteMode.RESUME)
+        sink.close()
+        whole = sum(end <= cut for end in ends)
+        kept = ends[whole - 1] if whole else (header if cut >= header else 0)
+        assert (point.rows_done, Path(path).read_bytes()) == (whole, full[:kept])
+        if whole:
+            assert point.last["id"] in (whole - 1, str(whole - 1))
+
+
 def test_resume_refuses_the_output_of_another_input(smol, tmp_path):
     a, b, out = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "out.jsonl"
     write_jsonl(a, [{"id": i, "prompt": f"A {i}"} for i in range(4)])

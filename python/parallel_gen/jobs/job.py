@@ -149,12 +149,9 @@ def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike],
     if in_path not in (None, STDIN) and out_path is not None and os.path.exists(out_path) \
             and os.path.exists(in_path) and os.path.samefile(in_path, out_path):
         raise JobInputError(f"the output {out_path} is the input file: write to another file")
-    input_format_for(in_path, input_format)  # a bad name fails before any file is touched
+    input_format_for(in_path, input_format)  # bad options fail before any file is touched
     output_format_for(out_path, output_format)
-    make_progress(progress, 0)  # a bad value, or progress=True without tqdm, fails before any work
-    if resume and overwrite:
-        raise JobInputError("resume and overwrite exclude each other: --resume continues the output, "
-                            "--overwrite replaces it")
+    _check_options(progress, lookahead, resume, overwrite)
     source = open_source(in_path, input_format, Columns(prompt_column, messages_column))
     try:
         return run_source_job(model, source, out_path, output_format=output_format, resume=resume,
@@ -174,11 +171,7 @@ def run_source_job(model: Union[Model, PathLike, None], source: Source, output: 
     """run_file_job on an opened :class:`~parallel_gen.jobs.sources.Source` (the CLI's
     prompts from arguments are one); ``output`` None is stdout."""
     t0 = time.perf_counter()
-    make_progress(progress, 0)
-    check_lookahead(lookahead)
-    if resume and overwrite:
-        raise JobInputError("resume and overwrite exclude each other: --resume continues the output, "
-                            "--overwrite replaces it")
+    _check_options(progress, lookahead, resume, overwrite)
     base = SamplingParams() if params is None else params
     if not isinstance(base, SamplingParams):
         raise TypeError(f"params must be a SamplingParams, got {type(base).__name__}")
@@ -195,6 +188,14 @@ def run_source_job(model: Union[Model, PathLike, None], source: Source, output: 
                     dict(model_options or {}), t0)
     finally:
         sink.close()
+
+
+def _check_options(progress: Optional[bool], lookahead: Optional[int], resume: bool, overwrite: bool) -> None:
+    make_progress(progress, 0)  # a bad value, or progress=True without tqdm
+    check_lookahead(lookahead)
+    if resume and overwrite:
+        raise JobInputError("resume and overwrite exclude each other: --resume continues the output, "
+                            "--overwrite replaces it")
 
 
 def _mode(resume: bool, overwrite: bool) -> WriteMode:

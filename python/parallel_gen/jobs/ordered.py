@@ -20,7 +20,7 @@ from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, 
 
 from .._native import _core
 from ..errors import GenerationError
-from ..events import Cancelled, Closed, Fatal, RequestDone, SequenceFinished, SequenceResult
+from ..events import Cancelled, Closed, EngineEvent, Fatal, RequestDone, SequenceFinished, SequenceResult
 from ..generate import (CANCELLED_MESSAGE, CLOSED_MESSAGE, ModelLike, _open_model, fatal_message, new_request_id,
                         next_event, prompt_items, reject_unordered)
 from ..model import Model
@@ -168,7 +168,7 @@ class OrderedGeneration:
         # runner's round-robin), yet enough queued to refill slots as they free.
         self._chunk = max(1, min(model.n_parallel, self.lookahead // 2))
         self._name = request_id or new_request_id()
-        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._queue: "queue.SimpleQueue[EngineEvent]" = queue.SimpleQueue()
         self._pending: Dict[int, _Pending] = {}
         self._requests: Dict[int, Request] = {}
         self._next_in = 0  # index of the next prompt to pull
@@ -254,7 +254,7 @@ class OrderedGeneration:
         return self._checked[key]
 
     # -- output side --------------------------------------------------------------------
-    def _handle(self, event: Any) -> None:
+    def _handle(self, event: EngineEvent) -> None:
         if isinstance(event, SequenceFinished):
             self._add(event.result)
         elif isinstance(event, RequestDone):

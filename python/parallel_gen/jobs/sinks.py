@@ -247,7 +247,7 @@ def scan_csv(path: str) -> ResumePoint:
 
     csv.reader pulls one physical line at a time and no more than a record needs, so the
     bytes consumed when it yields a record end exactly at that record's end."""
-    consumed = [0]
+    consumed, ended = [0], [True]  # bytes read so far; whether the last line read was whole
     with open(path, "rb") as f:
         size = f.seek(0, io.SEEK_END)
         f.seek(0)
@@ -255,20 +255,20 @@ def scan_csv(path: str) -> ResumePoint:
         def lines() -> Iterator[str]:
             for raw in f:
                 consumed[0] += len(raw)
+                ended[0] = raw.endswith(b"\n")
                 yield raw.decode("utf-8", "replace")
 
         reader = csv.reader(lines())
-        header = next(reader, None)
-        if header is None:
+        header = next(_records(reader), None)
+        if header is None or not ended[0]:  # empty, or a torn header (the first write cut short)
             return _cut(path, 0, size, 0, None)
         if "row" not in header:
             raise JobInputError(f"--resume: {path} has no 'row' column: it is not a parallel-gen job's output "
                                 "(--overwrite replaces it)")
         good, rows, last = consumed[0], 0, None
         at = header.index("row")
-        for cells in reader:
-            complete = consumed[0] <= size and _ends_record(f, consumed[0], size)
-            if not complete or len(cells) != len(header) or cells[at] != str(rows):
+        for cells in _records(reader):
+            if not ended[0] or len(cells) != len(header) or cells[at] != str(rows):
                 if consumed[0] < size:
                     raise JobInputError(f"--resume: {path} record {rows + 1} is not row {rows} of a parallel-gen "
                                         "job's output; it cannot be resumed (--overwrite replaces it)")
@@ -277,13 +277,17 @@ def scan_csv(path: str) -> ResumePoint:
     return _cut(path, good, size, rows, last if last is not None else dict.fromkeys(header))
 
 
-def _ends_record(f: IO[bytes], offset: int, size: int) -> bool:
-    """Whether the byte before ``offset`` is the newline a complete record ends with."""
-    here = f.tell()
-    f.seek(offset - 1)
-    ok = f.read(1) == b"\n"
-    f.seek(here)
-    return ok
+def _records(reader: Iterator[List[str]]) -> Iterator[List[str]]:
+    """csv records; a record cut inside a quoted cell at the end of the file (a torn
+    write) ends the iteration like the end of the file does."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            yield []  # not a whole record: the caller treats it as torn (or foreign)
+            return
 
 
 # -- text ----------------------------------------------------------------------------------
