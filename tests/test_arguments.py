@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
 import parallel_gen as pg
+from parallel_gen import cli
+from parallel_gen._native import _core
 
 
 @pytest.mark.parametrize(
@@ -181,3 +184,27 @@ def test_closed_model(smollm2_path):
     m.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         pg.generate_parallel(m, ["hi"])
+
+
+def test_sampling_fields_have_one_source_of_truth():
+    """SamplingParams is the source: every field is a CLI flag, and every field the
+    engine reads is a native SamplingConfig attribute that _to_native fills in."""
+    fields = [f.name for f in dataclasses.fields(pg.SamplingParams)]
+    assert [f for f, *_ in cli.SAMPLING_FLAGS] == fields
+    # resolved in Python: n becomes n engine sequences; json_schema and choices compile to a grammar
+    python_only = {"n", "json_schema", "choices"}
+    native = {k for k, v in vars(_core.SamplingConfig).items() if isinstance(v, property)}
+    assert native == set(fields) - python_only
+    # every native attribute carries its field's value (none left at the C++ default)
+    p = pg.SamplingParams(max_tokens=7, temperature=0.5, top_k=3, top_p=0.9, min_p=0.1, repeat_penalty=1.2,
+                          repeat_last_n=16, frequency_penalty=0.3, presence_penalty=0.4, seed=5, stop=["x"],
+                          stop_token_ids=[2], ignore_eos=True, grammar='root ::= "a"', logprobs=2,
+                          logit_bias={3: 1.5})
+    c = p._to_native(seed=99)
+    for name in sorted(native - {"seed"}):
+        want = getattr(p, name)
+        want = sorted(want.items()) if isinstance(want, dict) else list(want) if isinstance(want, tuple) else want
+        assert getattr(c, name) == (pytest.approx(want, rel=1e-6) if isinstance(want, float) else want), name
+    assert c.seed == 99  # the per-sample seed, resolved by the caller
+    for name, value in [("temperature", 0.0), ("logprobs", None), ("grammar", None), ("ignore_eos", False)]:
+        assert getattr(pg.SamplingParams(**{name: value})._to_native(seed=1), name) != getattr(c, name), name

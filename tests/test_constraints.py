@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 import parallel_gen as pg
@@ -72,9 +73,13 @@ def test_greedy_logprobs_are_consistent(smol):
             assert math.isclose(math.exp(lp.logprob), math.exp(lp.top[0].logprob), rel_tol=1e-6)
             assert lp.logprob <= 0 and sum(math.exp(a.logprob) for a in lp.top) <= 1 + 1e-5
         assert math.isclose(out.cumulative_logprob, sum(t.logprob for t in out.logprobs))
+        arr = out.token_logprobs
+        assert isinstance(arr, np.ndarray) and arr.dtype == np.float64 and arr.shape == (8,)
+        assert arr.tolist() == [t.logprob for t in out.logprobs]
     # logprobs do not change what is generated
     plain = pg.generate_parallel(smol, ["The capital of France is"], max_tokens=8, temperature=0, ignore_eos=True)
     assert plain[0].token_ids == r[0].token_ids and plain[0].outputs[0].logprobs is None
+    assert plain[0].outputs[0].token_logprobs is None
 
 
 def test_greedy_argmax_path_matches_llama_cpp_greedy_sampler(smol):

@@ -6,6 +6,8 @@ from collections.abc import Sequence as _SequenceABC
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, List, Optional, Union, overload
 
+import numpy as np
+
 FinishReason = str  # "stop" | "length" | "error"
 
 
@@ -56,6 +58,14 @@ class Output:
             lps = [TokenLogprobs(t["token_id"], t["token"], t["logprob"], [Logprob(**a) for a in t["top"]])
                    for t in lps]
         return cls(d["text"], list(d["token_ids"]), d["finish_reason"], d["stop_reason"], d["error"], lps)
+
+    @property
+    def token_logprobs(self) -> Optional[np.ndarray]:
+        """The generated tokens' log-probabilities as a float64 array, one per token
+        (None without logprobs): ``np.exp(o.token_logprobs)`` gives their probabilities."""
+        if self.logprobs is None:
+            return None
+        return np.fromiter((t.logprob for t in self.logprobs), dtype=np.float64, count=len(self.logprobs))
 
     @property
     def cumulative_logprob(self) -> Optional[float]:
