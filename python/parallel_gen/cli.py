@@ -178,6 +178,10 @@ def _generate(args: argparse.Namespace) -> int:
     from .errors import GenerationError
     from .jobs.job import JobInterrupted, run_source_job
 
+    if args.ray is not None:
+        from .ray.cli import generate_on_ray
+
+        return generate_on_ray(args, _sampling_params, _model_kwargs, _chat_template_arg)
     params = _sampling_params(args)
     template_arg = _chat_template_arg(args)
     source = _job_source(args)
@@ -378,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lookahead", type=int, metavar="N",
                    help="most rows in flight, read but not written yet (default: 4 per slot)")
     g.add_argument("--stats", action="store_true", help="print the job's statistics to stderr")
+    r = g.add_argument_group("Ray (pip install 'parallel_gen[ray]')")
+    r.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the job on a Ray cluster (auto, ray://HOST:PORT; none: a local one): -f and -o are "
+                        "Parquet or JSONL files or directories every node can read; -o is written as a directory")
+    r.add_argument("--ray-actors", type=int, default=1, metavar="N",
+                   help="Ray actors, one Model each, with --threads CPUs each (default: 1)")
+    r.add_argument("--batch-size", type=int, metavar="N", help="rows per Ray batch (default: 4 per slot)")
     _add_progress_option(g)
     _add_sampling_options(g)
     _add_model_options(g, "sequences decoded together (default: min(8, number of rows when known))")
