@@ -138,6 +138,17 @@ def test_sampling_with_a_seed_is_the_same_on_any_batching(cluster, smollm2_path)
     assert len({first[i]["text"] for i in first}) > 1
 
 
+def test_a_messages_column_goes_through_the_chat_template(cluster, smol, smollm2_path):
+    questions = ["What is 2 + 2?", "Name a colour.", "Say hello.", "What is the capital of Italy?"]
+    data = [{"id": i, "messages": [{"role": "user", "content": q}]} for i, q in enumerate(questions)]
+    data.append({"id": 4, "messages": [{"role": "user"}]})  # no content: its own error
+    out = by_id(generate(ray.data.from_items(data), smollm2_path, actors=1,
+                         max_tokens=MAX_TOKENS, temperature=0, model_options=ACTOR_MODEL).take_all())
+    want = pg.chat_parallel(smol, [d["messages"] for d in data[:4]], max_tokens=MAX_TOKENS, temperature=0).texts
+    assert [out[i]["text"] for i in range(4)] == want
+    assert out[4]["finish_reason"] == "error" and "content" in out[4]["error"]
+
+
 def test_bad_arguments_fail_at_the_call(cluster):
     ds = ray.data.from_items(rows(2))
     with pytest.raises(ValueError, match="actors=0"):
