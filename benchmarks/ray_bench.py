@@ -31,8 +31,7 @@ import ray.data
 import parallel_gen as pg
 from parallel_gen.ray import generate
 
-SUBJECTS = ["the sea", "a city at night", "bread", "mountains", "a library", "rain", "a bicycle", "the moon",
-            "coffee", "a garden", "winter", "a train station", "music", "an old map", "the desert", "a river"]
+from jobs import SUBJECTS  # noqa: E402  (benchmarks/jobs.py: the prompts of the batch-job figures)
 
 
 @dataclass
