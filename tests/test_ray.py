@@ -235,6 +235,14 @@ def test_cli_parquet_dir_in_jsonl_out_on_a_given_cluster(cluster, smol, tmp_path
     assert [got[i]["text"] for i in range(12)] == want
 
 
+def test_cli_a_model_no_actor_can_load_is_a_short_error(cluster, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hello"}\n')
+    r = cli("--ray", cluster, "-f", src, "-o", tmp_path / "out", "-m", tmp_path / "missing.gguf")
+    assert r.returncode == 1 and "the Ray job failed" in r.stderr and "missing.gguf" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_cli_ray_rejects_what_it_cannot_do(tmp_path):
     src = tmp_path / "in.csv"
     src.write_text("prompt\nhello\n")

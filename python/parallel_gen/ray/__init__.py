@@ -20,6 +20,6 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from .batch import BatchGenerator
 from .dataset import generate
-from .files import RayJobSummary, run_ray_job
+from .files import RayJobError, RayJobSummary, run_ray_job
 
-__all__ = ["BatchGenerator", "RayJobSummary", "generate", "run_ray_job"]
+__all__ = ["BatchGenerator", "RayJobError", "RayJobSummary", "generate", "run_ray_job"]

@@ -16,7 +16,7 @@ def generate_on_ray(args: argparse.Namespace, sampling_params: Callable[[argpars
     """Runs the job of ``args`` on Ray; returns the exit status (0, or 1 when a row failed).
     The other arguments are the generate command's own readers of its options."""
     from ..jobs.formats import JobInputError
-    from . import run_ray_job
+    from . import RayJobError, run_ray_job
 
     if args.prompts or args.file in (None, "-") or args.output in (None, "-"):
         raise JobInputError("--ray needs --file FILE_OR_DIR and --output DIR (files every node can read), "
@@ -29,12 +29,17 @@ def generate_on_ray(args: argparse.Namespace, sampling_params: Callable[[argpars
     threads = options.pop("n_threads", None) or 1  # each actor's threads are the CPUs Ray gives it
     if args.n_parallel is None:
         options.pop("n_parallel")
-    summary = run_ray_job(
-        args.ray or None, args.file, args.output, model=args.model, input_format=args.input_format,
-        output_format=args.output_format, overwrite=args.overwrite, actors=args.ray_actors, cpus_per_actor=threads,
-        batch_size=args.batch_size, progress=bool(args.progress), prompt_column=args.prompt_column,
-        messages_column=args.messages_column, chat=args.chat, system=args.system,
-        chat_template=chat_template(args), params=sampling_params(args), model_options=options)
+    try:
+        summary = run_ray_job(
+            args.ray or None, args.file, args.output, model=args.model, input_format=args.input_format,
+            output_format=args.output_format, overwrite=args.overwrite, actors=args.ray_actors,
+            cpus_per_actor=threads, batch_size=args.batch_size, progress=bool(args.progress),
+            prompt_column=args.prompt_column, messages_column=args.messages_column, chat=args.chat,
+            system=args.system, chat_template=chat_template(args), params=sampling_params(args),
+            model_options=options)
+    except RayJobError as e:
+        print(f"parallel-gen generate: error: {e}", file=sys.stderr)
+        return 1
     if args.stats:
         print(f"{summary.rows} rows ({summary.failed} failed) in {summary.seconds:.2f} s on Ray, written to "
               f"{os.fspath(summary.output)}", file=sys.stderr)

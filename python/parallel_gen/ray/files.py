@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional
@@ -18,6 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import pyarrow as pa
 import ray
 import ray.data
+import ray.exceptions
 from ray.data import SaveMode
 
 from ..jobs.formats import InputFormat, JobInputError, OutputFormat, input_format_for, output_format_for
@@ -26,6 +28,12 @@ from .dataset import generate
 
 _READABLE = (InputFormat.PARQUET, InputFormat.JSONL)
 _WRITABLE = (OutputFormat.PARQUET, OutputFormat.JSONL)
+
+
+class RayJobError(RuntimeError):
+    """The Ray job failed as a whole (a model an actor cannot load, a cluster lost);
+    rows already written stay in the output directory, which a rerun replaces with
+    ``overwrite=True``. The message is the root cause, without Ray's tracebacks."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +89,35 @@ def run_ray_job(address: Optional[str], input: str, output: str, *, model: Optio
         out = generate(ds, model, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
                        batch_size=batch_size, **generate_args)
         mode = SaveMode.OVERWRITE if overwrite else SaveMode.ERROR
-        if out_fmt is OutputFormat.PARQUET:
-            out.write_parquet(output, mode=mode)
-        else:
-            out.write_json(output, mode=mode)
+        try:
+            if out_fmt is OutputFormat.PARQUET:
+                out.write_parquet(output, mode=mode)
+            else:
+                out.write_json(output, mode=mode)
+        except ray.exceptions.RayError as e:
+            raise RayJobError(f"the Ray job failed: {root_cause(e)}") from None
         rows, failed = _count(output, out_fmt)
     return RayJobSummary(output, rows, failed, time.perf_counter() - t0)
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)$", re.MULTILINE)
+_RAY_WRAPPERS = {"RayTaskError", "RayActorError", "ActorDiedError", "UserCodeException", "SystemException",
+                 "RayError"}
+
+
+def root_cause(error: BaseException) -> str:
+    """The first exception raised in user code that Ray's wrappers quote in their text
+    (the model that cannot be loaded, say), as "Type: message"; else the error's last line."""
+    texts = []
+    while error is not None and len(texts) < 8:
+        texts.append(str(error))
+        error = getattr(error, "cause", None) or error.__cause__  # type: ignore[assignment]
+    for text in texts:
+        for m in _EXCEPTION_LINE.finditer(text):
+            if m.group(1) not in _RAY_WRAPPERS and not m.group(1).startswith("Ray"):
+                return f"{m.group(1)}: {m.group(2).strip()}"
+    lines = [line for line in texts[0].splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "unknown error"
 
 
 def read_jsonl(path: str) -> "ray.data.Dataset":
