@@ -249,6 +249,8 @@ def test_cli_ray_rejects_what_it_cannot_do(tmp_path):
     for args, message in [(["--ray", "hello"], "--file"),
                           (["--ray", "-f", src, "-o", tmp_path / "o"], "Parquet or JSONL"),
                           (["--ray", "-f", tmp_path / "none.jsonl", "-o", tmp_path / "o"], "none.jsonl"),
-                          (["--ray", "-f", src, "-o", tmp_path / "o", "--resume"], "--resume")]:
+                          (["--ray", "-f", src, "-o", tmp_path / "o", "--resume"], "--resume"),
+                          (["--ray", "-f", src, "-o", tmp_path / "o", "--ray-actors", 0], "--ray-actors 0"),
+                          (["--ray", "-f", src, "-o", tmp_path / "o", "--threads", 0], "--threads 0")]:
         r = cli(*args)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)

@@ -25,15 +25,20 @@ def generate_on_ray(args: argparse.Namespace, sampling_params: Callable[[argpars
         if getattr(args, flag):
             raise JobInputError(f"--{flag} is not for --ray jobs: Ray retries a failed batch itself, and "
                                 "--overwrite reruns a job")
+    for flag, value in (("--ray-actors", args.ray_actors), ("--batch-size", args.batch_size),
+                        ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise JobInputError(f"{flag} {value}: must be >= 1")
     options = model_kwargs(args, 8)
-    threads = options.pop("n_threads", None) or 1  # each actor's threads are the CPUs Ray gives it
+    threads = options.pop("n_threads", 1)  # each actor's threads are the CPUs Ray gives it
     if args.n_parallel is None:
         options.pop("n_parallel")
+    gpus = 1 if options.get("n_gpu_layers") else 0  # --n-gpu-layers asks Ray for a GPU per actor
     try:
         summary = run_ray_job(
             args.ray or None, args.file, args.output, model=args.model, input_format=args.input_format,
             output_format=args.output_format, overwrite=args.overwrite, actors=args.ray_actors,
-            cpus_per_actor=threads, batch_size=args.batch_size, progress=bool(args.progress),
+            cpus_per_actor=threads, gpus_per_actor=gpus, batch_size=args.batch_size, progress=bool(args.progress),
             prompt_column=args.prompt_column, messages_column=args.messages_column, chat=args.chat,
             system=args.system, chat_template=chat_template(args), params=sampling_params(args),
             model_options=options)
