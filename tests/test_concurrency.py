@@ -84,6 +84,18 @@ def test_stream_events_add_up_to_the_batch_result(smol):
         assert final[i].finish_reason == c.finish_reason and final[i].stop_reason == c.stop_reason
 
 
+def test_stream_final_event_carries_the_logprobs(smol):
+    kw = dict(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3)
+    ref = pg.generate_parallel(smol, PROMPTS_16[:2], **kw)
+    events = list(pg.stream_parallel(smol, PROMPTS_16[:2], **kw))
+    final = {ev.index: ev for ev in events if ev.finished}
+    assert all(ev.logprobs is None for ev in events if not ev.finished)
+    for i, c in enumerate(ref):
+        assert final[i].logprobs == c.outputs[0].logprobs and len(final[i].logprobs) == 12
+    plain = [ev for ev in pg.stream_parallel(smol, PROMPTS_16[:1], max_tokens=3, temperature=0) if ev.finished]
+    assert plain[0].logprobs is None
+
+
 def test_stream_cancelled_halfway_leaves_no_kv(smol):
     before = smol.stats().tokens_generated
     it = pg.stream_parallel(smol, PROMPTS_16[:6], max_tokens=400, temperature=0, ignore_eos=True)

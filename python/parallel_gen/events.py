@@ -56,12 +56,15 @@ class SequenceResult:
 
     def to_output(self, token_text: Callable[[int], str]) -> Output:
         """The public Output; ``token_text`` gives a token's text (for logprobs)."""
-        logprobs = None
-        if self.logprobs is not None:
-            logprobs = [TokenLogprobs(t, token_text(t), lp, [Logprob(a, token_text(a), alp) for a, alp in top])
-                        for t, (lp, top) in zip(self.token_ids, self.logprobs)]
         return Output(self.text.decode("utf-8", "replace"), list(self.token_ids), self.finish_reason,
-                      self.stop_reason, self.error, logprobs)
+                      self.stop_reason, self.error, self.token_logprobs(token_text))
+
+    def token_logprobs(self, token_text: Callable[[int], str]) -> Optional[List[TokenLogprobs]]:
+        """Every generated token's logprobs as public types; None when not asked for."""
+        if self.logprobs is None:
+            return None
+        return [TokenLogprobs(t, token_text(t), lp, [Logprob(a, token_text(a), alp) for a, alp in top])
+                for t, (lp, top) in zip(self.token_ids, self.logprobs)]
 
 
 @dataclass(frozen=True)

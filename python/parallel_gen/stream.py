@@ -89,9 +89,9 @@ class _StreamState:
         if isinstance(event, SequenceFinished):
             r = event.result
             sent_bytes, sent_tokens = self.sent.pop((r.index, r.sample), (0, 0))
-            logprobs = r.to_output(self.model._token_text).logprobs if r.logprobs is not None else None
             return StreamEvent(r.index, r.text[sent_bytes:].decode("utf-8", "replace"), r.token_ids[sent_tokens:],
-                               True, r.finish_reason, r.sample, r.stop_reason, r.error, logprobs)
+                               True, r.finish_reason, r.sample, r.stop_reason, r.error,
+                               r.token_logprobs(self.model._token_text))
         if isinstance(event, Progress):
             return None
         self.finished = True  # every other event is a request's last
