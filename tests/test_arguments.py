@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
 import parallel_gen as pg
+from parallel_gen import cli
+from parallel_gen._native import _core
 
 
 @pytest.mark.parametrize(
@@ -66,6 +69,47 @@ def test_sampling_params_normalizes():
 def test_bad_prompts(smol, prompts, exc, match):
     with pytest.raises(exc, match=match):
         pg.generate_parallel(smol, prompts)
+
+
+@pytest.mark.parametrize(
+    "prompts, match",
+    [
+        ({"q1": "Hello", "q2": "Hi"}, r"got dict: .*list\(d\.values\(\)\)"),
+        ({"Hello", "Hi"}, "got set, which has no order"),
+        (frozenset({"Hello"}), "got frozenset"),
+        ({"q1": "Hello"}.keys(), "got dict_keys"),
+    ],
+)
+def test_unordered_prompts_are_rejected(smol, prompts, match):
+    """A dict would be iterated for its keys (generating for the ids), a set in no
+    defined order: every entry point says what to pass instead, before any work."""
+    with pytest.raises(TypeError, match=match):
+        pg.generate_parallel(smol, prompts, max_tokens=2)
+    with pytest.raises(TypeError, match=match):
+        pg.stream_parallel(smol, prompts, max_tokens=2)
+    with pytest.raises(TypeError, match=match):
+        pg.astream_parallel(smol, prompts, max_tokens=2)
+    s = smol.stats()
+    assert s.active_requests == 0 and s.queued_prompts == 0
+
+
+def test_unordered_params_and_conversations_are_rejected(smol):
+    with pytest.raises(TypeError, match="params must be a sequence.*got dict"):
+        pg.generate_parallel(smol, ["a"], {"a": pg.SamplingParams()})
+    with pytest.raises(TypeError, match="conversations must be a sequence.*got frozenset"):
+        pg.chat_parallel(smol, frozenset({(("role", "user"),)}))
+
+
+def test_params_generator_with_cache(smol, tmp_path):
+    """params may be any iterable, a generator included, also with a cache (which reads
+    the parameters twice: once to run, once to decide what is cacheable)."""
+    def params():
+        return (pg.SamplingParams(max_tokens=3 + i, temperature=0, ignore_eos=True) for i in range(2))
+
+    first = pg.generate_parallel(smol, ["Hello", "The sky is"], params(), cache=tmp_path / "cache")
+    assert [len(c.token_ids) for c in first] == [3, 4] and first.stats.cache_hits == 0
+    again = pg.generate_parallel(smol, ["Hello", "The sky is"], params(), cache=tmp_path / "cache")
+    assert again.stats.cache_hits == 2 and [c.token_ids for c in again] == [c.token_ids for c in first]
 
 
 def test_bad_call_arguments(smol):
@@ -140,3 +184,27 @@ def test_closed_model(smollm2_path):
     m.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         pg.generate_parallel(m, ["hi"])
+
+
+def test_sampling_fields_have_one_source_of_truth():
+    """SamplingParams is the source: every field is a CLI flag, and every field the
+    engine reads is a native SamplingConfig attribute that _to_native fills in."""
+    fields = [f.name for f in dataclasses.fields(pg.SamplingParams)]
+    assert [f for f, *_ in cli.SAMPLING_FLAGS] == fields
+    # resolved in Python: n becomes n engine sequences; json_schema and choices compile to a grammar
+    python_only = {"n", "json_schema", "choices"}
+    native = {k for k, v in vars(_core.SamplingConfig).items() if isinstance(v, property)}
+    assert native == set(fields) - python_only
+    # every native attribute carries its field's value (none left at the C++ default)
+    p = pg.SamplingParams(max_tokens=7, temperature=0.5, top_k=3, top_p=0.9, min_p=0.1, repeat_penalty=1.2,
+                          repeat_last_n=16, frequency_penalty=0.3, presence_penalty=0.4, seed=5, stop=["x"],
+                          stop_token_ids=[2], ignore_eos=True, grammar='root ::= "a"', logprobs=2,
+                          logit_bias={3: 1.5})
+    c = p._to_native(seed=99)
+    for name in sorted(native - {"seed"}):
+        want = getattr(p, name)
+        want = sorted(want.items()) if isinstance(want, dict) else list(want) if isinstance(want, tuple) else want
+        assert getattr(c, name) == (pytest.approx(want, rel=1e-6) if isinstance(want, float) else want), name
+    assert c.seed == 99  # the per-sample seed, resolved by the caller
+    for name, value in [("temperature", 0.0), ("logprobs", None), ("grammar", None), ("ignore_eos", False)]:
+        assert getattr(pg.SamplingParams(**{name: value})._to_native(seed=1), name) != getattr(c, name), name

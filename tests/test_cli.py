@@ -86,11 +86,13 @@ def test_generate_prompts_from_arguments_as_jsonl(smol):
     assert r.stderr == ""  # no bar (stderr is not a terminal), no log
     recs = jsonl(r.stdout)
     ref = greedy(smol, prompts, 6)
-    assert [x["index"] for x in recs] == [0, 1] and [x["prompt"] for x in recs] == prompts
+    assert [x["row"] for x in recs] == [0, 1] and [x["prompt"] for x in recs] == prompts
     assert [x["text"] for x in recs] == ref.texts
-    assert [x["tokens"] for x in recs] == [len(c.token_ids) for c in ref]
+    assert [x["completion_tokens"] for x in recs] == [len(c.token_ids) for c in ref]
+    assert [x["prompt_tokens"] for x in recs] == [c.prompt_tokens for c in ref]
     assert [x["finish_reason"] for x in recs] == [c.finish_reason for c in ref]
-    assert all(set(x) >= {"index", "prompt", "text", "finish_reason", "tokens"} for x in recs)
+    assert all(list(x) == ["prompt", "row", "text", "finish_reason", "stop_reason", "prompt_tokens",
+                           "completion_tokens", "error"] and x["error"] is None for x in recs)
 
 
 def test_generate_stdin_with_chat(smol):
@@ -98,12 +100,13 @@ def test_generate_stdin_with_chat(smol):
     assert r.returncode == 0, r.stderr
     recs = jsonl(r.stdout)
     assert len(recs) == 2  # the blank line is skipped
-    for rec, q in zip(recs, ["Say hi.", "Name a colour."]):
-        assert rec["messages"] == [{"role": "user", "content": q}]
-        assert rec["prompt"] == pg.apply_chat_template(smol, rec["messages"])
-        assert rec["text"].strip() and "<|im_" not in rec["text"]
-    ref = pg.chat_parallel(smol, [rec["messages"] for rec in recs], max_tokens=24, temperature=0)
+    questions = ["Say hi.", "Name a colour."]
+    assert [rec["prompt"] for rec in recs] == questions  # the input as given
+    assert all(rec["text"].strip() and "<|im_" not in rec["text"] for rec in recs)
+    ref = pg.chat_parallel(smol, [[{"role": "user", "content": q}] for q in questions], max_tokens=24,
+                           temperature=0)
     assert [x["text"] for x in recs] == ref.texts
+    assert [x["prompt_tokens"] for x in recs] == [c.prompt_tokens for c in ref]
 
 
 def test_generate_jsonl_file_mixed_to_output_file(smol, tmp_path):
@@ -114,11 +117,11 @@ def test_generate_jsonl_file_mixed_to_output_file(smol, tmp_path):
     r = run("generate", "-f", src, "-o", out, "-n", 8, "--temp", 0, "--progress", "--stats", *FAST)
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""  # results went to the file; the bar and stats to stderr
-    assert "2/2" in r.stderr and "tok/s" in r.stderr and "prompts" in r.stderr
+    assert "2/2" in r.stderr and "tok/s" in r.stderr and "2 rows (2 written, 0 failed)" in r.stderr
     recs = jsonl(out.read_text())
     assert recs[0]["prompt"] == "Once upon a time" and "messages" not in recs[0]
-    assert recs[1]["prompt"] == pg.apply_chat_template(smol, conv) and recs[1]["messages"] == conv
-    ref = greedy(smol, [x["prompt"] for x in recs], 8)
+    assert recs[1]["messages"] == conv and "prompt" not in recs[1]
+    ref = greedy(smol, ["Once upon a time", pg.apply_chat_template(smol, conv)], 8)
     assert [x["text"] for x in recs] == ref.texts
 
 
@@ -146,9 +149,9 @@ def test_failed_prompt_is_reported_and_exits_1():
     r = run("generate", "Hello", long_prompt, "--n-ctx", 64, "-n", 2, *FAST)
     assert r.returncode == 1
     recs = jsonl(r.stdout)
-    assert len(recs) == 2 and recs[0]["finish_reason"] != "error" and "error" not in recs[0]
-    assert recs[1]["finish_reason"] == "error" and recs[1]["error"]
-    assert "1 of 2 prompt(s) failed" in r.stderr
+    assert len(recs) == 2 and recs[0]["finish_reason"] != "error" and recs[0]["error"] is None
+    assert recs[1]["finish_reason"] == "error" and "n_ctx=64" in recs[1]["error"]
+    assert "1 of 2 row(s) failed" in r.stderr
 
 
 def test_missing_model_file(tmp_path):
@@ -187,19 +190,20 @@ def test_no_default_model_says_how_to_install(monkeypatch, capsys, own_logger):
 
 @pytest.mark.parametrize("args, stdin, message", [
     (["-f", "{tmp}/absent.txt"], None, "cannot read"),
-    (["-f", "{tmp}/bad.jsonl"], None, "bad.jsonl:2: not valid JSON"),
-    (["--input-format", "jsonl"], '{"prompt": 3}\n', '<stdin>:1: "prompt" must be a string'),
-    (["--input-format", "jsonl"], '{"prompt": "a", "messages": []}\n', "exactly one of"),
     ([], "", "no prompts in <stdin>"),
+    (["-f", "{tmp}/bad.csv"], None, "no 'prompt' or 'messages' column"),
+    (["x", "-f", "{tmp}/bad.csv"], None, "not both"),
+    (["x", "--output-format", "parquet"], None, "Parquet output needs a file"),
+    (["x", "--resume"], None, "--resume needs an output file"),
+    (["x", "--lookahead", "0"], None, "lookahead=0"),
     (["x", "--top-p", "2"], None, "top_p"),
     (["x", "--temperature", "warm"], None, "invalid float value"),
     (["x", "--n-parallel", "0"], None, "n_parallel"),
     (["x", "--chat-template", "chatmll"], None, "built-in"),
     (["x", "-o", "{tmp}/no/such/dir/out.jsonl"], None, "cannot write"),
-    (["--input-format", "jsonl"], '{"messages": [{"role": "user"}]}\n', "input 0 message 0 has no 'content'"),
 ])
 def test_bad_input_exits_2(args, stdin, message, tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": \n')
+    (tmp_path / "bad.csv").write_text("id,text\n1,hello\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     r = run("generate", *args, stdin=stdin)
     assert r.returncode == 2 and r.stdout == ""
@@ -212,14 +216,17 @@ def test_chat_on_base_model_needs_a_template(gemma3_path, tmp_path):
     # --chat-template implies --chat.
     r = run("generate", "Hi", "-m", gemma3_path, "--chat-template", "gemma", "-n", 2, *FAST)
     assert r.returncode == 0, r.stderr
-    assert jsonl(r.stdout)[0]["prompt"] == "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    gemma = pg.Model(gemma3_path, n_parallel=1, n_ctx=64, n_threads=1)
+    formatted = "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert jsonl(r.stdout)[0]["prompt_tokens"] == len(gemma.tokenize(formatted))
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                         "{% if add_generation_prompt %}[assistant] {% endif %}")
     r = run("generate", "Hi", "-m", gemma3_path, "--chat-template-file", template, "--system", "Be brief.",
             "-n", 2, *FAST)
     assert r.returncode == 0, r.stderr
-    assert jsonl(r.stdout)[0]["prompt"] == "[system] Be brief.\n[user] Hi\n[assistant] "
+    assert jsonl(r.stdout)[0]["prompt_tokens"] == len(gemma.tokenize("[system] Be brief.\n[user] Hi\n[assistant] "))
+    gemma.close()
 
 
 # -- demo and info -----------------------------------------------------------------------
@@ -246,10 +253,14 @@ def test_info(smol, gemma3_path, tmp_path):
     assert m["path"] == str(models.smollm2_path()) and m["architecture"] == "llama"
     assert m["parameters"] == smol._model.n_params and m["context_length"] == smol.n_ctx_train
     assert m["chat_template"] is True
+    # KV cache: info's Model has 1 slot (+ the shared-prefix stream) of n_ctx 64, rounded up to 256 cells.
+    assert m["kv_bytes_allocated"] == 2 * 256 * m["kv_bytes_per_token"] > 0
+    assert m["default_kv_bytes"] == 9 * m["default_n_ctx"] * m["kv_bytes_per_token"]
     g = json.loads(run("info", "--json", "-m", gemma3_path).stdout)["model"]
     assert g["architecture"] == "gemma3" and g["chat_template"] is False
     text = run("info").stdout
     assert "architecture:   llama" in text and "chat template:  yes" in text and b["libllama"] in text
+    assert "KV cache:" in text and "per token" in text
     r = run("info", "--json", "-m", tmp_path / "absent.gguf")
     assert r.returncode == 1 and "model file not found" in json.loads(r.stdout)["model"]["error"]
 
@@ -310,6 +321,6 @@ def test_generate_samples_per_prompt():
     r = run("generate", "Roses are red,", "--samples", 2, "-n", 6, "--temperature", 1, "--seed", 3, *FAST)
     assert r.returncode == 0, r.stderr
     (rec,) = jsonl(r.stdout)
-    assert len(rec["outputs"]) == 2
-    assert (rec["text"], rec["tokens"], rec["finish_reason"]) == (
-        rec["outputs"][0]["text"], rec["outputs"][0]["tokens"], rec["outputs"][0]["finish_reason"])
+    assert len(rec["samples"]) == 2
+    assert (rec["text"], rec["finish_reason"]) == (rec["samples"][0]["text"], rec["samples"][0]["finish_reason"])
+    assert rec["completion_tokens"] == sum(s["completion_tokens"] for s in rec["samples"])

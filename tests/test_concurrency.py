@@ -209,6 +209,21 @@ def test_cache_hit_and_misses(smol, tmp_path):
     assert mixed.stats.cache_hits == 1 and mixed[0].token_ids == first[2].token_ids
 
 
+def test_cache_round_trip_of_logprobs_and_samples(smol, tmp_path):
+    """A cached answer is the same Completion: every sample, token, logprob and
+    alternative, stop reason and text."""
+    kw = dict(n=3, logprobs=4, max_tokens=10, temperature=0.9, seed=21, stop=["\n\n"])
+    prompts = ["Name three rivers:", "Hello"]
+    first = pg.generate_parallel(smol, prompts, cache=tmp_path / "cache", **kw)
+    again = pg.generate_parallel(smol, prompts, cache=tmp_path / "cache", **kw)
+    assert first.stats.cache_hits == 0 and again.stats.cache_hits == 2 and again.stats.decode_calls == 0
+    assert list(again) == list(first)  # dataclass equality, down to each Logprob
+    outs = [o for c in again for o in c.outputs]
+    assert len(outs) == 6 and len({tuple(o.token_ids) for o in outs[:3]}) > 1  # three different samples
+    assert all(len(o.logprobs) == len(o.token_ids) and all(len(t.top) == 4 for t in o.logprobs) for o in outs)
+    assert all(isinstance(t.logprob, float) and isinstance(t.top[0], pg.Logprob) for o in outs for t in o.logprobs)
+
+
 def test_cache_never_crosses_models(smollm2_path, gemma3_path, tmp_path):
     cache = pg.ResultCache(tmp_path / "cache")
     with pg.Model(smollm2_path, n_parallel=2, n_ctx=128) as a:

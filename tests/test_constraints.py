@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 import parallel_gen as pg
@@ -63,7 +64,8 @@ def test_greedy_logprobs_are_consistent(smol):
         out = c.outputs[0]
         assert len(out.logprobs) == len(out.token_ids) == 8
         for tok, lp in zip(out.token_ids, out.logprobs):
-            assert lp.token_id == tok and lp.token == pg_text(lp)
+            assert lp.token_id == tok and lp.token == smol.detokenize([tok])
+            assert all(a.token == smol.detokenize([a.token_id]) for a in lp.top)
             assert len(lp.top) == 5
             assert [a.logprob for a in lp.top] == sorted((a.logprob for a in lp.top), reverse=True)
             # greedy picks the most likely token: its probability is the top-1 probability
@@ -71,9 +73,13 @@ def test_greedy_logprobs_are_consistent(smol):
             assert math.isclose(math.exp(lp.logprob), math.exp(lp.top[0].logprob), rel_tol=1e-6)
             assert lp.logprob <= 0 and sum(math.exp(a.logprob) for a in lp.top) <= 1 + 1e-5
         assert math.isclose(out.cumulative_logprob, sum(t.logprob for t in out.logprobs))
+        arr = out.token_logprobs
+        assert isinstance(arr, np.ndarray) and arr.dtype == np.float64 and arr.shape == (8,)
+        assert arr.tolist() == [t.logprob for t in out.logprobs]
     # logprobs do not change what is generated
     plain = pg.generate_parallel(smol, ["The capital of France is"], max_tokens=8, temperature=0, ignore_eos=True)
     assert plain[0].token_ids == r[0].token_ids and plain[0].outputs[0].logprobs is None
+    assert plain[0].outputs[0].token_logprobs is None
 
 
 def test_greedy_argmax_path_matches_llama_cpp_greedy_sampler(smol):
@@ -85,10 +91,6 @@ def test_greedy_argmax_path_matches_llama_cpp_greedy_sampler(smol):
     fast = pg.generate_parallel(smol, PROMPTS_16, **kw)
     chain = pg.generate_parallel(smol, PROMPTS_16, logit_bias={0: 0.0}, **kw)
     assert [c.token_ids for c in fast] == [c.token_ids for c in chain]
-
-
-def pg_text(lp):
-    return lp.token  # the text is the model's own piece; checked for presence below
 
 
 def test_logprobs_zero_gives_only_the_chosen_token(smol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -141,3 +142,59 @@ def test_200_calls_do_not_grow_memory(smol):
         call(i)
     grown = rss_bytes() - before
     assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 200 calls"
+
+
+def test_fatal_error_during_a_stream(smollm2_path):
+    """llama.cpp fails while a stream runs: the iterator raises GenerationError after
+    the events it already gave, frees everything, and the Model stays usable."""
+    with pg.Model(smollm2_path, n_parallel=2, n_ctx=256) as m:
+        ref = pg.generate_parallel(m, PROMPTS_16[:3], max_tokens=40, temperature=0, ignore_eos=True)
+        m._inject_abort(8)  # the 8th decode from now fails
+        events = []
+        it = pg.stream_parallel(m, PROMPTS_16[:3], max_tokens=40, temperature=0, ignore_eos=True)
+        with pytest.raises(pg.GenerationError, match="llama.cpp failed while decoding.*aborted"):
+            for ev in it:
+                events.append(ev)
+        assert events and not any(ev.finished for ev in events)  # 40 tokens each: none could finish
+        # what was streamed before the failure is the start of the right answer
+        got = {}
+        for ev in events:
+            got.setdefault(ev.index, []).extend(ev.token_ids)
+        for i, toks in got.items():
+            assert toks == ref[i].token_ids[: len(toks)]
+        with pytest.raises(StopIteration):
+            next(it)  # closed: nothing more, no hang
+        assert _idle(m)
+        again = pg.generate_parallel(m, PROMPTS_16[:3], max_tokens=40, temperature=0, ignore_eos=True)
+        assert [c.token_ids for c in again] == [c.token_ids for c in ref]
+
+
+def test_model_closed_during_a_stream(smollm2_path):
+    m = pg.Model(smollm2_path, n_parallel=2, n_ctx=256)
+    it = pg.stream_parallel(m, PROMPTS_16[:3], max_tokens=200, temperature=0, ignore_eos=True)
+    first = next(it)
+    assert not first.finished
+    m.close()
+    with pytest.raises(pg.GenerationError, match="the Model was closed"):
+        for _ in it:  # events already queued may come first; then the error, not a hang
+            pass
+    with pytest.raises(StopIteration):
+        next(it)
+    it.close()  # closing after the Model is gone is harmless
+    with pytest.raises(RuntimeError, match="closed"):
+        pg.stream_parallel(m, ["Hi"], max_tokens=2)
+
+
+def test_model_closed_during_an_async_stream(smollm2_path):
+    m = pg.Model(smollm2_path, n_parallel=2, n_ctx=256)
+
+    async def consume():
+        it = pg.astream_parallel(m, PROMPTS_16[:2], max_tokens=200, temperature=0, ignore_eos=True)
+        await it.__anext__()
+        m.close()
+        with pytest.raises(pg.GenerationError, match="the Model was closed"):
+            async for _ in it:
+                pass
+        await it.aclose()
+
+    asyncio.run(consume())

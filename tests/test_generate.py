@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 
 import parallel_gen as pg
-from parallel_gen._native import _core
+from parallel_gen.generate import _param_list, run_batch
 
 from conftest import PROMPTS_16
 
@@ -16,7 +19,11 @@ def test_single_prompt_string(smol):
     c = r[0]
     assert c.index == 0 and c.prompt == "The capital of France is"
     assert c.finish_reason in ("stop", "length") and c.error is None
-    assert 1 <= c.completion_tokens <= 8 == len(c.token_ids) or c.finish_reason == "stop"
+    assert c.completion_tokens == len(c.token_ids) and 1 <= len(c.token_ids) <= 8
+    if c.finish_reason == "length":
+        assert len(c.token_ids) == 8 and c.stop_reason is None
+    else:  # ended by the model's end-of-generation token, reported by id
+        assert c.stop_reason == c.token_ids[-1] and smol._model.is_eog(c.token_ids[-1])
     assert c.text == smol.detokenize(c.token_ids)
     assert r.texts == [c.text]
     assert c.prompt_tokens == len(smol.tokenize(c.prompt))
@@ -58,7 +65,8 @@ def test_eos_stops_and_ignore_eos_continues(smol):
     stopped = pg.generate_parallel(smol, chat, max_tokens=64, temperature=0)[0]
     assert stopped.finish_reason == "stop"
     eog = stopped.token_ids[-1]
-    assert stopped.stop_reason == eog and _core  # stop token reported by id
+    assert stopped.stop_reason == eog and smol._model.is_eog(eog)  # stop token reported by id
+    assert smol.detokenize([eog], render_special=True) == "<|im_end|>"
     assert "<|im_end|>" not in stopped.text and stopped.text.strip()
     n = len(stopped.token_ids)
     go_on = pg.generate_parallel(smol, chat, max_tokens=n + 10, temperature=0, ignore_eos=True)[0]
@@ -155,3 +163,60 @@ def test_sampling_settings_change_output(smol):
 def test_from_path_string(smollm2_path):
     r = pg.generate_parallel(str(smollm2_path), ["Hello"], max_tokens=3, temperature=0)
     assert len(r[0].token_ids) <= 3 and r.stats.prompts == 1
+
+
+def test_progress_counts_only_this_calls_tokens_on_a_reused_model(smollm2_path):
+    """The progress callback (and so the bar's tokens/s) counts the tokens of this call,
+    not every token the Model generated since it was opened."""
+    with pg.Model(smollm2_path, n_parallel=4, n_ctx=128) as m:
+        pg.generate_parallel(m, PROMPTS_16[:4], max_tokens=40, temperature=0, ignore_eos=True)  # 160 tokens
+        seen = []
+        params = _param_list(None, dict(max_tokens=5, temperature=0, ignore_eos=True), 4)
+        r = run_batch(m, PROMPTS_16[4:8], params, on_step=lambda done, total, tokens: seen.append((done, tokens)))
+    assert r.stats.completion_tokens == 20
+    assert seen[-1] == (4, 20)  # alone on the Model: exactly its own tokens
+    assert [t for _, t in seen] == sorted(t for _, t in seen) and all(t <= 20 for _, t in seen)
+
+
+def test_progress_bar_rate_on_a_reused_model(smollm2_path, monkeypatch):
+    bars = []
+
+    class RecordingBar:  # stands in for tqdm.tqdm: records what the bar would show
+        def __init__(self, total, **kwargs):
+            self.n, self.total, self.postfix = 0, total, []
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, s, refresh=True):
+            self.postfix.append(s)
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=RecordingBar))
+    with pg.Model(smollm2_path, n_parallel=4, n_ctx=256) as m:
+        pg.generate_parallel(m, PROMPTS_16[:4], max_tokens=100, temperature=0, ignore_eos=True)  # 400 tokens
+        r = pg.generate_parallel(m, PROMPTS_16[4:8], max_tokens=4, temperature=0, ignore_eos=True, progress=True)
+    bar = bars[-1]
+    assert bar.total == 4 and bar.n == 4
+    shown = float(bar.postfix[-1].split()[0])
+    # 16 tokens over the call's time; the bug showed (400 + 16) / time, 26 times as much.
+    true_rate = r.stats.completion_tokens / r.stats.wall_seconds
+    assert shown <= 2 * true_rate, (shown, true_rate)
+
+
+def test_prompts_longer_than_n_batch_match_a_solo_run(smollm2_path):
+    """Prompts of 5-10 times n_batch are fed in chunks, interleaved with the others'
+    generation steps; each one's greedy output equals its own run alone."""
+    prompts = [f"Story {i}: " + " ".join(PROMPTS_16[(i + k) % 16] for k in range(14 + 4 * i)) for i in range(4)]
+    kw = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    with pg.Model(smollm2_path, n_parallel=4, n_ctx=512, n_batch=16, share_prefix=False) as m:
+        lengths = [len(m.tokenize(p)) for p in prompts]
+        assert min(lengths) > 5 * 16 and max(lengths) < 512 - 12, lengths
+        r = pg.generate_parallel(m, prompts, **kw)
+        assert r.stats.failed == 0 and r.stats.prompt_tokens == sum(lengths)
+        assert r.stats.decode_calls >= sum(lengths) // 16  # no call held more than n_batch tokens
+        alone = [pg.generate_parallel(m, p, **kw)[0].token_ids for p in prompts]
+    assert [c.token_ids for c in r] == alone

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import parallel_gen as pg
 from parallel_gen.params import sample_seed
 
@@ -110,3 +112,35 @@ def test_n_samples_of_a_bad_prompt_all_error(smollm2_path):
         assert [o.finish_reason for o in r[0].outputs] == ["error"] * 3
         assert all(o.finish_reason != "error" for o in r[1].outputs)
         assert r.stats.failed == 1
+
+
+def _kv_and_live(model):
+    return model._require_runner().run_on_engine(lambda e: (e.kv_tokens, e.n_live))
+
+
+def test_cancel_while_the_shared_prefix_is_being_decoded(smollm2_path):
+    """A stream whose prompts share a long prefix is closed while that prefix is still
+    being decoded (no prompt admitted yet): its KV goes too, and the next calls, with and
+    without that prefix, run as on a fresh Model."""
+    prompts = _prompts(prefix=INSTRUCTION * 2)[:4]
+    kw = dict(max_tokens=6, temperature=0, ignore_eos=True)
+    # n_batch=16: the ~200-token prefix takes a dozen steps, a window to cancel in
+    with pg.Model(smollm2_path, n_parallel=4, n_ctx=512, n_batch=16) as m:
+        it = pg.stream_parallel(m, prompts, **kw)
+        deadline = time.time() + 60
+        while True:  # between two steps: some prefix KV, no sequence running yet
+            kv, live = _kv_and_live(m)
+            if kv > 0 or time.time() > deadline:
+                break
+        assert kv > 0 and live == 0, (kv, live)
+        it.close()
+        assert _kv_and_live(m) == (0, 0)
+        s = m.stats()
+        assert s.active_requests == 0 and s.queued_prompts == 0
+        after = pg.generate_parallel(m, prompts, **kw)
+        plain = pg.generate_parallel(m, ["The sky is"], **kw)[0]
+    with pg.Model(smollm2_path, n_parallel=4, n_ctx=512, n_batch=16) as fresh:
+        ref = pg.generate_parallel(fresh, prompts, **kw)
+        assert pg.generate_parallel(fresh, ["The sky is"], **kw)[0].token_ids == plain.token_ids
+    assert after.stats.prefix_tokens_reused > 0
+    assert [c.token_ids for c in after] == [c.token_ids for c in ref]

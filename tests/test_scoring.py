@@ -300,7 +300,7 @@ def test_paused_scoring_sequences_are_recomputed(smollm2_path):
         submit = runner.submit
         runner.submit = lambda req: (seen.append(req), submit(req))[1]  # to read the request's counters
         got = pg.classify(tight, texts, labels, template="{text} ->")
-        assert seen[0].counters["preemptions"] > 0
+        assert seen[0].counters.preemptions > 0
         assert _kv_left(tight) == 0
     for a, b in zip(got, expected):
         assert [s.token_ids for s in a.scores] == [s.token_ids for s in b.scores]

@@ -3,6 +3,7 @@ load failure (503), an engine failure (500, then the server keeps serving), sett
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -90,9 +91,24 @@ def test_model_without_chat_template_gets_400_naming_the_fix(gemma3_path):
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
 
 
+def test_open_request_limit_is_503_in_openai_shape(smollm2_path):
+    with pg.Model(smollm2_path, n_parallel=1, n_ctx=256, n_threads=1) as model:
+        with TestClient(create_app(model, max_open_requests=1)) as client:
+            with client.stream("POST", "/v1/completions", json={"prompt": "Hi", "max_tokens": 40, "stream": True,
+                                                                 "ignore_eos": True}) as r:
+                assert r.status_code == 200
+                busy = client.get("/health")
+                _error(busy, 503, "too_many_requests")
+                assert busy.headers["retry-after"] == "1"
+                data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+                assert data[-1] == "[DONE]" and json.loads(data[-2])["choices"][0]["finish_reason"] == "length"
+            assert client.get("/health").status_code == 200  # the slot is free again
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"max_queue": -1}, "max_queue=-1"), ({"max_n": 0}, "max_n=0"), ({"max_body": True}, "max_body"),
-    ({"api_key": "  "}, "api_key"), ({"nonsense": 1}, "nonsense"),
+    ({"api_key": "  "}, "api_key"), ({"nonsense": 1}, "nonsense"), ({"max_open_requests": 0}, "max_open_requests"),
+    ({"shutdown_grace": -1}, "shutdown_grace"),
 ])
 def test_bad_settings_raise_before_serving(kw, message):
     with pytest.raises((TypeError, ValueError), match=message):

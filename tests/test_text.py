@@ -91,5 +91,6 @@ def test_prompt_ending_with_multibyte_characters(smol):
     prompts = ["Ich liebe Käse und Brötchen. Das Wort für 'cheese' auf Japanisch ist チーズ", "🍕🍕🍕"]
     r = pg.generate_parallel(smol, prompts, max_tokens=16, temperature=0)
     for c in r:
-        assert c.error is None and "\ufffd" not in c.text
-        assert c.text.encode("utf-8").decode("utf-8") == c.text
+        assert c.error is None and "\ufffd" not in c.text and c.token_ids
+        assert c.prompt_tokens == len(smol.tokenize(c.prompt))  # the prompt's bytes reached the engine whole
+        assert smol.detokenize(c.token_ids).startswith(c.text)

@@ -12,6 +12,7 @@ from .chat import apply_chat_template, chat_parallel
 from .classify import Classification, Classifications, classify
 from .errors import GenerationError, ModelLoadError
 from .generate import generate_parallel
+from .jobs import JobSummary, generate_iter, run_file_job
 from .model import Model
 from .models import default_model_path
 from .params import SamplingParams
@@ -29,6 +30,7 @@ __all__ = [
     "Completion",
     "EngineStats",
     "GenerationError",
+    "JobSummary",
     "Logprob",
     "Model",
     "ModelLoadError",
@@ -43,7 +45,9 @@ __all__ = [
     "chat_parallel",
     "classify",
     "default_model_path",
+    "generate_iter",
     "generate_parallel",
+    "run_file_job",
     "score",
     "stream_parallel",
 ]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 import diskcache
 
-from .results import Completion, Logprob, Output, TokenLogprobs
+from .results import Completion
 
 if TYPE_CHECKING:
     from .model import Model
@@ -102,14 +102,14 @@ class ResultCache:
     def get(self, key: str) -> Optional[Completion]:
         try:
             raw = self._db.get(key)
-            return None if raw is None else _load(json.loads(raw))
+            return None if raw is None else Completion.from_dict(json.loads(raw))
         except Exception as e:  # a damaged entry: a miss, and drop it
             logger.warning("result cache %s: unreadable entry dropped (%s)", self.path, e)
             self._db.delete(key)
             return None
 
     def put(self, key: str, completion: Completion) -> None:
-        self._db.set(key, json.dumps(dataclasses.asdict(completion)))
+        self._db.set(key, json.dumps(completion.to_dict()))
 
 
 def open_cache(cache: Union[None, str, "os.PathLike[str]", ResultCache]) -> Optional[ResultCache]:
@@ -119,12 +119,3 @@ def open_cache(cache: Union[None, str, "os.PathLike[str]", ResultCache]) -> Opti
         return ResultCache(cache)
     raise TypeError(f"cache must be a path or a parallel_gen.ResultCache, got {type(cache).__name__}")
 
-
-def _load(d: Dict[str, Any]) -> Completion:
-    outputs = []
-    for o in d["outputs"]:
-        lps = o.get("logprobs")
-        if lps is not None:
-            lps = [TokenLogprobs(t["token_id"], t["token"], t["logprob"], [Logprob(**a) for a in t["top"]]) for t in lps]
-        outputs.append(Output(o["text"], list(o["token_ids"]), o["finish_reason"], o["stop_reason"], o["error"], lps))
-    return Completion(d["index"], d["prompt"], outputs, d["prompt_tokens"])

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence as _SequenceABC
 from typing import Any, List, Optional, Sequence
 
-from .generate import ModelLike, Params, _open, _param_list, run_batch
+from .generate import ModelLike, Params, _open, _param_list, reject_unordered, run_batch
 from .model import Model
 from .progress import make_progress
 from .results import BatchResult
@@ -87,6 +87,7 @@ def _conversation_list(conversations: Any) -> List[List[Message]]:
     if isinstance(conversations, (str, bytes, Mapping)):
         raise TypeError(f"conversations must be a sequence of conversations (lists of messages), got "
                         f"{type(conversations).__name__}")
+    reject_unordered("conversations", conversations)
     try:
         items = list(conversations)
     except TypeError:

@@ -1,6 +1,7 @@
 """Command line: ``parallel-gen <command>`` (also ``python -m parallel_gen``).
 
-Commands: ``generate`` (prompts from arguments, a file or stdin; JSONL or text out),
+Commands: ``generate`` (prompts from arguments, a file of any size or stdin; JSONL, CSV,
+Parquet or text out; resumable, see jobs/),
 ``demo`` (a few chat questions on the default model) and ``info`` (model and build).
 Exit status: 0 success; 1 model missing or unloadable, generation failed, or some
 prompt finished with an error; 2 bad arguments or input; 130 interrupted.
@@ -9,7 +10,6 @@ prompt finished with an error; 2 bad arguments or input; 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -79,7 +79,8 @@ def _add_model_options(p: argparse.ArgumentParser, n_parallel_help: str) -> None
     g.add_argument("-m", "--model", metavar="GGUF", help="GGUF file (default: the packaged SmolLM2-135M-Instruct)")
     g.add_argument("--n-parallel", type=int, metavar="N", help=n_parallel_help)
     g.add_argument("--n-ctx", type=int, metavar="N",
-                   help="tokens per sequence, prompt + output (default: min(training, 4096))")
+                   help="tokens per sequence, prompt + output (default for generate: sized to the prompts "
+                        "and --max-tokens; else min(training, 4096), capped to half the free memory)")
     g.add_argument("--n-batch", type=int, metavar="N", help="most tokens per decode call (default: 512)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: every core this process may use)")
     g.add_argument("--n-gpu-layers", type=int, metavar="N",
@@ -139,32 +140,25 @@ def _add_progress_option(p: argparse.ArgumentParser) -> None:
 
 
 # -- generate ---------------------------------------------------------------------------
-def _read_items(args: argparse.Namespace) -> "List[Any]":
-    from .cli_io import InputError, Item, input_format, read_jsonl, read_text
+def _job_source(args: argparse.Namespace) -> "Any":
+    """Prompts from the arguments, or the --file / '-' / stdin source (opened lazily)."""
+    from .cli_io import InputError, argument_source
+    from .jobs.sources import Columns, open_source
 
-    items = [Item(prompt=p) for p in args.prompts]
-    source = args.file
-    if source is None and not args.prompts:
+    columns = Columns(args.prompt_column, args.messages_column)
+    prompts = list(args.prompts)
+    path = args.file
+    if prompts == ["-"]:  # '-' as the only positional: stdin, like --file -
+        prompts, path = [], path or "-"
+    if prompts and path is not None:
+        raise InputError("give prompts as arguments or with --file / stdin, not both")
+    if prompts:
+        return argument_source(prompts, columns)
+    if path is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise InputError("no prompts: give them as arguments, with --file FILE, or on stdin")
-        source = "-"
-    if source is not None:
-        name = "<stdin>" if source == "-" else source
-        fmt = input_format(name, args.input_format)
-        reader = read_jsonl if fmt == "jsonl" else read_text
-        if source == "-":
-            items += reader(sys.stdin, name)
-        else:
-            try:
-                with open(source, encoding="utf-8") as f:
-                    items += reader(f, name)
-            except OSError as e:
-                raise InputError(f"cannot read {source}: {e.strerror}") from None
-            except UnicodeDecodeError as e:
-                raise InputError(f"{source} is not UTF-8 text: {e.reason}") from None
-        if len(items) == len(args.prompts):
-            raise InputError(f"no prompts in {name}")
-    return items
+        path = "-"
+    return open_source(path, args.input_format, columns)
 
 
 def _chat_template_arg(args: argparse.Namespace) -> Optional[str]:
@@ -179,74 +173,44 @@ def _chat_template_arg(args: argparse.Namespace) -> Optional[str]:
         raise InputError(f"cannot read {args.chat_template_file}: {e.strerror}") from None
 
 
-def _to_chat(args: argparse.Namespace, items: "List[Any]") -> None:
-    """Turns plain prompts into conversations under --chat; checks every conversation."""
-    from .chat import _message
-    from .cli_io import InputError
-
-    # A system message or a template only makes sense in a chat: either implies --chat.
-    chat = args.chat or any(v is not None for v in (args.system, args.chat_template, args.chat_template_file))
-    system = [{"role": "system", "content": args.system}] if args.system is not None else []
-    for i, item in enumerate(items):
-        if item.prompt is not None and chat:
-            item.messages = system + [{"role": "user", "content": item.prompt}]
-        if item.messages is not None:
-            if not item.messages:
-                raise InputError(f"input {i}: \"messages\" is empty")
-            item.messages = [_message(f"input {i} message {j}", m) for j, m in enumerate(item.messages)]
-
-
-def _open_output(path: Optional[str]) -> Any:
-    """stdout, or the --output file, opened before any work so a bad path fails first."""
-    if path is None:
-        return contextlib.nullcontext(sys.stdout)
-    from .cli_io import InputError
-
-    try:
-        return open(path, "w", encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror}") from None
-
-
 def _generate(args: argparse.Namespace) -> int:
-    from .cli_io import InputError, write_jsonl, write_text
-    from .generate import _param_list, run_batch
-    from .model import Model
-    from .models import default_model_path
-    from .progress import make_progress
-    from .templates import ChatTemplate
+    from .cli_io import print_summary, resume_command
+    from .errors import GenerationError
+    from .jobs.job import JobInterrupted, run_source_job
 
+    if args.ray is not None:
+        from .ray.cli import generate_on_ray
+
+        return generate_on_ray(args, _sampling_params, _model_kwargs, _chat_template_arg)
     params = _sampling_params(args)
-    items = _read_items(args)
-    _to_chat(args, items)
     template_arg = _chat_template_arg(args)
-    # Seeds resolved once for the whole call: input i gets seed + i, as in generate_parallel.
-    param_list = _param_list(params, {}, len(items))
-    bar = make_progress(args.progress, len(items))
-    with _open_output(args.output) as out:
-        with Model(args.model or default_model_path(), **_model_kwargs(args, len(items))) as model:
-            needs_template = any(item.messages is not None for item in items)
-            template = ChatTemplate(model, template_arg) if needs_template else None
-            prompts: List[str] = []
-            for i, item in enumerate(items):
-                if template is None or item.messages is None:
-                    prompts.append(item.prompt or "")
-                    continue
-                try:
-                    prompts.append(template.render(item.messages))
-                except ValueError as e:
-                    raise InputError(f"input {i}: {e}") from None
-                param_list[i] = template.add_stops(param_list[i])
-            with bar as on_step:
-                result = run_batch(model, prompts, param_list, on_step=on_step)
-        if args.format == "jsonl":
-            write_jsonl(result, items, out)
-        else:
-            write_text(result, out)
+    source = _job_source(args)
+    try:
+        n_rows = source.total if source.total is not None else 8
+        try:
+            summary = run_source_job(
+                args.model, source, args.output, output_format=args.output_format, resume=args.resume,
+                overwrite=args.overwrite, chat=args.chat, system=args.system, chat_template=template_arg,
+                progress=args.progress, params=params, lookahead=args.lookahead,
+                model_options=_model_kwargs(args, n_rows))
+        except JobInterrupted as e:
+            s = e.summary
+            where = f"in {s.output}" if s.output else "on stdout"
+            print(f"parallel-gen generate: interrupted: {s.rows} rows are {where}", file=sys.stderr)
+            if s.output:
+                print(f"continue with: {resume_command(args.argv)}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except GenerationError as e:  # the rows finished before the failure are in the output
+            print(f"parallel-gen generate: error: {e}", file=sys.stderr)
+            if args.output not in (None, "-"):
+                print(f"the rows written are kept; continue with: {resume_command(args.argv)}", file=sys.stderr)
+            return EXIT_FAILED
+    finally:
+        source.close()
     if args.stats:
-        _print_stats(result.stats, sys.stderr)
-    if result.stats.failed:
-        print(f"parallel-gen generate: {result.stats.failed} of {len(items)} prompt(s) failed "
+        print_summary(summary, sys.stderr)
+    if summary.failed:
+        print(f"parallel-gen generate: {summary.failed} of {summary.written} row(s) failed "
               "(see their \"error\")", file=sys.stderr)
         return EXIT_FAILED
     return 0
@@ -323,10 +287,23 @@ def _info_data(model_path: Optional[str]) -> Dict[str, Any]:
                 "context_length": int(m.n_ctx_train),
                 "vocabulary": int(m.n_vocab),
                 "chat_template": template is not None,
+                **_kv_info(m),
             }
     except (OSError, ValueError) as e:  # missing or unloadable (ModelLoadError is a ValueError)
         data["model"] = {"error": _os_error_text(e)}
     return data
+
+
+def _kv_info(m: Any) -> Dict[str, Any]:
+    """KV cache figures: per token, and what a default Model (8 slots) allocates here."""
+    from .memory import available_memory, capped_default_n_ctx, kv_cell_bytes, kv_cells
+    from .model import _DEFAULT_N_CTX
+
+    per_token = kv_cell_bytes(m.metadata(), "f16", "f16")
+    streams = 8 + 1  # the default n_parallel, plus the shared-prefix stream
+    n_ctx = capped_default_n_ctx(max(8, min(m.n_ctx_train, _DEFAULT_N_CTX)), per_token, streams, available_memory())
+    return {"kv_bytes_per_token": per_token, "kv_bytes_allocated": m.kv_bytes, "default_n_ctx": n_ctx,
+            "default_kv_bytes": kv_cells(n_ctx, streams, False, None, 8) * per_token}
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -352,6 +329,8 @@ def _info(args: argparse.Namespace) -> int:
             print(f"  context length: {m['context_length']} tokens (training)")
             print(f"  vocabulary:     {m['vocabulary']} tokens")
             print(f"  chat template:  {'yes' if m['chat_template'] else 'no (a base model: use plain prompts)'}")
+            print(f"  KV cache:       {m['kv_bytes_per_token'] / 1024:.1f} KiB per token (f16); a default Model "
+                  f"(8 slots of n_ctx {m['default_n_ctx']}) allocates {m['default_kv_bytes'] / 2**20:.0f} MiB")
     if "error" in data["model"]:
         print(f"parallel-gen info: error: {data['model']['error']}", file=sys.stderr)
         return EXIT_FAILED
@@ -366,15 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
                                        "2 bad arguments or input; 130 interrupted")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate completions for many prompts in one batch",
-                       description="Generate a completion for every prompt, decoded together in one batch. "
-                                   "Prompts come from the arguments, --file (one per line, or JSONL with "
-                                   '{"prompt": ...} or {"messages": [...]} per line), or stdin.')
-    g.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (each one argument)")
+    g = sub.add_parser("generate", help="generate completions for many prompts (a file of any size)",
+                       description="Generate a completion for every prompt, decoded together in one batch, "
+                                   "streamed: rows are read lazily and each output row is written (in input "
+                                   "order) as soon as it is done, so a killed job resumes with --resume. "
+                                   "Prompts come from the arguments, --file / '-' (text, JSONL, CSV or Parquet), "
+                                   "or stdin.")
+    g.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (each one argument); '-' reads stdin")
     g.add_argument("-f", "--file", metavar="FILE", help="read prompts from FILE ('-' for stdin)")
-    g.add_argument("--input-format", choices=["auto", "text", "jsonl"], default="auto",
-                   help="format of --file/stdin: text (one prompt per line) or jsonl "
-                        "(default: jsonl for *.jsonl and *.ndjson, else text)")
+    g.add_argument("--input-format", choices=["auto", "text", "jsonl", "csv", "parquet"], default="auto",
+                   help="format of --file/stdin (default: by extension; else JSONL when the first non-blank "
+                        "line is a JSON object with the prompt or messages field, else text, one prompt per line)")
+    g.add_argument("--prompt-column", metavar="NAME", default="prompt",
+                   help="the input field holding the prompt (default: prompt)")
+    g.add_argument("--messages-column", metavar="NAME", default="messages",
+                   help="the input field holding a conversation, a list of {role, content} (default: messages)")
     g.add_argument("--chat", action="store_true",
                    help="send each plain prompt as a user message through the model's chat template")
     g.add_argument("--system", metavar="TEXT", help="system message for every plain prompt (implies --chat)")
@@ -384,14 +369,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "implies --chat)")
     t.add_argument("--chat-template-file", metavar="FILE",
                    help="read the Jinja chat template from a file (implies --chat)")
-    g.add_argument("--format", choices=["jsonl", "text"], default="jsonl",
-                   help="output: one JSON object per prompt (index, prompt, text, finish_reason, tokens, ...), "
-                        "or the texts alone (default: jsonl)")
-    g.add_argument("-o", "--output", metavar="FILE", help="write the output to a file instead of stdout")
-    g.add_argument("--stats", action="store_true", help="print batch statistics to stderr")
+    g.add_argument("-o", "--output", metavar="FILE", help="write the rows to FILE instead of stdout")
+    g.add_argument("--output-format", "--format", dest="output_format",
+                   choices=["auto", "jsonl", "csv", "parquet", "text"], default="auto",
+                   help="output rows: the input's fields + row, text, finish_reason, stop_reason, prompt_tokens, "
+                        "completion_tokens, error (jsonl, csv, parquet), or the texts alone (text) "
+                        "(default: by the extension of --output, else jsonl)")
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--resume", action="store_true",
+                   help="continue the job that wrote --output: skip its rows, redo a torn last row")
+    w.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    g.add_argument("--lookahead", type=int, metavar="N",
+                   help="most rows in flight, read but not written yet (default: 4 per slot)")
+    g.add_argument("--stats", action="store_true", help="print the job's statistics to stderr")
+    r = g.add_argument_group("Ray (pip install 'parallel_gen[ray]')")
+    r.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the job on a Ray cluster (auto, ray://HOST:PORT; none: a local one): -f and -o are "
+                        "Parquet or JSONL files or directories every node can read; -o is written as a directory")
+    r.add_argument("--ray-actors", type=int, default=1, metavar="N",
+                   help="Ray actors, one Model each, with --threads CPUs each (default: 1)")
+    r.add_argument("--batch-size", type=int, metavar="N", help="rows per Ray batch (default: 4 per slot)")
     _add_progress_option(g)
     _add_sampling_options(g)
-    _add_model_options(g, "sequences decoded together (default: min(8, number of prompts))")
+    _add_model_options(g, "sequences decoded together (default: min(8, number of rows when known))")
     g.set_defaults(func=_generate)
 
     d = sub.add_parser("demo", help="answer a few questions on the default model, in one batch")
@@ -410,12 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the information as JSON")
     i.set_defaults(func=_info)
 
-    try:
-        from .bench import add_parser as _add_bench
-    except ImportError:  # bench.py not present
-        _add_bench = None
-    if _add_bench is not None:
-        _add_bench(sub)
+    from .bench import add_parser as _add_bench
+
+    _add_bench(sub)
+    from .server.cli import add_parser as _add_serve  # imports no server package until `serve` runs
+
+    _add_serve(sub, _add_model_options)
     return p
 
 
@@ -451,6 +451,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to print the command that resumes a job
     _setup_logging(bool(getattr(args, "verbose", False)))
 
     def fail(code: int, message: str) -> int:

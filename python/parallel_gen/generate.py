@@ -10,16 +10,21 @@ import queue
 import secrets
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Deque, Iterator, List, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from ._native import _core, llama_cpp
+from .cache import open_cache
 from .errors import GenerationError
+from .events import (Cancelled, Closed, EngineCounters, EngineEvent, Fatal, Progress, RequestDone, SequenceFinished,
+                     SequenceResult)
+from .memory import n_ctx_for_prompts
 from .model import Model
 from .params import FIELD_NAMES, SamplingParams, sample_seed
 from .progress import make_progress
-from .results import BatchResult, BatchStats, Completion, Logprob, Output, TokenLogprobs
+from .results import BatchResult, BatchStats, Completion, Output
 from .runner import Item, Request
-from .cache import open_cache
 
 if TYPE_CHECKING:
     from .cache import ResultCache
@@ -31,8 +36,6 @@ Prompts = Union[str, Sequence[str]]
 Params = Union[SamplingParams, Sequence[SamplingParams], None]
 # Called after every engine step with (prompts finished, prompts in total, tokens generated so far).
 StepCallback = Callable[[int, int, int], None]
-
-_FINISH = {_core.Finish.stop: "stop", _core.Finish.length: "length", _core.Finish.error: "error"}
 
 
 def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *,
@@ -68,12 +71,15 @@ def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None,
         ImportError: progress=True and tqdm is not installed.
     """
     prompt_list = _prompt_list(prompts)
+    params = _read_once(params)
     param_list = _param_list(params, overrides, len(prompt_list))
     cacheable = _deterministic(params, overrides, len(prompt_list))
     bar = make_progress(progress, len(prompt_list))  # checks `progress` before the model loads
     result_cache = open_cache(cache)
     try:
-        with _open(model) as m, bar as on_step:
+        # A Model opened here gets a context sized to these prompts, not the 4096 default.
+        with _open(model, n_ctx_for_prompts(prompt_list, [p.max_tokens for p in param_list])) as m, \
+                bar as on_step:
             return run_batch(m, prompt_list, param_list, on_step=on_step, request_id=request_id,
                              cache=result_cache, cacheable=cacheable)
     finally:
@@ -86,6 +92,7 @@ def _prompt_list(prompts: Prompts) -> List[str]:
         return [prompts]
     if isinstance(prompts, (bytes, bytearray)):
         raise TypeError("prompts must be str or a sequence of str, got bytes: decode it first")
+    reject_unordered("prompts", prompts)
     try:
         items = list(prompts)
     except TypeError:
@@ -94,6 +101,17 @@ def _prompt_list(prompts: Prompts) -> List[str]:
         if not isinstance(p, str):
             raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
     return items
+
+
+def reject_unordered(name: str, value: Any) -> None:
+    """Results come back in input order, so the input needs one: a dict would be iterated
+    for its keys, a set in an arbitrary order. Raises TypeError for both."""
+    if isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a sequence (a list or tuple), got {type(value).__name__}: to keep "
+                        f"ids with a dict, pass list(d.values()); results come back in that order")
+    if isinstance(value, AbstractSet):
+        raise TypeError(f"{name} must be a sequence (a list or tuple), got {type(value).__name__}, which has no "
+                        f"order to match results to: pass a list, e.g. sorted(...)")
 
 
 def _param_list(params: Params, overrides: dict, n: int) -> List[SamplingParams]:
@@ -109,6 +127,7 @@ def _param_list(params: Params, overrides: dict, n: int) -> List[SamplingParams]
         return [base.replace(seed=(base.seed + i) % 2**32) for i in range(n)]
     if isinstance(params, (str, bytes)):
         raise TypeError("params must be a SamplingParams or a sequence of them")
+    reject_unordered("params", params)
     try:
         items = list(params)
     except TypeError:
@@ -124,6 +143,14 @@ def _param_list(params: Params, overrides: dict, n: int) -> List[SamplingParams]
     return out
 
 
+def _read_once(params: Params) -> Params:
+    """An iterable of SamplingParams read into a list, since it is read more than once
+    (a generator would be empty the second time); anything else as given."""
+    if params is None or isinstance(params, (SamplingParams, str, bytes, Mapping)) or not isinstance(params, Iterable):
+        return params  # _param_list reports the wrong types
+    return list(params)
+
+
 def _deterministic(params: Params, overrides: dict, n: int) -> List[bool]:
     """Per prompt: is its result a function of the inputs (greedy, or a seed given)?"""
     def fixed(p: SamplingParams) -> bool:
@@ -135,20 +162,21 @@ def _deterministic(params: Params, overrides: dict, n: int) -> List[bool]:
     return [fixed(p) for p in params]
 
 
-def _open_model(model: ModelLike) -> Tuple[Model, bool]:
-    """The Model to use, and whether this call opened it (and must close it)."""
+def _open_model(model: ModelLike, n_ctx: Optional[Callable[[Model], int]] = None) -> Tuple[Model, bool]:
+    """The Model to use, and whether this call opened it (and must close it). A path is
+    opened with ``n_ctx(model)`` tokens per sequence when given, else the default."""
     if isinstance(model, Model):
         return model, False
     if isinstance(model, (str, os.PathLike)):
-        return Model(model), True
+        return (Model._sized(model, n_ctx) if n_ctx is not None else Model(model)), True
     if isinstance(model, llama_cpp.Llama):
         return Model.from_llama(model), True
     raise TypeError(f"model must be a parallel_gen.Model, a path or a llama_cpp.Llama, got {type(model).__name__}")
 
 
 @contextlib.contextmanager
-def _open(model: ModelLike) -> Iterator[Model]:
-    m, owned = _open_model(model)
+def _open(model: ModelLike, n_ctx: Optional[Callable[[Model], int]] = None) -> Iterator[Model]:
+    m, owned = _open_model(model, n_ctx)
     try:
         yield m
     finally:
@@ -185,28 +213,28 @@ def run_batch(model: Model, prompts: List[str], params: List[SamplingParams],
         if error:
             gather.fail(i, error)
         items.extend(mine)
-    events: "queue.SimpleQueue[Tuple[str, Any]]" = queue.SimpleQueue()
-    req = Request(name, items, lambda kind, payload: events.put((kind, payload)), ticks=on_step is not None)
+    events: "queue.SimpleQueue[EngineEvent]" = queue.SimpleQueue()
+    req = Request(name, items, events.put, ticks=on_step is not None)
     logger.info("request %s: %d prompts, %d sequences", name, len(prompts), len(items))
     runner.submit(req)
-    tokens = 0  # the engine's generated-token count at the last tick
     try:
         while True:
-            kind, payload = _next_event(events)
-            if kind == "result":
-                gather.add(payload)
-                tokens += len(payload.tokens)
-            elif kind == "tick" and on_step is not None:
-                tokens = payload
-                on_step(gather.n_done, len(prompts), tokens)
-            elif kind == "done":
+            event = next_event(events)
+            if isinstance(event, SequenceFinished):
+                gather.add(event.result)
+            elif isinstance(event, Progress):
                 if on_step is not None:
-                    on_step(gather.n_done, len(prompts), tokens)  # the request ends before its step's tick
+                    on_step(gather.n_done, len(prompts), event.generated_tokens)
+            elif isinstance(event, RequestDone):
+                if on_step is not None:  # the request ends before its last step's Progress
+                    on_step(gather.n_done, len(prompts), req.counters.generated_tokens)
                 break
-            elif kind == "fatal":
-                raise GenerationError(f"llama.cpp failed while decoding: {payload}", gather.completed())
-            elif kind == "closed":
+            elif isinstance(event, Fatal):
+                raise GenerationError(fatal_message(event), gather.completed())
+            elif isinstance(event, Closed):
                 raise GenerationError(CLOSED_MESSAGE, gather.completed())
+            elif isinstance(event, Cancelled):  # by another thread holding the request
+                raise GenerationError(CANCELLED_MESSAGE, gather.completed())
     except BaseException:
         # Ctrl-C, a failure, anything: leave no sequence or KV of ours behind.
         with contextlib.suppress(RuntimeError):  # the Model was closed meanwhile
@@ -224,6 +252,11 @@ def run_batch(model: Model, prompts: List[str], params: List[SamplingParams],
 
 
 CLOSED_MESSAGE = "the Model was closed while this call was running"
+CANCELLED_MESSAGE = "the request was cancelled while it was running"
+
+
+def fatal_message(event: Fatal) -> str:
+    return f"llama.cpp failed while decoding: {event.message}"
 
 
 def prompt_items(index: int, prompt: str, params: SamplingParams) -> Tuple[List[Item], Optional[str]]:
@@ -233,14 +266,15 @@ def prompt_items(index: int, prompt: str, params: SamplingParams) -> Tuple[List[
         raw = prompt.encode("utf-8")
     except UnicodeEncodeError as e:
         return [], f"the prompt is not valid Unicode text: {e}"
-    return [(index, j, raw, params._to_native(sample_seed(params.seed, j))) for j in range(params.n)], None
+    return [Item(index, j, raw, params._to_native(sample_seed(params.seed, j))) for j in range(params.n)], None
 
 
 def new_request_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def _next_event(events: "queue.SimpleQueue[Tuple[str, Any]]") -> Tuple[str, Any]:
+def next_event(events: "queue.SimpleQueue[EngineEvent]") -> EngineEvent:
+    """The next event of a request, waiting as long as it takes."""
     # A short timeout keeps the waiting thread responsive to Ctrl-C.
     while True:
         try:
@@ -273,13 +307,12 @@ class _Gather:
 
     def __init__(self, model: Model, prompts: List[str], params: List[SamplingParams]) -> None:
         self.model = model
-        self.token_text: dict = {}
         self.prompts = prompts
         self.outputs: List[List[Optional[Output]]] = [[None] * p.n for p in params]
         self.prompt_tokens = [0] * len(prompts)
         self.missing = [p.n for p in params]
         self.n_done = 0
-        self.hits: set = set()
+        self.hits: Set[int] = set()
 
     def hit(self, i: int, c: Completion) -> None:
         self.outputs[i] = list(c.outputs)
@@ -288,12 +321,11 @@ class _Gather:
         self.n_done += 1
         self.hits.add(i)
 
-    def add(self, r: "_core.Result") -> None:
-        i = int(r.index)
-        self.outputs[i][r.sample] = self._output(r)
-        self.prompt_tokens[i] = int(r.n_prompt)
-        self.missing[i] -= 1
-        self.n_done += self.missing[i] == 0
+    def add(self, r: SequenceResult) -> None:
+        self.outputs[r.index][r.sample] = r.to_output(self.model._token_text)
+        self.prompt_tokens[r.index] = r.prompt_tokens
+        self.missing[r.index] -= 1
+        self.n_done += self.missing[r.index] == 0
 
     def fail(self, i: int, message: str) -> None:
         self.outputs[i] = [Output("", [], "error", None, message) for _ in self.outputs[i]]
@@ -305,30 +337,8 @@ class _Gather:
                 for i, outs in enumerate(self.outputs) if self.missing[i] == 0]
 
 
-    def _text(self, token: int) -> str:
-        text = self.token_text.get(token)
-        if text is None:
-            text = self.token_text[token] = self.model.detokenize([token])
-        return text
-
-    def _output(self, r: "_core.Result") -> Output:
-        stop_reason: Union[str, int, None] = None
-        if r.stop_string:
-            stop_reason = r.stop_string
-        elif r.stop_token >= 0:
-            stop_reason = int(r.stop_token)
-        tokens = list(r.tokens)
-        logprobs = None
-        raw = r.logprobs
-        if raw:
-            logprobs = [TokenLogprobs(t, self._text(t), lp, [Logprob(a, self._text(a), alp) for a, alp in top])
-                        for t, (lp, top) in zip(tokens, raw)]
-        return Output(r.text.decode("utf-8", "replace"), tokens, _FINISH[r.finish], stop_reason, r.error or None,
-                      logprobs)
-
-
-def _stats(completions: List[Completion], c: dict, wall: float, cache_hits: int = 0) -> BatchStats:
-    ps, gs = c["prompt_seconds"], c["generation_seconds"]
+def _stats(completions: List[Completion], c: EngineCounters, wall: float, cache_hits: int = 0) -> BatchStats:
+    ps, gs = c.prompt_seconds, c.generation_seconds
     completion_tokens = sum(x.completion_tokens for x in completions)
     return BatchStats(
         prompts=len(completions),
@@ -337,14 +347,14 @@ def _stats(completions: List[Completion], c: dict, wall: float, cache_hits: int 
         prompt_seconds=ps,
         generation_seconds=gs,
         wall_seconds=wall,
-        prompt_tokens_per_second=c["prompt_tokens"] / ps if ps > 0 else 0.0,
-        generation_tokens_per_second=c["generated_tokens"] / gs if gs > 0 else 0.0,
-        decode_calls=int(c["decode_calls"]),
-        decode_retries=int(c["decode_retries"]),
-        fallback_decodes=int(c["fallback_decodes"]),
+        prompt_tokens_per_second=c.prompt_tokens / ps if ps > 0 else 0.0,
+        generation_tokens_per_second=c.generated_tokens / gs if gs > 0 else 0.0,
+        decode_calls=int(c.decode_calls),
+        decode_retries=int(c.decode_retries),
+        fallback_decodes=int(c.fallback_decodes),
         failed=sum(1 for x in completions if any(o.finish_reason == "error" for o in x.outputs)),
-        preemptions=int(c["preemptions"]),
-        sequence_moves=int(c["sequence_moves"]),
-        prefix_tokens_reused=int(c["prefix_tokens_reused"]),
+        preemptions=int(c.preemptions),
+        sequence_moves=int(c.sequence_moves),
+        prefix_tokens_reused=int(c.prefix_tokens_reused),
         cache_hits=cache_hits,
     )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ctypes
+import inspect
 import logging
 import os
 import threading
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from ._native import _core, llama_cpp
 from .errors import ModelLoadError
+from .memory import KV_MEMORY_SHARE, available_memory, capped_default_n_ctx, kv_cell_bytes, kv_cells
 from .runner import EngineRunner, EngineStats
 
 logger = logging.getLogger("parallel_gen")
@@ -76,7 +78,9 @@ class Model:
     Args:
         path: the .gguf file.
         n_parallel: sequences decoded together (slots), >= 1.
-        n_ctx: tokens per sequence, prompt + output. None: min(training context, 4096).
+        n_ctx: tokens per sequence, prompt + output. None: min(training context, 4096),
+            shrunk (with a log line) so the KV cache takes at most half of the memory
+            available when the Model opens (see ``kv_bytes``).
         n_batch: most tokens per llama_decode call (>= n_parallel).
         n_threads: CPU threads. None: every core this process may use.
         n_gpu_layers: layers offloaded to the GPU (-1: all) when llama-cpp-python was
@@ -95,8 +99,10 @@ class Model:
             Costs one more KV stream when kv_unified=False.
         verbose: let llama.cpp print its log to stderr.
 
-    A Model serves one call at a time: calls from several threads are serialized on an
-    internal lock, so each gets its own complete, unmixed results.
+    Calls from any number of threads (generate, chat, streams) share the Model: each
+    call's sequences join the one batch loop that runs on the Model's engine thread, as
+    slots free and in turn with the other calls', and each call gets its own complete,
+    unmixed results.
     """
 
     def __init__(
@@ -122,12 +128,38 @@ class Model:
         _check_int("n_gpu_layers", n_gpu_layers, -1)
         config = self._config(n_parallel, n_ctx, n_batch, n_threads, kv_unified, flash_attn, type_k, type_v,
                               kv_size, share_prefix, verbose)
+        self._setup(path, self._load(path, n_gpu_layers, verbose), config, owner=None, n_gpu_layers=n_gpu_layers)
+
+    @staticmethod
+    def _load(path: str, n_gpu_layers: int, verbose: bool) -> "_core.ModelHandle":
         _check_gguf(path)
         try:
-            handle = _core.ModelHandle.load(path, n_gpu_layers, bool(verbose))
+            return _core.ModelHandle.load(path, n_gpu_layers, bool(verbose))
         except RuntimeError as e:
             raise ModelLoadError(str(e)) from None
-        self._setup(path, handle, config, owner=None, n_gpu_layers=n_gpu_layers)
+
+    @classmethod
+    def _sized(cls, path: PathLike, n_ctx: Callable[["Model"], int], *, n_gpu_layers: int = 0,
+               **kwargs: Any) -> "Model":
+        """Opens ``path`` with ``n_ctx(model)`` tokens per sequence, computed once the
+        weights are loaded (so it can tokenize and render chat templates) and before any
+        KV cache is allocated. ``kwargs``: the other Model settings."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"Model path must be a str or os.PathLike, got {type(path).__name__}")
+        path = os.fspath(path)
+        _check_int("n_gpu_layers", n_gpu_layers, -1)
+        # The constructor's defaults for every setting not given.
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                    if p.kind is p.KEYWORD_ONLY and k != "n_gpu_layers"}
+        config = cls._config(**{**defaults, **kwargs, "n_ctx": None})
+        self = cls.__new__(cls)
+        self.path = path  # what n_ctx() may read: the path and the weights, no context yet
+        self._handle = cls._load(path, n_gpu_layers, config["verbose"])
+        config["n_ctx"] = _check_int("n_ctx", n_ctx(self), 8)
+        self._setup(path, self._handle, config, owner=None, n_gpu_layers=n_gpu_layers)
+        logger.info("n_ctx %d sized to the work: KV cache %.1f MiB for %d sequences", self.n_ctx,
+                    self.kv_bytes / 2**20, self.n_parallel)
+        return self
 
     @classmethod
     def from_llama(
@@ -221,11 +253,24 @@ class Model:
         self._handle: Optional[_core.ModelHandle] = handle
         self._owner = owner  # a llama_cpp.Llama whose weights we borrow: keep it alive
         self._lock = threading.Lock()
+        self._token_texts: Dict[int, str] = {}
         self._engine: Optional[_core.Engine] = None
         self._runner: Optional[EngineRunner] = None
         n_ctx = config["n_ctx"]
+        cell_bytes = kv_cell_bytes(handle.metadata(), _KV_TYPE_NAMES[config["type_k"]],
+                                   _KV_TYPE_NAMES[config["type_v"]])
+        n_streams = config["n_parallel"] + (1 if config["share_prefix"] else 0)
         if n_ctx is None:
-            n_ctx = max(8, min(handle.n_ctx_train, _DEFAULT_N_CTX))
+            wanted = max(8, min(handle.n_ctx_train, _DEFAULT_N_CTX))
+            n_ctx = wanted
+            if not config["kv_unified"]:
+                n_ctx = capped_default_n_ctx(wanted, cell_bytes, n_streams, available_memory())
+            if n_ctx < wanted:
+                logger.warning("default n_ctx %d lowered to %d: %d sequences of %d tokens would need %.0f MiB of "
+                               "KV cache, more than %.0f%% of the memory available; pass n_ctx (--n-ctx) to "
+                               "choose", wanted, n_ctx, n_streams, wanted,
+                               kv_cells(wanted, n_streams, False, None, 0) * cell_bytes / 2**20,
+                               100 * KV_MEMORY_SHARE)
         elif n_ctx > handle.n_ctx_train > 0:
             logger.warning("n_ctx=%d is beyond the model's training context (%d): quality may drop past it",
                            n_ctx, handle.n_ctx_train)
@@ -260,6 +305,8 @@ class Model:
         self.type_v: str = _KV_TYPE_NAMES[ec.type_v]
         self.kv_size: Optional[int] = kv_size
         self.n_gpu_layers: int = n_gpu_layers
+        self.kv_bytes: int = kv_cells(n_ctx, n_streams, ec.kv_unified, kv_size, ec.n_parallel) * cell_bytes
+        """Bytes of KV cache this Model's context allocated (all sequences, K and V)."""
         # The runner outlives a garbage-collected Model until its thread ends: it keeps
         # the borrowed Llama (and so the weights) alive that long.
         self._runner = EngineRunner(self._engine, ec.n_parallel, keepalive=owner)
@@ -359,3 +406,10 @@ class Model:
 
     def detokenize(self, tokens: List[int], *, render_special: bool = False) -> str:
         return self._model.detokenize(list(tokens), render_special).decode("utf-8", "replace")
+
+    def _token_text(self, token: int) -> str:
+        """One token's text, cached: logprobs name up to 20 alternatives per generated token."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.detokenize([token])
+        return text

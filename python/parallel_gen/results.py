@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence as _SequenceABC
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Union, overload
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterator, List, Optional, Union, overload
+
+import numpy as np
 
 FinishReason = str  # "stop" | "length" | "error"
 
@@ -48,6 +50,23 @@ class Output:
     logprobs: Optional[List[TokenLogprobs]] = None
     """Per generated token, when SamplingParams.logprobs is set."""
 
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Output":
+        """The inverse of ``dataclasses.asdict`` (the result cache stores that as JSON)."""
+        lps = d.get("logprobs")
+        if lps is not None:
+            lps = [TokenLogprobs(t["token_id"], t["token"], t["logprob"], [Logprob(**a) for a in t["top"]])
+                   for t in lps]
+        return cls(d["text"], list(d["token_ids"]), d["finish_reason"], d["stop_reason"], d["error"], lps)
+
+    @property
+    def token_logprobs(self) -> Optional[np.ndarray]:
+        """The generated tokens' log-probabilities as a float64 array, one per token
+        (None without logprobs): ``np.exp(o.token_logprobs)`` gives their probabilities."""
+        if self.logprobs is None:
+            return None
+        return np.fromiter((t.logprob for t in self.logprobs), dtype=np.float64, count=len(self.logprobs))
+
     @property
     def cumulative_logprob(self) -> Optional[float]:
         """Sum of the generated tokens' log-probabilities (None without logprobs)."""
@@ -63,6 +82,14 @@ class Completion:
     outputs: List[Output]
     prompt_tokens: int
     """Tokens in the prompt (BOS included when the model adds one)."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-ready data (lists, dicts, str, numbers); :meth:`from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Completion":
+        return cls(d["index"], d["prompt"], [Output.from_dict(o) for o in d["outputs"]], d["prompt_tokens"])
 
     @property
     def text(self) -> str:

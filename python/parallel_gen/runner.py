@@ -21,21 +21,28 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Union
 
 from ._native import _core
+from .events import (Cancelled, Closed, EngineCounters, Fatal, Progress, RequestDone, SequenceDelta,
+                     SequenceFinished, SequenceResult, Delta, Sink)
 
 logger = logging.getLogger("parallel_gen")
 
-# (index, sample, UTF-8 prompt, native sampling config)
-Item = Tuple[int, int, bytes, "_core.SamplingConfig"]
-# Called on the engine thread with (kind, payload): "result" (a _core.Result), "delta"
-# (a _core.StreamDelta), "tick" (engine's generated-token total), "fatal" (message),
-# "closed" (None: the Model was closed), "done" (None), "cancelled" (None). It must be
-# quick and must not raise.
-Sink = Callable[[str, Any], None]
-
 _ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sequence to submit to the engine: one sample of one prompt."""
+
+    index: int
+    """The prompt's position in its request."""
+    sample: int
+    prompt: bytes
+    """The prompt as UTF-8."""
+    config: "_core.SamplingConfig"
+    """The sample's native sampling parameters (its seed resolved)."""
 
 
 @dataclass(eq=False)
@@ -47,15 +54,43 @@ class Request:
     sink: Sink
     stream: bool = False
     ticks: bool = False
+    """Send a Progress event after every engine step."""
     id: int = field(default_factory=lambda: next(_ids))
     remaining: int = 0  # sequences not finished yet (queued here or in the engine)
     started: float = field(default_factory=time.perf_counter)
     # The engine's counters over the steps this request was active in: exact for a lone
     # call; with concurrent calls they include the others' work in the same steps.
-    counters: Dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
+    counters: EngineCounters = field(default_factory=EngineCounters)
 
     def __post_init__(self) -> None:
         self.remaining = len(self.items)
+
+
+# Commands from callers to the engine thread, applied between two steps.
+@dataclass(frozen=True)
+class _Submit:
+    request: Request
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request: Request
+    done: Optional[threading.Event]  # None: nobody waits (cancel_soon)
+
+
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[["_core.Engine"], Any]
+    box: List[Any]
+    done: threading.Event
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+_Command = Union[_Submit, _Cancel, _Call, _Stop]
 
 
 @dataclass(frozen=True)
@@ -73,6 +108,11 @@ class EngineStats:
     """Tokens generated since the Model was opened."""
     requests_completed: int
     uptime_seconds: float
+    decode_calls: int = 0
+    """llama_decode calls since the Model was opened: fewer than tokens_generated when
+    sequences share steps."""
+    kv_cells_used: int = 0
+    """KV cells holding a token now, over every sequence (a shared prefix included)."""
 
 
 class EngineRunner:
@@ -85,64 +125,65 @@ class EngineRunner:
         self._feed_target = 2 * n_parallel
         # SimpleQueue: its put() is reentrant, so cancel_soon() is safe from __del__ even
         # when the garbage collector runs inside this queue's own get().
-        self._commands: "queue.SimpleQueue[Tuple[Any, ...]]" = queue.SimpleQueue()
+        self._commands: "queue.SimpleQueue[_Command]" = queue.SimpleQueue()
         self._requests: Dict[int, Request] = {}
         self._turns: Deque[Request] = collections.deque()  # requests with items to feed
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
         self._stopped = False
         self._opened = time.perf_counter()
-        self._snapshot = (0, 0, 0, 0)  # queued, busy, tokens, completed: read by stats()
-        self._tokens = 0
+        self._snapshot = (0, 0, 0, 0, 0, 0)  # queued, busy, tokens, completed, decode calls, KV cells
+        self._totals = EngineCounters()  # since the Model opened
         self._completed = 0
 
     # -- called from any thread ---------------------------------------------------------
     def submit(self, request: Request) -> None:
-        self._send(("submit", request))
+        self._send(_Submit(request))
 
     def cancel(self, request: Request) -> threading.Event:
         """Drops the request's sequences and KV; the event is set once that is done."""
         done = threading.Event()
-        self._send(("cancel", request, done))
+        self._send(_Cancel(request, done))
         return done
 
     def cancel_soon(self, request: Request) -> None:
         """Cancels without waiting and without taking any lock: for ``__del__`` methods,
         which may run on any thread at any moment (the engine's included)."""
         if self._thread is not None and not self._stopped:
-            self._commands.put(("cancel", request, None))
+            self._commands.put(_Cancel(request, None))
 
     def run_on_engine(self, fn: Callable[["_core.Engine"], Any]) -> Any:
         """Runs ``fn(engine)`` on the engine thread between two steps; returns its result."""
         box: List[Any] = []
         done = threading.Event()
-        self._send(("call", fn, box, done))
+        self._send(_Call(fn, box, done))
         done.wait()
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]
 
     def stats(self) -> EngineStats:
-        queued, busy, tokens, completed = self._snapshot
+        queued, busy, tokens, completed, decode_calls, kv_cells = self._snapshot
         return EngineStats(active_requests=len(self._requests), queued_prompts=queued, slots_busy=busy,
                            n_parallel=self._n_parallel, tokens_generated=tokens, requests_completed=completed,
-                           uptime_seconds=time.perf_counter() - self._opened)
+                           uptime_seconds=time.perf_counter() - self._opened, decode_calls=decode_calls,
+                           kv_cells_used=kv_cells)
 
     def stop(self) -> None:
         """Cancels everything, ends the thread and waits for it. Idempotent."""
         with self._start_lock:
             thread, self._stopped = self._thread, True
         if thread is not None:
-            self._commands.put(("stop",))
+            self._commands.put(_Stop())
             thread.join()
 
     def stop_soon(self) -> None:
         """stop() without waiting or locks, for ``__del__``: the thread ends after its step."""
         self._stopped = True
         if self._thread is not None:
-            self._commands.put(("stop",))
+            self._commands.put(_Stop())
 
-    def _send(self, command: Tuple[Any, ...]) -> None:
+    def _send(self, command: _Command) -> None:
         with self._start_lock:
             if self._stopped:
                 raise RuntimeError("this Model is closed")
@@ -173,36 +214,35 @@ class EngineRunner:
                 self._step()
             self._refresh()
 
-    def _apply(self, command: Tuple[Any, ...]) -> bool:
-        kind = command[0]
-        if kind == "submit":
-            req: Request = command[1]
+    def _apply(self, command: _Command) -> bool:
+        """Applies one command; False when the thread must end."""
+        if isinstance(command, _Submit):
+            req = command.request
             self._requests[req.id] = req
             if req.items:
                 self._turns.append(req)
                 logger.debug("request %s: %d sequences queued", req.name, len(req.items))
             else:
                 self._finish(req)
-        elif kind == "cancel":
-            req, done = command[1], command[2]
+        elif isinstance(command, _Cancel):
+            req = command.request
             if self._requests.pop(req.id, None) is not None:
                 self._drop(req)
-                req.sink("cancelled", None)
+                req.sink(Cancelled())
                 logger.info("request %s: cancelled", req.name)
             self._refresh()  # so stats() read after the wait already shows it gone
-            if done is not None:
-                done.set()
-        elif kind == "call":
-            fn, box, done = command[1], command[2], command[3]
+            if command.done is not None:
+                command.done.set()
+        elif isinstance(command, _Call):
             try:
-                box.append(fn(self._engine))
+                command.box.append(command.fn(self._engine))
             except BaseException as e:  # handed to the caller
-                box.append(e)
-            done.set()
-        elif kind == "stop":
+                command.box.append(e)
+            command.done.set()
+        elif isinstance(command, _Stop):
             self._engine.cancel_all()
             for req in list(self._requests.values()):
-                req.sink("closed", None)
+                req.sink(Closed())
             self._requests.clear()
             self._turns.clear()
             return False
@@ -219,8 +259,8 @@ class EngineRunner:
         engine = self._engine
         while self._turns and engine.n_waiting < self._feed_target:
             req = self._turns.popleft()
-            index, sample, prompt, params = req.items.popleft()
-            engine.submit(index, sample, prompt, params, req.id, req.stream)
+            item = req.items.popleft()
+            engine.submit(item.index, item.sample, item.prompt, item.config, req.id, req.stream)
             if req.items:
                 self._turns.append(req)
 
@@ -228,16 +268,17 @@ class EngineRunner:
         engine = self._engine
         active = list(self._requests.values())
         finished, fatal, deltas = engine.step()
-        counters = engine.counters()
+        counters = EngineCounters.from_native(engine.counters())
         engine.reset_counters()
         for req in active:
-            for k, v in counters.items():
-                req.counters[k] += v
-        self._tokens += counters["generated_tokens"]
+            req.counters.add(counters)
+        self._totals.add(counters)
+        # Callers woken by this step's events may read stats() at once: show them this step.
+        self._refresh()
         for d in deltas:
             req = self._requests.get(d.request)
             if req is not None:
-                req.sink("delta", d)
+                req.sink(SequenceDelta(Delta.from_native(d)))
         failed = set()
         for r in finished:
             req = self._requests.get(r.request)
@@ -246,7 +287,7 @@ class EngineRunner:
             if r.aborted:
                 failed.add(req)
                 continue
-            req.sink("result", r)
+            req.sink(SequenceFinished(SequenceResult.from_native(r)))
             req.remaining -= 1
             if req.remaining == 0:
                 self._finish(req)
@@ -254,19 +295,23 @@ class EngineRunner:
             for req in failed:
                 self._requests.pop(req.id, None)
                 self._drop(req)
-                req.sink("fatal", fatal)
+                self._refresh()
+                req.sink(Fatal(fatal))
                 logger.error("request %s: llama.cpp failed: %s", req.name, fatal)
         for req in self._requests.values():
             if req.ticks:
-                req.sink("tick", self._tokens)
+                req.sink(Progress(req.counters.generated_tokens))
 
     def _refresh(self) -> None:
         engine = self._engine
         queued = engine.n_waiting + sum(len(r.items) for r in self._turns)
-        self._snapshot = (queued, engine.n_live, self._tokens, self._completed)
+        t = self._totals
+        self._snapshot = (queued, engine.n_live, int(t.generated_tokens), self._completed, int(t.decode_calls),
+                          engine.kv_tokens)
 
     def _finish(self, req: Request) -> None:
         self._requests.pop(req.id, None)
         self._completed += 1
-        req.sink("done", None)
+        self._refresh()
+        req.sink(RequestDone())
         logger.debug("request %s: done in %.2f s", req.name, time.perf_counter() - req.started)

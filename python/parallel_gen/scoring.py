@@ -23,7 +23,9 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from ._native import _core
 from .errors import GenerationError
-from .generate import CLOSED_MESSAGE, ModelLike, Prompts, _next_event, _open, _prompt_list, new_request_id
+from .events import Cancelled, Closed, EngineEvent, Fatal, RequestDone, SequenceFinished, SequenceResult
+from .generate import (CANCELLED_MESSAGE, CLOSED_MESSAGE, ModelLike, Prompts, _open, _prompt_list, new_request_id,
+                       next_event)
 from .model import Model
 from .runner import Item, Request
 
@@ -135,22 +137,23 @@ def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[st
             continue
         config = _core.SamplingConfig()
         config.continuations = job.continuations
-        items.append((i, 0, raw, config))
-    events: "queue.SimpleQueue[Tuple[str, Any]]" = queue.SimpleQueue()
-    req = Request(request_id or new_request_id(), items, lambda kind, payload: events.put((kind, payload)))
+        items.append(Item(i, 0, raw, config))
+    events: "queue.SimpleQueue[EngineEvent]" = queue.SimpleQueue()
+    req = Request(request_id or new_request_id(), items, events.put)
     runner.submit(req)
     try:
         while True:
-            kind, payload = _next_event(events)
-            if kind == "result":
-                i = int(payload.index)
-                out[i] = _scores(jobs[i], payload)
-            elif kind == "done":
+            event = next_event(events)
+            if isinstance(event, SequenceFinished):
+                out[event.result.index] = _scores(jobs[event.result.index], event.result)
+            elif isinstance(event, RequestDone):
                 break
-            elif kind == "fatal":
-                raise GenerationError(f"llama.cpp failed while scoring: {payload}", [])
-            elif kind == "closed":
+            elif isinstance(event, Fatal):
+                raise GenerationError(f"llama.cpp failed while scoring: {event.message}", [])
+            elif isinstance(event, Closed):
                 raise GenerationError(CLOSED_MESSAGE, [])
+            elif isinstance(event, Cancelled):  # by another thread holding the request
+                raise GenerationError(CANCELLED_MESSAGE, [])
     except BaseException:
         with contextlib.suppress(RuntimeError):  # the Model was closed meanwhile
             runner.cancel(req).wait()
@@ -159,12 +162,12 @@ def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[st
     return out  # type: ignore[return-value]
 
 
-def _scores(job: ScoringJob, r: "_core.Result") -> List[Score]:
+def _scores(job: ScoringJob, r: SequenceResult) -> List[Score]:
     """Splits one scoring sequence's result (continuations end to end) into Scores."""
     if r.error:
         return _failed(job, r.error)
-    logprobs = [float(lp) for lp, _ in r.logprobs]
-    tokens = list(r.tokens)
+    logprobs = [float(lp) for lp, _ in r.logprobs or []]
+    tokens = r.token_ids
     out, at = [], 0
     for ids in job.continuations:
         n = len(ids)

@@ -14,9 +14,12 @@ from typing import Any, AsyncIterator, Deque, Dict, Iterator, List, Optional, Tu
 
 from ._native import _core
 from .errors import GenerationError
-from .generate import (CLOSED_MESSAGE, ModelLike, Params, Prompts, _check_against_model, _FINISH, _next_event,
-                       _open_model, _param_list, _prompt_list, new_request_id, prompt_items)
-from .model import Model
+from .events import (Cancelled, Closed, EngineEvent, Fatal, Progress, RequestDone, SequenceDelta, SequenceFinished,
+                     Sink)
+from .generate import (CANCELLED_MESSAGE, CLOSED_MESSAGE, ModelLike, Params, Prompts, _check_against_model,
+                       _open_model, _param_list, _prompt_list, fatal_message, new_request_id, next_event,
+                       prompt_items)
+from .results import TokenLogprobs
 from .runner import Item, Request
 
 
@@ -39,6 +42,9 @@ class StreamEvent:
     """Which of the prompt's SamplingParams.n samples."""
     stop_reason: Union[str, int, None] = None
     error: Optional[str] = None
+    logprobs: Optional[List[TokenLogprobs]] = None
+    """On the last event, when SamplingParams.logprobs is set: every generated token's
+    log-probabilities, for the whole output (not only this event's tokens)."""
 
 
 class _StreamState:
@@ -67,37 +73,37 @@ class _StreamState:
         self.name = request_id or new_request_id()
         self.finished = False
 
-    def submit(self, sink: Any) -> None:
+    def submit(self, sink: Sink) -> None:
         _core.release_caller_openmp_threads()  # an idle team here would slow the engine's
         self.request = Request(self.name, self.items, sink, stream=True)
         self.model._require_runner().submit(self.request)
 
-    def event(self, kind: str, payload: Any) -> Optional[StreamEvent]:
-        """The event for one engine message; None when it has nothing to show."""
-        if kind == "delta":
-            key = (int(payload.index), int(payload.sample))
+    def event(self, event: EngineEvent) -> Optional[StreamEvent]:
+        """The StreamEvent for one engine event; None when it has nothing to show."""
+        if isinstance(event, SequenceDelta):
+            d = event.delta
+            key = (d.index, d.sample)
             sent_bytes, sent_tokens = self.sent.get(key, (0, 0))
-            raw: bytes = payload.text
-            tokens = list(payload.tokens)
-            self.sent[key] = (sent_bytes + len(raw), sent_tokens + len(tokens))
-            return StreamEvent(key[0], raw.decode("utf-8", "replace"), tokens, False, sample=key[1])
-        if kind == "result":
-            r: "_core.Result" = payload
-            key = (int(r.index), int(r.sample))
-            sent_bytes, sent_tokens = self.sent.pop(key, (0, 0))
-            stop_reason: Union[str, int, None] = r.stop_string or (int(r.stop_token) if r.stop_token >= 0 else None)
-            return StreamEvent(key[0], r.text[sent_bytes:].decode("utf-8", "replace"), list(r.tokens)[sent_tokens:],
-                               True, _FINISH[r.finish], key[1], stop_reason, r.error or None)
-        if kind == "done":
-            self.finished = True
+            self.sent[key] = (sent_bytes + len(d.text), sent_tokens + len(d.token_ids))
+            return StreamEvent(d.index, d.text.decode("utf-8", "replace"), list(d.token_ids), False, sample=d.sample)
+        if isinstance(event, SequenceFinished):
+            r = event.result
+            sent_bytes, sent_tokens = self.sent.pop((r.index, r.sample), (0, 0))
+            logprobs = r.to_output(self.model._token_text).logprobs if r.logprobs is not None else None
+            return StreamEvent(r.index, r.text[sent_bytes:].decode("utf-8", "replace"), r.token_ids[sent_tokens:],
+                               True, r.finish_reason, r.sample, r.stop_reason, r.error, logprobs)
+        if isinstance(event, Progress):
             return None
-        if kind == "fatal":
-            self.finished = True
-            raise GenerationError(f"llama.cpp failed while decoding: {payload}", [])
-        if kind == "closed":
-            self.finished = True
+        self.finished = True  # every other event is a request's last
+        if isinstance(event, RequestDone):
+            return None
+        if isinstance(event, Fatal):
+            raise GenerationError(fatal_message(event), [])
+        if isinstance(event, Closed):
             raise GenerationError(CLOSED_MESSAGE, [])
-        return None  # "cancelled", "tick"
+        if isinstance(event, Cancelled):  # by someone else: our own close() stops reading first
+            raise GenerationError(CANCELLED_MESSAGE, [])
+        raise AssertionError(f"unexpected engine event {event!r}")
 
     def cancel_soon(self) -> None:
         """Cancel from ``__del__``: no waiting, no locks (see EngineRunner.cancel_soon)."""
@@ -128,8 +134,8 @@ class StreamIterator(Iterator[StreamEvent]):
 
     def __init__(self, state: _StreamState) -> None:
         self._state = state
-        self._events: "queue.SimpleQueue[Tuple[str, Any]]" = queue.SimpleQueue()
-        state.submit(lambda kind, payload: self._events.put((kind, payload)))
+        self._events: "queue.SimpleQueue[EngineEvent]" = queue.SimpleQueue()
+        state.submit(self._events.put)
 
     def __iter__(self) -> "StreamIterator":
         return self
@@ -141,7 +147,7 @@ class StreamIterator(Iterator[StreamEvent]):
                 self.close()
                 raise StopIteration
             try:
-                ev = st.event(*_next_event(self._events))
+                ev = st.event(next_event(self._events))
             except BaseException:
                 self.close()  # Ctrl-C or a failure: cancel, then let it propagate
                 raise
@@ -174,18 +180,18 @@ class AsyncStreamIterator(AsyncIterator[StreamEvent]):
 
     def __init__(self, state: _StreamState) -> None:
         self._state = state
-        self._queue: Optional["asyncio.Queue[Tuple[str, Any]]"] = None
+        self._queue: Optional["asyncio.Queue[EngineEvent]"] = None
 
     def __aiter__(self) -> "AsyncStreamIterator":
         return self
 
-    def _start(self) -> "asyncio.Queue[Tuple[str, Any]]":
+    def _start(self) -> "asyncio.Queue[EngineEvent]":
         loop = asyncio.get_running_loop()
-        q: "asyncio.Queue[Tuple[str, Any]]" = asyncio.Queue()
+        q: "asyncio.Queue[EngineEvent]" = asyncio.Queue()
 
-        def sink(kind: str, payload: Any) -> None:  # on the engine thread
+        def sink(event: EngineEvent) -> None:  # on the engine thread
             try:
-                loop.call_soon_threadsafe(q.put_nowait, (kind, payload))
+                loop.call_soon_threadsafe(q.put_nowait, event)
             except RuntimeError:  # the event loop is closed: nobody is listening
                 pass
 
@@ -201,7 +207,7 @@ class AsyncStreamIterator(AsyncIterator[StreamEvent]):
                 await self.aclose()
                 raise StopAsyncIteration
             try:
-                ev = st.event(*await self._queue.get())
+                ev = st.event(await self._queue.get())
             except BaseException:
                 await self.aclose()
                 raise

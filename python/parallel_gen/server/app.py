@@ -137,6 +137,7 @@ def create_app(model: ModelSource, *, close_model: Optional[bool] = None, **sett
     app.state.metrics = metrics
     install_handlers(app, metrics)
     app.add_middleware(BodyLimit, max_body=config.max_body)
+    app.add_middleware(OpenRequestLimit, limit=config.max_open_requests)
     app.add_middleware(RequestId)
 
     def check_key(request: Request) -> None:
@@ -396,3 +397,26 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class OpenRequestLimit:
+    """503 for a request beyond ``limit`` handled at once: idle or slow clients cannot make
+    the server hold unbounded connections' worth of state."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.open = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.open >= self.limit:
+            busy = APIError(503, f"the server is handling {self.open} requests, its limit; retry shortly",
+                            code="too_many_requests", headers={"Retry-After": "1"})
+            return await busy.response()(scope, receive, send)
+        self.open += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open -= 1

@@ -29,6 +29,8 @@ def add_parser(sub: Any, add_model_options: Any) -> None:
                    help="most prompts in one completions request (default: 256)")
     s.add_argument("--max-body", type=int, default=2 * 1024 * 1024, metavar="BYTES",
                    help="largest request body (default: 2 MiB)")
+    s.add_argument("--max-open-requests", type=int, default=1024, metavar="N",
+                   help="most HTTP requests handled at once; more get 503 (default: 1024)")
     k = s.add_mutually_exclusive_group()
     k.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (visible in ps: prefer "
                                                     "--api-key-file or PARALLEL_GEN_API_KEY)")
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
                        "" if key else ", with no API key (--api-key-file)")
     app = create_app(lambda: Model(path, **kwargs), model_alias=args.model_alias, max_queue=args.max_queue,
                      max_n=args.max_n, max_prompts=args.max_prompts, max_body=args.max_body,
+                     max_open_requests=args.max_open_requests,
                      api_key=key, chat_template=_chat_template_arg(args), shutdown_grace=args.grace)
     life = app.state.lifecycle
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",

@@ -25,6 +25,10 @@ class ServerSettings:
     max_prompts: int = 256
     """Most prompts in one completions request."""
 
+    max_open_requests: int = 1024
+    """Most HTTP requests handled at once (any route, streams included); one more gets
+    503 at once. With max_body, it bounds the server's memory whatever the clients do."""
+
     max_body: int = 2 * 1024 * 1024
     """Largest request body in bytes; a larger one gets 413 before it is parsed."""
 
@@ -43,7 +47,7 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         for name, low in (("max_queue", 0), ("max_n", 1), ("max_prompts", 1), ("max_body", 1024),
-                          ("retry_after", 0)):
+                          ("max_open_requests", 1), ("retry_after", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"ServerSettings.{name} must be an int, got {type(value).__name__} {value!r}")

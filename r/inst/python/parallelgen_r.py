@@ -68,3 +68,8 @@ def logprobs(result):
 def stats(result):
     """result.stats (a BatchStats dataclass) as a dict."""
     return dataclasses.asdict(result.stats)
+
+
+def job_summary(summary):
+    """A JobSummary as a dict of its fields, tokens_per_second included."""
+    return dict(dataclasses.asdict(summary), tokens_per_second=summary.tokens_per_second)

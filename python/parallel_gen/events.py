@@ -1,0 +1,154 @@
+"""Typed messages between the engine thread and the callers waiting on it.
+
+The engine thread (runner.py) turns what the C++ engine reports into these frozen
+dataclasses and hands them to each request's sink; generate, stream (and any other
+surface) dispatch on their type. :class:`SequenceResult` is the one place that reads a
+native ``_core.Result``; it converts to the public :class:`~parallel_gen.results.Output`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+from ._native import _core
+from .results import FinishReason, Logprob, Output, TokenLogprobs
+
+_FINISH: Dict["_core.Finish", FinishReason] = {
+    _core.Finish.stop: "stop", _core.Finish.length: "length", _core.Finish.error: "error",
+}
+
+# The engine's raw logprobs of one generated token: (its logprob, [(token, logprob), ...] best first).
+RawLogprobs = Tuple[float, List[Tuple[int, float]]]
+
+
+@dataclass(frozen=True)
+class SequenceResult:
+    """One finished sequence (one sample of one prompt), as the engine reported it."""
+
+    index: int
+    """The prompt's position in its request."""
+    sample: int
+    """Which of the prompt's SamplingParams.n samples."""
+    prompt_tokens: int
+    token_ids: List[int]
+    text: bytes
+    """The generated text as UTF-8 bytes (stream deltas are counted in bytes)."""
+    finish_reason: FinishReason
+    stop_reason: Union[str, int, None]
+    error: Optional[str]
+    logprobs: Optional[List[RawLogprobs]]
+    aborted: bool
+    """Dropped by a fatal decode failure, not finished."""
+
+    @classmethod
+    def from_native(cls, r: "_core.Result") -> "SequenceResult":
+        stop_reason: Union[str, int, None] = None
+        if r.stop_string:
+            stop_reason = r.stop_string
+        elif r.stop_token >= 0:
+            stop_reason = int(r.stop_token)
+        raw = r.logprobs
+        return cls(index=int(r.index), sample=int(r.sample), prompt_tokens=int(r.n_prompt),
+                   token_ids=list(r.tokens), text=r.text, finish_reason=_FINISH[r.finish],
+                   stop_reason=stop_reason, error=r.error or None, logprobs=list(raw) if raw else None,
+                   aborted=bool(r.aborted))
+
+    def to_output(self, token_text: Callable[[int], str]) -> Output:
+        """The public Output; ``token_text`` gives a token's text (for logprobs)."""
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = [TokenLogprobs(t, token_text(t), lp, [Logprob(a, token_text(a), alp) for a, alp in top])
+                        for t, (lp, top) in zip(self.token_ids, self.logprobs)]
+        return Output(self.text.decode("utf-8", "replace"), list(self.token_ids), self.finish_reason,
+                      self.stop_reason, self.error, logprobs)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output of a streaming sequence since its previous delta."""
+
+    index: int
+    sample: int
+    text: bytes
+    """Whole UTF-8 characters, never the start of a possible stop string."""
+    token_ids: List[int]
+
+    @classmethod
+    def from_native(cls, d: "_core.StreamDelta") -> "Delta":
+        return cls(int(d.index), int(d.sample), d.text, list(d.tokens))
+
+
+@dataclass
+class EngineCounters:
+    """The engine's counters, summed over the steps a request was active in."""
+
+    decode_calls: int = 0
+    decode_retries: int = 0
+    fallback_decodes: int = 0
+    preemptions: int = 0
+    sequence_moves: int = 0
+    prompt_tokens: int = 0
+    prefix_tokens_reused: int = 0
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+
+    @classmethod
+    def from_native(cls, counters: Dict[str, float]) -> "EngineCounters":
+        """From ``_core.Engine.counters()``; a key missing on either side is a bug."""
+        return cls(**{f.name: counters[f.name] for f in fields(cls)})
+
+    def add(self, other: "EngineCounters") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass(frozen=True)
+class SequenceFinished:
+    """A sequence of the request finished (with a result, possibly an "error" one)."""
+
+    result: SequenceResult
+
+
+@dataclass(frozen=True)
+class SequenceDelta:
+    """Streaming requests only: new text and tokens of one sequence."""
+
+    delta: Delta
+
+
+@dataclass(frozen=True)
+class Progress:
+    """After each engine step, for requests that asked for it (progress bars)."""
+
+    generated_tokens: int
+    """Tokens the engine generated in the steps this request was active in: its own
+    tokens when it runs alone; concurrent calls' tokens in those steps are included."""
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """llama.cpp failed fatally; the request's sequences are gone."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The Model was closed while the request was running."""
+
+
+@dataclass(frozen=True)
+class RequestDone:
+    """Every sequence of the request has finished (the last event of a request)."""
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """The request was cancelled; nothing more comes."""
+
+
+EngineEvent = Union[SequenceFinished, SequenceDelta, Progress, Fatal, Closed, RequestDone, Cancelled]
+# Called on the engine thread with each event of its request; it must be quick and must not raise.
+Sink = Callable[[EngineEvent], None]

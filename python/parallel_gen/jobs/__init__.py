@@ -1,0 +1,14 @@
+"""Batch jobs: prompts streamed from a file (or any iterable) through the Model's shared
+engine in input order, with bounded look-ahead, into an output that a killed job resumes.
+
+- :func:`generate_iter`: a lazy, ordered generator of Completions over any iterable.
+- :func:`run_file_job`: a text/JSONL/CSV/Parquet file in, a JSONL/CSV/Parquet file out
+  (what ``parallel-gen generate`` and R's ``pg_generate_file`` run).
+"""
+
+from .formats import InputFormat, JobInputError, OutputFormat
+from .job import JobInterrupted, JobSummary, run_file_job
+from .ordered import generate_iter
+
+__all__ = ["InputFormat", "JobInputError", "JobInterrupted", "JobSummary", "OutputFormat", "generate_iter",
+           "run_file_job"]

