@@ -132,7 +132,8 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("ignore_eos", &SamplingConfig::ignore_eos)
         .def_readwrite("grammar", &SamplingConfig::grammar)
         .def_readwrite("logit_bias", &SamplingConfig::logit_bias)
-        .def_readwrite("logprobs", &SamplingConfig::logprobs);
+        .def_readwrite("logprobs", &SamplingConfig::logprobs)
+        .def_readwrite("continuations", &SamplingConfig::continuations);
 
     py::class_<EngineConfig>(m, "EngineConfig")
         .def(py::init<>())

@@ -18,6 +18,7 @@ struct Engine::Sequence {
     llama_seq_id             seq_id      = -1; // -1 while waiting
     uint64_t                 admitted_at = 0;  // admission order: the youngest is paused first
     std::unique_ptr<Sampler> sampler;
+    std::unique_ptr<ContinuationScorer> scorer;  // a scoring sequence: no sampler
     std::vector<TokenLogprob> logprobs;       // one per generated token, when asked for
     TextAssembler            text;
     bool                     done        = false;
@@ -30,6 +31,11 @@ struct Engine::Sequence {
     size_t                   bytes_streamed  = 0;  // text bytes already in a delta
 
     int32_t to_feed() const { return static_cast<int32_t>(tokens.size()) - n_past; }
+    // Logits are needed after the last token fed, and by a scoring sequence after every
+    // token from the prompt's last on.
+    bool wants_logits(int32_t pos) const {
+        return pos + 1 == static_cast<int32_t>(tokens.size()) || (scorer && pos + 1 >= n_prompt);
+    }
     bool    live() const { return seq_id >= 0 && !done; }
 };
 
@@ -162,11 +168,16 @@ void Engine::submit(Request req) {
     if (s->error.empty() && s->n_prompt == 0) {
         s->error = "the prompt is empty: it has no tokens to start from";
     }
-    if (s->error.empty() && s->n_prompt >= cfg_.n_ctx) {
+    if (s->error.empty() && !s->req.params.continuations.empty()) {
+        s->scorer = std::make_unique<ContinuationScorer>(std::move(s->req.params.continuations));
+        s->req.params.continuations.clear();
+        s->error = s->scorer->check(model_->n_vocab(), s->n_prompt, cfg_.n_ctx);
+    }
+    if (s->error.empty() && !s->scorer && s->n_prompt >= cfg_.n_ctx) {
         s->error = "the prompt has " + std::to_string(s->n_prompt) + " tokens but a sequence holds n_ctx=" +
                    std::to_string(cfg_.n_ctx) + " tokens (prompt + output); shorten it or open the model with a larger n_ctx";
     }
-    if (s->error.empty()) {
+    if (s->error.empty() && !s->scorer) {
         try {
             s->sampler = std::make_unique<Sampler>(model_->vocab(), s->req.params, cfg_.n_ctx, s->tokens);
         } catch (const std::exception & e) {
@@ -371,7 +382,7 @@ void Engine::build_batch(std::vector<Entry> & entries) {
     for (Sequence * s : live) {
         if (s->to_feed() == 1) {
             const int32_t p = s->n_past;
-            entries.push_back({s, s->tokens[p], p, true, p < s->n_prompt});
+            entries.push_back({s, s->tokens[p], p, true, p < s->n_prompt || s->scorer});
         }
     }
     if (prefix_ && prefix_->live() && prefix_->to_feed() > 0) {
@@ -392,9 +403,8 @@ void Engine::build_batch(std::vector<Entry> & entries) {
         }
         const int32_t n = std::min(s->to_feed(), room);
         for (int32_t k = 0; k < n; ++k) {
-            const int32_t p    = s->n_past + k;
-            const bool    last = p + 1 == static_cast<int32_t>(s->tokens.size());
-            entries.push_back({s, s->tokens[p], p, last, true});
+            const int32_t p = s->n_past + k;
+            entries.push_back({s, s->tokens[p], p, s->wants_logits(p), true});
         }
     }
     // With one KV stream per sequence, llama.cpp packs a micro-batch only from sequences
@@ -472,7 +482,9 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
             for (size_t b = 0; b < taken.size(); ++b) {
                 Entry & e     = entries[taken[b]];
                 e.seq->n_past = e.pos + 1;
-                if (e.logits) {
+                if (e.logits && e.seq->scorer) {
+                    score(e.seq, static_cast<int32_t>(b), e.pos);
+                } else if (e.logits) {
                     sample(e.seq, static_cast<int32_t>(b));
                 }
             }
@@ -532,6 +544,12 @@ void Engine::preempt(Sequence * s) {
     llama_memory_seq_rm(mem_, id, -1, -1);
     s->seq_id = -1;
     s->n_past = 0;  // its tokens (prompt + generated so far) are recomputed on readmission
+    if (s->scorer && static_cast<int32_t>(s->tokens.size()) > s->n_prompt) {
+        // Fed as before the pause: the prompt, then (a step later) the continuation. In one
+        // decode together llama.cpp would round differently (chunk-size dependent kernels).
+        s->tokens.resize(static_cast<size_t>(s->n_prompt));
+        s->scorer->rewind();
+    }
     ++counters_.preemptions;
     --n_live_;
     waiting_.push_front(std::move(slots_[static_cast<size_t>(id)]));
@@ -568,6 +586,46 @@ void Engine::sample(Sequence * s, int32_t idx) {
     }
 }
 
+void Engine::score(Sequence * s, int32_t idx, llama_pos pos) {
+    const float * logits = llama_get_logits_ith(ctx_, idx);
+    if (!logits) {
+        throw std::runtime_error("no logits for output " + std::to_string(idx));
+    }
+    ContinuationScorer & sc = *s->scorer;
+    if (pos + 1 == s->n_prompt) {
+        sc.read_first(logits, model_->n_vocab());
+        next_continuation(s);
+        return;
+    }
+    sc.read_next(logits, model_->n_vocab(), pos - s->n_prompt);
+    if (pos + 1 < static_cast<int32_t>(s->tokens.size())) {
+        return;
+    }
+    // This continuation is scored: roll the KV back to the prompt's end for the next one.
+    // Unsafe where cells may have been reused meanwhile (a sliding window shorter than
+    // prompt + continuation) or where llama.cpp cannot cut a sequence (recurrent models):
+    // there the prompt is decoded again, and its last logits queue the next continuation.
+    s->tokens.resize(static_cast<size_t>(s->n_prompt));
+    const int32_t n_swa  = llama_model_n_swa(model_->get());
+    const bool    in_swa = n_swa <= 0 || s->n_prompt + sc.max_len() <= n_swa;
+    if (in_swa && llama_memory_seq_rm(mem_, s->seq_id, s->n_prompt, -1)) {
+        s->n_past = s->n_prompt;
+        next_continuation(s);
+    } else {
+        llama_memory_seq_rm(mem_, s->seq_id, -1, -1);
+        s->n_past = 0;
+    }
+}
+
+void Engine::next_continuation(Sequence * s) {
+    if (!s->scorer->advance()) {
+        finish(s, Finish::Stop);
+        return;
+    }
+    const std::vector<llama_token> feed = s->scorer->to_feed();
+    s->tokens.insert(s->tokens.end(), feed.begin(), feed.end());
+}
+
 void Engine::finish(Sequence * s, Finish why) {
     s->done   = true;
     s->finish = why;
@@ -586,6 +644,13 @@ Result Engine::to_result(Sequence & s) const {
     r.error      = s.error;
     r.aborted    = s.aborted;
     r.logprobs   = s.logprobs;
+    if (s.scorer && s.finish != Finish::Error) {
+        r.tokens = s.scorer->tokens();
+        r.logprobs.clear();
+        for (float lp : s.scorer->logprobs()) {
+            r.logprobs.push_back(TokenLogprob{lp, {}});
+        }
+    }
     if (s.text.matched_stop() >= 0) {
         r.stop_string = s.req.params.stop[static_cast<size_t>(s.text.matched_stop())];
     }
@@ -609,7 +674,7 @@ void Engine::collect_finished(std::vector<Result> & out) {
 
 void Engine::collect_deltas(std::vector<StreamDelta> & out) {
     for (auto & slot : slots_) {
-        if (!slot || !slot->req.stream || slot->done) {
+        if (!slot || !slot->req.stream || slot->done || slot->scorer) {
             continue;
         }
         Sequence &   s         = *slot;

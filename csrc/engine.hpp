@@ -16,6 +16,7 @@
 #include "llama.h"
 #include "model.hpp"
 #include "sampling.hpp"
+#include "scoring.hpp"
 #include "text.hpp"
 
 namespace pg {
@@ -59,6 +60,8 @@ struct Result {
     std::string              error;         // why, when finish == Error
     bool                     aborted     = false; // cut off by a fatal backend failure
     std::vector<TokenLogprob> logprobs;     // per generated token, if params.logprobs >= 0
+    // A scoring sequence (params.continuations) puts every continuation's tokens, end to
+    // end, in `tokens` and their logprobs in `logprobs` (no top alternatives).
 };
 
 struct Counters {
@@ -144,6 +147,8 @@ private:
     void make_room(Sequence * blocked);
     void preempt(Sequence * s);
     void sample(Sequence * s, int32_t idx);
+    void score(Sequence * s, int32_t idx, llama_pos pos);
+    void next_continuation(Sequence * s);
     void finish(Sequence * s, Finish why);
     void free_slot(std::unique_ptr<Sequence> & slot);  // KV removed, slot emptied
     void collect_finished(std::vector<Result> & out);

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "logging.hpp"
+#include "scoring.hpp"
 
 namespace pg {
 namespace {
@@ -121,15 +122,7 @@ llama_token Sampler::sample(llama_context * ctx, int32_t idx, std::vector<llama_
     llama_sampler_accept(chain_.get(), tok);
 
     if (logprob_out && logprobs_ >= 0) {
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int32_t t = 0; t < n_vocab_; ++t) {
-            mx = std::max(mx, logits[t]);
-        }
-        double sum = 0.0;  // each term in float (the costly part), their sum in double
-        for (int32_t t = 0; t < n_vocab_; ++t) {
-            sum += std::exp(logits[t] - mx);
-        }
-        const float lse      = mx + static_cast<float>(std::log(sum));
+        const float lse      = log_sum_exp(logits, n_vocab_);
         logprob_out->logprob = logits[tok] - lse;
         logprob_out->top.clear();
         // The k best in one pass, best first; among equal logits the lower id first.

@@ -30,6 +30,10 @@ struct SamplingConfig {
     std::string grammar;                             // GBNF; empty: unconstrained
     std::vector<std::pair<int32_t, float>> logit_bias;
     int32_t  logprobs          = -1;                 // -1: off; k >= 0: chosen + top k
+    // Non-empty: a scoring sequence, which samples nothing (the fields above are unused):
+    // each continuation (token ids) is teacher-forced after the prompt and its tokens'
+    // logprobs are the result (see scoring.hpp).
+    std::vector<std::vector<int32_t>> continuations;
 };
 
 struct SamplerDeleter {

@@ -9,6 +9,7 @@ import logging as _logging
 
 from .cache import ResultCache
 from .chat import apply_chat_template, chat_parallel
+from .classify import Classification, Classifications, classify
 from .errors import GenerationError, ModelLoadError
 from .generate import generate_parallel
 from .jobs import JobSummary, generate_iter, run_file_job
@@ -17,12 +18,15 @@ from .models import default_model_path
 from .params import SamplingParams
 from .results import BatchResult, BatchStats, Completion, Logprob, Output, TokenLogprobs
 from .runner import EngineStats
+from .scoring import Score, score
 from .stream import StreamEvent, astream_parallel, stream_parallel
 
 __version__ = "0.1.0"
 __all__ = [
     "BatchResult",
     "BatchStats",
+    "Classification",
+    "Classifications",
     "Completion",
     "EngineStats",
     "GenerationError",
@@ -33,15 +37,18 @@ __all__ = [
     "Output",
     "ResultCache",
     "SamplingParams",
+    "Score",
     "StreamEvent",
     "TokenLogprobs",
     "apply_chat_template",
     "astream_parallel",
     "chat_parallel",
+    "classify",
     "default_model_path",
     "generate_iter",
     "generate_parallel",
     "run_file_job",
+    "score",
     "stream_parallel",
 ]
 

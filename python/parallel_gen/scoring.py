@@ -1,0 +1,220 @@
+"""score: the log-likelihood of given continuations after each prompt, teacher-forced.
+
+Tokenization at the prompt/continuation boundary follows evaluation harnesses: the prompt
+and the continuation are tokenized separately, and whitespace at the end of the prompt is
+moved to the start of the continuation (``"Answer: "`` + ``"yes"`` is scored as
+``"Answer:"`` then ``" yes"``), because BPE vocabularies attach a space to the word after
+it. The continuation's token ids are in every :class:`Score`, so the split can be checked.
+
+In the engine one prompt is one scoring sequence: its prompt is decoded once, then each
+continuation is fed after it with logits on every position and rolled back again; a
+one-token continuation costs nothing beyond the prompt. These sequences share the batch
+with any other work on the Model (see csrc/scoring.hpp).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import queue
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
+
+from ._native import _core
+from .errors import GenerationError
+from .events import Cancelled, Closed, EngineEvent, Fatal, RequestDone, SequenceFinished, SequenceResult
+from .generate import (CANCELLED_MESSAGE, CLOSED_MESSAGE, ModelLike, Prompts, _open, _prompt_list, new_request_id,
+                       next_event)
+from .model import Model
+from .runner import Item, Request
+
+Continuations = Union[Sequence[str], Sequence[Sequence[str]]]
+
+
+@dataclass(frozen=True)
+class Score:
+    """The log-likelihood of one continuation given its prompt."""
+
+    logprob: float
+    """The total: the sum of ``token_logprobs`` (NaN when ``error`` is set)."""
+    token_logprobs: List[float]
+    """Each continuation token's log-probability (natural log) given everything before it."""
+    token_ids: List[int]
+    """The continuation's tokens as scored (after the boundary whitespace was moved)."""
+    error: Optional[str] = None
+    """Why this prompt could not be scored (say, prompt + continuation longer than n_ctx)."""
+
+    @property
+    def mean_logprob(self) -> float:
+        """The length-normalized log-likelihood: ``logprob`` per token."""
+        return self.logprob / len(self.token_ids) if self.token_ids else math.nan
+
+
+@dataclass(frozen=True)
+class ScoringJob:
+    """One prompt and the continuations to score after it, tokenized (see split_boundary)."""
+
+    prompt: str
+    """The prompt text the engine tokenizes (BOS per the model, special tokens parsed)."""
+    continuations: List[List[int]]
+    """Token ids of each continuation; none empty."""
+
+
+def score(model: ModelLike, prompts: Prompts, continuations: Continuations, *,
+          request_id: Optional[str] = None) -> List[List[Score]]:
+    """Scores every continuation after every prompt: log P(continuation | prompt).
+
+    Args:
+        model: a :class:`Model`, a path to a .gguf file, or a ``llama_cpp.Llama``.
+        prompts: one prompt (str) or a sequence of prompts.
+        continuations: one list of str scored after every prompt, or one list per prompt.
+        request_id: a name for this call in log lines.
+
+    Returns:
+        Per prompt, in order, one :class:`Score` per continuation, in order. A prompt that
+        cannot be scored (prompt + continuation longer than the model's n_ctx, or not valid
+        Unicode) gets Scores whose ``error`` says why; the other prompts are unaffected.
+
+    Raises:
+        TypeError, ValueError: malformed arguments, an empty continuation list, or a
+            continuation that is empty or tokenizes to nothing; before any work is done.
+        GenerationError: llama.cpp failed fatally while decoding.
+    """
+    prompt_list = _prompt_list(prompts)
+    per_prompt = _continuation_lists(continuations, len(prompt_list))
+    with _open(model) as m:
+        tokens = ContinuationTokens(m)
+        jobs = []
+        for i, (prompt, conts) in enumerate(zip(prompt_list, per_prompt)):
+            ids = [tokens.get(split_boundary(prompt, c)[1], f"continuation {j} ({c!r}) of prompt {i}")
+                   for j, c in enumerate(conts)]
+            jobs.append(ScoringJob(split_boundary(prompt, "")[0], ids))
+        return run_scoring(m, jobs, request_id=request_id)
+
+
+def split_boundary(prompt: str, continuation: str) -> Tuple[str, str]:
+    """(prompt, continuation) with the prompt's trailing whitespace moved to the continuation."""
+    head = prompt.rstrip()
+    return head, prompt[len(head):] + continuation
+
+
+class ContinuationTokens:
+    """Tokenizes continuations (no BOS, special-token text left as text), once each."""
+
+    def __init__(self, model: Model) -> None:
+        self._model = model
+        self._cache: Dict[str, List[int]] = {}
+
+    def get(self, text: str, what: str) -> List[int]:
+        """The token ids of ``text``; ValueError naming ``what`` when there are none."""
+        ids = self._cache.get(text)
+        if ids is None:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{what} is not valid Unicode text: {e}") from None
+            ids = self._cache[text] = self._model.tokenize(text, add_special=False, parse_special=False)
+        if not ids:
+            raise ValueError(f"{what} tokenizes to no tokens: there is nothing to score")
+        return ids
+
+
+def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[str] = None) -> List[List[Score]]:
+    """Scores validated jobs on the model's engine, sharing its batch with other callers."""
+    runner = model._require_runner()
+    _core.release_caller_openmp_threads()  # an idle team here would slow the engine's
+    out: List[Optional[List[Score]]] = [None] * len(jobs)
+    items: Deque[Item] = collections.deque()
+    for i, job in enumerate(jobs):
+        try:
+            raw = job.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            out[i] = _failed(job, f"the prompt is not valid Unicode text: {e}")
+            continue
+        if not job.continuations:
+            out[i] = []
+            continue
+        config = _core.SamplingConfig()
+        config.continuations = job.continuations
+        items.append(Item(i, 0, raw, config))
+    events: "queue.SimpleQueue[EngineEvent]" = queue.SimpleQueue()
+    req = Request(request_id or new_request_id(), items, events.put)
+    runner.submit(req)
+    try:
+        while True:
+            event = next_event(events)
+            if isinstance(event, SequenceFinished):
+                out[event.result.index] = _scores(jobs[event.result.index], event.result)
+            elif isinstance(event, RequestDone):
+                break
+            elif isinstance(event, Fatal):
+                raise GenerationError(f"llama.cpp failed while scoring: {event.message}", [])
+            elif isinstance(event, Closed):
+                raise GenerationError(CLOSED_MESSAGE, [])
+            elif isinstance(event, Cancelled):  # by another thread holding the request
+                raise GenerationError(CANCELLED_MESSAGE, [])
+    except BaseException:
+        with contextlib.suppress(RuntimeError):  # the Model was closed meanwhile
+            runner.cancel(req).wait()
+        raise
+    assert all(s is not None for s in out), "engine lost a scoring sequence"
+    return out  # type: ignore[return-value]
+
+
+def _scores(job: ScoringJob, r: SequenceResult) -> List[Score]:
+    """Splits one scoring sequence's result (continuations end to end) into Scores."""
+    if r.error:
+        return _failed(job, r.error)
+    logprobs = [float(lp) for lp, _ in r.logprobs or []]
+    tokens = r.token_ids
+    out, at = [], 0
+    for ids in job.continuations:
+        n = len(ids)
+        assert tokens[at:at + n] == ids, "engine scored other tokens than asked"
+        lps = logprobs[at:at + n]
+        out.append(Score(math.fsum(lps), lps, list(ids)))
+        at += n
+    return out
+
+
+def _failed(job: ScoringJob, error: str) -> List[Score]:
+    return [Score(math.nan, [], list(ids), error) for ids in job.continuations]
+
+
+def _continuation_lists(continuations: Any, n_prompts: int) -> List[List[str]]:
+    """One list of continuations per prompt, from a shared list or one list per prompt."""
+    if isinstance(continuations, (str, bytes)):
+        raise TypeError("continuations must be a list of str (for every prompt) or one list per prompt, "
+                        f"got a single {type(continuations).__name__}: wrap it in a list")
+    try:
+        items = list(continuations)
+    except TypeError:
+        raise TypeError(f"continuations must be a list of str or a list of lists, got "
+                        f"{type(continuations).__name__}") from None
+    if not items:
+        raise ValueError("continuations is empty: give at least one continuation to score")
+    if all(isinstance(c, str) for c in items):
+        _check_strs(items, "continuations")
+        return [items] * n_prompts
+    if len(items) != n_prompts:
+        raise ValueError(f"continuations has {len(items)} lists for {n_prompts} prompts: give one list for all "
+                         "prompts, or one per prompt")
+    out = []
+    for i, conts in enumerate(items):
+        if isinstance(conts, (str, bytes)) or not isinstance(conts, Sequence):
+            raise TypeError(f"continuations[{i}] must be a list of str, got {type(conts).__name__}")
+        conts = list(conts)
+        if not conts:
+            raise ValueError(f"continuations[{i}] is empty: give at least one continuation for prompt {i}")
+        _check_strs(conts, f"continuations[{i}]")
+        out.append(conts)
+    return out
+
+
+def _check_strs(items: List[Any], where: str) -> None:
+    for j, c in enumerate(items):
+        if not isinstance(c, str):
+            raise TypeError(f"{where}[{j}] must be a str, got {type(c).__name__}")
+        if c == "":
+            raise ValueError(f"{where}[{j}] is empty: there is nothing to score")
