@@ -193,8 +193,10 @@ def test_sampling_fields_have_one_source_of_truth():
     assert [f for f, *_ in cli.SAMPLING_FLAGS] == fields
     # resolved in Python: n becomes n engine sequences; json_schema and choices compile to a grammar
     python_only = {"n", "json_schema", "choices"}
+    # set by score()/classify(), not a sampling setting: the forced continuations to score
+    scoring_only = {"continuations"}
     native = {k for k, v in vars(_core.SamplingConfig).items() if isinstance(v, property)}
-    assert native == set(fields) - python_only
+    assert native - scoring_only == set(fields) - python_only
     # every native attribute carries its field's value (none left at the C++ default)
     p = pg.SamplingParams(max_tokens=7, temperature=0.5, top_k=3, top_p=0.9, min_p=0.1, repeat_penalty=1.2,
                           repeat_last_n=16, frequency_penalty=0.3, presence_penalty=0.4, seed=5, stop=["x"],
