@@ -231,7 +231,7 @@ async def _sse(svc: Service, job: Job, include_usage: bool, model: str, shape: "
             async for c, ev in svc.events(job):
                 if ev.finished and ev.finish_reason == "error":
                     raise failed_choice(c)
-                for chunk in shape.chunks(job, model, c, ev, include_usage):
+                for chunk in shape.chunks(job, model, c, ev):
                     yield {"data": chunk}
         except APIError as e:
             status = e.status
@@ -266,7 +266,7 @@ class _Shape:
     def response(self, job: Job, model: str, choices: List[Choice], usage: Usage) -> Any:
         raise NotImplementedError
 
-    def chunks(self, job: Job, model: str, c: Choice, ev: Any, include_usage: bool) -> List[str]:
+    def chunks(self, job: Job, model: str, c: Choice, ev: Any) -> List[str]:
         raise NotImplementedError
 
     def usage_chunk(self, job: Job, model: str, usage: Usage) -> str:
@@ -293,7 +293,7 @@ class _CompletionShape(_Shape):
             CompletionChoice(index=c.index, text="".join(c.text), logprobs=self._logprobs(c),
                              finish_reason=c.finish_reason) for c in choices])
 
-    def chunks(self, job: Job, model: str, c: Choice, ev: Any, include_usage: bool) -> List[str]:
+    def chunks(self, job: Job, model: str, c: Choice, ev: Any) -> List[str]:
         if not ev.text and not ev.finished:
             return []
         choice = CompletionChoice(index=c.index, text=ev.text, finish_reason=ev.finish_reason if ev.finished else None,
@@ -321,7 +321,7 @@ class _ChatShape(_Shape):
             ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)), logprobs=self._logprobs(c),
                        finish_reason=c.finish_reason) for c in choices])
 
-    def chunks(self, job: Job, model: str, c: Choice, ev: Any, include_usage: bool) -> List[str]:
+    def chunks(self, job: Job, model: str, c: Choice, ev: Any) -> List[str]:
         def chunk(delta: DeltaMessage, finish: Optional[str] = None,
                   logprobs: Optional[ChoiceLogprobs] = None) -> str:
             return ChatCompletionChunk(id=f"chatcmpl-{job.id}", created=int(job.created), model=model, choices=[
