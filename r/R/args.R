@@ -117,18 +117,19 @@
   s
 }
 
-# Prompts: a character vector (or factor) of any length, no NA.
-.check_prompts <- function(prompts) {
-  if (is.factor(prompts)) prompts <- as.character(prompts)
-  if (!is.character(prompts) || !is.null(dim(prompts))) {
-    .arg_error(sprintf("`prompts` must be a character vector, got %s", .describe(prompts)))
+# Prompts, texts, labels: a character vector (or factor) of any length, no NA; `name` is
+# the argument's name in error messages.
+.check_strings <- function(x, name) {
+  if (is.factor(x)) x <- as.character(x)
+  if (!is.character(x) || !is.null(dim(x))) {
+    .arg_error(sprintf("`%s` must be a character vector, got %s", name, .describe(x)))
   }
-  if (anyNA(prompts)) {
-    n <- sum(is.na(prompts))
-    .arg_error(sprintf("%s %s NA: every prompt must be a string (drop or replace missing values first)",
-                       .na_positions(prompts, "prompts"), if (n == 1L) "is" else "are"))
+  if (anyNA(x)) {
+    n <- sum(is.na(x))
+    .arg_error(sprintf("%s %s NA: every element of `%s` must be a string (drop or replace missing values first)",
+                       .na_positions(x, name), if (n == 1L) "is" else "are", name))
   }
-  as.vector(unname(prompts))
+  as.vector(unname(x))
 }
 
 # A model from pg_model() (-> its Python Model), or the path of a .gguf file.

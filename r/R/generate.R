@@ -63,7 +63,7 @@
 pg_generate <- function(model, prompts, max_tokens = 128L, temperature = 0.8, ...,
                         seed = NULL, stop = NULL, progress = interactive()) {
   model <- .check_model(model)
-  prompts <- .check_prompts(prompts)
+  prompts <- .check_strings(prompts, "prompts")
   .check_flag(progress, "progress")
   kwargs <- .sampling_kwargs(max_tokens, temperature, seed, stop, list(...))
   .run("generate_parallel", model, as.list(prompts), kwargs, progress, prompts)
@@ -141,21 +141,16 @@ pg_stats <- function(x = NULL) {
   cols <- helpers$columns(result)
   chr <- function(v) as.character(unlist(v))
   int <- function(v) as.integer(unlist(v))
-  blank_na <- function(v) {  # "" stands for None (a stop string or an error is never "")
-    v <- chr(v)
-    v[!nzchar(v)] <- NA_character_
-    v
-  }
   index <- int(cols$index) + 1L
   sample <- int(cols$sample) + 1L
   out <- data.frame(
     prompt = if (is.null(prompts)) chr(cols$prompt) else prompts[index],
     text = chr(cols$text),
     finish_reason = chr(cols$finish_reason),
-    stop_reason = blank_na(cols$stop_reason),
+    stop_reason = .blank_na(cols$stop_reason),
     prompt_tokens = int(cols$prompt_tokens),
     completion_tokens = int(cols$completion_tokens),
-    error = blank_na(cols$error),
+    error = .blank_na(cols$error),
     stringsAsFactors = FALSE
   )
   if (!is.null(kwargs$logprobs)) out$logprobs <- lapply(helpers$logprobs(result), .logprob_frame)
@@ -170,6 +165,14 @@ pg_stats <- function(x = NULL) {
   attr(out, "stats") <- stats
   .pg_state$last_stats <- stats
   out
+}
+
+# A column of strings from Python in which "" stands for None (a stop string, an error or
+# a label is never "") -> a character vector with NA there.
+.blank_na <- function(v) {
+  v <- as.character(unlist(v))
+  v[!nzchar(v)] <- NA_character_
+  v
 }
 
 # One output's log-probabilities (flat columns from parallelgen_r.logprobs) -> a data.frame.

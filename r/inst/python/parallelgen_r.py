@@ -73,3 +73,14 @@ def stats(result):
 def job_summary(summary):
     """A JobSummary as a dict of its fields, tokens_per_second included."""
     return dict(dataclasses.asdict(summary), tokens_per_second=summary.tokens_per_second)
+
+
+def classifications(result):
+    """A Classifications as columns: "label" and "error" ("" stands for None; neither is
+    ever an empty string), and "probs", one list per label (in result.labels' order) of
+    each text's probability (NaN for a text that failed)."""
+    return {
+        "label": ["" if c.label is None else _r_str(c.label) for c in result],
+        "error": ["" if c.error is None else _r_str(c.error) for c in result],
+        "probs": [result.probs[:, j].tolist() for j in range(len(result.labels))],
+    }
