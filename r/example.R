@@ -23,6 +23,11 @@ labels <- pg_chat(model, reviews, max_tokens = 8, temperature = 0,
                   system = "Classify the sentiment of the review. Answer with one word: positive or negative.")
 print(data.frame(review = reviews, label = trimws(labels$text)))
 
+# Probabilities instead of one generated word: P(label | review) for every label.
+probs <- pg_classify(model, reviews, c("positive", "negative"), chat = TRUE,
+                     system = "You label the sentiment of reviews.")
+print(data.frame(review = substr(reviews, 1, 30), label = probs$label, p_positive = round(probs$positive, 3)))
+
 # Plain completion: the prompts are sent as they are; a seed makes sampling repeatable.
 out <- pg_generate(model, paste("A short poem about", c("the sea", "autumn", "R")),
                    max_tokens = 32, temperature = 0.7, seed = 42)
