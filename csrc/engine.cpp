@@ -9,24 +9,34 @@
 
 namespace pg {
 
+// Where a sequence is in its life; see engine.hpp for the transitions.
+enum class SeqState : uint8_t {
+    Waiting,     // queued, never run: no seq id, no KV
+    Paused,      // queued again after giving its KV up for room: all its tokens are recomputed
+    Prefilling,  // in a slot, feeding its prompt (or the tokens it had before a pause)
+    Generating,  // in a slot, feeding the token it sampled last, one per step
+    Scoring,     // in a slot, feeding a continuation teacher-forced (a scoring sequence)
+    Done,        // finished, KV already removed; its result leaves with this step's output
+};
+
 struct Engine::Sequence {
     Request                  req;
+    SeqState                 state       = SeqState::Waiting;
     std::vector<llama_token> tokens;          // prompt, then generated tokens
     int32_t                  n_prompt    = 0;
     int32_t                  n_past      = 0; // tokens whose KV is in the cache
     int32_t                  n_generated = 0;
-    llama_seq_id             seq_id      = -1; // -1 while waiting
+    llama_seq_id             seq_id      = -1; // its slot while in one, else -1
     uint64_t                 admitted_at = 0;  // admission order: the youngest is paused first
     std::unique_ptr<Sampler> sampler;
     std::unique_ptr<ContinuationScorer> scorer;  // a scoring sequence: no sampler
     std::vector<TokenLogprob> logprobs;       // one per generated token, when asked for
     TextAssembler            text;
-    bool                     done        = false;
     Finish                   finish      = Finish::Stop;
     llama_token              stop_token  = -1;
     std::string              error;
     bool                     aborted     = false;
-    bool                     prefix_user = false; // counted as a user of the shared prefix
+    bool                     prefix_user = false; // queued and counted in the shared prefix's users
     size_t                   tokens_streamed = 0;  // generated tokens already in a delta
     size_t                   bytes_streamed  = 0;  // text bytes already in a delta
 
@@ -36,14 +46,35 @@ struct Engine::Sequence {
     bool wants_logits(int32_t pos) const {
         return pos + 1 == static_cast<int32_t>(tokens.size()) || (scorer && pos + 1 >= n_prompt);
     }
-    bool    live() const { return seq_id >= 0 && !done; }
+    bool queued() const { return state == SeqState::Waiting || state == SeqState::Paused; }
+    // In a slot and holding KV: its tokens go into the batch.
+    bool running() const {
+        return state == SeqState::Prefilling || state == SeqState::Generating || state == SeqState::Scoring;
+    }
+};
+
+// A prompt prefix that several waiting sequences start with: decoded once into a sequence
+// id of its own (n_parallel), then copied into each user's KV when the user is admitted.
+struct Engine::SharedPrefix {
+    std::vector<llama_token> tokens;
+    llama_seq_id             seq_id = -1;
+    int32_t                  n_past = 0;  // tokens decoded so far
+    int32_t                  users  = 0;  // queued sequences that will copy it
+
+    int32_t size() const { return static_cast<int32_t>(tokens.size()); }
+    bool    decoded() const { return n_past == size(); }
+    int32_t to_feed() const { return size() - n_past; }
+    // Each user keeps at least one token of its own: its logits give the first output.
+    bool starts(const std::vector<llama_token> & t) const {
+        return t.size() > tokens.size() && std::equal(tokens.begin(), tokens.end(), t.begin());
+    }
 };
 
 struct Engine::Entry {
-    Sequence *  seq;
+    Sequence *  seq;     // nullptr: a token of the shared prefix
     llama_token token;
     llama_pos   pos;
-    bool        logits;  // sample after this token
+    bool        logits;  // sample (or score) after this token
     bool        prompt;  // counted as prompt work in the timing split
 };
 
@@ -155,45 +186,44 @@ void Engine::submit(Request req) {
     LogScope scope(cfg_.verbose);
     auto s  = std::make_unique<Sequence>();
     s->text = TextAssembler(req.params.stop);
+    std::string error;
     try {
         s->tokens = model_->tokenize(req.prompt, /*add_special=*/true, /*parse_special=*/true);
     } catch (const std::exception & e) {
-        s->error = std::string("could not tokenize the prompt: ") + e.what();
+        error = std::string("could not tokenize the prompt: ") + e.what();
     }
     s->n_prompt = static_cast<int32_t>(s->tokens.size());
     s->req      = std::move(req);
     s->req.prompt.clear();  // tokens are all the engine needs from here on
     s->req.prompt.shrink_to_fit();
 
-    if (s->error.empty() && s->n_prompt == 0) {
-        s->error = "the prompt is empty: it has no tokens to start from";
+    if (error.empty() && s->n_prompt == 0) {
+        error = "the prompt is empty: it has no tokens to start from";
     }
-    if (s->error.empty() && !s->req.params.continuations.empty()) {
+    if (error.empty() && !s->req.params.continuations.empty()) {
         s->scorer = std::make_unique<ContinuationScorer>(std::move(s->req.params.continuations));
         s->req.params.continuations.clear();
-        s->error = s->scorer->check(model_->n_vocab(), s->n_prompt, cfg_.n_ctx);
+        error = s->scorer->check(model_->n_vocab(), s->n_prompt, cfg_.n_ctx);
     }
-    if (s->error.empty() && !s->scorer && s->n_prompt >= cfg_.n_ctx) {
-        s->error = "the prompt has " + std::to_string(s->n_prompt) + " tokens but a sequence holds n_ctx=" +
-                   std::to_string(cfg_.n_ctx) + " tokens (prompt + output); shorten it or open the model with a larger n_ctx";
+    if (error.empty() && !s->scorer && s->n_prompt >= cfg_.n_ctx) {
+        error = "the prompt has " + std::to_string(s->n_prompt) + " tokens but a sequence holds n_ctx=" +
+                std::to_string(cfg_.n_ctx) + " tokens (prompt + output); shorten it or open the model with a larger n_ctx";
     }
-    if (s->error.empty() && !s->scorer) {
+    if (error.empty() && !s->scorer) {
         try {
             s->sampler = std::make_unique<Sampler>(model_->vocab(), s->req.params, cfg_.n_ctx, s->tokens);
         } catch (const std::exception & e) {
-            s->error = std::string("could not build the sampler: ") + e.what();
+            error = std::string("could not build the sampler: ") + e.what();
         }
     }
-    if (!s->error.empty()) {
-        s->done   = true;
-        s->finish = Finish::Error;
+    if (!error.empty()) {
+        finish(s.get(), Finish::Error, std::move(error));
         ready_.push_back(to_result(*s));
         return;
     }
-    if (prefix_ && s->n_prompt > prefix_->n_prompt &&
-        std::equal(prefix_->tokens.begin(), prefix_->tokens.end(), s->tokens.begin())) {
+    if (prefix_ && prefix_->starts(s->tokens)) {
         s->prefix_user = true;  // prompts fed in one by one keep an active prefix alive
-        ++prefix_users_;
+        ++prefix_->users;
     }
     waiting_.push_back(std::move(s));
     no_prefix_head_ = nullptr;  // a new prompt may share a prefix with the queue head
@@ -213,7 +243,8 @@ int64_t Engine::kv_used_estimate() const {
 // L tokens with k waiting prompts, saving L * (k - 1) tokens. Each user keeps at least
 // one prompt token of its own, whose logits give its first output token.
 void Engine::choose_prefix() {
-    if (!sharing_prefixes() || prefix_ || waiting_.size() < 2 || waiting_.front().get() == no_prefix_head_) {
+    if (!sharing_prefixes() || prefix_ || prefix_backoff_ || waiting_.size() < 2 ||
+        waiting_.front().get() == no_prefix_head_) {
         return;
     }
     const Sequence &     head = *waiting_.front();
@@ -242,23 +273,20 @@ void Engine::choose_prefix() {
         no_prefix_head_ = waiting_.front().get();  // nothing to share: don't rescan each step
         return;
     }
-    prefix_           = std::make_unique<Sequence>();
+    prefix_         = std::make_unique<SharedPrefix>();
     prefix_->tokens.assign(head.tokens.begin(), head.tokens.begin() + best_len);
-    prefix_->n_prompt = best_len;
-    prefix_->seq_id   = static_cast<llama_seq_id>(cfg_.n_parallel);
+    prefix_->seq_id = static_cast<llama_seq_id>(cfg_.n_parallel);
     llama_memory_seq_rm(mem_, prefix_->seq_id, -1, -1);
-    prefix_users_ = 0;
     for (size_t i = 0; i < waiting_.size(); ++i) {
         if (shares[i] >= best_len) {
             waiting_[i]->prefix_user = true;
-            ++prefix_users_;
+            ++prefix_->users;
         }
     }
 }
 
 bool Engine::uses_prefix(const Sequence & s) const {
-    return prefix_ && s.prefix_user && s.n_past == 0 && s.n_prompt > prefix_->n_prompt &&
-           std::equal(prefix_->tokens.begin(), prefix_->tokens.end(), s.tokens.begin());
+    return prefix_ && s.prefix_user && s.n_past == 0 && prefix_->starts(s.tokens);
 }
 
 void Engine::drop_prefix() {
@@ -267,7 +295,6 @@ void Engine::drop_prefix() {
     }
     llama_memory_seq_rm(mem_, prefix_->seq_id, -1, -1);
     prefix_.reset();
-    prefix_users_ = 0;
     for (auto & w : waiting_) {
         w->prefix_user = false;
     }
@@ -279,7 +306,7 @@ void Engine::admit() {
     for (;;) {
         choose_prefix();
         admit_round();
-        if (!prefix_ || prefix_users_ > 0) {
+        if (!prefix_ || prefix_->users > 0) {
             return;
         }
         drop_prefix();
@@ -296,7 +323,7 @@ void Engine::admit_round() {
         }
         Sequence & s = *waiting_.front();
         const bool user = uses_prefix(s);
-        if (user && prefix_->n_past < prefix_->n_prompt) {
+        if (user && !prefix_->decoded()) {
             break;  // its prefix is still being decoded: a step or two
         }
         // A shared pool can be smaller than n_parallel * n_ctx: admit only what fits now,
@@ -307,17 +334,18 @@ void Engine::admit_round() {
         }
         s.seq_id      = static_cast<llama_seq_id>(id);
         s.admitted_at = ++admit_clock_;
+        s.state       = SeqState::Prefilling;
         llama_memory_seq_rm(mem_, s.seq_id, -1, -1);  // a slot always starts empty
         if (user) {
             // Separate streams: a whole-stream copy, which is why the prefix has a stream
             // of its own holding nothing else. Unified: the cells just gain a seq id.
             llama_memory_seq_cp(mem_, prefix_->seq_id, s.seq_id, -1, -1);
-            s.n_past = prefix_->n_prompt;
-            counters_.prefix_tokens_reused += prefix_->n_prompt;
+            s.n_past = prefix_->size();
+            counters_.prefix_tokens_reused += prefix_->size();
         }
         if (s.prefix_user) {
             s.prefix_user = false;
-            --prefix_users_;
+            --prefix_->users;
         }
         if (waiting_.front().get() == no_prefix_head_) {
             no_prefix_head_ = nullptr;  // the address may be reused by a later sequence
@@ -369,31 +397,32 @@ void Engine::close_gaps() {
 }
 
 void Engine::build_batch(std::vector<Entry> & entries) {
-    std::vector<Sequence *> live;
+    std::vector<Sequence *> running;
     for (auto & s : slots_) {
-        if (s && s->live()) {
-            live.push_back(s.get());
+        if (s && s->running()) {
+            running.push_back(s.get());
         }
     }
-    std::sort(live.begin(), live.end(), [](Sequence * a, Sequence * b) { return a->admitted_at < b->admitted_at; });
+    std::sort(running.begin(), running.end(),
+              [](Sequence * a, Sequence * b) { return a->admitted_at < b->admitted_at; });
 
     // Every generating sequence gets its next token in; prompt chunks fill the rest, so a
     // long prompt never stalls the others for its whole prefill.
-    for (Sequence * s : live) {
+    for (Sequence * s : running) {
         if (s->to_feed() == 1) {
             const int32_t p = s->n_past;
             entries.push_back({s, s->tokens[p], p, true, p < s->n_prompt || s->scorer});
         }
     }
-    if (prefix_ && prefix_->live() && prefix_->to_feed() > 0) {
+    if (prefix_ && !prefix_->decoded()) {
         // Before other prompt chunks: admissions wait for it. No logits: nothing samples it.
         const int32_t n = std::min(prefix_->to_feed(), n_batch_ - static_cast<int32_t>(entries.size()));
         for (int32_t k = 0; k < n; ++k) {
             const int32_t p = prefix_->n_past + k;
-            entries.push_back({prefix_.get(), prefix_->tokens[p], p, false, true});
+            entries.push_back({nullptr, prefix_->tokens[p], p, false, true});
         }
     }
-    for (Sequence * s : live) {
+    for (Sequence * s : running) {
         const int32_t room = n_batch_ - static_cast<int32_t>(entries.size());
         if (room <= 0) {
             break;
@@ -409,18 +438,22 @@ void Engine::build_batch(std::vector<Entry> & entries) {
     }
     // With one KV stream per sequence, llama.cpp packs a micro-batch only from sequences
     // with consecutive ids, in batch order: ordered by id, the tokens of all running
-    // sequences go through the model together instead of in several passes.
-    std::stable_sort(entries.begin(), entries.end(),
-                     [](const Entry & a, const Entry & b) { return a.seq->seq_id < b.seq->seq_id; });
+    // sequences go through the model together instead of in several passes (the prefix's
+    // id, n_parallel, sorts last).
+    const llama_seq_id prefix_id = static_cast<llama_seq_id>(cfg_.n_parallel);
+    std::stable_sort(entries.begin(), entries.end(), [prefix_id](const Entry & a, const Entry & b) {
+        return (a.seq ? a.seq->seq_id : prefix_id) < (b.seq ? b.seq->seq_id : prefix_id);
+    });
 }
 
-// The failure policy, in one place:
-//  - 0: sample every sequence whose logits are in this view, go on.
-//  - 1 (no KV room): retry the same tokens in views half the size; when a single token
-//    still does not fit, pause the youngest live sequence (its KV is dropped and it is
-//    queued again, to be recomputed later) and retry; a sequence that does not fit even
-//    alone finishes with "error".
-//  - anything else is fatal: thrown to step(), which drops every live sequence.
+// Entries of a sequence that was paused or finished since the batch was built, or of a
+// prefix given up, are skipped.
+bool Engine::entry_running(const Entry & e) const {
+    return e.seq ? e.seq->running() : prefix_ != nullptr;
+}
+
+// Decodes the step's entries, in views as large as the KV cache takes; what happens on a
+// failure is Engine::recover's decision.
 void Engine::decode_entries(std::vector<Entry> & entries) {
     size_t i    = 0;
     size_t view = entries.size();
@@ -432,7 +465,7 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
         taken.clear();
         size_t j = i;
         while (j < entries.size() && taken.size() < view) {
-            if (entries[j].seq->live()) {
+            if (entry_running(entries[j])) {
                 taken.push_back(j);
             }
             ++j;
@@ -449,17 +482,18 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
         batch_.n_tokens = 0;
         int32_t n_prompt_tok = 0;
         for (size_t k : taken) {
-            const Entry & e = entries[k];
-            if (e.seq->seq_id < 0 || e.seq->seq_id > cfg_.n_parallel || e.pos < e.seq->n_past ||
-                e.pos >= n_ctx_seq()) {
-                throw std::logic_error("batch entry out of range (seq " + std::to_string(e.seq->seq_id) + ", pos " +
+            const Entry &      e      = entries[k];
+            const llama_seq_id id     = e.seq ? e.seq->seq_id : prefix_->seq_id;
+            const int32_t      n_past = e.seq ? e.seq->n_past : prefix_->n_past;
+            if (id < 0 || id > cfg_.n_parallel || e.pos < n_past || e.pos >= n_ctx_seq()) {
+                throw std::logic_error("batch entry out of range (seq " + std::to_string(id) + ", pos " +
                                        std::to_string(e.pos) + ")");
             }
             const int32_t b     = batch_.n_tokens++;
             batch_.token[b]     = e.token;
             batch_.pos[b]       = e.pos;
             batch_.n_seq_id[b]  = 1;
-            batch_.seq_id[b][0] = e.seq->seq_id;
+            batch_.seq_id[b][0] = id;
             batch_.logits[b]    = e.logits ? 1 : 0;
             n_prompt_tok += e.prompt ? 1 : 0;
         }
@@ -480,68 +514,95 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
             counters_.generation_seconds += dt * (1.0 - share);
             counters_.prompt_tokens += n_prompt_tok;
             for (size_t b = 0; b < taken.size(); ++b) {
-                Entry & e     = entries[taken[b]];
-                e.seq->n_past = e.pos + 1;
-                if (e.logits && e.seq->scorer) {
-                    score(e.seq, static_cast<int32_t>(b), e.pos);
-                } else if (e.logits) {
-                    sample(e.seq, static_cast<int32_t>(b));
-                }
+                on_decoded(entries[taken[b]], static_cast<int32_t>(b));
             }
             i = j;
             continue;
         }
-        if (ret != 1) {
-            throw std::runtime_error(decode_error_text(ret));
-        }
-
-        ++counters_.decode_retries;
         split = true;
-        if (taken.size() > 1) {
-            view = (taken.size() + 1) / 2;
-            continue;
+        switch (recover(ret, taken.size(), entries[taken[0]])) {
+            case Recovery::Split:
+                view = (taken.size() + 1) / 2;
+                break;
+            case Recovery::Retry:
+                view = entries.size() - i;  // room was freed: try the rest whole again
+                break;
+            case Recovery::Fatal:
+                throw std::runtime_error(decode_error_text(ret));
         }
-        make_room(entries[taken[0]].seq);
-        view = entries.size() - i;  // room was freed: try the rest whole again
     }
 }
 
-void Engine::make_room(Sequence * blocked) {
-    Sequence * youngest = nullptr;
-    int32_t    n_alive  = 0;
+// A decoded token moves its sequence on: KV accounted, and where its logits were asked
+// for, a sampled token (Generating or Done) or a scored one (Scoring or Done).
+void Engine::on_decoded(const Entry & e, int32_t out_index) {
+    if (!e.seq) {
+        prefix_->n_past = e.pos + 1;
+        return;
+    }
+    Sequence & s = *e.seq;
+    s.n_past     = e.pos + 1;
+    if (!e.logits) {
+        return;
+    }
+    if (s.scorer) {
+        score(&s, out_index, e.pos);
+    } else {
+        sample(&s, out_index);
+    }
+}
+
+// The failure policy, in one place. llama_decode returned `code` for a view of n_tokens
+// entries starting with `first`:
+//  - anything but 1 is fatal: step() drops every running sequence, reported as aborted.
+//  - 1 (no KV room) for several tokens: retry the same tokens in views half the size.
+//  - 1 for a single token: free room, in this order, and retry:
+//    1. give up the shared prefix, if one is kept or being decoded: queued work yields to
+//       running work (its users prefill alone later; no new prefix is chosen until a
+//       sequence leaves its slot);
+//    2. pause the youngest running sequence (its KV dropped, queued first, recomputed
+//       when room returns), which may be the blocked one itself;
+//    3. the blocked sequence runs alone and still does not fit: it finishes with "error".
+// Only a shared pool (kv_unified with kv_size < n_ctx * n_parallel) runs out of room: a
+// KV stream per sequence holds n_ctx tokens, and submit() refuses longer prompts.
+Engine::Recovery Engine::recover(int32_t code, size_t n_tokens, const Entry & first) {
+    if (code != 1) {
+        return Recovery::Fatal;
+    }
+    ++counters_.decode_retries;
+    if (n_tokens > 1) {
+        return Recovery::Split;
+    }
+    if (prefix_) {
+        drop_prefix();
+        prefix_backoff_ = true;
+        return Recovery::Retry;
+    }
+    Sequence * youngest  = nullptr;
+    int32_t    n_running = 0;
     for (auto & s : slots_) {
-        if (s && s->live()) {
-            ++n_alive;
+        if (s && s->running()) {
+            ++n_running;
             if (!youngest || s->admitted_at > youngest->admitted_at) {
                 youngest = s.get();
             }
         }
     }
-    if (blocked == prefix_.get() && n_alive == 0) {
-        // Even the shared prefix alone does not fit: give up sharing, users prefill alone.
-        llama_memory_seq_rm(mem_, blocked->seq_id, -1, -1);
-        blocked->done = true;
-        return;
+    if (n_running > 1) {
+        pause(youngest);
+        return Recovery::Retry;
     }
-    if (n_alive <= 1 && prefix_ && prefix_->live() && blocked != prefix_.get()) {
-        // The last sequence standing comes before the prefix kept for the waiting ones.
-        llama_memory_seq_rm(mem_, prefix_->seq_id, -1, -1);
-        prefix_->done = true;
-        return;
-    }
-    if (n_alive <= 1 && blocked != prefix_.get()) {
-        blocked->error = "no KV cache room for this sequence even alone (" + std::to_string(blocked->tokens.size()) +
-                         " tokens; KV pool " + std::to_string(kv_capacity()) + " cells)";
-        finish(blocked, Finish::Error);
-        llama_memory_seq_rm(mem_, blocked->seq_id, -1, -1);
-        return;
-    }
-    preempt(youngest);
+    Sequence * blocked = first.seq;  // not the prefix: that was given up above
+    finish(blocked, Finish::Error,
+           "no KV cache room for this sequence even alone (" + std::to_string(blocked->tokens.size()) +
+               " tokens; KV pool " + std::to_string(kv_capacity()) + " cells)");
+    return Recovery::Retry;
 }
 
-void Engine::preempt(Sequence * s) {
+void Engine::pause(Sequence * s) {
     const llama_seq_id id = s->seq_id;
     llama_memory_seq_rm(mem_, id, -1, -1);
+    s->state  = SeqState::Paused;
     s->seq_id = -1;
     s->n_past = 0;  // its tokens (prompt + generated so far) are recomputed on readmission
     if (s->scorer && static_cast<int32_t>(s->tokens.size()) > s->n_prompt) {
@@ -563,6 +624,7 @@ void Engine::sample(Sequence * s, int32_t idx) {
         s->logprobs.push_back(std::move(lp));
     }
     s->tokens.push_back(tok);
+    s->state = SeqState::Generating;
     ++s->n_generated;
     ++counters_.generated_tokens;
     const SamplingConfig & p = s->req.params;
@@ -614,6 +676,7 @@ void Engine::score(Sequence * s, int32_t idx, llama_pos pos) {
     } else {
         llama_memory_seq_rm(mem_, s->seq_id, -1, -1);
         s->n_past = 0;
+        s->state  = SeqState::Prefilling;
     }
 }
 
@@ -624,11 +687,19 @@ void Engine::next_continuation(Sequence * s) {
     }
     const std::vector<llama_token> feed = s->scorer->to_feed();
     s->tokens.insert(s->tokens.end(), feed.begin(), feed.end());
+    s->state = SeqState::Scoring;
 }
 
-void Engine::finish(Sequence * s, Finish why) {
-    s->done   = true;
+// Its KV goes at once, not at the step's end: a retry later in this step may need the room.
+void Engine::finish(Sequence * s, Finish why, std::string error) {
+    if (s->running()) {
+        llama_memory_seq_rm(mem_, s->seq_id, -1, -1);
+    }
+    s->state  = SeqState::Done;
     s->finish = why;
+    if (!error.empty()) {
+        s->error = std::move(error);
+    }
 }
 
 Result Engine::to_result(Sequence & s) const {
@@ -661,11 +732,12 @@ void Engine::free_slot(std::unique_ptr<Sequence> & slot) {
     llama_memory_seq_rm(mem_, slot->seq_id, -1, -1);
     slot.reset();
     --n_live_;
+    prefix_backoff_ = false;  // room returned: a prefix may be worth decoding again
 }
 
 void Engine::collect_finished(std::vector<Result> & out) {
     for (auto & slot : slots_) {
-        if (slot && slot->done) {
+        if (slot && slot->state == SeqState::Done) {
             out.push_back(to_result(*slot));
             free_slot(slot);
         }
@@ -674,7 +746,7 @@ void Engine::collect_finished(std::vector<Result> & out) {
 
 void Engine::collect_deltas(std::vector<StreamDelta> & out) {
     for (auto & slot : slots_) {
-        if (!slot || !slot->req.stream || slot->done || slot->scorer) {
+        if (!slot || !slot->req.stream || slot->state == SeqState::Done || slot->scorer) {
             continue;
         }
         Sequence &   s         = *slot;
@@ -702,7 +774,7 @@ size_t Engine::cancel_request(uint64_t request) {
     for (auto it = waiting_.begin(); it != waiting_.end();) {
         if ((*it)->req.request == request) {
             if ((*it)->prefix_user) {
-                --prefix_users_;
+                --prefix_->users;
             }
             if (it->get() == no_prefix_head_) {
                 no_prefix_head_ = nullptr;
@@ -723,7 +795,7 @@ size_t Engine::cancel_request(uint64_t request) {
     ready_.erase(std::remove_if(ready_.begin(), ready_.end(), [&](const Result & r) { return r.request == request; }),
                  ready_.end());
     dropped += before - ready_.size();
-    if (prefix_ && prefix_users_ <= 0) {
+    if (prefix_ && prefix_->users <= 0) {
         drop_prefix();
     }
     return dropped;
@@ -733,10 +805,8 @@ void Engine::drop_live(const std::string & why, std::vector<Result> & out) {
     drop_prefix();
     for (auto & slot : slots_) {
         if (slot) {
-            if (!slot->done) {
-                slot->done    = true;
-                slot->finish  = Finish::Error;
-                slot->error   = why;
+            if (slot->state != SeqState::Done) {
+                finish(slot.get(), Finish::Error, why);
                 slot->aborted = true;
             }
             out.push_back(to_result(*slot));
@@ -751,7 +821,7 @@ StepOutput Engine::step() {
     out.finished.swap(ready_);
     admit();
     close_gaps();
-    const bool prefix_pending = prefix_ && prefix_->live() && prefix_->to_feed() > 0;
+    const bool prefix_pending = prefix_ && !prefix_->decoded();
     if (n_live_ == 0 && !prefix_pending) {
         return out;
     }
@@ -769,9 +839,6 @@ StepOutput Engine::step() {
         }
         drop_live(out.fatal, out.finished);
         return out;
-    }
-    if (prefix_ && prefix_->done) {
-        drop_prefix();
     }
     collect_deltas(out.deltas);
     collect_finished(out.finished);

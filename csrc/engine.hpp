@@ -1,9 +1,13 @@
 // The batch engine: slots, admission, one llama_batch per step, decode with the
 // failure policy, sampling and finishing. Python drives it one step() at a time.
 //
-// A sequence's life: WAITING (queued, no seq_id) -> live in a slot (prefill, then one
-// token per step) -> finished (KV removed, slot freed, result handed out). A live
-// sequence can be paused back to WAITING when a shared KV pool runs out of room.
+// A sequence's life is an explicit state (SeqState below), changed in few places:
+//   Waiting --admit--> Prefilling --last prompt logits--> Generating --stop/length--> Done
+//                                                    \--> Scoring (continuations) --> Done
+//   Prefilling | Generating | Scoring --pause (no KV room)--> Paused --admit--> Prefilling
+// A prompt shared by several waiting sequences is a SharedPrefix: decoded once into a
+// sequence id of its own and copied into each user's KV on admission.
+// What happens when llama_decode fails is decided in one function, Engine::recover.
 #pragma once
 
 #include <atomic>
@@ -134,22 +138,29 @@ public:
 
 private:
     struct Sequence;
+    struct SharedPrefix;
     struct Entry;
+    enum class Recovery { Split, Retry, Fatal };
 
+    // admission and the shared prefix
     void choose_prefix();
     bool uses_prefix(const Sequence & s) const;
     void drop_prefix();
     void admit();
     void admit_round();
     void close_gaps();
+    // one step's batch
     void build_batch(std::vector<Entry> & entries);
     void decode_entries(std::vector<Entry> & entries);
-    void make_room(Sequence * blocked);
-    void preempt(Sequence * s);
+    bool entry_running(const Entry & e) const;
+    void on_decoded(const Entry & e, int32_t out_index);
+    Recovery recover(int32_t code, size_t n_tokens, const Entry & first);
+    void pause(Sequence * s);
+    // outputs of a sequence
     void sample(Sequence * s, int32_t idx);
     void score(Sequence * s, int32_t idx, llama_pos pos);
     void next_continuation(Sequence * s);
-    void finish(Sequence * s, Finish why);
+    void finish(Sequence * s, Finish why, std::string error = {});
     void free_slot(std::unique_ptr<Sequence> & slot);  // KV removed, slot emptied
     void collect_finished(std::vector<Result> & out);
     void collect_deltas(std::vector<StreamDelta> & out);
@@ -169,10 +180,10 @@ private:
     int32_t                      n_batch_ = 0;
 
     std::vector<std::unique_ptr<Sequence>> slots_;   // index == seq_id
-    // A prompt prefix shared by waiting sequences, decoded once into its own sequence
-    // (seq_id n_parallel) and copied into each user's KV on admission.
-    std::unique_ptr<Sequence>              prefix_;
-    int32_t                                prefix_users_   = 0;        // waiting users not yet admitted
+    std::unique_ptr<SharedPrefix>          prefix_;  // at most one at a time
+    // A prefix was given up for KV room: none is chosen again until a sequence leaves its
+    // slot, or the same prefix would be decoded and given up every step.
+    bool                                   prefix_backoff_ = false;
     const Sequence *                       no_prefix_head_ = nullptr;  // queue head known to share nothing
     std::deque<std::unique_ptr<Sequence>>  waiting_;
     std::vector<Result>                    ready_;   // results waiting for the next step()

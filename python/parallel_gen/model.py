@@ -93,7 +93,8 @@ class Model:
         type_k, type_v: KV cache element types ("f16", "q8_0", ...).
         kv_size: with kv_unified=True only, the cells of the shared KV pool (>= n_ctx;
             default n_ctx * n_parallel). A smaller pool is shared on demand: when it runs
-            out, the youngest sequence is paused and recomputed later.
+            out, a shared prefix kept for waiting prompts is given up first, then the
+            youngest sequence is paused and recomputed later.
         share_prefix: decode a prompt prefix (>= 16 tokens) shared by several waiting
             prompts, or by the n samples of one prompt, once, and copy its KV to each.
             Costs one more KV stream when kv_unified=False.
