@@ -92,11 +92,7 @@ def _prompt_list(prompts: Prompts) -> List[str]:
         return [prompts]
     if isinstance(prompts, (bytes, bytearray)):
         raise TypeError("prompts must be str or a sequence of str, got bytes: decode it first")
-    reject_unordered("prompts", prompts)
-    try:
-        items = list(prompts)
-    except TypeError:
-        raise TypeError(f"prompts must be str or a sequence of str, got {type(prompts).__name__}") from None
+    items = _ordered_list("prompts", prompts, "str or a sequence of str")
     for i, p in enumerate(items):
         if not isinstance(p, str):
             raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
@@ -114,6 +110,15 @@ def reject_unordered(name: str, value: Any) -> None:
                         f"order to match results to: pass a list, e.g. sorted(...)")
 
 
+def _ordered_list(name: str, value: Any, expected: str) -> List[Any]:
+    """``value`` as a list, if it is an ordered iterable; else TypeError naming ``name``."""
+    reject_unordered(name, value)
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}") from None
+
+
 def _param_list(params: Params, overrides: dict, n: int) -> List[SamplingParams]:
     """One SamplingParams per prompt, seeds resolved."""
     unknown = sorted(set(overrides) - FIELD_NAMES)
@@ -127,11 +132,7 @@ def _param_list(params: Params, overrides: dict, n: int) -> List[SamplingParams]
         return [base.replace(seed=(base.seed + i) % 2**32) for i in range(n)]
     if isinstance(params, (str, bytes)):
         raise TypeError("params must be a SamplingParams or a sequence of them")
-    reject_unordered("params", params)
-    try:
-        items = list(params)
-    except TypeError:
-        raise TypeError(f"params must be a SamplingParams or a sequence of them, got {type(params).__name__}") from None
+    items = _ordered_list("params", params, "a SamplingParams or a sequence of them")
     if len(items) != n:
         raise ValueError(f"got {len(items)} SamplingParams for {n} prompts: give one, or one per prompt")
     out = []

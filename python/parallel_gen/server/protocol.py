@@ -125,11 +125,17 @@ class CompletionChoice(BaseModel):
     finish_reason: Optional[str] = None
 
 
-class CompletionResponse(BaseModel):
+class _Envelope(BaseModel):
+    """The fields every completion, chat completion and chunk starts with, in OpenAI's order."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+
+
+class CompletionResponse(_Envelope):
+    object: Literal["text_completion"] = "text_completion"
     choices: List[CompletionChoice]
     usage: Optional[Usage] = None
 
@@ -160,11 +166,8 @@ class ChatChoice(BaseModel):
     finish_reason: Optional[str] = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Envelope):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     choices: List[ChatChoice]
     usage: Usage
 
@@ -186,11 +189,8 @@ class ChatChunkChoice(BaseModel):
     finish_reason: Optional[str] = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: List[ChatChunkChoice]
     usage: Optional[Usage] = None
 
