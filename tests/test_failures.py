@@ -98,7 +98,9 @@ def test_ctrl_c_stops_within_a_step_and_model_stays_usable(smollm2_path, tmp_pat
         p.kill()
     lines = out.split("\n")
     assert lines[0].startswith("interrupted"), out
-    assert float(lines[0].split()[1]) - sent < 2.0  # within about one decode step
+    # within a few decode steps (~0.1 s each here, more on a busy machine), where finishing
+    # the 32 x 1000 tokens would take minutes
+    assert float(lines[0].split()[1]) - sent < 5.0
     assert lines[1].startswith("usable") and p.returncode == 0, out
 
 
