@@ -67,6 +67,15 @@ py::dict counters_dict(const Counters & c) {
     return d;
 }
 
+// [(logprob, [(token, logprob), ...]), ...], one per generated token
+py::list logprob_list(const std::vector<TokenLogprob> & logprobs) {
+    py::list out;
+    for (const auto & lp : logprobs) {
+        out.append(py::make_tuple(lp.logprob, py::cast(lp.top)));
+    }
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -156,7 +165,8 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("index", &StreamDelta::index)
         .def_readonly("sample", &StreamDelta::sample)
         .def_readonly("tokens", &StreamDelta::tokens)
-        .def_property_readonly("text", [](const StreamDelta & d) { return py::bytes(d.text); });
+        .def_property_readonly("text", [](const StreamDelta & d) { return py::bytes(d.text); })
+        .def_property_readonly("logprobs", [](const StreamDelta & d) { return logprob_list(d.logprobs); });
 
     py::class_<Result>(m, "Result")
         .def_readonly("request", &Result::request)
@@ -170,14 +180,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("stop_token", &Result::stop_token)
         .def_readonly("error", &Result::error)
         .def_readonly("aborted", &Result::aborted)
-        // [(logprob, [(token, logprob), ...]), ...] per generated token
-        .def_property_readonly("logprobs", [](const Result & r) {
-            py::list out;
-            for (const auto & lp : r.logprobs) {
-                out.append(py::make_tuple(lp.logprob, py::cast(lp.top)));
-            }
-            return out;
-        });
+        .def_property_readonly("logprobs", [](const Result & r) { return logprob_list(r.logprobs); });
 
     py::class_<Engine>(m, "Engine")
         .def(py::init<std::shared_ptr<ModelHandle>, const EngineConfig &>(), py::arg("model"), py::arg("config"),

@@ -760,6 +760,9 @@ void Engine::collect_deltas(std::vector<StreamDelta> & out) {
         d.index   = s.req.index;
         d.sample  = s.req.sample;
         d.tokens.assign(s.tokens.begin() + s.n_prompt + static_cast<std::ptrdiff_t>(s.tokens_streamed), s.tokens.end());
+        if (!s.logprobs.empty()) {
+            d.logprobs.assign(s.logprobs.begin() + static_cast<std::ptrdiff_t>(s.tokens_streamed), s.logprobs.end());
+        }
         if (stable > s.bytes_streamed) {
             d.text.assign(s.text.bytes(), s.bytes_streamed, stable - s.bytes_streamed);
             s.bytes_streamed = stable;

@@ -88,6 +88,7 @@ struct StreamDelta {
     int32_t                  sample  = 0;
     std::vector<llama_token> tokens;
     std::string              text;   // complete characters, never part of a possible stop string
+    std::vector<TokenLogprob> logprobs;  // one per token of `tokens`, if params.logprobs >= 0
 };
 
 struct StepOutput {

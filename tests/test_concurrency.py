@@ -84,16 +84,19 @@ def test_stream_events_add_up_to_the_batch_result(smol):
         assert final[i].finish_reason == c.finish_reason and final[i].stop_reason == c.stop_reason
 
 
-def test_stream_final_event_carries_the_logprobs(smol):
+def test_stream_events_carry_their_tokens_logprobs(smol):
     kw = dict(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3)
     ref = pg.generate_parallel(smol, PROMPTS_16[:2], **kw)
     events = list(pg.stream_parallel(smol, PROMPTS_16[:2], **kw))
-    final = {ev.index: ev for ev in events if ev.finished}
-    assert all(ev.logprobs is None for ev in events if not ev.finished)
+    assert sum(1 for ev in events if not ev.finished and ev.token_ids) >= 4  # logprobs arrive as tokens do
+    got = {}
+    for ev in events:
+        assert ev.logprobs is not None and [t.token_id for t in ev.logprobs] == ev.token_ids
+        got.setdefault(ev.index, []).extend(ev.logprobs)
     for i, c in enumerate(ref):
-        assert final[i].logprobs == c.outputs[0].logprobs and len(final[i].logprobs) == 12
-    plain = [ev for ev in pg.stream_parallel(smol, PROMPTS_16[:1], max_tokens=3, temperature=0) if ev.finished]
-    assert plain[0].logprobs is None
+        assert got[i] == c.outputs[0].logprobs and len(got[i]) == 12
+    plain = list(pg.stream_parallel(smol, PROMPTS_16[:1], max_tokens=3, temperature=0))
+    assert plain and all(ev.logprobs is None for ev in plain)
 
 
 def test_stream_cancelled_halfway_leaves_no_kv(smol):

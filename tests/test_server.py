@@ -221,6 +221,23 @@ def test_chat_logprobs(server):
         assert bytes(t.bytes).decode("utf-8") == t.token
 
 
+def test_streamed_logprobs_arrive_with_their_tokens(server):
+    kw = dict(model=ALIAS, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    whole = server.client().completions.create(prompt=PROMPTS[0], logprobs=2, **kw).choices[0].logprobs
+    chunks = list(server.client().completions.create(prompt=PROMPTS[0], logprobs=2, stream=True, **kw))
+    with_lp = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert len(with_lp) >= 2  # not all on the last chunk
+    assert [t for lp in with_lp for t in lp.tokens] == whole.tokens
+    assert [x for lp in with_lp for x in lp.token_logprobs] == pytest.approx(whole.token_logprobs, abs=1e-6)
+    assert [x for lp in with_lp for x in lp.text_offset] == whole.text_offset
+    msgs = [{"role": "user", "content": "Count to five."}]
+    chat_whole = server.client().chat.completions.create(messages=msgs, logprobs=True, **kw).choices[0].logprobs
+    chat_chunks = list(server.client().chat.completions.create(messages=msgs, logprobs=True, stream=True, **kw))
+    content = [t for c in chat_chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in content] == [t.token for t in chat_whole.content]
+    assert [t.logprob for t in content] == pytest.approx([t.logprob for t in chat_whole.content], abs=1e-6)
+
+
 def test_stop_strings(server):
     r = server.client().completions.create(model=ALIAS, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0,
                                            stop=[" 7"])
@@ -439,7 +456,7 @@ def test_sigterm_finishes_running_work_and_exits_0(small):
     small.proc.send_signal(signal.SIGTERM)
     assert small.proc.wait(30) == 0
     r = running.result(30)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 30
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 30, (r.status_code, r.text)
     assert streaming.result(30)[-1] == "length"  # the stream ran to its end within the grace period
     assert "Traceback" not in "".join(small.lines)
 

@@ -61,10 +61,16 @@ class SequenceResult:
 
     def token_logprobs(self, token_text: Callable[[int], str]) -> Optional[List[TokenLogprobs]]:
         """Every generated token's logprobs as public types; None when not asked for."""
-        if self.logprobs is None:
-            return None
-        return [TokenLogprobs(t, token_text(t), lp, [Logprob(a, token_text(a), alp) for a, alp in top])
-                for t, (lp, top) in zip(self.token_ids, self.logprobs)]
+        return public_logprobs(self.token_ids, self.logprobs, token_text)
+
+
+def public_logprobs(token_ids: List[int], raw: Optional[List[RawLogprobs]],
+                    token_text: Callable[[int], str]) -> Optional[List[TokenLogprobs]]:
+    """The engine's raw logprobs of ``token_ids`` as public types; None when not asked for."""
+    if raw is None:
+        return None
+    return [TokenLogprobs(t, token_text(t), lp, [Logprob(a, token_text(a), alp) for a, alp in top])
+            for t, (lp, top) in zip(token_ids, raw)]
 
 
 @dataclass(frozen=True)
@@ -76,10 +82,13 @@ class Delta:
     text: bytes
     """Whole UTF-8 characters, never the start of a possible stop string."""
     token_ids: List[int]
+    logprobs: Optional[List[RawLogprobs]] = None
+    """One per token of ``token_ids``, when the sequence's SamplingParams.logprobs is set."""
 
     @classmethod
     def from_native(cls, d: "_core.StreamDelta") -> "Delta":
-        return cls(int(d.index), int(d.sample), d.text, list(d.tokens))
+        raw = d.logprobs
+        return cls(int(d.index), int(d.sample), d.text, list(d.tokens), list(raw) if raw else None)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Deque, Dict, Iterator, List, Optional, Tu
 from ._native import _core
 from .errors import GenerationError
 from .events import (Cancelled, Closed, EngineEvent, Fatal, Progress, RequestDone, SequenceDelta, SequenceFinished,
-                     Sink)
+                     Sink, public_logprobs)
 from .generate import (CANCELLED_MESSAGE, CLOSED_MESSAGE, ModelLike, Params, Prompts, _check_against_model,
                        _open_model, _param_list, _prompt_list, fatal_message, new_request_id, next_event,
                        prompt_items)
@@ -43,8 +43,8 @@ class StreamEvent:
     stop_reason: Union[str, int, None] = None
     error: Optional[str] = None
     logprobs: Optional[List[TokenLogprobs]] = None
-    """On the last event, when SamplingParams.logprobs is set: every generated token's
-    log-probabilities, for the whole output (not only this event's tokens)."""
+    """When SamplingParams.logprobs is set: the log-probabilities of this event's
+    ``token_ids``, one each (the events of a prompt together cover its whole output)."""
 
 
 class _StreamState:
@@ -85,13 +85,15 @@ class _StreamState:
             key = (d.index, d.sample)
             sent_bytes, sent_tokens = self.sent.get(key, (0, 0))
             self.sent[key] = (sent_bytes + len(d.text), sent_tokens + len(d.token_ids))
-            return StreamEvent(d.index, d.text.decode("utf-8", "replace"), list(d.token_ids), False, sample=d.sample)
+            return StreamEvent(d.index, d.text.decode("utf-8", "replace"), list(d.token_ids), False, sample=d.sample,
+                               logprobs=public_logprobs(d.token_ids, d.logprobs, self.model._token_text))
         if isinstance(event, SequenceFinished):
             r = event.result
             sent_bytes, sent_tokens = self.sent.pop((r.index, r.sample), (0, 0))
+            raw = r.logprobs[sent_tokens:] if r.logprobs is not None else None
             return StreamEvent(r.index, r.text[sent_bytes:].decode("utf-8", "replace"), r.token_ids[sent_tokens:],
                                True, r.finish_reason, r.sample, r.stop_reason, r.error,
-                               r.token_logprobs(self.model._token_text))
+                               public_logprobs(r.token_ids[sent_tokens:], raw, self.model._token_text))
         if isinstance(event, Progress):
             return None
         self.finished = True  # every other event is a request's last

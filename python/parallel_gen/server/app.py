@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import GenerationError
 from ..model import Model
+from ..results import TokenLogprobs
 from ..runner import EngineStats
 from .errors import APIError, install_handlers
 from .metrics import Metrics
@@ -275,12 +276,12 @@ class _Shape:
 
 class _CompletionShape(_Shape):
     @staticmethod
-    def _logprobs(c: Choice) -> Optional[CompletionLogprobs]:
-        if c.logprobs is None:
+    def _logprobs(logprobs: Optional[List[TokenLogprobs]], offset: int = 0) -> Optional[CompletionLogprobs]:
+        """``offset``: the text offset of the first token (a chunk's: the tokens' before it)."""
+        if logprobs is None:
             return None
         out = CompletionLogprobs()
-        offset = 0
-        for t in c.logprobs:
+        for t in logprobs:
             out.tokens.append(t.token)
             out.token_logprobs.append(t.logprob)
             out.top_logprobs.append({a.token: a.logprob for a in t.top})
@@ -290,14 +291,18 @@ class _CompletionShape(_Shape):
 
     def response(self, job: Job, model: str, choices: List[Choice], usage: Usage) -> CompletionResponse:
         return CompletionResponse(id=f"cmpl-{job.id}", model=model, usage=usage, choices=[
-            CompletionChoice(index=c.index, text="".join(c.text), logprobs=self._logprobs(c),
+            CompletionChoice(index=c.index, text="".join(c.text), logprobs=self._logprobs(c.logprobs),
                              finish_reason=c.finish_reason) for c in choices])
 
     def chunks(self, job: Job, model: str, c: Choice, ev: Any) -> List[str]:
-        if not ev.text and not ev.finished:
+        if not ev.text and not ev.finished and not ev.logprobs:
             return []
+        logprobs = None
+        if ev.logprobs is not None:
+            before = c.logprobs[:len(c.logprobs) - len(ev.logprobs)]  # c.logprobs already has this event's
+            logprobs = self._logprobs(ev.logprobs, sum(len(t.token) for t in before))
         choice = CompletionChoice(index=c.index, text=ev.text, finish_reason=ev.finish_reason if ev.finished else None,
-                                  logprobs=self._logprobs(c) if ev.finished else None)
+                                  logprobs=logprobs)
         return [CompletionResponse(id=f"cmpl-{job.id}", created=int(job.created), model=model,
                                    choices=[choice]).model_dump_json()]
 
@@ -308,17 +313,17 @@ class _CompletionShape(_Shape):
 
 class _ChatShape(_Shape):
     @staticmethod
-    def _logprobs(c: Choice) -> Optional[ChoiceLogprobs]:
-        if c.logprobs is None:
+    def _logprobs(logprobs: Optional[List[TokenLogprobs]]) -> Optional[ChoiceLogprobs]:
+        if logprobs is None:
             return None
         return ChoiceLogprobs(content=[
             TokenLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode("utf-8")),
                          top_logprobs=[TopLogprob(token=a.token, logprob=a.logprob, bytes=list(a.token.encode("utf-8")))
-                                       for a in t.top]) for t in c.logprobs])
+                                       for a in t.top]) for t in logprobs])
 
     def response(self, job: Job, model: str, choices: List[Choice], usage: Usage) -> ChatCompletionResponse:
         return ChatCompletionResponse(id=f"chatcmpl-{job.id}", model=model, usage=usage, choices=[
-            ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)), logprobs=self._logprobs(c),
+            ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)), logprobs=self._logprobs(c.logprobs),
                        finish_reason=c.finish_reason) for c in choices])
 
     def chunks(self, job: Job, model: str, c: Choice, ev: Any) -> List[str]:
@@ -329,10 +334,11 @@ class _ChatShape(_Shape):
 
         out = []
         first = len(c.text) == 1  # this event's text is the choice's first
-        if ev.text or first:
-            out.append(chunk(DeltaMessage(role="assistant" if first else None, content=ev.text)))
+        if ev.text or first or ev.logprobs:
+            out.append(chunk(DeltaMessage(role="assistant" if first else None, content=ev.text),
+                             logprobs=self._logprobs(ev.logprobs) if ev.logprobs else None))
         if ev.finished:
-            out.append(chunk(DeltaMessage(), ev.finish_reason, self._logprobs(c)))
+            out.append(chunk(DeltaMessage(), ev.finish_reason))
         return out
 
     def usage_chunk(self, job: Job, model: str, usage: Usage) -> str:

@@ -45,6 +45,7 @@ class Choice:
     finish_reason: Optional[str] = None
     error: Optional[str] = None
     logprobs: Optional[List[TokenLogprobs]] = None
+    """Every token's so far, when asked for (each stream event adds its tokens')."""
 
 
 @dataclass
@@ -262,10 +263,11 @@ class Service:
                 c = job.choice(ev)
                 c.text.append(ev.text)
                 c.tokens += len(ev.token_ids)
+                if ev.logprobs is not None:
+                    c.logprobs = (c.logprobs or []) + ev.logprobs
                 if ev.finished:
                     c.finish_reason = ev.finish_reason
                     c.error = ev.error
-                    c.logprobs = ev.logprobs
                 yield c, ev
         finally:
             await stream.aclose()
