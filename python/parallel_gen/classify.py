@@ -119,6 +119,37 @@ def classify(model: ModelLike, texts: Union[str, Sequence[str]], labels: Sequenc
         GenerationError: llama.cpp failed fatally while decoding.
     """
     text_list = _prompt_list(texts)
+    options = classify_options(labels, template=template, chat=chat, system=system, normalize=normalize,
+                               chat_template=chat_template)
+    with _open(model) as m:
+        classifier = Classifier(m, options)
+        jobs = [classifier.job(t, f"texts[{i}]") for i, t in enumerate(text_list)]
+        scores = run_scoring(m, jobs, request_id=request_id)
+    items = [classifier.result(t, job, s) for t, job, s in zip(text_list, jobs, scores)]
+    return Classifications(items, options.labels)
+
+
+@dataclass(frozen=True)
+class ClassifyOptions:
+    """classify's checked arguments (see :func:`classify`)."""
+
+    labels: List[str]
+    format: Callable[[str], str]
+    """A text to its prompt (plain mode) or user message (chat mode)."""
+    chat: bool
+    system: Optional[str]
+    normalize: str
+    chat_template: Optional[str]
+
+
+def classify_options(labels: Sequence[str], *, template: Optional[Template] = None, chat: bool = False,
+                     system: Optional[str] = None, normalize: str = "sum",
+                     chat_template: Optional[str] = None) -> ClassifyOptions:
+    """Checks classify's arguments before any model is opened.
+
+    Raises:
+        TypeError, ValueError: as :func:`classify` does.
+    """
     label_list = _label_list(labels)
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize={normalize!r}: must be one of {', '.join(map(repr, NORMALIZE))}")
@@ -129,12 +160,26 @@ def classify(model: ModelLike, texts: Union[str, Sequence[str]], labels: Sequenc
     if system is not None and not chat:
         raise ValueError("system= needs chat=True: a plain prompt has no system turn (put it in template)")
     fmt = _formatter(template, DEFAULT_CHAT_TEMPLATE if chat else DEFAULT_TEMPLATE, label_list)
-    with _open(model) as m:
-        build = _ChatJobs(m, label_list, system, chat_template) if chat else _PlainJobs(m, label_list)
-        jobs = [build.job(fmt(t), i) for i, t in enumerate(text_list)]
-        scores = run_scoring(m, jobs, request_id=request_id)
-    items = [_classification(t, job.prompt, label_list, s, normalize) for t, job, s in zip(text_list, jobs, scores)]
-    return Classifications(items, label_list)
+    return ClassifyOptions(label_list, fmt, chat, system, normalize, chat_template)
+
+
+class Classifier:
+    """classify one text at a time, for callers that stream texts (the classify file job):
+    ``job`` turns a text into its scoring job, ``result`` its Scores into a Classification."""
+
+    def __init__(self, model: Model, options: ClassifyOptions) -> None:
+        self.options = options
+        self._build = (_ChatJobs(model, options.labels, options.system, options.chat_template) if options.chat
+                       else _PlainJobs(model, options.labels))
+
+    def job(self, text: str, where: str) -> ScoringJob:
+        """The text's prompt and every label's tokens. ValueError (naming ``where``, the
+        text's place) when the text cannot be put into a prompt."""
+        return self._build.job(self.options.format(text), where)
+
+    def result(self, text: str, job: ScoringJob, scores: List[Score]) -> Classification:
+        """The text's Classification from its labels' Scores (in label order)."""
+        return _classification(text, job.prompt, self.options.labels, scores, self.options.normalize)
 
 
 def label_probabilities(scores: Sequence[Score], normalize: str = "sum") -> np.ndarray:
@@ -159,9 +204,9 @@ class _PlainJobs:
         self._labels = labels
         self._tokens = ContinuationTokens(model)
 
-    def job(self, prompt: str, index: int) -> ScoringJob:
+    def job(self, prompt: str, where: str) -> ScoringJob:
         head = split_boundary(prompt, "")[0]
-        ids = [self._tokens.get(split_boundary(prompt, lab)[1], f"label {lab!r} (after text {index}'s prompt)")
+        ids = [self._tokens.get(split_boundary(prompt, lab)[1], f"label {lab!r} (after the prompt of {where})")
                for lab in self._labels]
         return ScoringJob(head, ids)
 
@@ -185,13 +230,13 @@ class _ChatJobs:
             return model.tokenize(self._template.end_of_turn, add_special=False, parse_special=True)
         return []
 
-    def job(self, user: str, index: int) -> ScoringJob:
+    def job(self, user: str, where: str) -> ScoringJob:
         messages = ([{"role": "system", "content": self._system}] if self._system is not None else [])
         messages.append({"role": "user", "content": user})
         try:
             prompt = self._template.render(messages)
         except ValueError as e:
-            raise ValueError(f"texts[{index}]: {e}") from None
+            raise ValueError(f"{where}: {e}") from None
         return ScoringJob(prompt, self._ids)
 
 

@@ -1,7 +1,8 @@
 """Command line: ``parallel-gen <command>`` (also ``python -m parallel_gen``).
 
 Commands: ``generate`` (prompts from arguments, a file of any size or stdin; JSONL, CSV,
-Parquet or text out; resumable, see jobs/),
+Parquet or text out; resumable, see jobs/), ``classify`` (label probabilities of many
+texts, the same inputs and outputs; jobs/classify.py),
 ``demo`` (a few chat questions on the default model) and ``info`` (model and build).
 Exit status: 0 success; 1 model missing or unloadable, generation failed, or some
 prompt finished with an error; 2 bad arguments or input; 130 interrupted.
@@ -14,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -60,6 +61,16 @@ def _text_or_file(value: str) -> str:
     return value
 
 
+def _read_arg_file(flag: str, path: str) -> str:
+    from .cli_io import InputError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{flag} {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+
+
 def _logit_bias(items: List[str]) -> dict:
     out = {}
     for item in items:
@@ -79,8 +90,9 @@ def _add_model_options(p: argparse.ArgumentParser, n_parallel_help: str) -> None
     g.add_argument("-m", "--model", metavar="GGUF", help="GGUF file (default: the packaged SmolLM2-135M-Instruct)")
     g.add_argument("--n-parallel", type=int, metavar="N", help=n_parallel_help)
     g.add_argument("--n-ctx", type=int, metavar="N",
-                   help="tokens per sequence, prompt + output (default for generate: sized to the prompts "
-                        "and --max-tokens; else min(training, 4096), capped to half the free memory)")
+                   help="tokens per sequence, prompt + output (default for generate and classify: sized to the "
+                        "prompts and --max-tokens or the labels; else min(training, 4096), capped to half the "
+                        "free memory)")
     g.add_argument("--n-batch", type=int, metavar="N", help="most tokens per decode call (default: 512)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: every core this process may use)")
     g.add_argument("--n-gpu-layers", type=int, metavar="N",
@@ -134,29 +146,50 @@ def _sampling_params(args: argparse.Namespace) -> "Any":
     return SamplingParams(**given)
 
 
+def _add_job_input_options(p: argparse.ArgumentParser, noun: str, metavar: str, json_field: str) -> None:
+    """Where a file job's prompts (texts) come from: arguments, --file or stdin."""
+    p.add_argument("prompts", nargs="*", metavar=metavar, help=f"{noun} (each one argument); '-' reads stdin")
+    p.add_argument("-f", "--file", metavar="FILE", help=f"read {noun} from FILE ('-' for stdin)")
+    p.add_argument("--input-format", choices=["auto", "text", "jsonl", "csv", "parquet"], default="auto",
+                   help="format of --file/stdin (default: by extension; else JSONL when the first non-blank "
+                        f"line is a JSON object with {json_field}, else text, one {noun[:-1]} per line)")
+
+
+def _add_job_output_options(p: argparse.ArgumentParser, formats: List[str], format_help: str) -> None:
+    """Where a file job's rows go, and what happens to an existing output."""
+    p.add_argument("-o", "--output", metavar="FILE", help="write the rows to FILE instead of stdout")
+    p.add_argument("--output-format", "--format", dest="output_format", choices=formats, default="auto",
+                   help=format_help)
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--resume", action="store_true",
+                   help="continue the job that wrote --output: skip its rows, redo a torn last row")
+    w.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--lookahead", type=int, metavar="N",
+                   help="most rows in flight, read but not written yet (default: 4 per slot)")
+
+
 def _add_progress_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal and tqdm is installed)")
 
 
 # -- generate ---------------------------------------------------------------------------
-def _job_source(args: argparse.Namespace) -> "Any":
-    """Prompts from the arguments, or the --file / '-' / stdin source (opened lazily)."""
+def _job_source(args: argparse.Namespace, columns: "Any", noun: str = "prompts") -> "Any":
+    """Prompts (texts) from the arguments, or the --file / '-' / stdin source (opened lazily)."""
     from .cli_io import InputError, argument_source
-    from .jobs.sources import Columns, open_source
+    from .jobs.sources import open_source
 
-    columns = Columns(args.prompt_column, args.messages_column)
     prompts = list(args.prompts)
     path = args.file
     if prompts == ["-"]:  # '-' as the only positional: stdin, like --file -
         prompts, path = [], path or "-"
     if prompts and path is not None:
-        raise InputError("give prompts as arguments or with --file / stdin, not both")
+        raise InputError(f"give {noun} as arguments or with --file / stdin, not both")
     if prompts:
         return argument_source(prompts, columns)
     if path is None:
         if sys.stdin is None or sys.stdin.isatty():
-            raise InputError("no prompts: give them as arguments, with --file FILE, or on stdin")
+            raise InputError(f"no {noun}: give them as arguments, with --file FILE, or on stdin")
         path = "-"
     return open_source(path, args.input_format, columns)
 
@@ -164,19 +197,12 @@ def _job_source(args: argparse.Namespace) -> "Any":
 def _chat_template_arg(args: argparse.Namespace) -> Optional[str]:
     if args.chat_template_file is None:
         return args.chat_template
-    from .cli_io import InputError
-
-    try:
-        with open(args.chat_template_file, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise InputError(f"cannot read {args.chat_template_file}: {e.strerror}") from None
+    return _read_arg_file("--chat-template-file", args.chat_template_file)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .cli_io import print_summary, resume_command
-    from .errors import GenerationError
-    from .jobs.job import JobInterrupted, run_source_job
+    from .jobs.job import run_source_job
+    from .jobs.sources import Columns
 
     if args.ray is not None:
         from .ray.cli import generate_on_ray
@@ -184,36 +210,81 @@ def _generate(args: argparse.Namespace) -> int:
         return generate_on_ray(args, _sampling_params, _model_kwargs, _chat_template_arg)
     params = _sampling_params(args)
     template_arg = _chat_template_arg(args)
-    source = _job_source(args)
+    source = _job_source(args, Columns(args.prompt_column, args.messages_column))
+    return _run_job(args, source, lambda model_options: run_source_job(
+        args.model, source, args.output, output_format=args.output_format, resume=args.resume,
+        overwrite=args.overwrite, chat=args.chat, system=args.system, chat_template=template_arg,
+        progress=args.progress, params=params, lookahead=args.lookahead, model_options=model_options))
+
+
+def _run_job(args: argparse.Namespace, source: "Any", run: "Callable[[Dict[str, Any]], Any]") -> int:
+    """Runs a file job (``run(model_options)`` returns its JobSummary) and turns how it
+    ended into messages and the exit status; closes ``source``."""
+    from .cli_io import print_summary, resume_command
+    from .errors import GenerationError
+    from .jobs.job import JobInterrupted
+
+    command = f"parallel-gen {args.command}"
     try:
         n_rows = source.total if source.total is not None else 8
         try:
-            summary = run_source_job(
-                args.model, source, args.output, output_format=args.output_format, resume=args.resume,
-                overwrite=args.overwrite, chat=args.chat, system=args.system, chat_template=template_arg,
-                progress=args.progress, params=params, lookahead=args.lookahead,
-                model_options=_model_kwargs(args, n_rows))
+            summary = run(_model_kwargs(args, n_rows))
         except JobInterrupted as e:
             s = e.summary
             where = f"in {s.output}" if s.output else "on stdout"
-            print(f"parallel-gen generate: interrupted: {s.rows} rows are {where}", file=sys.stderr)
+            print(f"{command}: interrupted: {s.rows} rows are {where}", file=sys.stderr)
             if s.output:
                 print(f"continue with: {resume_command(args.argv)}", file=sys.stderr)
             return EXIT_INTERRUPTED
         except GenerationError as e:  # the rows finished before the failure are in the output
-            print(f"parallel-gen generate: error: {e}", file=sys.stderr)
+            print(f"{command}: error: {e}", file=sys.stderr)
             if args.output not in (None, "-"):
                 print(f"the rows written are kept; continue with: {resume_command(args.argv)}", file=sys.stderr)
             return EXIT_FAILED
     finally:
         source.close()
-    if args.stats:
+    if getattr(args, "stats", False):
         print_summary(summary, sys.stderr)
     if summary.failed:
-        print(f"parallel-gen generate: {summary.failed} of {summary.written} row(s) failed "
+        print(f"{command}: {summary.failed} of {summary.written} row(s) failed "
               "(see their \"error\")", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+# -- classify ---------------------------------------------------------------------------
+def _labels_arg(args: argparse.Namespace) -> "Tuple[str, str, List[str]]":
+    """(flag, value, labels) of --labels A,B,C (spaces around each trimmed) or --labels-file
+    (one label per line, blank lines skipped)."""
+    if args.labels_file is not None:
+        lines = _read_arg_file("--labels-file", args.labels_file).splitlines()
+        return "--labels-file", args.labels_file, [line for line in lines if line != ""]
+    return "--labels", args.labels, [lab.strip() for lab in args.labels.split(",")]
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from .classify import classify_options
+    from .cli_io import InputError
+    from .jobs.classify import classify_job, text_columns
+    from .jobs.job import run_rows
+
+    flag, value, labels = _labels_arg(args)
+    try:
+        classify_options(labels)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{flag} {value!r}: {e}") from None
+    template = args.template
+    if args.template_file is not None:
+        template = _read_arg_file("--template-file", args.template_file)
+    try:
+        job = classify_job(labels, template=template, chat=args.chat, system=args.system, normalize=args.normalize)
+    except (TypeError, ValueError) as e:  # the labels are fine: the template is not
+        which = "--template-file" if args.template_file is not None else "--template"
+        raise InputError(f"{which}: {e}") from None
+    source = _job_source(args, text_columns(args.text_column), "texts")
+    return _run_job(args, source, lambda model_options: run_rows(
+        args.model, source, args.output, job, output_format=args.output_format, resume=args.resume,
+        overwrite=args.overwrite, progress=args.progress, lookahead=args.lookahead, model_options=model_options))
 
 
 def _print_stats(s: Any, out: Any) -> None:
@@ -351,11 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "order) as soon as it is done, so a killed job resumes with --resume. "
                                    "Prompts come from the arguments, --file / '-' (text, JSONL, CSV or Parquet), "
                                    "or stdin.")
-    g.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (each one argument); '-' reads stdin")
-    g.add_argument("-f", "--file", metavar="FILE", help="read prompts from FILE ('-' for stdin)")
-    g.add_argument("--input-format", choices=["auto", "text", "jsonl", "csv", "parquet"], default="auto",
-                   help="format of --file/stdin (default: by extension; else JSONL when the first non-blank "
-                        "line is a JSON object with the prompt or messages field, else text, one prompt per line)")
+    _add_job_input_options(g, "prompts", "PROMPT", "the prompt or messages field")
     g.add_argument("--prompt-column", metavar="NAME", default="prompt",
                    help="the input field holding the prompt (default: prompt)")
     g.add_argument("--messages-column", metavar="NAME", default="messages",
@@ -369,18 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "implies --chat)")
     t.add_argument("--chat-template-file", metavar="FILE",
                    help="read the Jinja chat template from a file (implies --chat)")
-    g.add_argument("-o", "--output", metavar="FILE", help="write the rows to FILE instead of stdout")
-    g.add_argument("--output-format", "--format", dest="output_format",
-                   choices=["auto", "jsonl", "csv", "parquet", "text"], default="auto",
-                   help="output rows: the input's fields + row, text, finish_reason, stop_reason, prompt_tokens, "
-                        "completion_tokens, error (jsonl, csv, parquet), or the texts alone (text) "
-                        "(default: by the extension of --output, else jsonl)")
-    w = g.add_mutually_exclusive_group()
-    w.add_argument("--resume", action="store_true",
-                   help="continue the job that wrote --output: skip its rows, redo a torn last row")
-    w.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    g.add_argument("--lookahead", type=int, metavar="N",
-                   help="most rows in flight, read but not written yet (default: 4 per slot)")
+    _add_job_output_options(g, ["auto", "jsonl", "csv", "parquet", "text"],
+                            "output rows: the input's fields + row, text, finish_reason, stop_reason, "
+                            "prompt_tokens, completion_tokens, error (jsonl, csv, parquet), or the texts alone "
+                            "(text) (default: by the extension of --output, else jsonl)")
     g.add_argument("--stats", action="store_true", help="print the job's statistics to stderr")
     r = g.add_argument_group("Ray (pip install 'parallel_gen[ray]')")
     r.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
@@ -393,6 +452,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(g)
     _add_model_options(g, "sequences decoded together (default: min(8, number of rows when known))")
     g.set_defaults(func=_generate)
+
+    c = sub.add_parser("classify", help="label probabilities for many texts (a file of any size)",
+                       description="Classify every text over the labels with exact probabilities (no sampling; "
+                                   "see parallel_gen.classify): each label is scored as the continuation of the "
+                                   "text's prompt. Streamed and resumable like generate: texts come from the "
+                                   "arguments, --file / '-' (text, JSONL, CSV or Parquet) or stdin, and each "
+                                   "output row is written in input order as soon as it is done.",
+                       epilog="output row: the input's fields, then row, label (the most likely), p_LABEL for "
+                              "each label in the order given (the probabilities, summing to 1) and error; an "
+                              "input field named like one of these is kept as input_NAME. A text that cannot "
+                              "be classified (say, too long for --n-ctx) gets error set and null label and "
+                              "probabilities, and the exit status is 1.")
+    _add_job_input_options(c, "texts", "TEXT", "the --text-column field")
+    c.add_argument("--text-column", metavar="NAME", default="text",
+                   help="the input field holding the text (default: text)")
+    lab = c.add_mutually_exclusive_group(required=True)
+    lab.add_argument("--labels", metavar="A,B,...",
+                     help="the labels, comma separated (spaces around each are dropped)")
+    lab.add_argument("--labels-file", metavar="FILE", help="the labels, one per line (for labels with commas)")
+    tpl = c.add_mutually_exclusive_group()
+    tpl.add_argument("--template", metavar="T",
+                     help="the prompt: {text} is the text, {labels} the labels joined by ', ' (default: one that "
+                          "names the labels and ends with 'Label: '; with --chat, the user's message)")
+    tpl.add_argument("--template-file", metavar="FILE", help="read --template from FILE")
+    c.add_argument("--chat", action="store_true",
+                   help="put the prompt in a user turn through the model's chat template and score each label "
+                        "as the assistant's whole answer")
+    c.add_argument("--system", metavar="TEXT", help="system message (implies --chat)")
+    c.add_argument("--normalize", choices=["sum", "mean"], default="sum",
+                   help="softmax over the labels' total log-likelihoods (sum) or per-token means (mean) "
+                        "(default: sum)")
+    _add_job_output_options(c, ["auto", "jsonl", "csv", "parquet"],
+                            "output rows (default: by the extension of --output, else jsonl)")
+    _add_progress_option(c)
+    _add_model_options(c, "sequences decoded together (default: min(8, number of rows when known))")
+    c.set_defaults(func=_classify)
 
     d = sub.add_parser("demo", help="answer a few questions on the default model, in one batch")
     d.add_argument("-m", "--model", help="GGUF chat model (default: the packaged SmolLM2-135M-Instruct)")

@@ -127,17 +127,14 @@ def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[st
     out: List[Optional[List[Score]]] = [None] * len(jobs)
     items: Deque[Item] = collections.deque()
     for i, job in enumerate(jobs):
-        try:
-            raw = job.prompt.encode("utf-8")
-        except UnicodeEncodeError as e:
-            out[i] = _failed(job, f"the prompt is not valid Unicode text: {e}")
-            continue
         if not job.continuations:
             out[i] = []
             continue
-        config = _core.SamplingConfig()
-        config.continuations = job.continuations
-        items.append(Item(i, 0, raw, config))
+        item, error = scoring_item(i, job)
+        if item is None:
+            out[i] = failed_scores(job, error or "")
+            continue
+        items.append(item)
     events: "queue.SimpleQueue[EngineEvent]" = queue.SimpleQueue()
     req = Request(request_id or new_request_id(), items, events.put)
     runner.submit(req)
@@ -145,7 +142,7 @@ def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[st
         while True:
             event = next_event(events)
             if isinstance(event, SequenceFinished):
-                out[event.result.index] = _scores(jobs[event.result.index], event.result)
+                out[event.result.index] = job_scores(jobs[event.result.index], event.result)
             elif isinstance(event, RequestDone):
                 break
             elif isinstance(event, Fatal):
@@ -162,10 +159,22 @@ def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[st
     return out  # type: ignore[return-value]
 
 
-def _scores(job: ScoringJob, r: SequenceResult) -> List[Score]:
+def scoring_item(index: int, job: ScoringJob) -> Tuple[Optional[Item], Optional[str]]:
+    """The engine's scoring sequence of one job (at ``index`` of its request), or why
+    it cannot run. The job must have continuations."""
+    try:
+        raw = job.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return None, f"the prompt is not valid Unicode text: {e}"
+    config = _core.SamplingConfig()
+    config.continuations = job.continuations
+    return Item(index, 0, raw, config), None
+
+
+def job_scores(job: ScoringJob, r: SequenceResult) -> List[Score]:
     """Splits one scoring sequence's result (continuations end to end) into Scores."""
     if r.error:
-        return _failed(job, r.error)
+        return failed_scores(job, r.error)
     logprobs = [float(lp) for lp, _ in r.logprobs or []]
     tokens = r.token_ids
     out, at = [], 0
@@ -178,7 +187,8 @@ def _scores(job: ScoringJob, r: SequenceResult) -> List[Score]:
     return out
 
 
-def _failed(job: ScoringJob, error: str) -> List[Score]:
+def failed_scores(job: ScoringJob, error: str) -> List[Score]:
+    """One Score per continuation of ``job``, each NaN with ``error``."""
     return [Score(math.nan, [], list(ids), error) for ids in job.continuations]
 
 

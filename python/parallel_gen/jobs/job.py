@@ -8,6 +8,7 @@ redone, and seeds depend on the row number, so the result equals an uninterrupte
 
 from __future__ import annotations
 
+import abc
 import itertools
 import logging
 import os
@@ -15,15 +16,16 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Collection, Deque, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 from ..chat import _message
 from ..model import Model
 from ..params import SamplingParams
 from ..progress import make_progress
+from ..results import Completion
 from ..templates import ChatTemplate
 from .formats import STDIN, InputFormat, JobInputError, input_format_for, output_format_for
-from .ordered import LOOKAHEAD_PER_SLOT, OrderedGeneration, Work, check_lookahead
+from .ordered import LOOKAHEAD_PER_SLOT, OrderedGeneration, OrderedRequests, Work, check_lookahead
 from .overrides import row_params
 from .progress import job_progress
 from .records import carried, output_record
@@ -144,15 +146,9 @@ def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike],
         JobInterrupted: Ctrl-C (a KeyboardInterrupt); the rows written are kept.
         GenerationError: llama.cpp failed fatally; the rows written are kept.
     """
-    in_path = None if input is None else os.fspath(input)
-    out_path = None if output is None or os.fspath(output) == STDIN else os.fspath(output)
-    if in_path not in (None, STDIN) and out_path is not None and os.path.exists(out_path) \
-            and os.path.exists(in_path) and os.path.samefile(in_path, out_path):
-        raise JobInputError(f"the output {out_path} is the input file: write to another file")
-    input_format_for(in_path, input_format)  # bad options fail before any file is touched
-    output_format_for(out_path, output_format)
-    _check_options(progress, lookahead, resume, overwrite)
-    source = open_source(in_path, input_format, Columns(prompt_column, messages_column))
+    source, out_path = open_file_source(input, output, input_format, output_format,
+                                        Columns(prompt_column, messages_column), progress=progress,
+                                        lookahead=lookahead, resume=resume, overwrite=overwrite)
     try:
         return run_source_job(model, source, out_path, output_format=output_format, resume=resume,
                               overwrite=overwrite, chat=chat, system=system, chat_template=chat_template,
@@ -178,14 +174,117 @@ def run_source_job(model: Union[Model, PathLike, None], source: Source, output: 
     base = base.replace(**sampling) if sampling else base
     if base.seed is None:  # one seed for the job: row r samples with seed + r
         base = base.replace(seed=secrets.randbits(32))
+    # A system message or a template only makes sense in a chat: either implies chat.
+    chatty = chat or system is not None or chat_template is not None
+    settings = _Settings(base, source.format is InputFormat.CSV, chatty, system, chat_template, None)
+    return run_rows(model, source, output, _Generation(settings), output_format=output_format, resume=resume,
+                    overwrite=overwrite, progress=progress, lookahead=lookahead, model_options=model_options,
+                    t0=t0)
+
+
+def open_file_source(input: Optional[PathLike], output: Optional[PathLike], input_format: str,
+                     output_format: str, columns: Columns, *, progress: Optional[bool], lookahead: Optional[int],
+                     resume: bool, overwrite: bool) -> Tuple[Source, Optional[str]]:
+    """The input of a file job, opened (close it), and the output path (None: stdout),
+    after every check that needs no model: bad options fail before any file is touched."""
+    in_path = None if input is None else os.fspath(input)
+    out_path = None if output is None or os.fspath(output) == STDIN else os.fspath(output)
+    if in_path not in (None, STDIN) and out_path is not None and os.path.exists(out_path) \
+            and os.path.exists(in_path) and os.path.samefile(in_path, out_path):
+        raise JobInputError(f"the output {out_path} is the input file: write to another file")
+    input_format_for(in_path, input_format)
+    output_format_for(out_path, output_format)
+    _check_options(progress, lookahead, resume, overwrite)
+    return open_source(in_path, input_format, columns), out_path
+
+
+@dataclass(frozen=True)
+class RowDone:
+    """One finished row of a job: its output record and the tokens it took."""
+
+    record: Dict[str, Any]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class RowJob(abc.ABC):
+    """A kind of file job (generation, classification): how its input rows become
+    engine work and output rows. :func:`run_rows` does the rest, the same for all:
+    the output's protection and resume, the Model sized to the work, ordered writing,
+    progress, Ctrl-C."""
+
+    noun = "rows"
+    """What the input's rows are, for "no prompts in FILE"."""
+    chat_template: Optional[str] = None
+    """The chat template that ``describe``'s conversations are rendered with (None: the model's)."""
+
+    @abc.abstractmethod
+    def carried(self, fields: Dict[str, Any]) -> Dict[str, Any]:
+        """The input fields as they appear in this job's output row."""
+
+    @abc.abstractmethod
+    def describe(self, row: InputRow) -> Tuple[Optional[List[Any]], Optional[str], int]:
+        """(conversation, prompt, tokens after the prompt) of a row, to size the context."""
+
+    def prepare(self, model: Model, sized: Optional[SizedContext]) -> None:
+        """Checks and set-up that need the Model, before any row (errors stop the job)."""
+
+    def check_resume(self, last: Dict[str, Any], input_fields: Collection[str]) -> None:
+        """Raises JobInputError when ``last``, the last row written, is not a row this job
+        writes (its columns, less the carried ``input_fields``)."""
+
+    @abc.abstractmethod
+    def ordered(self, model: Model, rows: Iterator[InputRow], lookahead: Optional[int]) -> OrderedRequests[Any, Any]:
+        """The engine run of ``rows``: one result per row, in order."""
+
+    @abc.abstractmethod
+    def record(self, row: InputRow, result: Any) -> RowDone:
+        """A row's output record from its result."""
+
+
+class _Generation(RowJob):
+    """generate: every row's prompt or conversation completed with its SamplingParams."""
+
+    noun = "prompts"
+
+    def __init__(self, settings: _Settings) -> None:
+        self.settings = settings
+        self.chat_template = settings.template_arg
+
+    def carried(self, fields: Dict[str, Any]) -> Dict[str, Any]:
+        return carried(fields)
+
+    def describe(self, row: InputRow) -> Tuple[Optional[List[Any]], Optional[str], int]:
+        s = self.settings
+        return _sizing_prompt(row, s.base, s.cells_are_text, s.chat, s.system)
+
+    def prepare(self, model: Model, sized: Optional[SizedContext]) -> None:
+        self.settings.sized = sized
+        if self.settings.chat:
+            self.settings.chat_template(model)  # no usable template: an error before any row
+
+    def ordered(self, model: Model, rows: Iterator[InputRow], lookahead: Optional[int]) -> OrderedGeneration:
+        return OrderedGeneration(model, (_work(model, row, self.settings) for row in rows), lookahead)
+
+    def record(self, row: InputRow, result: Completion) -> RowDone:
+        return RowDone(output_record(row.row, row.fields, result), result.prompt_tokens, result.completion_tokens)
+
+
+def run_rows(model: Union[Model, PathLike, None], source: Source, output: Optional[str], job: RowJob, *,
+             output_format: str = "auto", resume: bool = False, overwrite: bool = False,
+             progress: Optional[bool] = None, lookahead: Optional[int] = None,
+             model_options: Optional[Mapping[str, Any]] = None, t0: Optional[float] = None) -> JobSummary:
+    """Runs ``job`` on every row of ``source`` into ``output`` (None: stdout): the part
+    every kind of file job shares. Arguments as :func:`run_file_job`'s."""
+    t0 = time.perf_counter() if t0 is None else t0
+    _check_options(progress, lookahead, resume, overwrite)
     first = next(source.rows, None)  # an empty input is a mistake: say so before touching the output
     if first is None:
-        raise JobInputError(f"no prompts in {source.name}")
+        raise JobInputError(f"no {job.noun} in {source.name}")
     source.rows = itertools.chain([first], source.rows)
     sink, point = open_sink(output, output_format_for(output, output_format), _mode(resume, overwrite))
     try:
-        return _run(model, source, sink, point, base, chat, system, chat_template, progress, lookahead,
-                    dict(model_options or {}), t0)
+        return _run(model, source, sink, point, job, progress, lookahead, dict(model_options or {}), t0)
     finally:
         sink.close()
 
@@ -202,11 +301,9 @@ def _mode(resume: bool, overwrite: bool) -> WriteMode:
     return WriteMode.RESUME if resume else WriteMode.OVERWRITE if overwrite else WriteMode.NEW
 
 
-def _run(model: Union[Model, PathLike, None], source: Source, sink: Sink, point: ResumePoint,
-         base: SamplingParams, chat: bool, system: Optional[str], chat_template: Optional[str],
+def _run(model: Union[Model, PathLike, None], source: Source, sink: Sink, point: ResumePoint, job: RowJob,
          progress: Optional[bool], lookahead: Optional[int], model_options: Dict[str, Any], t0: float) -> JobSummary:
-    rows = _skip_done(source, sink, point)
-    cells_are_text = source.format is InputFormat.CSV
+    rows = _skip_done(source, sink, point, job)
     owned = not isinstance(model, Model)
     sized: Optional[SizedContext] = None
     if isinstance(model, Model):
@@ -215,15 +312,11 @@ def _run(model: Union[Model, PathLike, None], source: Source, sink: Sink, point:
         n_par = model_options.get("n_parallel", 8)
         sample_size = lookahead or LOOKAHEAD_PER_SLOT * n_par
         sample, rows = _peek(rows, sample_size)
-        m, sized = open_sized_model(model, sample, lambda r: _sizing_prompt(r, base, cells_are_text, chat, system),
-                                    chat_template, complete=len(sample) < sample_size, **model_options)
+        m, sized = open_sized_model(model, sample, job.describe, job.chat_template,
+                                    complete=len(sample) < sample_size, **model_options)
     try:
-        # A system message or a template only makes sense in a chat: either implies chat.
-        chatty = chat or system is not None or chat_template is not None
-        settings = _Settings(base, cells_are_text, chatty, system, chat_template, sized)
-        if chatty:
-            settings.chat_template(m)  # no usable template: an error before any row
-        return _generate(m, rows, sink, point, settings, source.total, progress, lookahead, t0)
+        job.prepare(m, sized)
+        return _drive(m, rows, sink, point, job, source.total, progress, lookahead, t0)
     finally:
         if owned:
             m.close()
@@ -234,7 +327,7 @@ def _peek(rows: Iterator[InputRow], n: int) -> Tuple[List[InputRow], Iterator[In
     return sample, itertools.chain(sample, rows)
 
 
-def _skip_done(source: Source, sink: Sink, point: ResumePoint) -> Iterator[InputRow]:
+def _skip_done(source: Source, sink: Sink, point: ResumePoint, job: RowJob) -> Iterator[InputRow]:
     """The rows after those already written; checks the last written one is the same
     input row, so a resume against another input fails instead of mixing two jobs."""
     rows = source.rows
@@ -247,7 +340,9 @@ def _skip_done(source: Source, sink: Sink, point: ResumePoint) -> Iterator[Input
         raise JobInputError(f"--resume: the output has {point.rows_done} rows but {source.name} has only "
                             f"{0 if last is None else last.row + 1}: is it the output of another input?")
     written = point.last or {}
-    for key, value in sink.normalize(carried(last.fields)).items():
+    fields = sink.normalize(job.carried(last.fields))
+    job.check_resume(written, fields.keys())
+    for key, value in fields.items():
         if key in written and written[key] != value:
             raise JobInputError(f"--resume: output row {last.row} has {key}={written[key]!r} but input row "
                                 f"{last.row} has {value!r}: is it the output of another input? "
@@ -299,16 +394,16 @@ def _work(model: Model, row: InputRow, s: _Settings) -> Work:
     return Work(prompt, params)
 
 
-def _generate(model: Model, rows: Iterator[InputRow], sink: Sink, point: ResumePoint, s: _Settings,
-              total: Optional[int], progress: Optional[bool], lookahead: Optional[int], t0: float) -> JobSummary:
+def _drive(model: Model, rows: Iterator[InputRow], sink: Sink, point: ResumePoint, job: RowJob,
+           total: Optional[int], progress: Optional[bool], lookahead: Optional[int], t0: float) -> JobSummary:
     order: Deque[InputRow] = deque()  # rows pulled and not written yet, in order
 
-    def works() -> Iterator[Work]:
+    def pulled() -> Iterator[InputRow]:
         for row in rows:
             order.append(row)
-            yield _work(model, row, s)
+            yield row
 
-    gen = OrderedGeneration(model, works(), lookahead)
+    gen = job.ordered(model, pulled(), lookahead)
     written = failed = prompt_tokens = completion_tokens = 0
 
     def summary(interrupted: bool) -> JobSummary:
@@ -318,14 +413,13 @@ def _generate(model: Model, rows: Iterator[InputRow], sink: Sink, point: ResumeP
     with job_progress(progress, total, point.rows_done) as bar:
         it = iter(gen)
         try:
-            for completion in it:
-                row = order.popleft()
-                record = output_record(row.row, row.fields, completion)
-                sink.write(record)
+            for result in it:
+                done = job.record(order.popleft(), result)
+                sink.write(done.record)
                 written += 1
-                failed += record["error"] is not None
-                prompt_tokens += completion.prompt_tokens
-                completion_tokens += completion.completion_tokens
+                failed += done.record["error"] is not None
+                prompt_tokens += done.prompt_tokens
+                completion_tokens += done.completion_tokens
                 if bar is not None:
                     bar(1, gen.stats.generated_tokens)
         except KeyboardInterrupt:

@@ -16,7 +16,7 @@ import logging
 import queue
 import secrets
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Deque, Dict, Generic, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 from .._native import _core
 from ..errors import GenerationError
@@ -29,6 +29,9 @@ from ..results import Completion, Output
 from ..runner import Item, Request
 
 logger = logging.getLogger("parallel_gen")
+
+W = TypeVar("W")  # a unit of work of an ordered run
+R = TypeVar("R")  # its result
 
 LOOKAHEAD_PER_SLOT = 4
 """Default look-ahead: this many prompts per slot in flight (or finished, waiting for an
@@ -48,18 +51,17 @@ class Work:
 class _Pending:
     prompt: str
     outputs: List[Optional[Output]]
-    missing: int
     prompt_tokens: int = 0
 
 
 @dataclass
 class IterStats:
-    """Counters of an ordered generation, readable while it runs (for progress bars)."""
+    """Counters of an ordered run, readable while it runs (for progress bars)."""
 
     finished: int = 0
     """Prompts finished (handed back or waiting for an earlier one)."""
     generated_tokens: int = 0
-    """Tokens generated for the finished prompts."""
+    """Tokens generated for the finished prompts (a scoring run: tokens decoded, prompt and labels)."""
     in_flight: int = 0
     """Prompts submitted and not finished."""
 
@@ -152,12 +154,17 @@ def _work(prompt: Any, params: SamplingParams, i: int) -> Work:
     return Work(prompt, params)
 
 
-class OrderedGeneration:
-    """The machinery of generate_iter (and of file jobs): an iterator of Completions in
-    the order of ``works``, with at most ``lookahead`` prompts pulled and not yielded.
-    ``close()`` cancels what is in flight."""
+class OrderedRequests(Generic[W, R]):
+    """A lazy stream of works run on the Model's engine thread, one result per work handed
+    back in input order, with at most ``lookahead`` works pulled and not handed back.
+    ``close()`` cancels what is in flight.
 
-    def __init__(self, model: Model, works: Iterator[Work], lookahead: Optional[int] = None,
+    Subclasses say what a work is: ``_start`` turns it into the engine's sequences (or
+    says why it cannot run), ``_finished`` keeps a finished sequence's result, ``_failed``
+    records a work that did not run, ``_take`` builds the result of a completed work.
+    """
+
+    def __init__(self, model: Model, works: Iterator[W], lookahead: Optional[int] = None,
                  request_id: Optional[str] = None) -> None:
         check_lookahead(lookahead)
         self.model = model
@@ -169,21 +176,19 @@ class OrderedGeneration:
         self._chunk = max(1, min(model.n_parallel, self.lookahead // 2))
         self._name = request_id or new_request_id()
         self._queue: "queue.SimpleQueue[EngineEvent]" = queue.SimpleQueue()
-        self._pending: Dict[int, _Pending] = {}
+        self._missing: Dict[int, int] = {}  # work index -> sequences not finished yet (0: ready)
         self._requests: Dict[int, Request] = {}
-        self._next_in = 0  # index of the next prompt to pull
-        self._next_out = 0  # index of the next Completion to yield
+        self._next_in = 0  # index of the next work to pull
+        self._next_out = 0  # index of the next result to hand back
         self._exhausted = False
-        self._token_text: Dict[int, str] = {}
-        self._checked: Dict[Tuple[Any, ...], Optional[str]] = {}
         self.stats = IterStats()
 
-    def __iter__(self) -> Iterator[Completion]:
+    def __iter__(self) -> Iterator[R]:
         _core.release_caller_openmp_threads()  # an idle team here would slow the engine's
         try:
             while True:
                 self._refill()
-                while self._next_out in self._pending and self._pending[self._next_out].missing == 0:
+                while self._missing.get(self._next_out) == 0:
                     yield self._pop()
                     self._refill()
                 if self._exhausted and self._next_out == self._next_in:
@@ -199,11 +204,28 @@ class OrderedGeneration:
             with contextlib.suppress(RuntimeError):  # the Model was closed meanwhile
                 self._runner.cancel(req).wait()
         if requests:
-            logger.info("ordered generation %s: cancelled %d request(s) in flight", self._name, len(requests))
+            logger.info("ordered run %s: cancelled %d request(s) in flight", self._name, len(requests))
+
+    # -- what a work is (subclasses) ----------------------------------------------------
+    def _start(self, i: int, work: W) -> Tuple[List[Item], Optional[str]]:
+        """The engine's sequences of work ``i`` (their index is ``i``), or why it cannot run."""
+        raise NotImplementedError
+
+    def _finished(self, r: SequenceResult) -> None:
+        """Keeps one finished sequence of work ``r.index``."""
+        raise NotImplementedError
+
+    def _failed(self, i: int, message: str) -> None:
+        """Records that work ``i`` did not run."""
+        raise NotImplementedError
+
+    def _take(self, i: int) -> R:
+        """The result of completed work ``i`` (its state can be dropped)."""
+        raise NotImplementedError
 
     # -- input side ---------------------------------------------------------------------
     def _refill(self) -> None:
-        """Pulls prompts while the look-ahead has room, one request per chunk; a partial
+        """Pulls works while the look-ahead has room, one request per chunk; a partial
         chunk only when the slots would otherwise run dry."""
         while not self._exhausted:
             room = self.lookahead - (self._next_in - self._next_out)
@@ -220,21 +242,66 @@ class OrderedGeneration:
                 break
             i = self._next_in
             self._next_in += 1
-            n = work.params.n
-            self._pending[i] = _Pending(work.prompt, [None] * n, n)
-            error = work.error or self._check(work.params)
-            mine: List[Item] = []
-            if error is None:
-                mine, error = prompt_items(i, work.prompt, work.params)
+            mine, error = self._start(i, work)
             if error is not None:
-                self._fail(i, error)
+                self._failed(i, error)
+                self._missing[i] = 0
+                self.stats.finished += 1
                 continue
             items.extend(mine)
+            self._missing[i] = len(mine)
             self.stats.in_flight += 1
         if items:
             req = Request(f"{self._name}/{self._next_in}", items, self._queue.put)
             self._requests[req.id] = req
             self._runner.submit(req)
+
+    # -- output side --------------------------------------------------------------------
+    def _handle(self, event: EngineEvent) -> None:
+        if isinstance(event, SequenceFinished):
+            self._add(event.result)
+        elif isinstance(event, RequestDone):
+            self._requests = {k: r for k, r in self._requests.items() if r.remaining > 0}
+        elif isinstance(event, Fatal):
+            raise GenerationError(fatal_message(event), [])
+        elif isinstance(event, Closed):
+            raise GenerationError(CLOSED_MESSAGE, [])
+        elif isinstance(event, Cancelled):
+            raise GenerationError(CANCELLED_MESSAGE, [])
+
+    def _add(self, r: SequenceResult) -> None:
+        self._finished(r)
+        self._missing[r.index] -= 1
+        if self._missing[r.index] == 0:
+            self.stats.finished += 1
+            self.stats.in_flight -= 1
+
+    def _pop(self) -> R:
+        i = self._next_out
+        del self._missing[i]
+        self._next_out += 1
+        return self._take(i)
+
+
+class OrderedGeneration(OrderedRequests[Work, Completion]):
+    """The machinery of generate_iter (and of file jobs): an iterator of Completions in
+    the order of ``works``, with at most ``lookahead`` prompts pulled and not yielded.
+    A prompt that cannot run is an "error" Completion. ``close()`` cancels what is in flight."""
+
+    def __init__(self, model: Model, works: Iterator[Work], lookahead: Optional[int] = None,
+                 request_id: Optional[str] = None) -> None:
+        super().__init__(model, works, lookahead, request_id)
+        self._pending: Dict[int, _Pending] = {}
+        self._token_text: Dict[int, str] = {}
+        self._checked: Dict[Tuple[Any, ...], Optional[str]] = {}
+
+    def _start(self, i: int, work: Work) -> Tuple[List[Item], Optional[str]]:
+        n = work.params.n
+        self._pending[i] = _Pending(work.prompt, [None] * n)
+        error = work.error or self._check(work.params)
+        if error is not None:
+            return [], error
+        return prompt_items(i, work.prompt, work.params)
 
     def _check(self, p: SamplingParams) -> Optional[str]:
         """What only the model can tell about a prompt's params (token ids, grammar),
@@ -253,39 +320,18 @@ class OrderedGeneration:
             self._checked[key] = error
         return self._checked[key]
 
-    # -- output side --------------------------------------------------------------------
-    def _handle(self, event: EngineEvent) -> None:
-        if isinstance(event, SequenceFinished):
-            self._add(event.result)
-        elif isinstance(event, RequestDone):
-            self._requests = {k: r for k, r in self._requests.items() if r.remaining > 0}
-        elif isinstance(event, Fatal):
-            raise GenerationError(fatal_message(event), [])
-        elif isinstance(event, Closed):
-            raise GenerationError(CLOSED_MESSAGE, [])
-        elif isinstance(event, Cancelled):
-            raise GenerationError(CANCELLED_MESSAGE, [])
-
-    def _add(self, r: SequenceResult) -> None:
+    def _finished(self, r: SequenceResult) -> None:
         p = self._pending[r.index]
         p.outputs[r.sample] = r.to_output(self._text)
         p.prompt_tokens = r.prompt_tokens
-        p.missing -= 1
         self.stats.generated_tokens += len(r.token_ids)
-        if p.missing == 0:
-            self.stats.finished += 1
-            self.stats.in_flight -= 1
 
-    def _fail(self, i: int, message: str) -> None:
+    def _failed(self, i: int, message: str) -> None:
         p = self._pending[i]
         p.outputs = [Output("", [], "error", None, message) for _ in p.outputs]
-        p.missing = 0
-        self.stats.finished += 1
 
-    def _pop(self) -> Completion:
-        i = self._next_out
+    def _take(self, i: int) -> Completion:
         p = self._pending.pop(i)
-        self._next_out += 1
         return Completion(i, p.prompt, p.outputs, p.prompt_tokens)  # type: ignore[arg-type]
 
     def _text(self, token: int) -> str:

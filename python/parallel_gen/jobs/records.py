@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Collection, Dict, Optional
 
 from ..results import Completion
 
@@ -12,9 +12,9 @@ RENAMED_PREFIX = "input_"
 """An input field named like an output column is carried as ``input_<name>``."""
 
 
-def carried(fields: Dict[str, Any]) -> Dict[str, Any]:
-    """The input fields as they appear in the output row."""
-    return {(RENAMED_PREFIX + k if k in OUTPUT_COLUMNS else k): v for k, v in fields.items()}
+def carried(fields: Dict[str, Any], output_columns: Collection[str] = OUTPUT_COLUMNS) -> Dict[str, Any]:
+    """The input fields as they appear in an output row whose own columns are ``output_columns``."""
+    return {(RENAMED_PREFIX + k if k in output_columns else k): v for k, v in fields.items()}
 
 
 def output_record(row: int, fields: Dict[str, Any], completion: Completion) -> Dict[str, Any]:

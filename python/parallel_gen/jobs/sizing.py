@@ -33,11 +33,16 @@ class SizedContext:
     def check(self, model: Model, prompt: str, params: SamplingParams) -> Optional[str]:
         """Why a prompt does not fit the chosen context (None when it does): a row that
         would otherwise stop early, cut off by the context rather than max_tokens."""
-        n = len(model.tokenize(prompt))
-        need = n + params.max_tokens
+        return self.check_length(len(model.tokenize(prompt)), params.max_tokens,
+                                 f"max_tokens={params.max_tokens}")
+
+    def check_length(self, prompt_tokens: int, after: int, what: str) -> Optional[str]:
+        """Why a prompt of ``prompt_tokens`` followed by ``after`` more tokens (``what``
+        they are, for the message) does not fit the chosen context; None when it does."""
+        need = prompt_tokens + after
         if need <= self.n_ctx:
             return None
-        return (f"the prompt has {n} tokens; with max_tokens={params.max_tokens} it needs {need} tokens of context, "
+        return (f"the prompt has {prompt_tokens} tokens; with {what} it needs {need} tokens of context, "
                 f"but n_ctx={self.n_ctx} was sized from the first {self.sample_rows} rows: run it with "
                 f"--n-ctx {round_cells(need)} or more (n_ctx in model_options from Python)")
 

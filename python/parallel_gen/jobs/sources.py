@@ -44,7 +44,18 @@ class Columns:
     """Which input fields hold the prompt or the conversation."""
 
     prompt: str = "prompt"
-    messages: str = "messages"
+    messages: Optional[str] = "messages"
+    """None: a job of plain texts only (classify), where no field holds a conversation."""
+    option: str = "--prompt-column / prompt_column="
+    """How the user names the prompt field, for messages."""
+
+    def wanted(self) -> str:
+        """The fields a row needs, for messages: "'prompt' or 'messages'"."""
+        return repr(self.prompt) if self.messages is None else f"{self.prompt!r} or {self.messages!r}"
+
+    def present(self, names: Iterable[Any]) -> bool:
+        """Whether the field names of a header (or JSON object) include the prompt or messages."""
+        return any(n is not None and n in names for n in (self.prompt, self.messages))
 
 
 @dataclass
@@ -107,7 +118,7 @@ def _sniff(lines: Iterator[bytes], columns: Columns) -> "tuple[InputFormat, Iter
                 obj = json.loads(line)
             except (ValueError, UnicodeDecodeError):
                 obj = None
-            if isinstance(obj, dict) and (columns.prompt in obj or columns.messages in obj):
+            if isinstance(obj, dict) and columns.present(obj):
                 fmt = InputFormat.JSONL
             break
     return fmt, itertools.chain(seen, lines)
@@ -151,7 +162,7 @@ def _jsonl_rows(lines: Iterable[bytes], name: str, columns: Columns) -> Iterator
                 error = f"{where}: not valid JSON ({e.msg})"
             else:
                 if not isinstance(obj, dict):
-                    error = (f"{where}: expected a JSON object with {columns.prompt!r} or {columns.messages!r}, "
+                    error = (f"{where}: expected a JSON object with {columns.wanted()}, "
                              f"got {type(obj).__name__}")
         yield _from_fields(row, where, obj if isinstance(obj, dict) else {}, columns, error)
 
@@ -165,9 +176,9 @@ def _csv_rows(lines: Iterable[bytes], name: str, columns: Columns) -> Iterator[I
         return
     except UnicodeDecodeError as e:
         raise JobInputError(f"{name}: not UTF-8 text ({e.reason})") from None
-    if columns.prompt not in header and columns.messages not in header:
-        raise JobInputError(f"{name}: no {columns.prompt!r} or {columns.messages!r} column in the header "
-                            f"{header}: name the prompt column with --prompt-column / prompt_column=")
+    if not columns.present(header):
+        raise JobInputError(f"{name}: no {columns.wanted()} column in the header "
+                            f"{header}: name the column with {columns.option}")
     row = 0
     while True:
         try:
@@ -188,7 +199,7 @@ def _csv_rows(lines: Iterable[bytes], name: str, columns: Columns) -> Iterator[I
         # Empty cells are missing values; a messages cell holds the conversation as JSON text.
         named = (columns.prompt, columns.messages)
         parsed: Dict[str, Any] = {k: v for k, v in fields.items() if v != "" or k not in named}
-        if columns.messages in parsed:
+        if columns.messages is not None and columns.messages in parsed:
             try:
                 parsed[columns.messages] = json.loads(parsed[columns.messages])
             except json.JSONDecodeError as e:
@@ -229,9 +240,9 @@ def _open_parquet(name: str, columns: Columns) -> Source:
     except Exception as e:  # pyarrow.ArrowInvalid: not a Parquet file
         raise JobInputError(f"{name} is not a Parquet file: {e}") from None
     names = f.schema_arrow.names
-    if columns.prompt not in names and columns.messages not in names:
-        raise JobInputError(f"{name}: no {columns.prompt!r} or {columns.messages!r} column (it has {names}): "
-                            "name the prompt column with --prompt-column / prompt_column=")
+    if not columns.present(names):
+        raise JobInputError(f"{name}: no {columns.wanted()} column (it has {names}): "
+                            f"name the column with {columns.option}")
 
     def rows() -> Iterator[InputRow]:
         row = 0
@@ -258,8 +269,11 @@ def _from_fields(row: int, where: str, fields: Dict[str, Any], columns: Columns,
     out = InputRow(row, where, fields, error=error)
     if error is not None:
         return out
-    prompt, messages = fields.get(columns.prompt), fields.get(columns.messages)
-    if (prompt is None) == (messages is None):
+    prompt = fields.get(columns.prompt)
+    messages = fields.get(columns.messages) if columns.messages is not None else None
+    if columns.messages is None and prompt is None:
+        out.error = f"{where}: no {columns.prompt!r} field (it has {list(fields)}): name it with {columns.option}"
+    elif (prompt is None) == (messages is None):
         out.error = (f"{where}: give exactly one of {columns.prompt!r} or {columns.messages!r}"
                      + (" (both are set)" if prompt is not None else " (neither is set)"))
     elif prompt is not None:

@@ -1,0 +1,242 @@
+"""classify_file: a file of texts in, one row of label probabilities per text out.
+
+The classify job of ``parallel-gen classify``: the same sources, sinks, resume, sizing
+and progress as generation (see job.py's :func:`run_rows`); each text becomes one
+scoring sequence (see scoring.py), run with bounded look-ahead in input order.
+
+Output row: the input's fields, then ``row``, ``label`` (the most likely), one
+probability column per label named ``p_<label>`` (in the order the labels were given),
+and ``error``. An input field named like one of these is carried as ``input_<name>``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Collection, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+from ..classify import Classifier, ClassifyOptions, Template, classify_options
+from ..events import SequenceResult
+from ..model import Model
+from ..runner import Item
+from ..scoring import Score, ScoringJob, job_scores, scoring_item
+from .formats import JobInputError
+from .job import JobSummary, PathLike, RowDone, RowJob, open_file_source, run_rows
+from .ordered import OrderedRequests
+from .records import carried
+from .sizing import SizedContext
+from .sources import Columns, InputRow
+
+PROBABILITY_PREFIX = "p_"
+"""The probability of label L is the column ``p_L``: one column per label, never one of
+``row``, ``label``, ``error`` (which have no ``p_``), distinct since labels are."""
+
+
+def probability_column(label: str) -> str:
+    """The output column holding ``label``'s probability."""
+    return PROBABILITY_PREFIX + label
+
+
+def output_columns(labels: Sequence[str]) -> List[str]:
+    """The columns of a classify row after the input's own fields."""
+    return ["row", "label", *map(probability_column, labels), "error"]
+
+
+@dataclass(frozen=True)
+class _Scoring:
+    """One row's scoring job, or why it has none."""
+
+    job: Optional[ScoringJob]
+    error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """One row's Scores (one per label), or why it has none."""
+
+    job: Optional[ScoringJob]
+    scores: List[Score]
+    error: Optional[str]
+    prompt_tokens: int = 0
+
+
+class OrderedScoring(OrderedRequests[_Scoring, _Scored]):
+    """Scoring jobs run with bounded look-ahead, their Scores handed back in input order."""
+
+    def __init__(self, model: Model, works: Iterator[_Scoring], lookahead: Optional[int] = None) -> None:
+        super().__init__(model, works, lookahead)
+        self._jobs: Dict[int, Optional[ScoringJob]] = {}
+        self._done: Dict[int, _Scored] = {}
+
+    def _start(self, i: int, work: _Scoring) -> Tuple[List[Item], Optional[str]]:
+        self._jobs[i] = work.job
+        if work.job is None:
+            return [], work.error or "nothing to score"
+        item, error = scoring_item(i, work.job)
+        return ([item] if item is not None else []), error
+
+    def _finished(self, r: SequenceResult) -> None:
+        job = self._jobs[r.index]
+        assert job is not None
+        self._done[r.index] = _Scored(job, job_scores(job, r), r.error, r.prompt_tokens)
+        self.stats.generated_tokens += r.prompt_tokens + len(r.token_ids)  # tokens decoded, for tokens/s
+
+    def _failed(self, i: int, message: str) -> None:
+        self._done[i] = _Scored(self._jobs[i], [], message)
+
+    def _take(self, i: int) -> _Scored:
+        del self._jobs[i]
+        return self._done.pop(i)
+
+
+class _Classification(RowJob):
+    """classify: every row's text scored over the labels."""
+
+    noun = "texts"
+
+    def __init__(self, options: ClassifyOptions) -> None:
+        self.options = options
+        self.chat_template = options.chat_template
+        self.columns = output_columns(options.labels)
+        self._sized: Optional[SizedContext] = None
+        self._classifier: Optional[Classifier] = None
+        # No label has more tokens than UTF-8 bytes; +2: the chat end-of-turn, a moved space.
+        self._label_bound = max(len(lab.encode("utf-8")) for lab in options.labels) + 2
+
+    def carried(self, fields: Dict[str, Any]) -> Dict[str, Any]:
+        return carried(fields, self.columns)
+
+    def describe(self, row: InputRow) -> Tuple[Optional[List[Any]], Optional[str], int]:
+        if row.error is not None or row.prompt is None:
+            return None, None, 0
+        try:
+            text = self.options.format(row.prompt)
+        except (TypeError, ValueError):
+            return None, None, 0  # the job reports it as the row's error
+        if self.options.chat:
+            return self._conversation(text), None, self._label_bound
+        return None, text, self._label_bound
+
+    def _conversation(self, user: str) -> List[Dict[str, str]]:
+        system = self.options.system
+        return ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": user}]
+
+    def prepare(self, model: Model, sized: Optional[SizedContext]) -> None:
+        self._sized = sized
+        self._classifier = Classifier(model, self.options)  # chat without a template fails here
+
+    def check_resume(self, last: Dict[str, Any], input_fields: Collection[str]) -> None:
+        missing = [c for c in self.columns if c not in last]
+        other = [k for k in last if k.startswith(PROBABILITY_PREFIX) and k not in self.columns
+                 and k not in input_fields]
+        if missing or other:
+            found = f"the columns {other}" if other else f"no column {missing[0]!r}"
+            raise JobInputError(f"--resume: the output has {found} but these labels write {self.columns}: "
+                                "was it written with other --labels? (--overwrite starts again)")
+
+    def ordered(self, model: Model, rows: Iterator[InputRow], lookahead: Optional[int]) -> OrderedScoring:
+        return OrderedScoring(model, (self._scoring(model, row) for row in rows), lookahead)
+
+    def _scoring(self, model: Model, row: InputRow) -> _Scoring:
+        if row.error is not None or row.prompt is None:
+            return _Scoring(None, row.error or f"{row.where}: no text")
+        assert self._classifier is not None
+        try:
+            job = self._classifier.job(row.prompt, row.where)
+        except (TypeError, ValueError) as e:
+            return _Scoring(None, str(e))
+        if self._sized is not None:
+            longest = max(len(ids) for ids in job.continuations)
+            error = self._sized.check_length(len(model.tokenize(job.prompt)), longest,
+                                             f"its longest label ({longest} tokens)")
+            if error is not None:
+                return _Scoring(None, f"{row.where}: {error}")
+        return _Scoring(job)
+
+    def record(self, row: InputRow, result: _Scored) -> RowDone:
+        rec = self.carried(row.fields)
+        labels = self.options.labels
+        error: Optional[str] = result.error
+        label: Optional[str] = None
+        probs: Dict[str, Optional[float]] = dict.fromkeys(labels)
+        if error is None and result.job is not None:
+            assert self._classifier is not None and row.prompt is not None
+            c = self._classifier.result(row.prompt, result.job, result.scores)
+            error, label = c.error, c.label
+            if error is None:
+                probs = dict(c.probs)
+        if error is not None and not error.startswith(row.where):
+            error = f"{row.where}: {error}"
+        rec["row"] = row.row
+        rec["label"] = label
+        for lab in labels:  # NaN is not JSON: a failed row's probabilities are null
+            p = probs[lab]
+            rec[probability_column(lab)] = None if p is None or math.isnan(p) else p
+        rec["error"] = error
+        return RowDone(rec, result.prompt_tokens, 0)
+
+
+def classify_file(model: Union[Model, PathLike, None], input: Optional[PathLike], output: Optional[PathLike],
+                  labels: Sequence[str], *, input_format: str = "auto", output_format: str = "auto",
+                  text_column: str = "text", template: Optional[Template] = None, chat: bool = False,
+                  system: Optional[str] = None, normalize: str = "sum", chat_template: Optional[str] = None,
+                  resume: bool = False, overwrite: bool = False, progress: Optional[bool] = None,
+                  lookahead: Optional[int] = None, model_options: Optional[Mapping[str, Any]] = None) -> JobSummary:
+    """Classifies every text of ``input`` over ``labels`` and writes one output row per
+    input row, streamed and resumable as :func:`~parallel_gen.jobs.run_file_job` is.
+
+    Args:
+        model, input, output, input_format, output_format, resume, overwrite, progress,
+            lookahead, model_options: as for :func:`~parallel_gen.jobs.run_file_job`
+            (the context is sized to the texts and the labels).
+        labels: the labels, at least one, no duplicates.
+        text_column: the input field holding the text (a text file's lines are texts).
+        template, chat, system, normalize, chat_template: as for
+            :func:`parallel_gen.classify` (``system`` implies ``chat``), so a row's
+            probabilities are those ``classify`` gives its text.
+
+    Each output row holds the input row's fields, then ``row`` (the input row number,
+    from 0), ``label`` (the most likely), ``p_<label>`` per label (they sum to 1) and
+    ``error``. A row that cannot be classified (no text, a text too long for n_ctx)
+    has ``error`` set, ``label`` and the probabilities null; the others are unaffected.
+    In the summary, ``prompt_tokens`` counts the texts' prompts and
+    ``completion_tokens`` is 0 (nothing is generated).
+
+    Raises:
+        ValueError, TypeError: bad labels or options (JobInputError: unreadable input,
+            a protected or unresumable output), before any row.
+        JobInterrupted: Ctrl-C; the rows written are kept.
+        GenerationError: llama.cpp failed fatally; the rows written are kept.
+    """
+    t0 = time.perf_counter()
+    job = classify_job(labels, template=template, chat=chat, system=system, normalize=normalize,
+                       chat_template=chat_template)
+    source, out_path = open_file_source(input, output, input_format, output_format, text_columns(text_column),
+                                        progress=progress, lookahead=lookahead, resume=resume, overwrite=overwrite)
+    try:
+        return run_rows(model, source, out_path, job, output_format=output_format, resume=resume,
+                        overwrite=overwrite, progress=progress, lookahead=lookahead, model_options=model_options,
+                        t0=t0)
+    finally:
+        source.close()
+
+
+def classify_job(labels: Sequence[str], *, template: Optional[Template] = None, chat: bool = False,
+                 system: Optional[str] = None, normalize: str = "sum",
+                 chat_template: Optional[str] = None) -> RowJob:
+    """The classify job for :func:`~parallel_gen.jobs.job.run_rows` (the CLI runs it on
+    its own Source); arguments checked as :func:`parallel_gen.classify` checks them."""
+    chatty = chat or system is not None or chat_template is not None
+    return _Classification(classify_options(labels, template=template, chat=chatty, system=system,
+                                            normalize=normalize, chat_template=chat_template))
+
+
+def text_columns(text_column: str) -> Columns:
+    """The input columns of a classify job: one text field, no conversations."""
+    return Columns(text_column, None, "--text-column / text_column=")
+
+
+__all__ = ["OrderedScoring", "classify_file", "classify_job", "output_columns", "probability_column",
+           "text_columns"]
