@@ -115,6 +115,14 @@ def test_end_of_turn_stops_even_with_ignore_eos(smol):
     assert raw.token_ids[: len(chat.token_ids)] == chat.token_ids
 
 
+def test_chat_parallel_opening_a_path_sizes_n_ctx_to_the_conversations(smollm2_path, caplog):
+    with caplog.at_level("INFO", logger="parallel_gen"):
+        r = pg.chat_parallel(str(smollm2_path), [user("Hi"), user("word " * 300)], max_tokens=2, temperature=0)
+    # ~330 template + message tokens + 2, rounded up to 512; not the 4096 default
+    assert "n_ctx 512 sized to the work" in caplog.text, caplog.text
+    assert all(c.error is None and c.token_ids for c in r), r
+
+
 def test_base_model_without_template_is_a_clear_error(gemma, gemma3_path):
     assert gemma.chat_template() is None
     for model in (gemma, gemma3_path):

@@ -7,6 +7,7 @@ from collections.abc import Sequence as _SequenceABC
 from typing import Any, List, Optional, Sequence
 
 from .generate import ModelLike, Params, _open, _param_list, reject_unordered, run_batch
+from .memory import n_ctx_for_prompts
 from .model import Model
 from .progress import make_progress
 from .results import BatchResult
@@ -52,7 +53,12 @@ def chat_parallel(
     convs = _conversation_list(conversations)
     param_list = _param_list(params, overrides, len(convs))
     bar = make_progress(progress, len(convs))  # checks progress before the model loads
-    with _open(model) as m:
+
+    def sized(m: Model) -> int:  # a Model opened here: a context sized to these conversations
+        prompts = _render_all(ChatTemplate(m, chat_template), convs)
+        return n_ctx_for_prompts(prompts, [p.max_tokens for p in param_list])(m)
+
+    with _open(model, sized) as m:
         template = ChatTemplate(m, chat_template)
         prompts = _render_all(template, convs)
         param_list = [template.add_stops(p) for p in param_list]
