@@ -2,7 +2,7 @@
 
 With kv_unified=True and kv_size=n_ctx the pool holds one full sequence. llama.cpp
 rounds a pool up to 256 cells, so the tests size everything from the engine's real
-capacity. Each test states which make_room branch its arithmetic forces.
+capacity. Each test states which of its branches its arithmetic forces.
 """
 
 from __future__ import annotations
