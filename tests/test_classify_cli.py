@@ -160,27 +160,32 @@ def test_resume_of_a_csv_cut_to_k_rows_and_a_torn_record(tmp_path):
         assert a.keys() == b.keys() and a["label"] == b["label"]
         assert [float(a[f"p_{lab}"]) for lab in LABELS] == pytest.approx([float(b[f"p_{lab}"]) for lab in LABELS],
                                                                          abs=TOL)
-    # Other labels cannot continue this output.
+    # Other labels cannot continue this output, nor one killed after its header only.
     r = classify_cli("-f", src, "-o", out, "--labels", "yes,no", *CLI_MODEL, "--resume")
     assert r.returncode == 2 and "other --labels" in r.stderr and "Traceback" not in r.stderr
+    out.write_bytes(lines[0])
+    r = classify_cli("-f", src, "-o", out, "--labels", "yes,no", *CLI_MODEL, "--resume")
+    assert r.returncode == 2 and "other --labels" in r.stderr and out.read_bytes() == lines[0]
 
 
 def read_csv_bytes(data):
     return list(csv.DictReader(data.decode("utf-8").splitlines()))
 
 
-def test_a_text_too_long_for_the_context_is_a_row_error_and_the_others_are_fine(smol, tmp_path):
+def test_a_text_too_long_for_the_context_or_missing_is_a_row_error_and_the_others_are_fine(smol, tmp_path):
     items = texts(6)
-    long_text = "Tell me about it. " * 80  # about 400 tokens: more than n_ctx 256
-    items[3] = long_text
+    items[3] = "Tell me about it. " * 80  # about 400 tokens: more than n_ctx 256
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_jsonl(src, [{"text": t} for t in items])
+    write_jsonl(src, [{"text": t} for t in items] + [{"body": "no text field"}])
     r = classify_cli("-f", src, "-o", out, "--labels", ",".join(LABELS), *CLI_MODEL)
-    assert r.returncode == 1 and "1 of 6 row(s) failed" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "2 of 7 row(s) failed" in r.stderr and "Traceback" not in r.stderr
     got = read_jsonl(out)
-    bad = got[3]
-    assert bad["error"] and "n_ctx" in bad["error"] and str(src) in bad["error"]
-    assert bad["label"] is None and all(bad[f"p_{lab}"] is None for lab in LABELS)
+    too_long, missing = got[3], got[6]
+    assert "n_ctx" in too_long["error"] and f"{src}:4" in too_long["error"]
+    assert "'text' is missing" in missing["error"] and "--text-column" in missing["error"]
+    assert missing["body"] == "no text field"
+    for bad in (too_long, missing):
+        assert bad["label"] is None and all(bad[f"p_{lab}"] is None for lab in LABELS)
     ok = [0, 1, 2, 4, 5]
     assert_probabilities([got[i] for i in ok], pg.classify(smol, [items[i] for i in ok], LABELS), LABELS)
 
@@ -190,7 +195,8 @@ def test_a_text_too_long_for_the_context_is_a_row_error_and_the_others_are_fine(
                      "--n-parallel", 2, "--threads", 1)
     assert r.returncode == 1, r.stderr
     got = read_jsonl(out)
-    assert "--n-ctx" in got[3]["error"] and [g["error"] is None for g in got] == [True] * 3 + [False] + [True] * 2
+    assert "--n-ctx" in got[3]["error"]
+    assert [g["error"] is None for g in got] == [True, True, True, False, True, True, False]
 
 
 @pytest.mark.parametrize("args, message", [

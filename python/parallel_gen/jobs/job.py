@@ -332,6 +332,10 @@ def _skip_done(source: Source, sink: Sink, point: ResumePoint, job: RowJob) -> I
     input row, so a resume against another input fails instead of mixing two jobs."""
     rows = source.rows
     if point.rows_done == 0:
+        if point.last:  # a CSV header and no row yet: its columns are the ones written next
+            first, rows = _peek(rows, 1)
+            if first:
+                job.check_resume(point.last, sink.normalize(job.carried(first[0].fields)).keys())
         return rows
     last = None
     for last in itertools.islice(rows, point.rows_done):

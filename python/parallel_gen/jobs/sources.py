@@ -272,7 +272,8 @@ def _from_fields(row: int, where: str, fields: Dict[str, Any], columns: Columns,
     prompt = fields.get(columns.prompt)
     messages = fields.get(columns.messages) if columns.messages is not None else None
     if columns.messages is None and prompt is None:
-        out.error = f"{where}: no {columns.prompt!r} field (it has {list(fields)}): name it with {columns.option}"
+        out.error = (f"{where}: {columns.prompt!r} is missing or empty (the row has {list(fields)}): "
+                     f"name the field with {columns.option}")
     elif (prompt is None) == (messages is None):
         out.error = (f"{where}: give exactly one of {columns.prompt!r} or {columns.messages!r}"
                      + (" (both are set)" if prompt is not None else " (neither is set)"))
