@@ -149,6 +149,24 @@ def test_classify_probs_sum_to_one_and_match_score(smol_exact):
     assert result.probs[1, 1] > result.probs[0, 1]
 
 
+def test_a_path_opens_a_context_sized_to_the_work_and_shows_progress(smollm2_path, smol_exact, caplog, capfd):
+    with caplog.at_level("INFO", logger="parallel_gen"):
+        got = pg.classify(str(smollm2_path), REVIEWS, SENTIMENT, template=TEMPLATE, progress=True)
+    # the longest prompt plus the longest label, rounded up to 256; not the 4096 default
+    assert "n_ctx 256 sized to the work" in caplog.text, caplog.text
+    out, err = capfd.readouterr()
+    assert out == "" and f"{len(REVIEWS)}/{len(REVIEWS)}" in err and "tok/s" not in err
+    with pg.Model(smollm2_path, n_ctx=256) as same:  # the settings a path gets, but n_ctx
+        np.testing.assert_allclose(got.probs, pg.classify(same, REVIEWS, SENTIMENT, template=TEMPLATE).probs,
+                                   atol=1e-6)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="parallel_gen"):
+        s = pg.score(str(smollm2_path), ["word " * 300], [" end"], progress=False)
+    assert "n_ctx 512 sized to the work" in caplog.text and s[0][0].error is None
+    with pytest.raises(TypeError, match="progress must be"):
+        pg.classify(smol_exact, REVIEWS, SENTIMENT, progress="yes")
+
+
 def test_classify_alone_equals_among_64(smol_exact):
     subjects = ["movie", "hotel", "phone", "book", "restaurant", "concert", "laptop", "game"]
     verdicts = ["was great", "was awful", "was fine, nothing special", "changed my life",

@@ -18,7 +18,8 @@ import numpy as np
 
 from .generate import ModelLike, _open, _prompt_list
 from .model import Model
-from .scoring import ContinuationTokens, Score, ScoringJob, run_scoring, split_boundary
+from .progress import make_progress
+from .scoring import ContinuationTokens, JobsFor, Score, ScoringJob, run_scoring, split_boundary
 from .templates import ChatTemplate
 
 Template = Union[str, Callable[[str], str]]
@@ -82,7 +83,7 @@ class Classifications(_SequenceABC):
 
 def classify(model: ModelLike, texts: Union[str, Sequence[str]], labels: Sequence[str], *,
              template: Optional[Template] = None, chat: bool = False, system: Optional[str] = None,
-             normalize: str = "sum", chat_template: Optional[str] = None,
+             normalize: str = "sum", chat_template: Optional[str] = None, progress: Optional[bool] = None,
              request_id: Optional[str] = None) -> Classifications:
     """Classifies every text over ``labels`` with exact probabilities (no sampling).
 
@@ -105,6 +106,8 @@ def classify(model: ModelLike, texts: Union[str, Sequence[str]], labels: Sequenc
             labels less).
         chat_template: chat mode: None for the model's template, else Jinja text or a
             llama.cpp built-in name.
+        progress: a progress bar on stderr (texts classified); None shows it when stderr
+            is a terminal.
         request_id: a name for this call in log lines.
 
     Returns:
@@ -121,10 +124,18 @@ def classify(model: ModelLike, texts: Union[str, Sequence[str]], labels: Sequenc
     text_list = _prompt_list(texts)
     options = classify_options(labels, template=template, chat=chat, system=system, normalize=normalize,
                                chat_template=chat_template)
-    with _open(model) as m:
-        classifier = Classifier(m, options)
-        jobs = [classifier.job(t, f"texts[{i}]") for i, t in enumerate(text_list)]
-        scores = run_scoring(m, jobs, request_id=request_id)
+    bar = make_progress(progress, len(text_list))  # checks progress before the model loads
+    made: List[Classifier] = []  # the Classifier of the Model the jobs were built for
+
+    def build(m: Model) -> List[ScoringJob]:
+        made[:] = [Classifier(m, options)]
+        return [made[0].job(t, f"texts[{i}]") for i, t in enumerate(text_list)]
+
+    jobs_for = JobsFor(build)
+    with _open(model, jobs_for.n_ctx) as m, bar as on_step:
+        jobs = jobs_for(m)
+        classifier = made[0]
+        scores = run_scoring(m, jobs, request_id=request_id, on_step=on_step)
     items = [classifier.result(t, job, s) for t, job, s in zip(text_list, jobs, scores)]
     return Classifications(items, options.labels)
 

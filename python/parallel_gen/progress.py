@@ -11,8 +11,9 @@ import sys
 import time
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
-# Same shape as generate.StepCallback: (prompts finished, prompts in total, tokens so far).
-OnStep = Callable[[int, int, int], None]
+# Same shape as generate.StepCallback: (prompts finished, prompts in total, tokens
+# generated so far; None for work that generates none, such as scoring).
+OnStep = Callable[[int, int, Optional[int]], None]
 
 
 def make_progress(progress: Optional[bool], total: int) -> ContextManager[Optional[OnStep]]:
@@ -61,9 +62,11 @@ def _bar(tqdm: Any, total: int) -> Iterator[OnStep]:
     bar = tqdm(total=total, unit="prompt", file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
 
-    def on_step(n_finished: int, n_total: int, generated_tokens: int) -> None:
+    def on_step(n_finished: int, n_total: int, generated_tokens: Optional[int]) -> None:
         if n_finished > bar.n:
             bar.update(n_finished - bar.n)
+        if generated_tokens is None:
+            return
         elapsed = time.perf_counter() - t0
         rate = generated_tokens / elapsed if elapsed > 0 else 0.0
         # refresh=False: tqdm redraws at most every mininterval, not on every engine step.

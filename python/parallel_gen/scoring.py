@@ -19,14 +19,16 @@ import contextlib
 import math
 import queue
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from ._native import _core
 from .errors import GenerationError
-from .events import Cancelled, Closed, EngineEvent, Fatal, RequestDone, SequenceFinished, SequenceResult
+from .events import Cancelled, Closed, EngineEvent, Fatal, Progress, RequestDone, SequenceFinished, SequenceResult
 from .generate import (CANCELLED_MESSAGE, CLOSED_MESSAGE, ModelLike, Prompts, _open, _prompt_list, new_request_id,
                        next_event)
+from .memory import n_ctx_for_work
 from .model import Model
+from .progress import OnStep, make_progress
 from .runner import Item, Request
 
 Continuations = Union[Sequence[str], Sequence[Sequence[str]]]
@@ -62,13 +64,15 @@ class ScoringJob:
 
 
 def score(model: ModelLike, prompts: Prompts, continuations: Continuations, *,
-          request_id: Optional[str] = None) -> List[List[Score]]:
+          progress: Optional[bool] = None, request_id: Optional[str] = None) -> List[List[Score]]:
     """Scores every continuation after every prompt: log P(continuation | prompt).
 
     Args:
         model: a :class:`Model`, a path to a .gguf file, or a ``llama_cpp.Llama``.
         prompts: one prompt (str) or a sequence of prompts.
         continuations: one list of str scored after every prompt, or one list per prompt.
+        progress: a progress bar on stderr (prompts scored); None shows it when stderr is
+            a terminal.
         request_id: a name for this call in log lines.
 
     Returns:
@@ -83,14 +87,41 @@ def score(model: ModelLike, prompts: Prompts, continuations: Continuations, *,
     """
     prompt_list = _prompt_list(prompts)
     per_prompt = _continuation_lists(continuations, len(prompt_list))
-    with _open(model) as m:
+    bar = make_progress(progress, len(prompt_list))  # checks progress before the model loads
+
+    def build(m: Model) -> List[ScoringJob]:
         tokens = ContinuationTokens(m)
         jobs = []
         for i, (prompt, conts) in enumerate(zip(prompt_list, per_prompt)):
             ids = [tokens.get(split_boundary(prompt, c)[1], f"continuation {j} ({c!r}) of prompt {i}")
                    for j, c in enumerate(conts)]
             jobs.append(ScoringJob(split_boundary(prompt, "")[0], ids))
-        return run_scoring(m, jobs, request_id=request_id)
+        return jobs
+
+    jobs = JobsFor(build)
+    with _open(model, jobs.n_ctx) as m, bar as on_step:
+        return run_scoring(m, jobs(m), request_id=request_id, on_step=on_step)
+
+
+class JobsFor:
+    """The scoring jobs of a call, built once per Model; ``n_ctx`` sizes a Model opened
+    from a path to them (the longest prompt plus the longest continuation), not 4096."""
+
+    def __init__(self, build: Callable[[Model], List[ScoringJob]]) -> None:
+        self._build = build
+        self._model: Optional[Model] = None
+        self._jobs: List[ScoringJob] = []
+
+    def __call__(self, model: Model) -> List[ScoringJob]:
+        if self._model is not model:
+            self._jobs, self._model = self._build(model), model
+        return self._jobs
+
+    def n_ctx(self, model: Model) -> int:
+        jobs = self(model)
+        longest = max((len(model.tokenize(j.prompt)) for j in jobs), default=1)
+        longest_cont = max((len(c) for j in jobs for c in j.continuations), default=1)
+        return n_ctx_for_work(longest, longest_cont, complete=True, n_ctx_train=model.n_ctx_train)
 
 
 def split_boundary(prompt: str, continuation: str) -> Tuple[str, str]:
@@ -120,8 +151,10 @@ class ContinuationTokens:
         return ids
 
 
-def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[str] = None) -> List[List[Score]]:
-    """Scores validated jobs on the model's engine, sharing its batch with other callers."""
+def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[str] = None,
+                on_step: Optional[OnStep] = None) -> List[List[Score]]:
+    """Scores validated jobs on the model's engine, sharing its batch with other callers;
+    ``on_step(jobs done, jobs, None)`` after engine steps (a progress bar)."""
     runner = model._require_runner()
     _core.release_caller_openmp_threads()  # an idle team here would slow the engine's
     out: List[Optional[List[Score]]] = [None] * len(jobs)
@@ -136,14 +169,18 @@ def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[st
             continue
         items.append(item)
     events: "queue.SimpleQueue[EngineEvent]" = queue.SimpleQueue()
-    req = Request(request_id or new_request_id(), items, events.put)
+    req = Request(request_id or new_request_id(), items, events.put, ticks=on_step is not None)
     runner.submit(req)
     try:
         while True:
             event = next_event(events)
             if isinstance(event, SequenceFinished):
                 out[event.result.index] = job_scores(jobs[event.result.index], event.result)
+            elif isinstance(event, Progress) and on_step is not None:
+                on_step(len(jobs) - req.remaining, len(jobs), None)
             elif isinstance(event, RequestDone):
+                if on_step is not None:
+                    on_step(len(jobs), len(jobs), None)
                 break
             elif isinstance(event, Fatal):
                 raise GenerationError(f"llama.cpp failed while scoring: {event.message}", [])

@@ -34,6 +34,8 @@
 #' @param chat_template `NULL` (the model's own), Jinja template text, or a llama.cpp
 #'   built-in name such as `"chatml"` (needs `chat = TRUE`), for a model without a
 #'   template of its own.
+#' @param progress show a progress bar (texts classified, on stderr) when the Python
+#'   package tqdm is installed (a missing tqdm is said once per session).
 #' @return A data.frame with one row per text, in text order:
 #'   \describe{
 #'     \item{text}{the text.}
@@ -61,12 +63,13 @@
 #' }
 #' @export
 pg_classify <- function(model, texts, labels, template = NULL, chat = FALSE, system = NULL,
-                        normalize = c("sum", "mean"), chat_template = NULL) {
+                        normalize = c("sum", "mean"), chat_template = NULL, progress = interactive()) {
   model <- .check_model(model)
   texts <- .check_strings(texts, "texts")
   labels <- .check_labels(labels)
   prob_columns <- .prob_columns(labels)
   .check_flag(chat, "chat")
+  .check_flag(progress, "progress")
   for (name in c("system", "chat_template")) {
     value <- get(name)
     if (is.null(value)) next
@@ -75,7 +78,7 @@ pg_classify <- function(model, texts, labels, template = NULL, chat = FALSE, sys
   }
   if (!is.null(template) && !is.function(template)) .check_string(template, "template")
   normalize <- .check_choice(normalize, c("sum", "mean"), "normalize")
-  kwargs <- c(list(chat = chat, normalize = normalize),
+  kwargs <- c(list(chat = chat, normalize = normalize, progress = .progress_bar(progress)),
               if (!is.null(template)) list(template = template),
               if (!is.null(system)) list(system = system),
               if (!is.null(chat_template)) list(chat_template = chat_template))

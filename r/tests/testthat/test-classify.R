@@ -101,6 +101,13 @@ test_that("edge cases: no texts, factors, one label, labels named like the fixed
   expect_true(is.na(clash$error))
 })
 
+test_that("a progress bar leaves the result unchanged", {
+  m <- test_model()
+  texts <- c("I loved it.", "Awful.")
+  with_bar <- pg_classify(m, texts, c("positive", "negative"), progress = TRUE)  # or a note: no tqdm
+  expect_equal(with_bar, pg_classify(m, texts, c("positive", "negative"), progress = FALSE), tolerance = 1e-12)
+})
+
 test_that("bad arguments are R errors naming the argument, before any work", {
   m <- test_model()
   arg_error <- function(expr, pattern) {
@@ -118,6 +125,7 @@ test_that("bad arguments are R errors naming the argument, before any work", {
   arg_error(pg_classify(m, c("a", NA), "pos"), "texts[2] is NA")
   arg_error(pg_classify(m, "x", "pos", normalize = "max"), "`normalize` must be one of \"sum\", \"mean\"")
   arg_error(pg_classify(m, "x", "pos", chat = NA), "`chat` must be TRUE or FALSE")
+  arg_error(pg_classify(m, "x", "pos", progress = "yes"), "`progress` must be TRUE or FALSE")
   arg_error(pg_classify(m, "x", "pos", system = "Be brief."), "`system` needs `chat = TRUE`")
   arg_error(pg_classify(m, "x", "pos", chat_template = "chatml"), "`chat_template` needs `chat = TRUE`")
   arg_error(pg_classify(m, "x", "pos", template = 3), "`template` must be one non-empty string")
