@@ -248,6 +248,8 @@ def test_classify_argument_errors(smol_exact):
         pg.classify(smol_exact, ["t"], ["a"], template="Label:")
     with pytest.raises(ValueError, match="system= needs chat=True"):
         pg.classify(smol_exact, ["t"], ["a"], system="be brief")
+    with pytest.raises(ValueError, match="chat_template= needs chat=True"):
+        pg.classify(smol_exact, ["t"], ["a"], chat_template="chatml")
     with pytest.raises(TypeError, match="template"):
         pg.classify(smol_exact, ["t"], ["a"], template=3)
     with pytest.raises(ValueError, match="not valid Unicode"):

@@ -170,6 +170,8 @@ def classify_options(labels: Sequence[str], *, template: Optional[Template] = No
         raise TypeError(f"system must be a str, got {type(system).__name__}")
     if system is not None and not chat:
         raise ValueError("system= needs chat=True: a plain prompt has no system turn (put it in template)")
+    if chat_template is not None and not chat:
+        raise ValueError("chat_template= needs chat=True: a plain prompt is not rendered through a chat template")
     fmt = _formatter(template, DEFAULT_CHAT_TEMPLATE if chat else DEFAULT_TEMPLATE, label_list)
     return ClassifyOptions(label_list, fmt, chat, system, normalize, chat_template)
 
