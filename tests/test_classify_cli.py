@@ -220,6 +220,14 @@ def test_bad_arguments_exit_2_with_a_message_naming_the_flag(args, message, tmp_
     assert not out.exists()  # nothing written before the arguments are checked
 
 
+def test_json_lines_without_the_text_field_are_an_error_not_texts(tmp_path):
+    src, out = tmp_path / "in.txt", tmp_path / "out.jsonl"  # no telling extension: auto-detected
+    src.write_text('{"review": "Great."}\n{"review": "Bad."}\n')
+    r = classify_cli("-f", src, "-o", out, "--labels", "yes,no", *CLI_MODEL)
+    assert r.returncode == 2 and not out.exists(), r.stderr
+    assert "without a 'text' field (its fields: 'review')" in r.stderr and "--text-column" in r.stderr
+
+
 def test_existing_output_is_protected(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text("precious\n")

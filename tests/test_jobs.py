@@ -333,8 +333,15 @@ def test_jsonl_on_stdin_is_detected(smol):
     r = cli("-", "-n", 2, "--temperature", 0, *CLI_MODEL, stdin='{"messages": [{"role": "user", "content": "Hi"}]}\n')
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["messages"][0]["content"] == "Hi"
-    # Text that merely looks like JSON stays text.
-    r = cli("-n", 1, "--temperature", 0, *CLI_MODEL, stdin='{"note": 1}\n')
+    # A JSON object without the field is not silently generated for as text: an error that
+    # says what to do, before any work; the prompt field named, or text asked for, it runs.
+    r = cli("-n", 1, "--temperature", 0, *CLI_MODEL, stdin='{"note": "Hi"}\n')
+    assert r.returncode == 2 and r.stdout == "", r
+    assert "JSON object without a 'prompt' or 'messages' field" in r.stderr and "'note'" in r.stderr
+    assert "--prompt-column" in r.stderr and "--input-format text" in r.stderr
+    r = cli("-n", 1, "--temperature", 0, "--prompt-column", "note", *CLI_MODEL, stdin='{"note": "Hi"}\n')
+    assert r.returncode == 0 and json.loads(r.stdout)["text"] == greedy(smol, ["Hi"], 1)[0], r.stderr
+    r = cli("-n", 1, "--temperature", 0, "--input-format", "text", *CLI_MODEL, stdin='{"note": 1}\n')
     assert json.loads(r.stdout)["prompt"] == '{"note": 1}'
 
 

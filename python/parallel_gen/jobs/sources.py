@@ -76,10 +76,12 @@ def open_source(path: Optional[str], input_format: "str | InputFormat" = "auto",
 
     "auto" picks the format from the extension; without a telling one (stdin, say) the
     source is JSONL when its first non-blank line is a JSON object with the prompt or
-    messages field, else text.
+    messages field, else text. A first line that is a JSON object without them is an
+    error, not text: each JSON line would silently become a prompt.
 
     Raises:
-        JobInputError: the file cannot be opened, or the format needs a missing library.
+        JobInputError: the file cannot be opened, the format needs a missing library, or
+            "auto" found a JSON object without the prompt or messages field.
     """
     name = "<stdin>" if path in (None, STDIN) else os.fspath(path)  # type: ignore[arg-type]
     fmt = input_format_for(None if path is None else os.fspath(path), input_format)
@@ -98,7 +100,11 @@ def open_source(path: Optional[str], input_format: "str | InputFormat" = "auto",
         close = raw.close
     lines: Iterator[bytes] = iter(raw)
     if fmt is InputFormat.AUTO:
-        fmt, lines = _sniff(lines, columns)
+        try:
+            fmt, lines = _sniff(lines, columns, name)
+        except JobInputError:
+            close()
+            raise
     total = None
     # A second pass over a regular file only: a pipe (-f <(...)) can be read once.
     if count_rows and os.path.isfile(name) and fmt in (InputFormat.TEXT, InputFormat.JSONL):
@@ -107,7 +113,7 @@ def open_source(path: Optional[str], input_format: "str | InputFormat" = "auto",
     return Source(name, fmt, readers[fmt](lines, name, columns), total, close)
 
 
-def _sniff(lines: Iterator[bytes], columns: Columns) -> "tuple[InputFormat, Iterator[bytes]]":
+def _sniff(lines: Iterator[bytes], columns: Columns, name: str) -> "tuple[InputFormat, Iterator[bytes]]":
     """Reads up to the first non-blank line and puts what it read back in front."""
     seen: List[bytes] = []
     fmt = InputFormat.TEXT
@@ -120,6 +126,11 @@ def _sniff(lines: Iterator[bytes], columns: Columns) -> "tuple[InputFormat, Iter
                 obj = None
             if isinstance(obj, dict) and columns.present(obj):
                 fmt = InputFormat.JSONL
+            elif isinstance(obj, dict):
+                fields = ", ".join(map(repr, list(obj)[:8])) or "none"
+                raise JobInputError(f"{name}: the first line is a JSON object without a {columns.wanted()} field "
+                                    f"(its fields: {fields}): name the field with {columns.option}, or give "
+                                    f"--input-format text (input_format='text') to use each line as it is")
             break
     return fmt, itertools.chain(seen, lines)
 
