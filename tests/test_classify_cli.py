@@ -221,7 +221,7 @@ def test_bad_arguments_exit_2_with_a_message_naming_the_flag(args, message, tmp_
 
 
 def test_json_lines_without_the_text_field_are_an_error_not_texts(tmp_path):
-    src, out = tmp_path / "in.txt", tmp_path / "out.jsonl"  # no telling extension: auto-detected
+    src, out = tmp_path / "reviews", tmp_path / "out.jsonl"  # no telling extension: auto-detected
     src.write_text('{"review": "Great."}\n{"review": "Bad."}\n')
     r = classify_cli("-f", src, "-o", out, "--labels", "yes,no", *CLI_MODEL)
     assert r.returncode == 2 and not out.exists(), r.stderr
