@@ -46,7 +46,6 @@ struct Engine::Sequence {
     bool wants_logits(int32_t pos) const {
         return pos + 1 == static_cast<int32_t>(tokens.size()) || (scorer && pos + 1 >= n_prompt);
     }
-    bool queued() const { return state == SeqState::Waiting || state == SeqState::Paused; }
     // In a slot and holding KV: its tokens go into the batch.
     bool running() const {
         return state == SeqState::Prefilling || state == SeqState::Generating || state == SeqState::Scoring;
