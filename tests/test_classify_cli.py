@@ -228,6 +228,26 @@ def test_json_lines_without_the_text_field_are_an_error_not_texts(tmp_path):
     assert "without a 'text' field (its fields: 'review')" in r.stderr and "--text-column" in r.stderr
 
 
+def test_a_base_model_classifies_in_chat_mode_with_a_chat_template_flag(gemma3_path, tmp_path):
+    """Gemma 3 270M has no chat template: --chat alone fails before any row; a built-in
+    template named by --chat-template (which implies --chat) gives pg.classify's results."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"text": t} for t in texts(3)])
+    base = ["-f", src, "-o", out, "--labels", "positive,negative", "-m", gemma3_path, *CLI_MODEL[:-4]]
+    r = classify_cli(*base, "--chat")
+    assert r.returncode == 2 and "chat template" in r.stderr and "--chat-template" in r.stderr, r.stderr
+    assert not out.exists() or out.read_text() == ""
+    r = classify_cli(*base, "--overwrite", "--chat-template", "chatml")
+    assert r.returncode == 0, r.stderr
+    with pg.Model(gemma3_path, n_parallel=4, n_ctx=256, n_threads=1) as m:
+        want = pg.classify(m, texts(3), ["positive", "negative"], chat=True, chat_template="chatml")
+    got = read_jsonl(out)
+    for row, exp in zip(got, want):
+        # Gemma's CPU kernels are not batch-size invariant (README): close, not equal
+        assert row["p_positive"] == pytest.approx(exp.probs["positive"], abs=0.05)
+        assert row["p_positive"] + row["p_negative"] == pytest.approx(1.0, abs=1e-9)
+
+
 def test_existing_output_is_protected(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text("precious\n")

@@ -194,6 +194,15 @@ def _job_source(args: argparse.Namespace, columns: "Any", noun: str = "prompts")
     return open_source(path, args.input_format, columns)
 
 
+def _add_chat_template_options(p: argparse.ArgumentParser) -> None:
+    t = p.add_mutually_exclusive_group()
+    t.add_argument("--chat-template", metavar="TEMPLATE",
+                   help="Jinja template text or a llama.cpp built-in name such as chatml (default: the model's; "
+                        "implies --chat)")
+    t.add_argument("--chat-template-file", metavar="FILE",
+                   help="read the Jinja chat template from a file (implies --chat)")
+
+
 def _chat_template_arg(args: argparse.Namespace) -> Optional[str]:
     if args.chat_template_file is None:
         return args.chat_template
@@ -277,7 +286,8 @@ def _classify(args: argparse.Namespace) -> int:
     if args.template_file is not None:
         template = _read_arg_file("--template-file", args.template_file)
     try:
-        job = classify_job(labels, template=template, chat=args.chat, system=args.system, normalize=args.normalize)
+        job = classify_job(labels, template=template, chat=args.chat, system=args.system, normalize=args.normalize,
+                           chat_template=_chat_template_arg(args))
     except (TypeError, ValueError) as e:  # the labels are fine: the template is not
         which = "--template-file" if args.template_file is not None else "--template"
         raise InputError(f"{which}: {e}") from None
@@ -430,12 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true",
                    help="send each plain prompt as a user message through the model's chat template")
     g.add_argument("--system", metavar="TEXT", help="system message for every plain prompt (implies --chat)")
-    t = g.add_mutually_exclusive_group()
-    t.add_argument("--chat-template", metavar="TEMPLATE",
-                   help="Jinja template text or a llama.cpp built-in name such as chatml (default: the model's; "
-                        "implies --chat)")
-    t.add_argument("--chat-template-file", metavar="FILE",
-                   help="read the Jinja chat template from a file (implies --chat)")
+    _add_chat_template_options(g)
     _add_job_output_options(g, ["auto", "jsonl", "csv", "parquet", "text"],
                             "output rows: the input's fields + row, text, finish_reason, stop_reason, "
                             "prompt_tokens, completion_tokens, error (jsonl, csv, parquet), or the texts alone "
@@ -480,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put the prompt in a user turn through the model's chat template and score each label "
                         "as the assistant's whole answer")
     c.add_argument("--system", metavar="TEXT", help="system message (implies --chat)")
+    _add_chat_template_options(c)
     c.add_argument("--normalize", choices=["sum", "mean"], default="sum",
                    help="softmax over the labels' total log-likelihoods (sum) or per-token means (mean) "
                         "(default: sum)")

@@ -61,7 +61,8 @@ class ChatTemplate:
             if template is None:
                 raise ValueError(
                     f"the model {model.description!r} ({model.path}) has no chat template (it is probably a base "
-                    "model, not a chat model): pass chat_template= with Jinja template text or a llama.cpp "
+                    "model, not a chat model): pass chat_template= (--chat-template on the command line) with Jinja "
+                    "template text or a llama.cpp "
                     "built-in name such as 'chatml', 'gemma' or 'llama3' (all: "
                     "parallel_gen.templates.builtin_templates()), or use generate_parallel with plain prompts"
                 )
