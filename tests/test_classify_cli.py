@@ -86,9 +86,10 @@ def test_jsonl_in_and_out_equal_classify_in_process(smol, tmp_path):
     assert_probabilities(got, expected, LABELS)
     assert {g["label"] for g in got} >= {"positive", "negative"}  # the texts are not all one label
 
-    # The same texts as arguments, JSONL on stdout.
-    r = classify_cli("--labels", ",".join(LABELS), *items[:3], *CLI_MODEL)
+    # The same texts as arguments, JSONL on stdout, with the job's statistics on stderr.
+    r = classify_cli("--labels", ",".join(LABELS), *items[:3], "--stats", *CLI_MODEL)
     assert r.returncode == 0, r.stderr
+    assert "3 rows (3 written, 0 failed)" in r.stderr and "rows/s" in r.stderr and "generated" not in r.stderr
     assert_probabilities([json.loads(line) for line in r.stdout.splitlines()], expected[:3], LABELS)
 
 

@@ -491,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: sum)")
     _add_job_output_options(c, ["auto", "jsonl", "csv", "parquet"],
                             "output rows (default: by the extension of --output, else jsonl)")
+    c.add_argument("--stats", action="store_true", help="print the job's statistics to stderr")
     _add_progress_option(c)
     _add_model_options(c, "sequences decoded together (default: min(8, number of rows when known))")
     c.set_defaults(func=_classify)

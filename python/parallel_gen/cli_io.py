@@ -30,6 +30,10 @@ def resume_command(argv: List[str]) -> str:
 def print_summary(s: JobSummary, out: IO[str]) -> None:
     """The --stats line of a job."""
     resumed = f", {s.skipped} already done" if s.skipped else ""
-    print(f"{s.rows} rows ({s.written} written{resumed}, {s.failed} failed), {s.prompt_tokens} prompt + "
-          f"{s.completion_tokens} generated tokens in {s.seconds:.2f} s: {s.tokens_per_second:.0f} generated "
-          f"tok/s; n_ctx {s.n_ctx}", file=out)
+    if s.completion_tokens:
+        work = (f"{s.prompt_tokens} prompt + {s.completion_tokens} generated tokens in {s.seconds:.2f} s: "
+                f"{s.tokens_per_second:.0f} generated tok/s")
+    else:  # nothing generated (classify): rows per second
+        rate = s.written / s.seconds if s.seconds > 0 else 0.0
+        work = f"{s.prompt_tokens} prompt tokens in {s.seconds:.2f} s: {rate:.1f} rows/s"
+    print(f"{s.rows} rows ({s.written} written{resumed}, {s.failed} failed), {work}; n_ctx {s.n_ctx}", file=out)
