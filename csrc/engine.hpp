@@ -1,10 +1,12 @@
 // The batch engine: slots, admission, one llama_batch per step, decode with the
 // failure policy, sampling and finishing. Python drives it one step() at a time.
 //
-// A sequence's life is an explicit state (SeqState below), changed in few places:
+// A sequence's life is an explicit state (SeqState in engine.cpp), changed in few places:
 //   Waiting --admit--> Prefilling --last prompt logits--> Generating --stop/length--> Done
 //                                                    \--> Scoring (continuations) --> Done
 //   Prefilling | Generating | Scoring --pause (no KV room)--> Paused --admit--> Prefilling
+//   Scoring --sliding window too short to roll back--> Prefilling (the prompt again)
+//   any state --error (submit's checks, no room alone, a fatal decode)--> Done
 // A prompt shared by several waiting sequences is a SharedPrefix: decoded once into a
 // sequence id of its own and copied into each user's KV on admission.
 // What happens when llama_decode fails is decided in one function, Engine::recover.
