@@ -76,10 +76,7 @@ pg_classify <- function(model, texts, labels, template = NULL, chat = FALSE, sys
     .check_string(value, name)
     if (!chat) .arg_error(sprintf("`%s` needs `chat = TRUE` (a plain prompt has no chat turns)", name))
   }
-  if (!is.null(template) && !is.function(template)) .check_string(template, "template")
-  normalize <- .check_choice(normalize, c("sum", "mean"), "normalize")
-  kwargs <- c(list(chat = chat, normalize = normalize, progress = .progress_bar(progress)),
-              if (!is.null(template)) list(template = template),
+  kwargs <- c(list(chat = chat, progress = .progress_bar(progress)), .prompt_kwargs(template, normalize),
               if (!is.null(system)) list(system = system),
               if (!is.null(chat_template)) list(chat_template = chat_template))
   result <- .py_call(.pg_attr("classify"), list(model, as.list(texts), as.list(labels)), kwargs)
@@ -109,6 +106,14 @@ pg_classify <- function(model, texts, labels, template = NULL, chat = FALSE, sys
                        encodeString(labels[[dup]], quote = "\""), match(labels[[dup]], labels)))
   }
   labels
+}
+
+# `template` and `normalize` of pg_classify() and pg_classify_file(), checked, as Python
+# keyword arguments (a NULL template left out: Python's default prompt).
+.prompt_kwargs <- function(template, normalize) {
+  if (!is.null(template) && !is.function(template)) .check_string(template, "template")
+  c(list(normalize = .check_choice(normalize, c("sum", "mean"), "normalize")),
+    if (!is.null(template)) list(template = template))
 }
 
 # A label's probability column is named by the label, unless that is a fixed column's name.

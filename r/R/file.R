@@ -58,27 +58,42 @@ pg_generate_file <- function(model, input, output, max_tokens = 128L, temperatur
                              system = NULL, chat_template = NULL, model_options = NULL,
                              progress = interactive()) {
   model <- .check_model(model)
-  for (name in c("input", "output", "input_format", "output_format", "prompt_column", "messages_column")) {
-    .check_string(get(name), name)
-  }
-  for (name in c("system", "chat_template")) {
-    if (!is.null(get(name))) .check_string(get(name), name)
-  }
-  for (name in c("resume", "overwrite", "chat", "progress")) .check_flag(get(name), name)
+  job <- .file_job_args(input, output, input_format, output_format,
+                        list(prompt_column = prompt_column, messages_column = messages_column),
+                        resume, overwrite, chat, system, chat_template, model_options, progress)
+  kwargs <- c(.sampling_kwargs(max_tokens, temperature, seed, stop, list(...)), job$kwargs)
+  .run_file_job("run_file_job", model, job$paths, kwargs = kwargs)
+}
+
+# The arguments every file job (pg_generate_file(), pg_classify_file()) takes, checked:
+# list(paths = its input and output, paths expanded ("-" is stdin / stdout), kwargs = the
+# Python keyword arguments, NULLs left out so Python's defaults apply). `columns`: the
+# job's input-column arguments, by name.
+.file_job_args <- function(input, output, input_format, output_format, columns, resume, overwrite, chat,
+                           system, chat_template, model_options, progress) {
+  strings <- c(list(input = input, output = output, input_format = input_format, output_format = output_format),
+               columns)
+  for (name in names(strings)) .check_string(strings[[name]], name)
+  optional <- list(system = system, chat_template = chat_template)
+  for (name in names(optional)) if (!is.null(optional[[name]])) .check_string(optional[[name]], name)
+  flags <- list(resume = resume, overwrite = overwrite, chat = chat, progress = progress)
+  for (name in names(flags)) .check_flag(flags[[name]], name)
   if (!is.null(model_options) && (!is.list(model_options) || is.data.frame(model_options))) {
     .arg_error(sprintf("`model_options` must be NULL or a named list, got %s", .describe(model_options)))
   }
   path <- function(p) if (identical(p, "-")) p else path.expand(p)
-  kwargs <- c(.sampling_kwargs(max_tokens, temperature, seed, stop, list(...)),
-              list(input_format = input_format, output_format = output_format, prompt_column = prompt_column,
-                   messages_column = messages_column, resume = resume, overwrite = overwrite, chat = chat,
-                   progress = .progress_bar(progress)),
-              if (!is.null(system)) list(system = system),
-              if (!is.null(chat_template)) list(chat_template = chat_template),
-              if (!is.null(model_options)) list(model_options = .py_kwargs(model_options)))
+  list(paths = list(path(input), path(output)),
+       kwargs = c(list(input_format = input_format, output_format = output_format), columns,
+                  list(resume = resume, overwrite = overwrite, chat = chat, progress = .progress_bar(progress)),
+                  optional[!vapply(optional, is.null, logical(1))],
+                  if (!is.null(model_options)) list(model_options = .py_kwargs(model_options))))
+}
+
+# Runs parallel_gen.jobs.<job>(model, input, output, *args, **kwargs); its JobSummary as
+# a one-row data.frame (a None field is NA).
+.run_file_job <- function(job, model, paths, args = list(), kwargs = list()) {
   jobs <- .import_or_explain("parallel_gen.jobs")
-  summary <- .py_call(reticulate::py_get_attr(jobs, "run_file_job"), list(model, path(input), path(output)),
-                      kwargs)
+  summary <- .py_call(reticulate::py_get_attr(jobs, job), c(list(model), paths, args), kwargs)
   row <- .helpers()$job_summary(summary)
   as.data.frame(lapply(row, function(v) if (is.null(v)) NA else v), stringsAsFactors = FALSE)
 }

@@ -24,6 +24,22 @@ test_model <- function() {
   .test_state$model
 }
 
+# A fresh directory for a file job's input and output.
+job_dir <- function() {
+  dir <- tempfile("pg-job-")
+  dir.create(dir)
+  dir
+}
+
+# <dir>/<name>: a CSV with an `id` column ("<id_prefix>-1", ...) and `texts` in `column`.
+write_id_csv <- function(dir, name, column, texts, id_prefix) {
+  path <- file.path(dir, name)
+  rows <- data.frame(id = sprintf("%s-%d", id_prefix, seq_along(texts)), stringsAsFactors = FALSE)
+  rows[[column]] <- texts
+  write.csv(rows, path, row.names = FALSE)
+  path
+}
+
 # The condition an expression signals (NULL when none), whatever testthat edition.
 catch_error <- function(expr) tryCatch({
   expr

@@ -135,3 +135,97 @@ test_that("bad arguments are R errors naming the argument, before any work", {
   expect_error(pg_classify(m, "x", "pos", template = function(text) c("a", "b")), "must return a str",
                class = "pg_TypeError")
 })
+
+# pg_classify_file(): Python's parallel_gen.jobs.classify_file from R.
+
+file_reviews <- c(reviews, "Best purchase I have made all year.", "It broke after two days.")
+
+write_reviews <- function(dir) write_id_csv(dir, "reviews.csv", "review", file_reviews, "r")
+
+test_that("pg_classify_file: one row per input row, ids carried, p_<label> columns equal to pg_classify's", {
+  m <- test_model()
+  dir <- job_dir()
+  output <- file.path(dir, "labels.csv")
+  s <- pg_classify_file(m, write_reviews(dir), output, sentiments, text_column = "review", progress = FALSE)
+  expect_s3_class(s, "data.frame")
+  expect_identical(c(s$rows, s$written, s$skipped, s$failed, s$completion_tokens), c(5L, 5L, 0L, 0L, 0L))
+  expect_true(s$prompt_tokens > 0L)
+  out <- read.csv(output, stringsAsFactors = FALSE)
+  p_cols <- paste0("p_", sentiments)
+  expect_named(out, c("id", "review", "row", "label", p_cols, "error"))
+  expect_identical(out$id, sprintf("r-%d", 1:5))
+  expect_identical(out$review, file_reviews)
+  expect_identical(out$row, 0:4)
+  expect_true(all(is.na(out$error)))
+  direct <- pg_classify(m, file_reviews, sentiments)
+  expect_equal(unname(as.matrix(out[, p_cols])), prob_matrix(direct, sentiments), tolerance = 1e-9)
+  expect_identical(out$label, direct$label)
+
+  # the same options reach Python: chat with a system message and normalize = "mean"
+  sys <- "You label the sentiment of reviews."
+  chat_out <- file.path(dir, "chat.jsonl")
+  pg_classify_file(m, write_reviews(dir), chat_out, c("positive", "negative"), text_column = "review",
+                   system = sys, normalize = "mean", progress = FALSE)
+  rows <- lapply(readLines(chat_out), reticulate::import("json")$loads)
+  chat_direct <- pg_classify(m, file_reviews, c("positive", "negative"), chat = TRUE, system = sys,
+                             normalize = "mean")
+  expect_equal(t(vapply(rows, function(r) c(r$p_positive, r$p_negative), c(0, 0))),
+               prob_matrix(chat_direct, c("positive", "negative")), tolerance = 1e-9)
+})
+
+test_that("pg_classify_file: a cut job resumes to the full run; an existing output is protected", {
+  m <- test_model()
+  dir <- job_dir()
+  input <- write_reviews(dir)
+  output <- file.path(dir, "labels.csv")
+  pg_classify_file(m, input, output, sentiments, text_column = "review", progress = FALSE)
+  full <- readLines(output)
+  expect_length(full, 6L)  # the header and 5 rows (no text holds a newline)
+
+  writeLines(full[1:3], output)  # the header and two rows: a job stopped part way
+  s <- pg_classify_file(m, input, output, sentiments, text_column = "review", resume = TRUE, progress = FALSE)
+  expect_identical(c(s$rows, s$written, s$skipped), c(5L, 3L, 2L))
+  expect_identical(readLines(output), full)
+
+  e <- catch_error(pg_classify_file(m, input, output, sentiments, text_column = "review", progress = FALSE))
+  expect_s3_class(e, c("pg_JobInputError", "pg_python_error"))
+  expect_match(conditionMessage(e), "overwrite", fixed = TRUE)
+  expect_identical(readLines(output), full)  # untouched
+  e <- catch_error(pg_classify_file(m, input, output, c("good", "bad"), text_column = "review", resume = TRUE,
+                                    progress = FALSE))
+  expect_s3_class(e, "pg_JobInputError")  # written with other labels: not resumable
+  expect_match(conditionMessage(e), "other --labels", fixed = TRUE)
+  expect_identical(readLines(output), full)
+})
+
+test_that("pg_classify_file: a row without text is an error row; bad arguments stop before any file", {
+  m <- test_model()
+  dir <- job_dir()
+  input <- write_id_csv(dir, "in.csv", "text", c(reviews[1], "", reviews[2]), "t")
+  s <- pg_classify_file(m, input, file.path(dir, "out.csv"), c("positive", "negative"), progress = FALSE)
+  expect_identical(c(s$rows, s$failed), c(3L, 1L))
+  out <- read.csv(file.path(dir, "out.csv"), stringsAsFactors = FALSE, na.strings = "")  # CSV: None is ""
+  expect_match(out$error[2], "'text' is missing or empty", fixed = TRUE)
+  expect_true(all(is.na(c(out$label[2], out$p_positive[2], out$p_negative[2]))))
+  expect_true(all(is.na(out$error[c(1, 3)])))
+  expect_identical(out$label[c(1, 3)], c("positive", "negative"))
+
+  output <- file.path(dir, "never.csv")
+  arg_error <- function(expr, pattern) {
+    expect_error(expr, pattern, fixed = TRUE, class = "pg_argument_error")
+  }
+  arg_error(pg_classify_file(m, input, output, character(0)), "`labels` is empty")
+  arg_error(pg_classify_file(m, input, output, c("pos", "neg", "pos")), "labels[3] (\"pos\") repeats labels[1]")
+  arg_error(pg_classify_file(m, input, output, c("pos", NA)), "labels[2] is NA")
+  arg_error(pg_classify_file(m, input, output, 1:2), "`labels` must be a character vector")
+  arg_error(pg_classify_file(m, input, output, "pos", text_column = ""), "`text_column` must be one non-empty")
+  arg_error(pg_classify_file(m, input, output, "pos", normalize = "max"), "`normalize` must be one of")
+  arg_error(pg_classify_file(m, input, output, "pos", template = 3), "`template` must be one non-empty string")
+  arg_error(pg_classify_file(m, input, output, "pos", resume = NA), "`resume` must be TRUE or FALSE")
+  arg_error(pg_classify_file(m, NA_character_, output, "pos"), "`input` must be one non-empty string")
+  expect_error(pg_classify_file(m, input, output, "pos", template = "no field", progress = FALSE),
+               "has no {text} field", fixed = TRUE, class = "pg_ValueError")
+  expect_error(pg_classify_file(m, input, output, "pos", text_column = "review", progress = FALSE),
+               "review", class = "pg_JobInputError")
+  expect_false(file.exists(output))
+})

@@ -3,17 +3,11 @@
 file_prompts <- c("one, two, three", "The capital of France is", "red, green, blue", "Monday, Tuesday",
                   "The best way to learn is", "1 + 1 =")
 
-write_input <- function(dir) {
-  input <- file.path(dir, "in.csv")
-  write.csv(data.frame(id = sprintf("doc-%d", seq_along(file_prompts)), prompt = file_prompts,
-                       stringsAsFactors = FALSE), input, row.names = FALSE)
-  input
-}
+write_input <- function(dir) write_id_csv(dir, "in.csv", "prompt", file_prompts, "doc")
 
 test_that("pg_generate_file writes one row per input row, in order, fields carried, texts as pg_generate's", {
   m <- test_model()
-  dir <- tempfile("pg-file-")
-  dir.create(dir)
+  dir <- job_dir()
   input <- write_input(dir)
   output <- file.path(dir, "out.csv")
   s <- pg_generate_file(m, input, output, max_tokens = 6, temperature = 0, progress = FALSE)
@@ -36,8 +30,7 @@ test_that("pg_generate_file writes one row per input row, in order, fields carri
 
 test_that("an existing output is protected; overwrite replaces it, resume finishes a cut job", {
   m <- test_model()
-  dir <- tempfile("pg-file-")
-  dir.create(dir)
+  dir <- job_dir()
   input <- write_input(dir)
   output <- file.path(dir, "out.jsonl")  # one line per row (a CSV field may hold newlines)
   pg_generate_file(m, input, output, max_tokens = 4, temperature = 0, progress = FALSE)
@@ -62,8 +55,7 @@ test_that("an existing output is protected; overwrite replaces it, resume finish
 
 test_that("pg_generate_file: JSONL and text, a model path, per-row errors, argument errors", {
   m <- test_model()
-  dir <- tempfile("pg-file-")
-  dir.create(dir)
+  dir <- job_dir()
   text_in <- file.path(dir, "prompts.txt")
   writeLines(file_prompts[1:3], text_in)
   jsonl_out <- file.path(dir, "out.jsonl")
