@@ -34,6 +34,5 @@ def print_summary(s: JobSummary, out: IO[str]) -> None:
         work = (f"{s.prompt_tokens} prompt + {s.completion_tokens} generated tokens in {s.seconds:.2f} s: "
                 f"{s.tokens_per_second:.0f} generated tok/s")
     else:  # nothing generated (classify): rows per second
-        rate = s.written / s.seconds if s.seconds > 0 else 0.0
-        work = f"{s.prompt_tokens} prompt tokens in {s.seconds:.2f} s: {rate:.1f} rows/s"
+        work = f"{s.prompt_tokens} prompt tokens in {s.seconds:.2f} s: {s.rows_per_second:.1f} rows/s"
     print(f"{s.rows} rows ({s.written} written{resumed}, {s.failed} failed), {work}; n_ctx {s.n_ctx}", file=out)

@@ -39,7 +39,7 @@
 #' @return A one-row data.frame, the job's summary, as [pg_generate_file()]'s: `output`,
 #'   `rows`, `written`, `skipped` (already there, with `resume`), `failed` (rows written
 #'   with an error), `prompt_tokens` (the texts' prompts), `completion_tokens` (0: nothing
-#'   is generated), `seconds`, `tokens_per_second`, `n_ctx` and `interrupted`. Bad
+#'   is generated), `seconds`, `tokens_per_second`, `rows_per_second`, `n_ctx` and `interrupted`. Bad
 #'   arguments (labels as for [pg_classify()]) are R errors of class `pg_argument_error`,
 #'   and an existing output without `resume` or `overwrite`, or one written with other
 #'   labels, an error of class `pg_JobInputError`, all before any row is written.

@@ -42,7 +42,7 @@
 #' @return A one-row data.frame, the job's summary: `output`, `rows` (rows in the output
 #'   now), `written` (by this call), `skipped` (already there, with `resume`), `failed`
 #'   (rows written with an error), `prompt_tokens`, `completion_tokens`, `seconds`,
-#'   `tokens_per_second`, `n_ctx` and `interrupted`.
+#'   `tokens_per_second`, `rows_per_second`, `n_ctx` and `interrupted`.
 #' @examples
 #' \dontrun{
 #' model <- pg_model(n_parallel = 16)

@@ -63,8 +63,13 @@ class JobSummary:
 
     @property
     def tokens_per_second(self) -> float:
-        """Generated tokens per second of wall time, this run."""
+        """Generated tokens per second of wall time, this run (0 for classify jobs)."""
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def rows_per_second(self) -> float:
+        """Rows written per second of wall time, this run."""
+        return self.written / self.seconds if self.seconds > 0 else 0.0
 
 
 class JobInterrupted(KeyboardInterrupt):

@@ -71,8 +71,9 @@ def stats(result):
 
 
 def job_summary(summary):
-    """A JobSummary as a dict of its fields, tokens_per_second included."""
-    return dict(dataclasses.asdict(summary), tokens_per_second=summary.tokens_per_second)
+    """A JobSummary as a dict of its fields, tokens_per_second and rows_per_second included."""
+    return dict(dataclasses.asdict(summary), tokens_per_second=summary.tokens_per_second,
+                rows_per_second=summary.rows_per_second)
 
 
 def classifications(result):

@@ -149,6 +149,8 @@ test_that("pg_classify_file: one row per input row, ids carried, p_<label> colum
   s <- pg_classify_file(m, write_reviews(dir), output, sentiments, text_column = "review", progress = FALSE)
   expect_s3_class(s, "data.frame")
   expect_identical(c(s$rows, s$written, s$skipped, s$failed, s$completion_tokens), c(5L, 5L, 0L, 0L, 0L))
+  expect_equal(s$rows_per_second, s$written / s$seconds, tolerance = 1e-9)  # not the 0 tokens/s
+  expect_gt(s$rows_per_second, 0)
   expect_true(s$prompt_tokens > 0L)
   out <- read.csv(output, stringsAsFactors = FALSE)
   p_cols <- paste0("p_", sentiments)
