@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip ins
 
 import parallel_gen as pg  # noqa: E402
 from parallel_gen.jobs.records import OUTPUT_COLUMNS  # noqa: E402
-from parallel_gen.ray import BatchGenerator, generate  # noqa: E402
+from parallel_gen.ray import BatchGenerator, classify, generate  # noqa: E402
 
 PYTHON_DIR = str(Path(pg.__file__).resolve().parent.parent)
 MAX_TOKENS = 6
@@ -165,6 +165,50 @@ def test_bad_arguments_fail_at_the_call(cluster):
         generate(ds, prompt_column="")
     with pytest.raises(ValueError, match="seed"):
         BatchGenerator(None, params=pg.SamplingParams())
+
+
+# -- classify() -------------------------------------------------------------------------
+LABELS = ["positive", "negative", "neutral"]
+REVIEWS = ["I loved every minute of it.", "Cold food and rude staff.", "It opens at nine.",
+           "Best purchase this year.", "Broke after a day.", "The package came on Tuesday."]
+
+
+def test_classify_matches_pg_classify_carries_columns_and_isolates_bad_rows(cluster, smollm2_path):
+    """Each actor: one thread, flash attention on, separate KV streams, so a text's
+    probabilities do not depend on its batch (tests/test_scoring.py): equal to rounding."""
+    options = dict(ACTOR_MODEL, flash_attn=True)
+    data = [{"id": i, "text": REVIEWS[i % len(REVIEWS)] + f" ({i})", "label": "gold"} for i in range(24)]
+    data[5]["text"] = None  # no text: this row's error, not the dataset's
+    data[9]["text"] = "word " * 400  # longer than n_ctx
+    out = by_id(classify(ray.data.from_items(data), LABELS, smollm2_path, actors=2, batch_size=5,
+                         model_options=options).take_all())
+    assert sorted(out) == list(range(24))
+    assert list(out[0]) == ["id", "text", "input_label", "row", "label", "p_positive", "p_negative", "p_neutral",
+                            "error"]
+    good = [i for i in range(24) if i not in (5, 9)]
+    with pg.Model(smollm2_path, n_threads=1, **options) as m:
+        want = pg.classify(m, [data[i]["text"] for i in good], LABELS)
+    for i, exp in zip(good, want):
+        row = out[i]
+        assert row["error"] is None and row["row"] is None and row["input_label"] == "gold"
+        assert [row["p_" + lab] for lab in LABELS] == pytest.approx([exp.probs[lab] for lab in LABELS], abs=1e-6)
+        assert row["label"] == exp.label
+    for i, why in ((5, "'text' is missing"), (9, "n_ctx")):
+        assert out[i]["label"] is None and out[i]["p_positive"] is None and why in out[i]["error"], out[i]
+
+
+def test_classify_bad_arguments_fail_at_the_call(cluster):
+    ds = ray.data.from_items([{"text": "x"}])
+    with pytest.raises(ValueError, match="duplicate"):
+        classify(ds, ["a", "b", "a"])
+    with pytest.raises(ValueError, match="no {text} field"):
+        classify(ds, ["a", "b"], template="Label:")
+    with pytest.raises(ValueError, match="actors=0"):
+        classify(ds, ["a", "b"], actors=0)
+    with pytest.raises(ValueError, match="text_column"):
+        classify(ds, ["a", "b"], text_column="")
+    with pytest.raises(TypeError, match="ray.data.Dataset"):
+        classify([{"text": "x"}], ["a", "b"])
 
 
 def test_a_missing_model_fails_the_job_with_its_path(cluster, tmp_path):

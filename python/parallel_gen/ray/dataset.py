@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import ray.data
 
@@ -52,11 +52,31 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
     Raises:
         TypeError, ValueError: bad arguments or sampling settings, at the call.
     """
-    if not isinstance(ds, ray.data.Dataset):
-        raise TypeError(f"ds must be a ray.data.Dataset, got {type(ds).__name__}")
     for name, value in (("prompt_column", prompt_column), ("messages_column", messages_column)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name}={value!r}: must be a non-empty str")
+    base = SamplingParams() if params is None else params
+    if not isinstance(base, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams, got {type(base).__name__}")
+    base = base.replace(**sampling) if sampling else base
+    if base.seed is None:  # one seed for the whole job, fixed before any actor starts
+        base = base.replace(seed=secrets.randbits(32))
+    options = dict(model_options or {})
+    path = None if model is None else os.fspath(model)
+    return map_with_actors(ds, BatchGenerator, (path,),
+                           dict(params=base, prompt_column=prompt_column, messages_column=messages_column,
+                                chat=chat, system=system, chat_template=chat_template, model_options=options),
+                           actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                           batch_size=batch_size, n_parallel=options.get("n_parallel", 8))
+
+
+def map_with_actors(ds: "ray.data.Dataset", cls: type, args: Tuple[Any, ...], kwargs: Dict[str, Any], *,
+                    actors: int, cpus_per_actor: float, gpus_per_actor: float, batch_size: Optional[int],
+                    n_parallel: int) -> "ray.data.Dataset":
+    """``ds.map_batches`` with a fixed pool of ``actors`` instances of ``cls(*args,
+    **kwargs)``, one Model each; the pool's arguments checked first (ValueError)."""
+    if not isinstance(ds, ray.data.Dataset):
+        raise TypeError(f"ds must be a ray.data.Dataset, got {type(ds).__name__}")
     _check_count("actors", actors)
     if batch_size is not None:
         _check_count("batch_size", batch_size)
@@ -65,20 +85,10 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
             raise ValueError(f"{name}={value!r}: must be a number >= 0")
     if cpus_per_actor < 1 and gpus_per_actor == 0:
         raise ValueError(f"cpus_per_actor={cpus_per_actor!r}: an actor without a GPU needs at least 1 CPU")
-    base = SamplingParams() if params is None else params
-    if not isinstance(base, SamplingParams):
-        raise TypeError(f"params must be a SamplingParams, got {type(base).__name__}")
-    base = base.replace(**sampling) if sampling else base
-    if base.seed is None:  # one seed for the whole job, fixed before any actor starts
-        base = base.replace(seed=secrets.randbits(32))
-    options = dict(model_options or {})
-    n_parallel = options.get("n_parallel", 8)
-    path = None if model is None else os.fspath(model)
     return ds.map_batches(
-        BatchGenerator,
-        fn_constructor_args=(path,),
-        fn_constructor_kwargs=dict(params=base, prompt_column=prompt_column, messages_column=messages_column,
-                                   chat=chat, system=system, chat_template=chat_template, model_options=options),
+        cls,
+        fn_constructor_args=args,
+        fn_constructor_kwargs=kwargs,
         batch_format="pyarrow",
         batch_size=batch_size or ROWS_PER_SLOT * n_parallel,
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -86,7 +96,7 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
         num_gpus=gpus_per_actor,
         # Ray Data's actor pools restart a dead actor process and retry its task without
         # limit (max_restarts=-1, max_task_retries=-1 by default): the batch it held is
-        # generated again and only the finished copy is kept (test_ray kills one).
+        # run again and only the finished copy is kept (test_ray kills one).
     )
 
 

@@ -1,0 +1,131 @@
+"""Label probabilities on Ray Data: BatchClassifier (the map_batches class) and classify().
+
+The rows are those of ``parallel-gen classify``: the input's columns, then ``row`` (null:
+a Dataset has no row numbers), ``label``, ``p_<label>`` per label and ``error``; each
+actor holds one Model and runs the classify file job's own per-row code
+(jobs.classify), so a row's probabilities are those ``pg.classify`` gives its text.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import pyarrow as pa
+import ray.data
+
+from ..classify import Template
+from ..jobs.classify import classify_job, text_columns
+from ..jobs.sizing import open_sized_model
+from ..jobs.sources import InputRow, _from_fields
+from ..model import Model
+from .batch import INPUT_ERROR_COLUMN, actor_model_options
+from .dataset import map_with_actors
+
+
+class BatchClassifier:
+    """Callable class for ``ray.data.Dataset.map_batches(..., batch_format="pyarrow")``.
+
+    Each actor opens one Model (``n_threads`` from the CPUs Ray assigned it, every layer
+    on a GPU when it was given one); without ``n_ctx`` in ``model_options`` the context
+    is sized from the actor's first batch and the labels (a later text that does not fit
+    gets an error naming n_ctx).
+
+    Args:
+        model: GGUF path readable on every node (None: the default model).
+        labels, template, chat, system, normalize, chat_template: as for
+            :func:`parallel_gen.classify` (``system`` and ``chat_template`` imply
+            ``chat``, as in the classify file job).
+        text_column: the column holding the text.
+        model_options: other Model keywords (n_parallel, n_ctx, ...).
+
+    Output columns: the input's (one named like an output column is carried as
+    ``input_<name>``), then ``row`` (null), ``label`` (the most likely), ``p_<label>``
+    (float64, one per label in the order given; they sum to 1) and ``error``. A row that
+    cannot be classified (no text, a text too long) gets ``error`` and null label and
+    probabilities; the batch never fails for one row.
+    """
+
+    def __init__(self, model: Optional[str] = None, *, labels: Sequence[str], text_column: str = "text",
+                 template: Optional[Template] = None, chat: bool = False, system: Optional[str] = None,
+                 normalize: str = "sum", chat_template: Optional[str] = None,
+                 model_options: Optional[Mapping[str, Any]] = None) -> None:
+        self._job = classify_job(labels, template=template, chat=chat, system=system, normalize=normalize,
+                                 chat_template=chat_template)
+        self._path = model
+        self._columns = text_columns(text_column)
+        self._options = {**actor_model_options(), **dict(model_options or {})}
+        self._model: Optional[Model] = None
+        if self._options.get("n_ctx") is not None:  # else sized from the first batch
+            self._open([])
+
+    def _open(self, sample: List[InputRow]) -> Model:
+        self._model, sized = open_sized_model(self._path, sample, self._job.describe, self._job.chat_template,
+                                              complete=False, **self._options)
+        self._job.prepare(self._model, sized)  # chat without a usable template: fail the actor, not every row
+        return self._model
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """The batch with the classify columns added, rows in the same order."""
+        errors: List[Optional[str]] = [None] * batch.num_rows
+        if INPUT_ERROR_COLUMN in batch.column_names:
+            errors = batch.column(INPUT_ERROR_COLUMN).to_pylist()
+            batch = batch.drop_columns([INPUT_ERROR_COLUMN])
+        rows = [_from_fields(i, "input row", fields, self._columns, error)
+                for i, (fields, error) in enumerate(zip(batch.to_pylist(), errors))]
+        records: List[Dict[str, Any]] = []
+        if rows:
+            model = self._model or self._open(rows)
+            results = self._job.ordered(model, iter(rows), len(rows))
+            records = [self._job.record(row, result).record for row, result in zip(rows, results)]
+        out = batch.rename_columns(list(self._job.carried({name: None for name in batch.column_names})))
+        for name, kind in self._schema():
+            # row numbers within a batch mean nothing to the Dataset: null, as generate's rows
+            values = [None] * len(records) if name == "row" else [rec[name] for rec in records]
+            out = out.append_column(name, pa.array(values, type=kind))
+        return out
+
+    def _schema(self) -> List[Any]:
+        """The output columns and their types, the same for every block (and file)."""
+        return [(name, pa.int64() if name == "row" else pa.float64() if name.startswith("p_") else pa.string())
+                for name in self._job.columns]
+
+    def __del__(self) -> None:
+        if getattr(self, "_model", None) is not None:
+            self._model.close()
+
+
+def classify(ds: "ray.data.Dataset", labels: Sequence[str], model: Union[str, "os.PathLike[str]", None] = None, *,
+             text_column: str = "text", template: Optional[Template] = None, chat: bool = False,
+             system: Optional[str] = None, normalize: str = "sum", chat_template: Optional[str] = None,
+             actors: int = 1, cpus_per_actor: float = 1, gpus_per_actor: float = 0,
+             batch_size: Optional[int] = None, model_options: Optional[Mapping[str, Any]] = None
+             ) -> "ray.data.Dataset":
+    """The rows of ``ds``, each with the label probabilities of its ``text_column`` added
+    (lazy, like every Dataset transform).
+
+    Args:
+        ds: a Dataset with a ``text_column`` (str); other columns are carried unchanged.
+        labels, template, chat, system, normalize, chat_template: as for
+            :func:`parallel_gen.classify`.
+        model, actors, cpus_per_actor, gpus_per_actor, batch_size, model_options: as for
+            :func:`parallel_gen.ray.generate`.
+
+    Returns:
+        The Dataset of output rows; see :class:`BatchClassifier` for the columns. Rows
+        come back in any order unless the Dataset preserves order: join on an id.
+
+    Raises:
+        TypeError, ValueError: bad labels, template or arguments, at the call.
+    """
+    if not isinstance(text_column, str) or not text_column:
+        raise ValueError(f"text_column={text_column!r}: must be a non-empty str")
+    job = classify_job(labels, template=template, chat=chat, system=system, normalize=normalize,
+                       chat_template=chat_template)  # bad labels or template: here, not in every actor
+    path = None if model is None else os.fspath(model)
+    return map_with_actors(ds, BatchClassifier, (path,),
+                           dict(labels=list(job.options.labels), text_column=text_column, template=template, chat=chat,
+                                system=system, normalize=normalize, chat_template=chat_template,
+                                model_options=dict(model_options or {})),
+                           actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                           batch_size=batch_size, n_parallel=(model_options or {}).get("n_parallel", 8))
