@@ -220,9 +220,9 @@ def test_a_missing_model_fails_the_job_with_its_path(cluster, tmp_path):
 
 
 # -- the command line -------------------------------------------------------------------
-def cli(*args, timeout=240):
+def cli(*args, timeout=240, command="generate"):
     env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
-    return subprocess.run([sys.executable, "-m", "parallel_gen", "generate", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "parallel_gen", command, *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -277,6 +277,33 @@ def test_cli_parquet_dir_in_jsonl_out_on_a_given_cluster(cluster, smol, tmp_path
     assert sorted(got) == list(range(12))
     want = greedy(smol, [f"Item {i}: the sky is" for i in range(12)])
     assert [got[i]["text"] for i in range(12)] == want
+
+
+def test_cli_classify_jsonl_in_parquet_out_on_a_given_cluster(cluster, smollm2_path, tmp_path):
+    src, out = tmp_path / "reviews.jsonl", tmp_path / "labels"
+    lines = [json.dumps({"id": i, "text": REVIEWS[i]}) for i in range(len(REVIEWS))] + ['{"id": 99, "text": ']
+    src.write_text("\n".join(lines) + "\n")
+    args = ["--ray", cluster, "-f", src, "-o", out, "--labels", ",".join(LABELS), "--threads", 1,
+            "--n-parallel", 4, "--n-ctx", 256, "--flash-attn", "on", "--ray-actors", 2, "--batch-size", 2]
+    r = cli(*args, "--stats", command="classify")
+    assert r.returncode == 1, r.stderr  # the malformed line is a failed row
+    assert f"1 of {len(REVIEWS) + 1} row(s) failed" in r.stderr and "parallel-gen classify" in r.stderr
+    written = read_dir(out)
+    [bad] = [w for w in written if w.get("id") is None]  # JSONL: a block's rows have only its columns
+    assert "not valid JSON" in bad["error"] and bad["label"] is None
+    got = by_id([w for w in written if w.get("id") is not None])
+    with pg.Model(smollm2_path, n_parallel=4, n_ctx=256, n_threads=1, flash_attn=True) as m:
+        want = pg.classify(m, REVIEWS, LABELS)
+    for i, exp in enumerate(want):
+        assert [got[i]["p_" + lab] for lab in LABELS] == pytest.approx([exp.probs[lab] for lab in LABELS], abs=1e-6)
+        assert got[i]["label"] == exp.label and got[i]["error"] is None
+    # what a Ray job cannot do, before any cluster work
+    r = cli("--ray", cluster, "-f", src, "-o", tmp_path / "o2", "--labels", "a,b", "--resume", command="classify")
+    assert r.returncode == 2 and "--resume is not for --ray jobs" in r.stderr, r.stderr
+    r = cli("--ray", "--labels", "a,b", "Great.", "-o", tmp_path / "o3", command="classify")
+    assert r.returncode == 2 and "--ray needs --file" in r.stderr, r.stderr
+    r = cli("--ray", cluster, "-f", src, "-o", tmp_path / "o4", "--labels", "a,a", command="classify")
+    assert r.returncode == 2 and "duplicate" in r.stderr and not (tmp_path / "o4").exists(), r.stderr
 
 
 def test_cli_a_model_no_actor_can_load_is_a_short_error(cluster, tmp_path):

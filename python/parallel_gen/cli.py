@@ -203,6 +203,16 @@ def _add_chat_template_options(p: argparse.ArgumentParser) -> None:
                    help="read the Jinja chat template from a file (implies --chat)")
 
 
+def _add_ray_options(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("Ray (pip install 'parallel_gen[ray]')")
+    r.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the job on a Ray cluster (auto, ray://HOST:PORT; none: a local one): -f and -o are "
+                        "Parquet or JSONL files or directories every node can read; -o is written as a directory")
+    r.add_argument("--ray-actors", type=int, default=1, metavar="N",
+                   help="Ray actors, one Model each, with --threads CPUs each (default: 1)")
+    r.add_argument("--batch-size", type=int, metavar="N", help="rows per Ray batch (default: 4 per slot)")
+
+
 def _chat_template_arg(args: argparse.Namespace) -> Optional[str]:
     if args.chat_template_file is None:
         return args.chat_template
@@ -285,12 +295,17 @@ def _classify(args: argparse.Namespace) -> int:
     template = args.template
     if args.template_file is not None:
         template = _read_arg_file("--template-file", args.template_file)
+    options = dict(template=template, chat=args.chat, system=args.system, normalize=args.normalize,
+                   chat_template=_chat_template_arg(args))
     try:
-        job = classify_job(labels, template=template, chat=args.chat, system=args.system, normalize=args.normalize,
-                           chat_template=_chat_template_arg(args))
+        job = classify_job(labels, **options)
     except (TypeError, ValueError) as e:  # the labels are fine: the template is not
         which = "--template-file" if args.template_file is not None else "--template"
         raise InputError(f"{which}: {e}") from None
+    if args.ray is not None:
+        from .ray.cli import classify_on_ray
+
+        return classify_on_ray(args, labels, options, _model_kwargs)
     source = _job_source(args, text_columns(args.text_column), "texts")
     return _run_job(args, source, lambda model_options: run_rows(
         args.model, source, args.output, job, output_format=args.output_format, resume=args.resume,
@@ -446,13 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "prompt_tokens, completion_tokens, error (jsonl, csv, parquet), or the texts alone "
                             "(text) (default: by the extension of --output, else jsonl)")
     g.add_argument("--stats", action="store_true", help="print the job's statistics to stderr")
-    r = g.add_argument_group("Ray (pip install 'parallel_gen[ray]')")
-    r.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                   help="run the job on a Ray cluster (auto, ray://HOST:PORT; none: a local one): -f and -o are "
-                        "Parquet or JSONL files or directories every node can read; -o is written as a directory")
-    r.add_argument("--ray-actors", type=int, default=1, metavar="N",
-                   help="Ray actors, one Model each, with --threads CPUs each (default: 1)")
-    r.add_argument("--batch-size", type=int, metavar="N", help="rows per Ray batch (default: 4 per slot)")
+    _add_ray_options(g)
     _add_progress_option(g)
     _add_sampling_options(g)
     _add_model_options(g, "sequences decoded together (default: min(8, number of rows when known))")
@@ -492,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_output_options(c, ["auto", "jsonl", "csv", "parquet"],
                             "output rows (default: by the extension of --output, else jsonl)")
     c.add_argument("--stats", action="store_true", help="print the job's statistics to stderr")
+    _add_ray_options(c)
     _add_progress_option(c)
     _add_model_options(c, "sequences decoded together (default: min(8, number of rows when known))")
     c.set_defaults(func=_classify)

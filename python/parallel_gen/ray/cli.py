@@ -1,26 +1,49 @@
-"""``parallel-gen generate --ray [ADDRESS]``: the generate command's file job on Ray."""
+"""``parallel-gen generate --ray [ADDRESS]`` and ``parallel-gen classify --ray``: the file
+jobs of those commands on Ray."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Sequence
 
 RAY_FLAGS_ONLY_LOCAL = ("resume", "lookahead")
 
+ModelKwargs = Callable[[argparse.Namespace, int], Dict[str, Any]]
+
 
 def generate_on_ray(args: argparse.Namespace, sampling_params: Callable[[argparse.Namespace], Any],
-                    model_kwargs: Callable[[argparse.Namespace, int], Dict[str, Any]],
-                    chat_template: Callable[[argparse.Namespace], Any]) -> int:
-    """Runs the job of ``args`` on Ray; returns the exit status (0, or 1 when a row failed).
-    The other arguments are the generate command's own readers of its options."""
-    from ..jobs.formats import JobInputError
-    from . import RayJobError, run_ray_job
+                    model_kwargs: ModelKwargs, chat_template: Callable[[argparse.Namespace], Any]) -> int:
+    """Runs the generate job of ``args`` on Ray; returns the exit status (0, or 1 when a
+    row failed). The other arguments are the generate command's own readers of its options."""
+    from . import run_ray_job
 
+    return _on_ray(args, model_kwargs, lambda **pool: run_ray_job(
+        prompt_column=args.prompt_column, messages_column=args.messages_column, chat=args.chat, system=args.system,
+        chat_template=chat_template(args), params=sampling_params(args), **pool))
+
+
+def classify_on_ray(args: argparse.Namespace, labels: Sequence[str], classify_options: Dict[str, Any],
+                    model_kwargs: ModelKwargs) -> int:
+    """Runs the classify job of ``args`` on Ray (``classify_options``: template, chat,
+    system, normalize, chat_template, as the command read them)."""
+    from . import run_ray_classify_job
+
+    return _on_ray(args, model_kwargs, lambda **pool: run_ray_classify_job(
+        labels=labels, text_column=args.text_column, **classify_options, **pool))
+
+
+def _on_ray(args: argparse.Namespace, model_kwargs: ModelKwargs, run: Callable[..., Any]) -> int:
+    """The part both commands share: checks, the actor pool from the model options, how
+    the job ended as messages and exit status. ``run(**pool)`` runs the job."""
+    from ..jobs.formats import JobInputError
+    from . import RayJobError
+
+    command = f"parallel-gen {args.command}"
     if args.prompts or args.file in (None, "-") or args.output in (None, "-"):
         raise JobInputError("--ray needs --file FILE_OR_DIR and --output DIR (files every node can read), "
-                            "not prompts as arguments or stdin/stdout")
+                            f"not {args.command}'s inputs as arguments or stdin/stdout")
     for flag in RAY_FLAGS_ONLY_LOCAL:
         if getattr(args, flag):
             raise JobInputError(f"--{flag} is not for --ray jobs: Ray retries a failed batch itself, and "
@@ -35,21 +58,17 @@ def generate_on_ray(args: argparse.Namespace, sampling_params: Callable[[argpars
         options.pop("n_parallel")
     gpus = 1 if options.get("n_gpu_layers") else 0  # --n-gpu-layers asks Ray for a GPU per actor
     try:
-        summary = run_ray_job(
-            args.ray or None, args.file, args.output, model=args.model, input_format=args.input_format,
-            output_format=args.output_format, overwrite=args.overwrite, actors=args.ray_actors,
-            cpus_per_actor=threads, gpus_per_actor=gpus, batch_size=args.batch_size, progress=bool(args.progress),
-            prompt_column=args.prompt_column, messages_column=args.messages_column, chat=args.chat,
-            system=args.system, chat_template=chat_template(args), params=sampling_params(args),
-            model_options=options)
+        summary = run(address=args.ray or None, input=args.file, output=args.output, model=args.model,
+                      input_format=args.input_format, output_format=args.output_format, overwrite=args.overwrite,
+                      actors=args.ray_actors, cpus_per_actor=threads, gpus_per_actor=gpus,
+                      batch_size=args.batch_size, progress=bool(args.progress), model_options=options)
     except RayJobError as e:
-        print(f"parallel-gen generate: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 1
     if args.stats:
         print(f"{summary.rows} rows ({summary.failed} failed) in {summary.seconds:.2f} s on Ray, written to "
               f"{os.fspath(summary.output)}", file=sys.stderr)
     if summary.failed:
-        print(f"parallel-gen generate: {summary.failed} of {summary.rows} row(s) failed (see their \"error\")",
-              file=sys.stderr)
+        print(f"{command}: {summary.failed} of {summary.rows} row(s) failed (see their \"error\")", file=sys.stderr)
         return 1
     return 0
