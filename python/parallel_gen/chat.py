@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from collections.abc import Sequence as _SequenceABC
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
-from .generate import ModelLike, Params, _open, _param_list, reject_unordered, run_batch
+from .generate import ModelLike, OncePerModel, Params, _open, _param_list, reject_unordered, run_batch
 from .memory import n_ctx_for_prompts
 from .model import Model
 from .progress import make_progress
@@ -54,13 +54,17 @@ def chat_parallel(
     param_list = _param_list(params, overrides, len(convs))
     bar = make_progress(progress, len(convs))  # checks progress before the model loads
 
+    def render(m: Model) -> Tuple[ChatTemplate, List[str]]:
+        template = ChatTemplate(m, chat_template)
+        return template, _render_all(template, convs)
+
+    rendered = OncePerModel(render)
+
     def sized(m: Model) -> int:  # a Model opened here: a context sized to these conversations
-        prompts = _render_all(ChatTemplate(m, chat_template), convs)
-        return n_ctx_for_prompts(prompts, [p.max_tokens for p in param_list])(m)
+        return n_ctx_for_prompts(rendered(m)[1], [p.max_tokens for p in param_list])(m)
 
     with _open(model, sized) as m:
-        template = ChatTemplate(m, chat_template)
-        prompts = _render_all(template, convs)
+        template, prompts = rendered(m)
         param_list = [template.add_stops(p) for p in param_list]
         with bar as on_step:
             return run_batch(m, prompts, param_list, on_step=on_step)

@@ -156,7 +156,7 @@ def _add_job_input_options(p: argparse.ArgumentParser, noun: str, metavar: str, 
 
 
 def _add_job_output_options(p: argparse.ArgumentParser, formats: List[str], format_help: str) -> None:
-    """Where a file job's rows go, and what happens to an existing output."""
+    """Where a file job's rows go, what happens to an existing output, and its statistics."""
     p.add_argument("-o", "--output", metavar="FILE", help="write the rows to FILE instead of stdout")
     p.add_argument("--output-format", "--format", dest="output_format", choices=formats, default="auto",
                    help=format_help)
@@ -166,6 +166,7 @@ def _add_job_output_options(p: argparse.ArgumentParser, formats: List[str], form
     w.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--lookahead", type=int, metavar="N",
                    help="most rows in flight, read but not written yet (default: 4 per slot)")
+    p.add_argument("--stats", action="store_true", help="print the job's statistics to stderr")
 
 
 def _add_progress_option(p: argparse.ArgumentParser) -> None:
@@ -262,7 +263,7 @@ def _run_job(args: argparse.Namespace, source: "Any", run: "Callable[[Dict[str, 
             return EXIT_FAILED
     finally:
         source.close()
-    if getattr(args, "stats", False):
+    if args.stats:
         print_summary(summary, sys.stderr)
     if summary.failed:
         print(f"{command}: {summary.failed} of {summary.written} row(s) failed "
@@ -460,7 +461,6 @@ def build_parser() -> argparse.ArgumentParser:
                             "output rows: the input's fields + row, text, finish_reason, stop_reason, "
                             "prompt_tokens, completion_tokens, error (jsonl, csv, parquet), or the texts alone "
                             "(text) (default: by the extension of --output, else jsonl)")
-    g.add_argument("--stats", action="store_true", help="print the job's statistics to stderr")
     _add_ray_options(g)
     _add_progress_option(g)
     _add_sampling_options(g)
@@ -500,7 +500,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: sum)")
     _add_job_output_options(c, ["auto", "jsonl", "csv", "parquet"],
                             "output rows (default: by the extension of --output, else jsonl)")
-    c.add_argument("--stats", action="store_true", help="print the job's statistics to stderr")
     _add_ray_options(c)
     _add_progress_option(c)
     _add_model_options(c, "sequences decoded together (default: min(8, number of rows when known))")

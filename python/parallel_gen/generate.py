@@ -12,7 +12,8 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Deque, Generic, Iterator, List, Optional, Sequence, Set, Tuple,
+                    TypeVar, Union)
 
 from ._native import _core, llama_cpp
 from .cache import open_cache
@@ -173,6 +174,24 @@ def _open_model(model: ModelLike, n_ctx: Optional[Callable[[Model], int]] = None
     if isinstance(model, llama_cpp.Llama):
         return Model.from_llama(model), True
     raise TypeError(f"model must be a parallel_gen.Model, a path or a llama_cpp.Llama, got {type(model).__name__}")
+
+
+T = TypeVar("T")
+
+
+class OncePerModel(Generic[T]):
+    """``build(model)``, computed once per Model: a call that opens a model from a path
+    needs its inputs (rendered prompts, scoring jobs) to size the context, then to run."""
+
+    def __init__(self, build: Callable[[Model], T]) -> None:
+        self._build = build
+        self._model: Optional[Model] = None
+        self._value: Optional[T] = None
+
+    def __call__(self, model: Model) -> T:
+        if self._model is not model:
+            self._value, self._model = self._build(model), model
+        return self._value  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

@@ -19,13 +19,13 @@ import contextlib
 import math
 import queue
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from ._native import _core
 from .errors import GenerationError
 from .events import Cancelled, Closed, EngineEvent, Fatal, Progress, RequestDone, SequenceFinished, SequenceResult
-from .generate import (CANCELLED_MESSAGE, CLOSED_MESSAGE, ModelLike, Prompts, _open, _prompt_list, new_request_id,
-                       next_event)
+from .generate import (CANCELLED_MESSAGE, CLOSED_MESSAGE, ModelLike, OncePerModel, Prompts, _open, _prompt_list,
+                       new_request_id, next_event)
 from .memory import n_ctx_for_work
 from .model import Model
 from .progress import OnStep, make_progress
@@ -103,19 +103,9 @@ def score(model: ModelLike, prompts: Prompts, continuations: Continuations, *,
         return run_scoring(m, jobs(m), request_id=request_id, on_step=on_step)
 
 
-class JobsFor:
+class JobsFor(OncePerModel[List[ScoringJob]]):
     """The scoring jobs of a call, built once per Model; ``n_ctx`` sizes a Model opened
     from a path to them (the longest prompt plus the longest continuation), not 4096."""
-
-    def __init__(self, build: Callable[[Model], List[ScoringJob]]) -> None:
-        self._build = build
-        self._model: Optional[Model] = None
-        self._jobs: List[ScoringJob] = []
-
-    def __call__(self, model: Model) -> List[ScoringJob]:
-        if self._model is not model:
-            self._jobs, self._model = self._build(model), model
-        return self._jobs
 
     def n_ctx(self, model: Model) -> int:
         jobs = self(model)

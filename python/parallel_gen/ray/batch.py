@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import pyarrow as pa
 import ray
@@ -91,12 +91,7 @@ class BatchGenerator:
         # A Dataset has no row numbers: a row's seed is the job's seed + a hash of its
         # fields (InputRow.row is what jobs count seeds from), so a row samples the same
         # whichever batch or actor runs it, a retried batch included.
-        errors = [None] * batch.num_rows
-        if INPUT_ERROR_COLUMN in batch.column_names:
-            errors = batch.column(INPUT_ERROR_COLUMN).to_pylist()
-            batch = batch.drop_columns([INPUT_ERROR_COLUMN])
-        rows = [_from_fields(_fields_hash(fields), "input row", fields, self._columns, error)
-                for fields, error in zip(batch.to_pylist(), errors)]
+        batch, rows = input_rows(batch, self._columns, lambda i, fields: _fields_hash(fields))
         if not rows:
             return _with_outputs(batch, [])
         model = self._model or self._open(rows)
@@ -110,6 +105,19 @@ class BatchGenerator:
     def __del__(self) -> None:
         if getattr(self, "_model", None) is not None:
             self._model.close()
+
+
+def input_rows(batch: pa.Table, columns: Columns,
+               row_number: Callable[[int, Dict[str, Any]], int]) -> Tuple[pa.Table, List[InputRow]]:
+    """The batch without the column of read errors (see INPUT_ERROR_COLUMN), and its rows
+    parsed as a file job parses them; ``row_number(i, fields)`` numbers row i."""
+    errors: List[Optional[str]] = [None] * batch.num_rows
+    if INPUT_ERROR_COLUMN in batch.column_names:
+        errors = batch.column(INPUT_ERROR_COLUMN).to_pylist()
+        batch = batch.drop_columns([INPUT_ERROR_COLUMN])
+    rows = [_from_fields(row_number(i, fields), "input row", fields, columns, error)
+            for i, (fields, error) in enumerate(zip(batch.to_pylist(), errors))]
+    return batch, rows
 
 
 def actor_model_options() -> Dict[str, Any]:

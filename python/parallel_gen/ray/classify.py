@@ -15,11 +15,11 @@ import pyarrow as pa
 import ray.data
 
 from ..classify import Template
-from ..jobs.classify import classify_job, text_columns
+from ..jobs.classify import PROBABILITY_PREFIX, classify_job, text_columns
 from ..jobs.sizing import open_sized_model
-from ..jobs.sources import InputRow, _from_fields
+from ..jobs.sources import InputRow
 from ..model import Model
-from .batch import INPUT_ERROR_COLUMN, actor_model_options
+from .batch import actor_model_options, input_rows
 from .dataset import map_with_actors
 
 
@@ -67,12 +67,7 @@ class BatchClassifier:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """The batch with the classify columns added, rows in the same order."""
-        errors: List[Optional[str]] = [None] * batch.num_rows
-        if INPUT_ERROR_COLUMN in batch.column_names:
-            errors = batch.column(INPUT_ERROR_COLUMN).to_pylist()
-            batch = batch.drop_columns([INPUT_ERROR_COLUMN])
-        rows = [_from_fields(i, "input row", fields, self._columns, error)
-                for i, (fields, error) in enumerate(zip(batch.to_pylist(), errors))]
+        batch, rows = input_rows(batch, self._columns, lambda i, fields: i)
         records: List[Dict[str, Any]] = []
         if rows:
             model = self._model or self._open(rows)
@@ -87,7 +82,7 @@ class BatchClassifier:
 
     def _schema(self) -> List[Any]:
         """The output columns and their types, the same for every block (and file)."""
-        return [(name, pa.int64() if name == "row" else pa.float64() if name.startswith("p_") else pa.string())
+        return [(name, pa.int64() if name == "row" else pa.float64() if name.startswith(PROBABILITY_PREFIX) else pa.string())
                 for name in self._job.columns]
 
     def __del__(self) -> None:
