@@ -52,21 +52,6 @@ bool release_caller_openmp_threads() {
     return ok;
 }
 
-py::dict counters_dict(const Counters & c) {
-    py::dict d;
-    d["decode_calls"]       = c.decode_calls;
-    d["decode_retries"]     = c.decode_retries;
-    d["fallback_decodes"]   = c.fallback_decodes;
-    d["preemptions"]        = c.preemptions;
-    d["sequence_moves"]     = c.sequence_moves;
-    d["prompt_tokens"]      = c.prompt_tokens;
-    d["prefix_tokens_reused"] = c.prefix_tokens_reused;
-    d["generated_tokens"]   = c.generated_tokens;
-    d["prompt_seconds"]     = c.prompt_seconds;
-    d["generation_seconds"] = c.generation_seconds;
-    return d;
-}
-
 // [(logprob, [(token, logprob), ...]), ...], one per generated token
 py::list logprob_list(const std::vector<TokenLogprob> & logprobs) {
     py::list out;
@@ -88,6 +73,7 @@ PYBIND11_MODULE(_core, m) {
     m.def("system_info", [] { return std::string(llama_print_system_info()); });
     m.def("max_parallel_sequences", [] { return llama_max_parallel_sequences(); });
     m.def("supports_gpu_offload", [] { return llama_supports_gpu_offload(); });
+    m.def("engines_alive", &Engine::alive);
 
     py::class_<ModelHandle, std::shared_ptr<ModelHandle>>(m, "ModelHandle")
         .def_static("load", &ModelHandle::load, py::arg("path"), py::arg("n_gpu_layers"), py::arg("verbose"),
@@ -160,6 +146,41 @@ PYBIND11_MODULE(_core, m) {
 
     py::enum_<Finish>(m, "Finish").value("stop", Finish::Stop).value("length", Finish::Length).value("error", Finish::Error);
 
+    py::enum_<ErrorCode>(m, "ErrorCode")
+        .value("none", ErrorCode::None)
+        .value("empty_prompt", ErrorCode::EmptyPrompt)
+        .value("prompt_too_long", ErrorCode::PromptTooLong)
+        .value("invalid_prompt", ErrorCode::InvalidPrompt)
+        .value("invalid_param", ErrorCode::InvalidParam)
+        .value("no_kv_room", ErrorCode::NoKvRoom)
+        .value("aborted", ErrorCode::Aborted);
+
+    py::class_<Failure>(m, "Failure")
+        .def_readonly("code", &Failure::code)
+        .def_readonly("message", &Failure::message)
+        .def("__bool__", [](const Failure & f) { return static_cast<bool>(f); });
+
+    py::class_<Item>(m, "Item")
+        .def(py::init<>())
+        .def_readwrite("request", &Item::request)
+        .def_readwrite("index", &Item::index)
+        .def_readwrite("sample", &Item::sample)
+        .def_readwrite("stream", &Item::stream)
+        .def_readwrite("tokens", &Item::tokens)
+        .def_readwrite("params", &Item::params);
+
+    py::class_<Counters>(m, "Counters")
+        .def_readonly("decode_calls", &Counters::decode_calls)
+        .def_readonly("decode_retries", &Counters::decode_retries)
+        .def_readonly("fallback_decodes", &Counters::fallback_decodes)
+        .def_readonly("preemptions", &Counters::preemptions)
+        .def_readonly("sequence_moves", &Counters::sequence_moves)
+        .def_readonly("prompt_tokens", &Counters::prompt_tokens)
+        .def_readonly("prefix_tokens_reused", &Counters::prefix_tokens_reused)
+        .def_readonly("generated_tokens", &Counters::generated_tokens)
+        .def_readonly("prompt_seconds", &Counters::prompt_seconds)
+        .def_readonly("generation_seconds", &Counters::generation_seconds);
+
     py::class_<StreamDelta>(m, "StreamDelta")
         .def_readonly("request", &StreamDelta::request)
         .def_readonly("index", &StreamDelta::index)
@@ -178,41 +199,32 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("finish", &Result::finish)
         .def_readonly("stop_string", &Result::stop_string)
         .def_readonly("stop_token", &Result::stop_token)
+        .def_readonly("error_code", &Result::error_code)
         .def_readonly("error", &Result::error)
-        .def_readonly("aborted", &Result::aborted)
         .def_property_readonly("logprobs", [](const Result & r) { return logprob_list(r.logprobs); });
+
+    py::class_<StepOutput>(m, "StepOutput")
+        .def_readonly("deltas", &StepOutput::deltas)
+        .def_readonly("finished", &StepOutput::finished)
+        .def_readonly("fatal", &StepOutput::fatal);
 
     py::class_<Engine>(m, "Engine")
         .def(py::init<std::shared_ptr<ModelHandle>, const EngineConfig &>(), py::arg("model"), py::arg("config"),
              py::call_guard<py::gil_scoped_release>())
-        .def("submit",
-             [](Engine & e, int64_t index, int32_t sample, std::string prompt, const SamplingConfig & params,
-                uint64_t request, bool stream) {
-                 Request r;
-                 r.request = request;
-                 r.index   = index;
-                 r.sample  = sample;
-                 r.stream  = stream;
-                 r.prompt  = std::move(prompt);
-                 r.params  = params;
+        .def("check", &Engine::check, py::arg("request"), py::call_guard<py::gil_scoped_release>())
+        .def("submit", [](Engine & e, Item r) {
                  py::gil_scoped_release release;
                  e.submit(std::move(r));
-             },
-             py::arg("index"), py::arg("sample"), py::arg("prompt"), py::arg("params"), py::arg("request") = 0,
-             py::arg("stream") = false)
+             }, py::arg("request"))
         .def("step",
              [](Engine & e) {
-                 StepOutput out;
-                 {
-                     py::gil_scoped_release release;
-                     out = e.step();
-                 }
-                 return py::make_tuple(py::cast(std::move(out.finished)), out.fatal, py::cast(std::move(out.deltas)));
+                 py::gil_scoped_release release;
+                 return e.step();
              })
         .def("has_work", &Engine::has_work)
         .def("cancel_all", &Engine::cancel_all, py::call_guard<py::gil_scoped_release>())
         .def("cancel_request", &Engine::cancel_request, py::arg("request"), py::call_guard<py::gil_scoped_release>())
-        .def("counters", [](const Engine & e) { return counters_dict(e.counters()); })
+        .def("counters", &Engine::counters)
         .def("reset_counters", &Engine::reset_counters)
         .def("abort_after_decodes", &Engine::abort_after_decodes)
         .def_property_readonly("n_live", &Engine::n_live)

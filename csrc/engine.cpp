@@ -9,49 +9,6 @@
 
 namespace pg {
 
-// Where a sequence is in its life; see engine.hpp for the transitions.
-enum class SeqState : uint8_t {
-    Waiting,     // queued, never run: no seq id, no KV
-    Paused,      // queued again after giving its KV up for room: all its tokens are recomputed
-    Prefilling,  // in a slot, feeding its prompt (or the tokens it had before a pause)
-    Generating,  // in a slot, feeding the token it sampled last, one per step
-    Scoring,     // in a slot, feeding a continuation teacher-forced (a scoring sequence)
-    Done,        // finished, KV already removed; its result leaves with this step's output
-};
-
-struct Engine::Sequence {
-    Request                  req;
-    SeqState                 state       = SeqState::Waiting;
-    std::vector<llama_token> tokens;          // prompt, then generated tokens
-    int32_t                  n_prompt    = 0;
-    int32_t                  n_past      = 0; // tokens whose KV is in the cache
-    int32_t                  n_generated = 0;
-    llama_seq_id             seq_id      = -1; // its slot while in one, else -1
-    uint64_t                 admitted_at = 0;  // admission order: the youngest is paused first
-    std::unique_ptr<Sampler> sampler;
-    std::unique_ptr<ContinuationScorer> scorer;  // a scoring sequence: no sampler
-    std::vector<TokenLogprob> logprobs;       // one per generated token, when asked for
-    TextAssembler            text;
-    Finish                   finish      = Finish::Stop;
-    llama_token              stop_token  = -1;
-    std::string              error;
-    bool                     aborted     = false;
-    bool                     prefix_user = false; // queued and counted in the shared prefix's users
-    size_t                   tokens_streamed = 0;  // generated tokens already in a delta
-    size_t                   bytes_streamed  = 0;  // text bytes already in a delta
-
-    int32_t to_feed() const { return static_cast<int32_t>(tokens.size()) - n_past; }
-    // Logits are needed after the last token fed, and by a scoring sequence after every
-    // token from the prompt's last on.
-    bool wants_logits(int32_t pos) const {
-        return pos + 1 == static_cast<int32_t>(tokens.size()) || (scorer && pos + 1 >= n_prompt);
-    }
-    // In a slot and holding KV: its tokens go into the batch.
-    bool running() const {
-        return state == SeqState::Prefilling || state == SeqState::Generating || state == SeqState::Scoring;
-    }
-};
-
 // A prompt prefix that several waiting sequences start with: decoded once into a sequence
 // id of its own (n_parallel), then copied into each user's KV when the user is admitted.
 struct Engine::SharedPrefix {
@@ -96,6 +53,8 @@ std::string decode_error_text(int32_t code) {
 }
 
 }  // namespace
+
+std::atomic<int32_t> Engine::alive_{0};
 
 Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : model_(std::move(model)), cfg_(cfg) {
     if (cfg_.n_parallel < 1 || cfg_.n_ctx < 2 || cfg_.n_batch < cfg_.n_parallel) {
@@ -146,9 +105,11 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     }
     batch_ = llama_batch_init(n_batch_, 0, 1);
     slots_.resize(static_cast<size_t>(cfg_.n_parallel));
+    ++alive_;
 }
 
 Engine::~Engine() {
+    --alive_;
     LogScope scope(cfg_.verbose);  // llama.cpp reports buffer sizes on free
     if (batch_.token) {
         llama_batch_free(batch_);
@@ -181,42 +142,51 @@ bool Engine::abort_cb(void * data) {
     return static_cast<Engine *>(data)->abort_now_.load(std::memory_order_relaxed);
 }
 
-void Engine::submit(Request req) {
-    LogScope scope(cfg_.verbose);
-    auto s  = std::make_unique<Sequence>();
-    s->text = TextAssembler(req.params.stop);
-    std::string error;
-    try {
-        s->tokens = model_->tokenize(req.prompt, /*add_special=*/true, /*parse_special=*/true);
-    } catch (const std::exception & e) {
-        error = std::string("could not tokenize the prompt: ") + e.what();
+Failure Engine::check(const Item & item) const {
+    const int32_t n_prompt = static_cast<int32_t>(std::min<size_t>(item.tokens.size(), INT32_MAX));
+    if (n_prompt == 0) {
+        return {ErrorCode::EmptyPrompt, "the prompt is empty: it has no tokens to start from"};
     }
-    s->n_prompt = static_cast<int32_t>(s->tokens.size());
-    s->req      = std::move(req);
-    s->req.prompt.clear();  // tokens are all the engine needs from here on
-    s->req.prompt.shrink_to_fit();
-
-    if (error.empty() && s->n_prompt == 0) {
-        error = "the prompt is empty: it has no tokens to start from";
-    }
-    if (error.empty() && !s->req.params.continuations.empty()) {
-        s->scorer = std::make_unique<ContinuationScorer>(std::move(s->req.params.continuations));
-        s->req.params.continuations.clear();
-        error = s->scorer->check(model_->n_vocab(), s->n_prompt, cfg_.n_ctx);
-    }
-    if (error.empty() && !s->scorer && s->n_prompt >= cfg_.n_ctx) {
-        error = "the prompt has " + std::to_string(s->n_prompt) + " tokens but a sequence holds n_ctx=" +
-                std::to_string(cfg_.n_ctx) + " tokens (prompt + output); shorten it or open the model with a larger n_ctx";
-    }
-    if (error.empty() && !s->scorer) {
-        try {
-            s->sampler = std::make_unique<Sampler>(model_->vocab(), s->req.params, cfg_.n_ctx, s->tokens);
-        } catch (const std::exception & e) {
-            error = std::string("could not build the sampler: ") + e.what();
+    const int32_t n_vocab = model_->n_vocab();
+    for (llama_token t : item.tokens) {
+        if (t < 0 || t >= n_vocab) {
+            return {ErrorCode::InvalidPrompt, "the prompt has token id " + std::to_string(t) +
+                                                  ", outside the vocabulary of " + std::to_string(n_vocab)};
         }
     }
-    if (!error.empty()) {
-        finish(s.get(), Finish::Error, std::move(error));
+    if (!item.params.continuations.empty()) {
+        return ContinuationScorer::check(item.params.continuations, n_vocab, n_prompt, cfg_.n_ctx);
+    }
+    if (n_prompt >= cfg_.n_ctx) {
+        return {ErrorCode::PromptTooLong,
+                "the prompt has " + std::to_string(n_prompt) + " tokens but a sequence holds n_ctx=" +
+                    std::to_string(cfg_.n_ctx) +
+                    " tokens (prompt + output); shorten it or open the model with a larger n_ctx"};
+    }
+    return {};
+}
+
+void Engine::submit(Item item) {
+    LogScope scope(cfg_.verbose);
+    auto s      = std::make_unique<Sequence>();
+    s->text     = TextAssembler(item.params.stop);
+    Failure why = check(item);
+    s->tokens   = std::move(item.tokens);
+    s->n_prompt = static_cast<int32_t>(s->tokens.size());
+    s->item      = std::move(item);
+    if (!why && !s->item.params.continuations.empty()) {
+        s->scorer = std::make_unique<ContinuationScorer>(std::move(s->item.params.continuations));
+        s->item.params.continuations.clear();
+    }
+    if (!why && !s->scorer) {
+        try {
+            s->sampler = std::make_unique<Sampler>(model_->vocab(), s->item.params, cfg_.n_ctx, s->tokens);
+        } catch (const std::exception & e) {
+            why = {ErrorCode::InvalidParam, std::string("could not build the sampler: ") + e.what()};
+        }
+    }
+    if (why) {
+        finish(s.get(), Finish::Error, std::move(why));
         ready_.push_back(to_result(*s));
         return;
     }
@@ -593,8 +563,8 @@ Engine::Recovery Engine::recover(int32_t code, size_t n_tokens, const Entry & fi
     }
     Sequence * blocked = first.seq;  // not the prefix: that was given up above
     finish(blocked, Finish::Error,
-           "no KV cache room for this sequence even alone (" + std::to_string(blocked->tokens.size()) +
-               " tokens; KV pool " + std::to_string(kv_capacity()) + " cells)");
+           {ErrorCode::NoKvRoom, "no KV cache room for this sequence even alone (" + std::to_string(blocked->tokens.size()) +
+               " tokens; KV pool " + std::to_string(kv_capacity()) + " cells)"});
     return Recovery::Retry;
 }
 
@@ -617,7 +587,7 @@ void Engine::pause(Sequence * s) {
 
 void Engine::sample(Sequence * s, int32_t idx) {
     TokenLogprob      lp;
-    const bool        want_lp = s->req.params.logprobs >= 0;
+    const bool        want_lp = s->item.params.logprobs >= 0;
     const llama_token tok     = s->sampler->sample(ctx_, idx, candidates_, want_lp ? &lp : nullptr);
     if (want_lp) {
         s->logprobs.push_back(std::move(lp));
@@ -626,7 +596,7 @@ void Engine::sample(Sequence * s, int32_t idx) {
     s->state = SeqState::Generating;
     ++s->n_generated;
     ++counters_.generated_tokens;
-    const SamplingConfig & p = s->req.params;
+    const SamplingConfig & p = s->item.params;
 
     if (!p.ignore_eos && model_->is_eog(tok)) {
         s->stop_token = tok;
@@ -690,29 +660,29 @@ void Engine::next_continuation(Sequence * s) {
 }
 
 // Its KV goes at once, not at the step's end: a retry later in this step may need the room.
-void Engine::finish(Sequence * s, Finish why, std::string error) {
+void Engine::finish(Sequence * s, Finish why, Failure failure) {
     if (s->running()) {
         llama_memory_seq_rm(mem_, s->seq_id, -1, -1);
     }
     s->state  = SeqState::Done;
     s->finish = why;
-    if (!error.empty()) {
-        s->error = std::move(error);
+    if (failure) {
+        s->failure = std::move(failure);
     }
 }
 
 Result Engine::to_result(Sequence & s) const {
     Result r;
-    r.request  = s.req.request;
-    r.index    = s.req.index;
-    r.sample   = s.req.sample;
+    r.request  = s.item.request;
+    r.index    = s.item.index;
+    r.sample   = s.item.sample;
     r.n_prompt = s.n_prompt;
     r.tokens.assign(s.tokens.begin() + std::min<size_t>(s.tokens.size(), static_cast<size_t>(s.n_prompt)), s.tokens.end());
     r.text       = s.text.final_bytes();
     r.finish     = s.finish;
     r.stop_token = s.stop_token;
-    r.error      = s.error;
-    r.aborted    = s.aborted;
+    r.error_code = s.failure.code;
+    r.error      = s.failure.message;
     r.logprobs   = s.logprobs;
     if (s.scorer && s.finish != Finish::Error) {
         r.tokens = s.scorer->tokens();
@@ -722,7 +692,7 @@ Result Engine::to_result(Sequence & s) const {
         }
     }
     if (s.text.matched_stop() >= 0) {
-        r.stop_string = s.req.params.stop[static_cast<size_t>(s.text.matched_stop())];
+        r.stop_string = s.item.params.stop[static_cast<size_t>(s.text.matched_stop())];
     }
     return r;
 }
@@ -745,7 +715,7 @@ void Engine::collect_finished(std::vector<Result> & out) {
 
 void Engine::collect_deltas(std::vector<StreamDelta> & out) {
     for (auto & slot : slots_) {
-        if (!slot || !slot->req.stream || slot->state == SeqState::Done || slot->scorer) {
+        if (!slot || !slot->item.stream || slot->state == SeqState::Done || slot->scorer) {
             continue;
         }
         Sequence &   s         = *slot;
@@ -755,9 +725,9 @@ void Engine::collect_deltas(std::vector<StreamDelta> & out) {
             continue;
         }
         StreamDelta d;
-        d.request = s.req.request;
-        d.index   = s.req.index;
-        d.sample  = s.req.sample;
+        d.request = s.item.request;
+        d.index   = s.item.index;
+        d.sample  = s.item.sample;
         d.tokens.assign(s.tokens.begin() + s.n_prompt + static_cast<std::ptrdiff_t>(s.tokens_streamed), s.tokens.end());
         if (!s.logprobs.empty()) {
             d.logprobs.assign(s.logprobs.begin() + static_cast<std::ptrdiff_t>(s.tokens_streamed), s.logprobs.end());
@@ -774,7 +744,7 @@ void Engine::collect_deltas(std::vector<StreamDelta> & out) {
 size_t Engine::cancel_request(uint64_t request) {
     size_t dropped = 0;
     for (auto it = waiting_.begin(); it != waiting_.end();) {
-        if ((*it)->req.request == request) {
+        if ((*it)->item.request == request) {
             if ((*it)->prefix_user) {
                 --prefix_->users;
             }
@@ -788,7 +758,7 @@ size_t Engine::cancel_request(uint64_t request) {
         }
     }
     for (auto & slot : slots_) {
-        if (slot && slot->req.request == request) {
+        if (slot && slot->item.request == request) {
             free_slot(slot);
             ++dropped;
         }
@@ -803,13 +773,12 @@ size_t Engine::cancel_request(uint64_t request) {
     return dropped;
 }
 
-void Engine::drop_live(const std::string & why, std::vector<Result> & out) {
+void Engine::drop_live(const Failure & why, std::vector<Result> & out) {
     drop_prefix();
     for (auto & slot : slots_) {
         if (slot) {
             if (slot->state != SeqState::Done) {
                 finish(slot.get(), Finish::Error, why);
-                slot->aborted = true;
             }
             out.push_back(to_result(*slot));
             free_slot(slot);
@@ -839,7 +808,7 @@ StepOutput Engine::step() {
         if (!why.empty()) {
             out.fatal += ": " + why;
         }
-        drop_live(out.fatal, out.finished);
+        drop_live({ErrorCode::Aborted, out.fatal}, out.finished);
         return out;
     }
     collect_deltas(out.deltas);
@@ -849,7 +818,7 @@ StepOutput Engine::step() {
 
 void Engine::cancel_all() {
     std::vector<Result> dropped;
-    drop_live("cancelled", dropped);
+    drop_live({ErrorCode::Aborted, "cancelled"}, dropped);
     waiting_.clear();
     no_prefix_head_ = nullptr;
     ready_.clear();

@@ -1,15 +1,10 @@
 // The batch engine: slots, admission, one llama_batch per step, decode with the
 // failure policy, sampling and finishing. Python drives it one step() at a time.
 //
-// A sequence's life is an explicit state (SeqState in engine.cpp), changed in few places:
-//   Waiting --admit--> Prefilling --last prompt logits--> Generating --stop/length--> Done
-//                                                    \--> Scoring (continuations) --> Done
-//   Prefilling | Generating | Scoring --pause (no KV room)--> Paused --admit--> Prefilling
-//   Scoring --sliding window too short to roll back--> Prefilling (the prompt again)
-//   any state --error (submit's checks, no room alone, a fatal decode)--> Done
-// A prompt shared by several waiting sequences is a SharedPrefix: decoded once into a
-// sequence id of its own and copied into each user's KV on admission.
-// What happens when llama_decode fails is decided in one function, Engine::recover.
+// A sequence's states are drawn in sequence.hpp. A prompt shared by several waiting
+// sequences is a SharedPrefix: decoded once into a sequence id of its own and copied into
+// each user's KV on admission. What happens when llama_decode fails is decided in one
+// function, Engine::recover.
 #pragma once
 
 #include <atomic>
@@ -21,9 +16,8 @@
 
 #include "llama.h"
 #include "model.hpp"
-#include "sampling.hpp"
-#include "scoring.hpp"
-#include "text.hpp"
+#include "request.hpp"
+#include "sequence.hpp"
 
 namespace pg {
 
@@ -40,34 +34,6 @@ struct EngineConfig {
     int32_t min_prefix = 16;    // shortest common prompt prefix worth decoding once and copying;
                                 // INT32_MAX: never share (and no KV stream is kept for it)
     bool    verbose    = false;
-};
-
-struct Request {
-    uint64_t       request = 0;  // the caller's request (one call), for routing and cancelling
-    int64_t        index   = 0;  // the prompt's index within its request
-    int32_t        sample  = 0;  // which of the prompt's samples
-    bool           stream  = false; // report new tokens every step (StepOutput::deltas)
-    std::string    prompt;       // UTF-8
-    SamplingConfig params;
-};
-
-enum class Finish : int { Stop = 0, Length = 1, Error = 2 };
-
-struct Result {
-    uint64_t                 request     = 0;
-    int64_t                  index       = 0;
-    int32_t                  sample      = 0;
-    int32_t                  n_prompt    = 0;
-    std::vector<llama_token> tokens;        // generated tokens, a final stop token included
-    std::string              text;          // complete UTF-8 characters; stop string removed
-    Finish                   finish      = Finish::Stop;
-    std::string              stop_string;   // the stop string that ended it, if any
-    llama_token              stop_token  = -1; // the EOG / stop token that ended it, if any
-    std::string              error;         // why, when finish == Error
-    bool                     aborted     = false; // cut off by a fatal backend failure
-    std::vector<TokenLogprob> logprobs;     // per generated token, if params.logprobs >= 0
-    // A scoring sequence (params.continuations) puts every continuation's tokens, end to
-    // end, in `tokens` and their logprobs in `logprobs` (no top alternatives).
 };
 
 struct Counters {
@@ -96,7 +62,7 @@ struct StreamDelta {
 struct StepOutput {
     std::vector<StreamDelta> deltas;  // sequences still running; a finished one's last words are its Result
     std::vector<Result> finished;
-    std::string         fatal;  // non-empty: llama_decode failed fatally; live sequences were dropped
+    std::string         fatal;  // non-empty: llama_decode failed fatally; live sequences were dropped (Aborted)
 };
 
 class Engine {
@@ -107,9 +73,13 @@ public:
     Engine(const Engine &) = delete;
     Engine & operator=(const Engine &) = delete;
 
-    // Queues a request. Tokenizes it now; a prompt that cannot run (empty, longer than the
-    // sequence context) becomes an error result handed out by the next step().
-    void submit(Request req);
+    // Why `item` cannot run on this engine (empty, too long for n_ctx, a token outside the
+    // vocabulary, continuations that do not fit); a Failure without a code when it can.
+    // Reads only the configuration and the model: callers may ask from any thread.
+    Failure check(const Item & item) const;
+    // Queues a request. One that cannot run (check(), or a sampler llama.cpp cannot build)
+    // becomes an error result handed out by the next step().
+    void submit(Item item);
 
     // One batch step: admit waiting sequences, decode one batch, sample, finish.
     StepOutput step();
@@ -135,12 +105,14 @@ public:
     bool     flash_attn() const;
     const ModelHandle & model() const { return *model_; }
 
+    // Engines alive in this process (contexts not freed yet): leak checks in tests.
+    static int32_t alive() { return alive_.load(); }
+
     // Test hook: make the n-th llama_decode from now abort through llama.cpp's own abort
     // callback (it then returns 2), to exercise the fatal-failure path for real.
     void abort_after_decodes(int32_t n) { abort_countdown_ = n; }
 
 private:
-    struct Sequence;
     struct SharedPrefix;
     struct Entry;
     enum class Recovery { Split, Retry, Fatal };
@@ -163,11 +135,11 @@ private:
     void sample(Sequence * s, int32_t idx);
     void score(Sequence * s, int32_t idx, llama_pos pos);
     void next_continuation(Sequence * s);
-    void finish(Sequence * s, Finish why, std::string error = {});
+    void finish(Sequence * s, Finish why, Failure failure = {});
     void free_slot(std::unique_ptr<Sequence> & slot);  // KV removed, slot emptied
     void collect_finished(std::vector<Result> & out);
     void collect_deltas(std::vector<StreamDelta> & out);
-    void drop_live(const std::string & why, std::vector<Result> & out);
+    void drop_live(const Failure & why, std::vector<Result> & out);
     Result to_result(Sequence & s) const;
     int64_t kv_used_estimate() const;
     bool    sharing_prefixes() const { return cfg_.min_prefix < INT32_MAX; }
@@ -194,6 +166,7 @@ private:
     uint64_t                               admit_clock_ = 0;
     Counters                               counters_;
 
+    static std::atomic<int32_t> alive_;
     int32_t           abort_countdown_ = 0;
     std::atomic<bool> abort_now_{false};
 };

@@ -15,25 +15,28 @@ ContinuationScorer::ContinuationScorer(std::vector<std::vector<llama_token>> con
     logprobs_.assign(tokens_.size(), 0.0f);
 }
 
-std::string ContinuationScorer::check(int32_t n_vocab, int32_t n_prompt, int32_t n_ctx) const {
-    for (size_t j = 0; j + 1 < start_.size(); ++j) {
-        const size_t n = start_[j + 1] - start_[j];
-        if (n == 0) {
-            return "continuation " + std::to_string(j) + " has no tokens";
+Failure ContinuationScorer::check(const std::vector<std::vector<llama_token>> & continuations, int32_t n_vocab,
+                                  int32_t n_prompt, int32_t n_ctx) {
+    for (size_t j = 0; j < continuations.size(); ++j) {
+        const auto & c = continuations[j];
+        if (c.empty()) {
+            return {ErrorCode::InvalidParam, "continuation " + std::to_string(j) + " has no tokens"};
         }
-        for (size_t k = start_[j]; k < start_[j + 1]; ++k) {
-            if (tokens_[k] < 0 || tokens_[k] >= n_vocab) {
-                return "continuation " + std::to_string(j) + " has token id " + std::to_string(tokens_[k]) +
-                       ", outside the vocabulary of " + std::to_string(n_vocab);
+        for (llama_token t : c) {
+            if (t < 0 || t >= n_vocab) {
+                return {ErrorCode::InvalidParam, "continuation " + std::to_string(j) + " has token id " +
+                                                     std::to_string(t) + ", outside the vocabulary of " +
+                                                     std::to_string(n_vocab)};
             }
         }
-        if (int64_t(n_prompt) + int64_t(n) > n_ctx) {
-            return "the prompt (" + std::to_string(n_prompt) + " tokens) plus continuation " + std::to_string(j) +
-                   " (" + std::to_string(n) + " tokens) is longer than a sequence's n_ctx=" + std::to_string(n_ctx) +
-                   "; shorten it or open the model with a larger n_ctx";
+        if (int64_t(n_prompt) + int64_t(c.size()) > n_ctx) {
+            return {ErrorCode::PromptTooLong,
+                    "the prompt (" + std::to_string(n_prompt) + " tokens) plus continuation " + std::to_string(j) +
+                        " (" + std::to_string(c.size()) + " tokens) is longer than a sequence's n_ctx=" +
+                        std::to_string(n_ctx) + "; shorten it or open the model with a larger n_ctx"};
         }
     }
-    return "";
+    return {};
 }
 
 void ContinuationScorer::read_first(const float * logits, int32_t n_vocab) {

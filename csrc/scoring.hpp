@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "llama.h"
+#include "request.hpp"
 
 namespace pg {
 
@@ -21,9 +22,10 @@ class ContinuationScorer {
 public:
     explicit ContinuationScorer(std::vector<std::vector<llama_token>> continuations);
 
-    // Empty when the continuations can run after a prompt of n_prompt tokens in a sequence
-    // of n_ctx tokens, else why not.
-    std::string check(int32_t n_vocab, int32_t n_prompt, int32_t n_ctx) const;
+    // Why `continuations` cannot run after a prompt of n_prompt tokens in a sequence of
+    // n_ctx tokens; no code when they can.
+    static Failure check(const std::vector<std::vector<llama_token>> & continuations, int32_t n_vocab,
+                         int32_t n_prompt, int32_t n_ctx);
 
     // The logits after the prompt's last token: the first token of every continuation.
     void read_first(const float * logits, int32_t n_vocab);

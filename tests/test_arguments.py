@@ -188,7 +188,7 @@ def test_closed_model(smollm2_path):
 
 def test_sampling_fields_have_one_source_of_truth():
     """SamplingParams is the source: every field is a CLI flag, and every field the
-    engine reads is a native SamplingConfig attribute that _to_native fills in."""
+    engine reads is a native SamplingConfig attribute that to_native fills in."""
     fields = [f.name for f in dataclasses.fields(pg.SamplingParams)]
     assert [f for f, *_ in cli.SAMPLING_FLAGS] == fields
     # resolved in Python: n becomes n engine sequences; json_schema and choices compile to a grammar
@@ -202,11 +202,11 @@ def test_sampling_fields_have_one_source_of_truth():
                           repeat_last_n=16, frequency_penalty=0.3, presence_penalty=0.4, seed=5, stop=["x"],
                           stop_token_ids=[2], ignore_eos=True, grammar='root ::= "a"', logprobs=2,
                           logit_bias={3: 1.5})
-    c = p._to_native(seed=99)
+    c = p.to_native(seed=99)
     for name in sorted(native - scoring_only - {"seed"}):
         want = getattr(p, name)
         want = sorted(want.items()) if isinstance(want, dict) else list(want) if isinstance(want, tuple) else want
         assert getattr(c, name) == (pytest.approx(want, rel=1e-6) if isinstance(want, float) else want), name
     assert c.seed == 99  # the per-sample seed, resolved by the caller
     for name, value in [("temperature", 0.0), ("logprobs", None), ("grammar", None), ("ignore_eos", False)]:
-        assert getattr(pg.SamplingParams(**{name: value})._to_native(seed=1), name) != getattr(c, name), name
+        assert getattr(pg.SamplingParams(**{name: value}).to_native(seed=1), name) != getattr(c, name), name

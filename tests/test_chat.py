@@ -145,7 +145,7 @@ def test_given_template_on_base_model(gemma):
         assert gemma.tokenize(c.prompt)[:2] != bos * 2
         assert c.finish_reason in ("stop", "length") and not any(m in c.text for m in MARKUP)
         if c.finish_reason == "stop":
-            assert gemma._model.is_eog(c.stop_reason) or c.stop_reason == end_of_turn
+            assert gemma.handle.is_eog(c.stop_reason) or c.stop_reason == end_of_turn
 
 
 # -- failures ----------------------------------------------------------------------------

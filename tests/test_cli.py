@@ -251,7 +251,7 @@ def test_info(smol, gemma3_path, tmp_path):
     assert b["backends"] == list(_core.backends()) and "CPU" in b["backends"]
     assert b["threads"] >= 1 and b["system_info"]
     assert m["path"] == str(models.smollm2_path()) and m["architecture"] == "llama"
-    assert m["parameters"] == smol._model.n_params and m["context_length"] == smol.n_ctx_train
+    assert m["parameters"] == smol.handle.n_params and m["context_length"] == smol.n_ctx_train
     assert m["chat_template"] is True
     # KV cache: info's Model has 1 slot (+ the shared-prefix stream) of n_ctx 64, rounded up to 256 cells.
     assert m["kv_bytes_allocated"] == 2 * 256 * m["kv_bytes_per_token"] > 0

@@ -8,7 +8,8 @@ import types
 import pytest
 
 import parallel_gen as pg
-from parallel_gen.generate import _param_list, run_batch
+from parallel_gen.generate import run_batch
+from parallel_gen.inputs import param_list, prepare_all
 
 from conftest import PROMPTS_16
 
@@ -23,7 +24,7 @@ def test_single_prompt_string(smol):
     if c.finish_reason == "length":
         assert len(c.token_ids) == 8 and c.stop_reason is None
     else:  # ended by the model's end-of-generation token, reported by id
-        assert c.stop_reason == c.token_ids[-1] and smol._model.is_eog(c.token_ids[-1])
+        assert c.stop_reason == c.token_ids[-1] and smol.handle.is_eog(c.token_ids[-1])
     assert c.text == smol.detokenize(c.token_ids)
     assert r.texts == [c.text]
     assert c.prompt_tokens == len(smol.tokenize(c.prompt))
@@ -65,7 +66,7 @@ def test_eos_stops_and_ignore_eos_continues(smol):
     stopped = pg.generate_parallel(smol, chat, max_tokens=64, temperature=0)[0]
     assert stopped.finish_reason == "stop"
     eog = stopped.token_ids[-1]
-    assert stopped.stop_reason == eog and smol._model.is_eog(eog)  # stop token reported by id
+    assert stopped.stop_reason == eog and smol.handle.is_eog(eog)  # stop token reported by id
     assert smol.detokenize([eog], render_special=True) == "<|im_end|>"
     assert "<|im_end|>" not in stopped.text and stopped.text.strip()
     n = len(stopped.token_ids)
@@ -171,8 +172,9 @@ def test_progress_counts_only_this_calls_tokens_on_a_reused_model(smollm2_path):
     with pg.Model(smollm2_path, n_parallel=4, n_ctx=128) as m:
         pg.generate_parallel(m, PROMPTS_16[:4], max_tokens=40, temperature=0, ignore_eos=True)  # 160 tokens
         seen = []
-        params = _param_list(None, dict(max_tokens=5, temperature=0, ignore_eos=True), 4)
-        r = run_batch(m, PROMPTS_16[4:8], params, on_step=lambda done, total, tokens: seen.append((done, tokens)))
+        params = param_list(None, dict(max_tokens=5, temperature=0, ignore_eos=True), 4)
+        r = run_batch(m, prepare_all(m, PROMPTS_16[4:8]), params,
+                      on_step=lambda done, total, tokens: seen.append((done, tokens)))
     assert r.stats.completion_tokens == 20
     assert seen[-1] == (4, 20)  # alone on the Model: exactly its own tokens
     assert [t for _, t in seen] == sorted(t for _, t in seen) and all(t <= 20 for _, t in seen)

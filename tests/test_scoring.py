@@ -335,7 +335,7 @@ def test_gemma3_long_prompt_beyond_its_sliding_window(gemma3_path):
     Scored alone (Gemma's CPU kernels are not batch invariant, see the README), the result
     equals llama-cpp-python's."""
     with pg.Model(gemma3_path, n_parallel=4, n_ctx=1024, flash_attn=True) as m:
-        n_swa = m._model.n_swa
+        n_swa = m.handle.n_swa
         prompt = "The weather report for the week. " * 80 + "Tomorrow will be"
         prompt_ids = m.tokenize(prompt)
         assert n_swa > 0 and len(prompt_ids) > n_swa

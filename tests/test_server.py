@@ -271,9 +271,9 @@ def test_models_health_metrics_and_request_id(server):
     for name in ("parallel_gen_requests_running", "parallel_gen_requests_waiting", "parallel_gen_prompt_tokens_total",
                  "parallel_gen_generation_tokens_total", "parallel_gen_request_duration_seconds_bucket",
                  "parallel_gen_time_to_first_token_seconds_bucket", "parallel_gen_sequences_finished_total",
-                 "parallel_gen_kv_cells_used", "parallel_gen_sequences_waiting"):
+                 "parallel_gen_kv_tokens", "parallel_gen_sequences_waiting"):
         assert name in text, name
-    assert server.metric("parallel_gen_kv_cells_used") == 0  # nothing running now
+    assert server.metric("parallel_gen_kv_tokens") == 0  # nothing running now
 
 
 # -- every error status has OpenAI's body, and the server keeps serving -------------------------
@@ -403,7 +403,7 @@ def test_disconnect_mid_stream_frees_the_slot(small):
             assert any(line.startswith("data: ") for line in got)
             assert small.metric("parallel_gen_slots_busy") >= 1
         t0 = time.monotonic()  # the connection is closed here
-    assert _wait(lambda: small.metric("parallel_gen_kv_cells_used") <= 60 and
+    assert _wait(lambda: small.metric("parallel_gen_kv_tokens") <= 60 and
                  small.metric("parallel_gen_requests_running") + small.metric("parallel_gen_requests_waiting") <= 1, 2.0)
     freed = time.monotonic() - t0
     assert freed <= 2.0

@@ -113,3 +113,105 @@ def test_open_request_limit_is_503_in_openai_shape(smollm2_path):
 def test_bad_settings_raise_before_serving(kw, message):
     with pytest.raises((TypeError, ValueError), match=message):
         ServerSettings(**kw)
+
+
+# -- issue 20's server bugs -------------------------------------------------------------
+def test_a_prompt_failure_maps_to_its_status_by_code_not_by_words(smol):
+    """The 400 context_length_exceeded branch used to look for the word "context" in the
+    engine's message, which says "n_ctx": a too-long prompt failing in the engine got 500."""
+    from parallel_gen.errors import ErrorCode, Failure
+    from parallel_gen.server.service import Choice, failed_choice
+
+    too_long = smol.check_tokens([1] * (smol.n_ctx + 1))  # the engine's own code and message
+    assert too_long.code is ErrorCode.PROMPT_TOO_LONG and "context" not in too_long.message.replace("n_ctx", "")
+    err = failed_choice(Choice(0, failure=too_long))
+    assert (err.status, err.code) == (400, "context_length_exceeded")
+    err = failed_choice(Choice(0, failure=Failure(ErrorCode.ABORTED, "llama_decode failed (code -3)")))
+    assert (err.status, err.code) == (500, "engine_failure")
+    err = failed_choice(Choice(0, failure=smol.check_tokens([])))
+    assert (err.status, err.code) == (400, "invalid_value")
+
+
+def test_slow_chat_rendering_does_not_stall_the_event_loop(smollm2_path, monkeypatch):
+    """Chat-template rendering (and the JSON-schema grammar, the grammar check) used to run
+    on the event loop: one slow request stalled /health and every stream. Here rendering
+    is held until /health has answered; on the loop, /health would never answer."""
+    from parallel_gen.templates import ChatTemplate
+
+    release, rendering = threading.Event(), threading.Event()
+    real_render = ChatTemplate.render
+
+    def held_render(self, *args, **kwargs):
+        rendering.set()
+        release.wait(60)
+        return real_render(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChatTemplate, "render", held_render)
+    with pg.Model(smollm2_path, n_parallel=2, n_ctx=256, n_threads=1) as model:
+        with TestClient(create_app(model)) as client:
+            results = {}
+            schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+
+            def chat():
+                results["chat"] = client.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}})
+
+            t = threading.Thread(target=chat, daemon=True)
+            t.start()
+            assert rendering.wait(30)
+            health = {}
+            h = threading.Thread(target=lambda: health.setdefault("r", client.get("/health")), daemon=True)
+            h.start()
+            h.join(20)
+            answered = "r" in health
+            release.set()
+            t.join(120)
+            assert answered and health["r"].status_code == 200, "/health waited for a chat template to render"
+            assert results["chat"].status_code == 200, results["chat"].text
+
+
+def test_streamed_logprobs_are_accumulated_in_place(smol):
+    """Each event's logprobs used to be appended by rebuilding the choice's whole list (and
+    the chunk offsets by slicing it): quadratic in the tokens of a long stream."""
+    from parallel_gen.results import TokenLogprobs
+    from parallel_gen.server.metrics import Metrics
+    from parallel_gen.server.service import Job, Service
+    from parallel_gen.stream import StreamEvent
+
+    n = 3000
+    evs = [StreamEvent(0, "ab", [7], False, logprobs=[TokenLogprobs(7, "ab", -0.5, [])]) for _ in range(n)]
+    evs.append(StreamEvent(0, "", [], True, "length"))
+
+    class Replay:
+        def __init__(self):
+            self.it = iter(evs)
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            try:
+                return next(self.it)
+            except StopIteration:
+                raise StopAsyncIteration
+
+        async def aclose(self):
+            pass
+
+    service = Service(smol, ServerSettings(), Metrics(lambda: None))
+    job = Job("t", "completions", ["x"], [pg.SamplingParams()], 1, [1], stream=Replay())
+
+    async def run():
+        ids, offsets = set(), []
+        async for c, ev in service.events(job):
+            if ev.logprobs:
+                ids.add(id(c.logprobs))
+                offsets.append(c.event_offset)
+        return ids, offsets, c
+
+    import asyncio
+
+    ids, offsets, c = asyncio.run(run())
+    assert len(ids) == 1 and len(c.logprobs) == n  # one list, extended
+    assert offsets == [2 * i for i in range(n)]

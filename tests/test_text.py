@@ -54,7 +54,7 @@ def test_byte_tokens_of_real_model_round_trip(smol):
     # valid UTF-8 alone; assembling their pieces must give the text back.
     text = "emoji 🦙🍕 and 漢字 and ñ"
     ids = smol.tokenize(text, add_special=False)
-    pieces = [smol._model.detokenize([i], False) for i in ids]
+    pieces = [smol.handle.detokenize([i], False) for i in ids]
     assert any(_not_utf8(p) for p in pieces), "expected at least one partial-character token"
     t, _ = feed([], pieces)
     assert t.final_bytes().decode() == text
@@ -75,7 +75,7 @@ def test_generation_cut_inside_a_character(smol):
     prompt = "Emoji list: 🍎 apple, 🍌 banana, 🍇"
     full = pg.generate_parallel(smol, prompt, max_tokens=40, temperature=0, ignore_eos=True)[0]
     assert "\ufffd" not in full.text
-    pieces = [smol._model.detokenize([t], False) for t in full.token_ids]
+    pieces = [smol.handle.detokenize([t], False) for t in full.token_ids]
     cuts = [k for k in range(1, len(pieces) + 1) if _not_utf8(b"".join(pieces[:k]))]
     assert cuts, f"no token boundary inside a character in {full.text!r}"
     k = cuts[0]

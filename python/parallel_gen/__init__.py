@@ -10,9 +10,12 @@ import logging as _logging
 from .cache import ResultCache
 from .chat import apply_chat_template, chat_parallel
 from .classify import Classification, Classifications, classify
-from .errors import GenerationError, ModelLoadError
+from .config import ModelConfig
+from .errors import (EngineFailedError, ErrorCode, GenerationError, ModelClosedError, ModelLoadError, ParamError,
+                     ParamTypeError, RequestCancelledError)
 from .generate import generate_parallel
-from .jobs import JobSummary, generate_iter, run_file_job
+from .iterate import generate_iter
+from .jobs import JobSummary, run_file_job
 from .model import Model
 from .models import default_model_path
 from .params import SamplingParams
@@ -28,13 +31,20 @@ __all__ = [
     "Classification",
     "Classifications",
     "Completion",
+    "EngineFailedError",
     "EngineStats",
+    "ErrorCode",
     "GenerationError",
     "JobSummary",
     "Logprob",
     "Model",
+    "ModelClosedError",
+    "ModelConfig",
     "ModelLoadError",
     "Output",
+    "ParamError",
+    "ParamTypeError",
+    "RequestCancelledError",
     "ResultCache",
     "SamplingParams",
     "Score",

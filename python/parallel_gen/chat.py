@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from collections.abc import Sequence as _SequenceABC
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .generate import ModelLike, OncePerModel, Params, _open, _param_list, reject_unordered, run_batch
-from .memory import n_ctx_for_prompts
+from .errors import ParamError, ParamTypeError
+from .generate import ModelLike, open_model, run_batch, sized_to
+from .inputs import OncePerModel, Params, PreparedPrompt, param_list, prepare_all, reject_unordered
 from .model import Model
 from .progress import make_progress
 from .results import BatchResult
@@ -50,24 +51,21 @@ def chat_parallel(
             bad params, or no usable chat template; all before any generation.
         FileNotFoundError, ModelLoadError, GenerationError: as for generate_parallel.
     """
-    convs = _conversation_list(conversations)
-    param_list = _param_list(params, overrides, len(convs))
+    convs = conversation_list(conversations)
+    per_conv = param_list(params, overrides, len(convs))
     bar = make_progress(progress, len(convs))  # checks progress before the model loads
 
-    def render(m: Model) -> Tuple[ChatTemplate, List[str]]:
+    def render(m: Model) -> Tuple[ChatTemplate, List[PreparedPrompt]]:
         template = ChatTemplate(m, chat_template)
-        return template, _render_all(template, convs)
+        return template, prepare_all(m, _render_all(template, convs))
 
     rendered = OncePerModel(render)
-
-    def sized(m: Model) -> int:  # a Model opened here: a context sized to these conversations
-        return n_ctx_for_prompts(rendered(m)[1], [p.max_tokens for p in param_list])(m)
-
-    with _open(model, sized) as m:
+    # A Model opened here gets a context sized to these conversations, rendered once.
+    with open_model(model, sized_to(lambda m: rendered(m)[1], [p.max_tokens for p in per_conv])) as m:
         template, prompts = rendered(m)
-        param_list = [template.add_stops(p) for p in param_list]
+        per_conv = [template.add_stops(p) for p in per_conv]
         with bar as on_step:
-            return run_batch(m, prompts, param_list, on_step=on_step)
+            return run_batch(m, prompts, per_conv, on_step=on_step)
 
 
 def apply_chat_template(
@@ -79,7 +77,23 @@ def apply_chat_template(
 ) -> str:
     """The prompt text chat_parallel would build for one conversation."""
     template = ChatTemplate(model, chat_template)
-    return template.render(_conversation_list([messages])[0], add_generation_prompt)
+    return template.render(conversation_list([messages])[0], add_generation_prompt)
+
+
+def conversation(user: str, system: Optional[str] = None) -> List[Message]:
+    """The conversation of one plain text: a user turn, after a system turn when given."""
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return head + [{"role": "user", "content": user}]
+
+
+def chat_mode(chat: bool, system: Optional[str], chat_template: Optional[str]) -> bool:
+    """Whether plain texts go through a chat template: asked for, or implied by a system
+    message or a chat template (neither means anything to a plain prompt)."""
+    if not isinstance(chat, bool):
+        raise ParamTypeError(f"chat must be a bool, got {type(chat).__name__}", "chat")
+    if system is not None and not isinstance(system, str):
+        raise ParamTypeError(f"system must be a str, got {type(system).__name__}", "system")
+    return chat or system is not None or chat_template is not None
 
 
 def _render_all(template: ChatTemplate, convs: List[List[Message]]) -> List[str]:
@@ -92,7 +106,7 @@ def _render_all(template: ChatTemplate, convs: List[List[Message]]) -> List[str]
     return prompts
 
 
-def _conversation_list(conversations: Any) -> List[List[Message]]:
+def conversation_list(conversations: Any) -> List[List[Message]]:
     """Checks the shape of every message; messages are copied into plain dicts."""
     if isinstance(conversations, (str, bytes, Mapping)):
         raise TypeError(f"conversations must be a sequence of conversations (lists of messages), got "
@@ -112,11 +126,12 @@ def _conversation_list(conversations: Any) -> List[List[Message]]:
             raise TypeError(f"conversations[{i}] must be a list of messages, got {type(conv).__name__}")
         if len(conv) == 0:
             raise ValueError(f"conversations[{i}] is empty: it needs at least one message")
-        out.append([_message(f"conversations[{i}][{j}]", msg) for j, msg in enumerate(conv)])
+        out.append([check_message(f"conversations[{i}][{j}]", msg) for j, msg in enumerate(conv)])
     return out
 
 
-def _message(where: str, msg: Any) -> Message:
+def check_message(where: str, msg: Any) -> Message:
+    """``msg`` as a plain dict, after checking it is a message; errors name ``where``."""
     if not isinstance(msg, Mapping):
         raise TypeError(f"{where} must be a dict with 'role' and 'content', got {type(msg).__name__}")
     for key in ("role", "content"):

@@ -16,7 +16,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 
 import numpy as np
 
-from .generate import ModelLike, _open, _prompt_list
+from .chat import chat_mode, conversation
+from .errors import ParamError, ParamTypeError
+from .generate import ModelLike, open_model
+from .inputs import prepare, prompt_list
 from .model import Model
 from .progress import make_progress
 from .scoring import ContinuationTokens, JobsFor, Score, ScoringJob, run_scoring, split_boundary
@@ -100,12 +103,12 @@ def classify(model: ModelLike, texts: Union[str, Sequence[str]], labels: Sequenc
             score each label as the assistant's whole answer: the label followed by the
             template's end-of-turn marker, so a label that is the start of another is
             not favoured.
-        system: a system message (chat mode only).
+        system: a system message (implies chat=True).
         normalize: "sum" (softmax over the labels' total log-likelihoods: the probability
             of the exact label string) or "mean" (over per-token means, which favours long
             labels less).
-        chat_template: chat mode: None for the model's template, else Jinja text or a
-            llama.cpp built-in name.
+        chat_template: None for the model's template, else Jinja text or a llama.cpp
+            built-in name (implies chat=True).
         progress: a progress bar on stderr (texts classified); None shows it when stderr
             is a terminal.
         request_id: a name for this call in log lines.
@@ -121,7 +124,7 @@ def classify(model: ModelLike, texts: Union[str, Sequence[str]], labels: Sequenc
             that tokenizes to nothing, a template without ``{text}``, ...), before any work.
         GenerationError: llama.cpp failed fatally while decoding.
     """
-    text_list = _prompt_list(texts)
+    text_list = prompt_list(texts)
     options = classify_options(labels, template=template, chat=chat, system=system, normalize=normalize,
                                chat_template=chat_template)
     bar = make_progress(progress, len(text_list))  # checks progress before the model loads
@@ -132,7 +135,7 @@ def classify(model: ModelLike, texts: Union[str, Sequence[str]], labels: Sequenc
         return [made[0].job(t, f"texts[{i}]") for i, t in enumerate(text_list)]
 
     jobs_for = JobsFor(build)
-    with _open(model, jobs_for.n_ctx) as m, bar as on_step:
+    with open_model(model, jobs_for.n_ctx) as m, bar as on_step:
         jobs = jobs_for(m)
         classifier = made[0]
         scores = run_scoring(m, jobs, request_id=request_id, on_step=on_step)
@@ -163,15 +166,8 @@ def classify_options(labels: Sequence[str], *, template: Optional[Template] = No
     """
     label_list = _label_list(labels)
     if normalize not in NORMALIZE:
-        raise ValueError(f"normalize={normalize!r}: must be one of {', '.join(map(repr, NORMALIZE))}")
-    if not isinstance(chat, bool):
-        raise TypeError(f"chat must be a bool, got {type(chat).__name__}")
-    if system is not None and not isinstance(system, str):
-        raise TypeError(f"system must be a str, got {type(system).__name__}")
-    if system is not None and not chat:
-        raise ValueError("system= needs chat=True: a plain prompt has no system turn (put it in template)")
-    if chat_template is not None and not chat:
-        raise ValueError("chat_template= needs chat=True: a plain prompt is not rendered through a chat template")
+        raise ParamError(f"normalize={normalize!r}: must be one of {', '.join(map(repr, NORMALIZE))}", "normalize")
+    chat = chat_mode(chat, system, chat_template)
     fmt = _formatter(template, DEFAULT_CHAT_TEMPLATE if chat else DEFAULT_TEMPLATE, label_list)
     return ClassifyOptions(label_list, fmt, chat, system, normalize, chat_template)
 
@@ -214,6 +210,7 @@ class _PlainJobs:
     """Plain prompts: each label is the continuation of the formatted text."""
 
     def __init__(self, model: Model, labels: List[str]) -> None:
+        self._model = model
         self._labels = labels
         self._tokens = ContinuationTokens(model)
 
@@ -221,13 +218,14 @@ class _PlainJobs:
         head = split_boundary(prompt, "")[0]
         ids = [self._tokens.get(split_boundary(prompt, lab)[1], f"label {lab!r} (after the prompt of {where})")
                for lab in self._labels]
-        return ScoringJob(head, ids)
+        return ScoringJob(prepare(self._model, head), ids)
 
 
 class _ChatJobs:
     """Chat prompts: the text in a user turn, each label as the assistant's answer."""
 
     def __init__(self, model: Model, labels: List[str], system: Optional[str], chat_template: Optional[str]) -> None:
+        self._model = model
         self._template = ChatTemplate(model, chat_template)
         self._system = system
         tokens = ContinuationTokens(model)
@@ -244,13 +242,11 @@ class _ChatJobs:
         return []
 
     def job(self, user: str, where: str) -> ScoringJob:
-        messages = ([{"role": "system", "content": self._system}] if self._system is not None else [])
-        messages.append({"role": "user", "content": user})
         try:
-            prompt = self._template.render(messages)
+            prompt = self._template.render(conversation(user, self._system))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        return ScoringJob(prompt, self._ids)
+        return ScoringJob(prepare(self._model, prompt), self._ids)
 
 
 def _label_list(labels: Any) -> List[str]:

@@ -12,11 +12,16 @@ from dataclasses import dataclass, fields
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from ._native import _core
+from .errors import ErrorCode
 from .results import FinishReason, Logprob, Output, TokenLogprobs
 
 _FINISH: Dict["_core.Finish", FinishReason] = {
     _core.Finish.stop: "stop", _core.Finish.length: "length", _core.Finish.error: "error",
 }
+
+# The public code of each native one (ErrorCode.none has none).
+ERROR_CODES: Dict["_core.ErrorCode", ErrorCode] = {
+    getattr(_core.ErrorCode, c.value): c for c in ErrorCode if hasattr(_core.ErrorCode, c.value)}
 
 # The engine's raw logprobs of one generated token: (its logprob, [(token, logprob), ...] best first).
 RawLogprobs = Tuple[float, List[Tuple[int, float]]]
@@ -38,8 +43,12 @@ class SequenceResult:
     stop_reason: Union[str, int, None]
     error: Optional[str]
     logprobs: Optional[List[RawLogprobs]]
-    aborted: bool
-    """Dropped by a fatal decode failure, not finished."""
+    error_code: Optional[ErrorCode] = None
+
+    @property
+    def aborted(self) -> bool:
+        """Dropped by a fatal decode failure, not finished."""
+        return self.error_code is ErrorCode.ABORTED
 
     @classmethod
     def from_native(cls, r: "_core.Result") -> "SequenceResult":
@@ -52,12 +61,12 @@ class SequenceResult:
         return cls(index=int(r.index), sample=int(r.sample), prompt_tokens=int(r.n_prompt),
                    token_ids=list(r.tokens), text=r.text, finish_reason=_FINISH[r.finish],
                    stop_reason=stop_reason, error=r.error or None, logprobs=list(raw) if raw else None,
-                   aborted=bool(r.aborted))
+                   error_code=ERROR_CODES.get(r.error_code))
 
     def to_output(self, token_text: Callable[[int], str]) -> Output:
         """The public Output; ``token_text`` gives a token's text (for logprobs)."""
         return Output(self.text.decode("utf-8", "replace"), list(self.token_ids), self.finish_reason,
-                      self.stop_reason, self.error, self.token_logprobs(token_text))
+                      self.stop_reason, self.error, self.token_logprobs(token_text), self.error_code)
 
     def token_logprobs(self, token_text: Callable[[int], str]) -> Optional[List[TokenLogprobs]]:
         """Every generated token's logprobs as public types; None when not asked for."""
@@ -107,9 +116,9 @@ class EngineCounters:
     generation_seconds: float = 0.0
 
     @classmethod
-    def from_native(cls, counters: Dict[str, float]) -> "EngineCounters":
-        """From ``_core.Engine.counters()``; a key missing on either side is a bug."""
-        return cls(**{f.name: counters[f.name] for f in fields(cls)})
+    def from_native(cls, counters: "_core.Counters") -> "EngineCounters":
+        """From ``_core.Engine.counters()``; a field missing on either side is a bug."""
+        return cls(**{f.name: getattr(counters, f.name) for f in fields(cls)})
 
     def add(self, other: "EngineCounters") -> None:
         for f in fields(self):
@@ -147,6 +156,13 @@ class Fatal:
 
 
 @dataclass(frozen=True)
+class EngineFailed:
+    """The engine thread itself failed (a bug); the Model is broken."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class Closed:
     """The Model was closed while the request was running."""
 
@@ -161,6 +177,6 @@ class Cancelled:
     """The request was cancelled; nothing more comes."""
 
 
-EngineEvent = Union[SequenceFinished, SequenceDelta, Progress, Fatal, Closed, RequestDone, Cancelled]
+EngineEvent = Union[SequenceFinished, SequenceDelta, Progress, Fatal, EngineFailed, Closed, RequestDone, Cancelled]
 # Called on the engine thread with each event of its request; it must be quick and must not raise.
 Sink = Callable[[EngineEvent], None]

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
-import queue
-import secrets
 import time
-import uuid
-from collections.abc import Iterable, Mapping
-from collections.abc import Set as AbstractSet
-from typing import (TYPE_CHECKING, Any, Callable, Deque, Generic, Iterator, List, Optional, Sequence, Set, Tuple,
-                    TypeVar, Union)
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Set, Union
 
-from ._native import _core, llama_cpp
+from ._native import llama_cpp
 from .cache import open_cache
-from .errors import GenerationError
-from .events import (Cancelled, Closed, EngineCounters, EngineEvent, Fatal, Progress, RequestDone, SequenceFinished,
-                     SequenceResult)
-from .memory import n_ctx_for_prompts
+from .client import Client
+from .errors import Failure, GenerationError, ParamTypeError
+from .events import EngineCounters, Progress, RequestDone, SequenceFinished, SequenceResult
+from .inputs import (OncePerModel, Params, PreparedPrompt, Prompts, check_params_against, deterministic,
+                     param_list, prepare_all, prompt_items, prompt_list, read_once)
+from .memory import n_ctx_for_work
 from .model import Model
-from .params import FIELD_NAMES, SamplingParams, sample_seed
+from .params import SamplingParams
 from .progress import make_progress
 from .results import BatchResult, BatchStats, Completion, Output
-from .runner import Item, Request
+from .runner import Item
 
 if TYPE_CHECKING:
     from .cache import ResultCache
@@ -33,8 +28,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("parallel_gen")
 
 ModelLike = Union[Model, str, "os.PathLike[str]", "llama_cpp.Llama"]
-Prompts = Union[str, Sequence[str]]
-Params = Union[SamplingParams, Sequence[SamplingParams], None]
 # Called after every engine step with (prompts finished, prompts in total, tokens generated so far).
 StepCallback = Callable[[int, int, int], None]
 
@@ -61,153 +54,123 @@ def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None,
     Returns:
         A :class:`BatchResult`: one :class:`Completion` per prompt, in prompt order.
         A prompt that cannot run (empty, or longer than the sequence context) gets a
-        Completion with finish_reason "error"; the other prompts are unaffected.
+        Completion with finish_reason "error" and an ``error_code``; the other prompts
+        are unaffected.
 
     Raises:
         TypeError, ValueError: bad arguments, before any work is done.
         FileNotFoundError, ModelLoadError: ``model`` is a path that cannot be loaded.
-        GenerationError: llama.cpp failed fatally; carries the completions finished so far.
+        GenerationError: llama.cpp failed fatally (or the Model was closed meanwhile);
+            carries the completions finished so far.
         KeyboardInterrupt: Ctrl-C stops the call within about one decode step; the Model
             is cleaned up and stays usable.
         ImportError: progress=True and tqdm is not installed.
     """
-    prompt_list = _prompt_list(prompts)
-    params = _read_once(params)
-    param_list = _param_list(params, overrides, len(prompt_list))
-    cacheable = _deterministic(params, overrides, len(prompt_list))
-    bar = make_progress(progress, len(prompt_list))  # checks `progress` before the model loads
+    texts = prompt_list(prompts)
+    params = read_once(params)
+    per_prompt = param_list(params, overrides, len(texts))
+    cacheable = deterministic(params, overrides, len(texts))
+    bar = make_progress(progress, len(texts))  # checks `progress` before the model loads
     result_cache = open_cache(cache)
+    prepared = OncePerModel(lambda m: prepare_all(m, texts))
     try:
         # A Model opened here gets a context sized to these prompts, not the 4096 default.
-        with _open(model, n_ctx_for_prompts(prompt_list, [p.max_tokens for p in param_list])) as m, \
-                bar as on_step:
-            return run_batch(m, prompt_list, param_list, on_step=on_step, request_id=request_id,
+        with open_model(model, sized_to(prepared, [p.max_tokens for p in per_prompt])) as m, bar as on_step:
+            return run_batch(m, prepared(m), per_prompt, on_step=on_step, request_id=request_id,
                              cache=result_cache, cacheable=cacheable)
     finally:
         if result_cache is not None and result_cache is not cache:
             result_cache.close()  # opened from a path for this call
 
 
-def _prompt_list(prompts: Prompts) -> List[str]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, (bytes, bytearray)):
-        raise TypeError("prompts must be str or a sequence of str, got bytes: decode it first")
-    items = _ordered_list("prompts", prompts, "str or a sequence of str")
-    for i, p in enumerate(items):
-        if not isinstance(p, str):
-            raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
-    return items
+def sized_to(prepared: Callable[[Model], List[PreparedPrompt]], max_tokens: List[int]) -> Callable[[Model], int]:
+    """``n_ctx(model)`` for a call whose prompts are all known: the longest prompt plus the
+    largest max_tokens (see memory.n_ctx_for_work)."""
+    def n_ctx(m: Model) -> int:
+        longest = max((len(p.tokens) for p in prepared(m)), default=0)
+        return n_ctx_for_work(longest, max(max_tokens, default=1), complete=True, n_ctx_train=m.n_ctx_train)
+
+    return n_ctx
 
 
-def reject_unordered(name: str, value: Any) -> None:
-    """Results come back in input order, so the input needs one: a dict would be iterated
-    for its keys, a set in an arbitrary order. Raises TypeError for both."""
-    if isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a sequence (a list or tuple), got {type(value).__name__}: to keep "
-                        f"ids with a dict, pass list(d.values()); results come back in that order")
-    if isinstance(value, AbstractSet):
-        raise TypeError(f"{name} must be a sequence (a list or tuple), got {type(value).__name__}, which has no "
-                        f"order to match results to: pass a list, e.g. sorted(...)")
-
-
-def _ordered_list(name: str, value: Any, expected: str) -> List[Any]:
-    """``value`` as a list, if it is an ordered iterable; else TypeError naming ``name``."""
-    reject_unordered(name, value)
-    try:
-        return list(value)
-    except TypeError:
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}") from None
-
-
-def _param_list(params: Params, overrides: dict, n: int) -> List[SamplingParams]:
-    """One SamplingParams per prompt, seeds resolved."""
-    unknown = sorted(set(overrides) - FIELD_NAMES)
-    if unknown:
-        raise TypeError(f"unknown sampling option(s): {', '.join(unknown)}; valid: {', '.join(sorted(FIELD_NAMES))}")
-    if params is None or isinstance(params, SamplingParams):
-        base = (params or SamplingParams()).replace(**overrides) if overrides else (params or SamplingParams())
-        # One seed for the call: prompt i gets seed + i, so prompts differ yet the call repeats.
-        if base.seed is None:
-            return [base.replace(seed=secrets.randbits(32)) for _ in range(n)]
-        return [base.replace(seed=(base.seed + i) % 2**32) for i in range(n)]
-    if isinstance(params, (str, bytes)):
-        raise TypeError("params must be a SamplingParams or a sequence of them")
-    items = _ordered_list("params", params, "a SamplingParams or a sequence of them")
-    if len(items) != n:
-        raise ValueError(f"got {len(items)} SamplingParams for {n} prompts: give one, or one per prompt")
-    out = []
-    for i, p in enumerate(items):
-        if not isinstance(p, SamplingParams):
-            raise TypeError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
-        p = p.replace(**overrides) if overrides else p
-        out.append(p if p.seed is not None else p.replace(seed=secrets.randbits(32)))
-    return out
-
-
-def _read_once(params: Params) -> Params:
-    """An iterable of SamplingParams read into a list, since it is read more than once
-    (a generator would be empty the second time); anything else as given."""
-    if params is None or isinstance(params, (SamplingParams, str, bytes, Mapping)) or not isinstance(params, Iterable):
-        return params  # _param_list reports the wrong types
-    return list(params)
-
-
-def _deterministic(params: Params, overrides: dict, n: int) -> List[bool]:
-    """Per prompt: is its result a function of the inputs (greedy, or a seed given)?"""
-    def fixed(p: SamplingParams) -> bool:
-        p = p.replace(**overrides) if overrides else p
-        return p.temperature == 0 or p.seed is not None
-
-    if params is None or isinstance(params, SamplingParams):
-        return [fixed(params or SamplingParams())] * n
-    return [fixed(p) for p in params]
-
-
-def _open_model(model: ModelLike, n_ctx: Optional[Callable[[Model], int]] = None) -> Tuple[Model, bool]:
-    """The Model to use, and whether this call opened it (and must close it). A path is
-    opened with ``n_ctx(model)`` tokens per sequence when given, else the default."""
+def open_model(model: ModelLike, n_ctx: Optional[Callable[[Model], int]] = None) -> "contextlib.AbstractContextManager[Model]":
+    """The Model to use, as a context manager that closes it only if this call opened it.
+    A path is opened with ``n_ctx(model)`` tokens per sequence when given, else the
+    default; a ``llama_cpp.Llama`` lends its weights."""
     if isinstance(model, Model):
-        return model, False
+        return contextlib.nullcontext(model)
     if isinstance(model, (str, os.PathLike)):
-        return (Model._sized(model, n_ctx) if n_ctx is not None else Model(model)), True
+        return _closing(Model.open_sized(model, n_ctx) if n_ctx is not None else Model(model))
     if isinstance(model, llama_cpp.Llama):
-        return Model.from_llama(model), True
-    raise TypeError(f"model must be a parallel_gen.Model, a path or a llama_cpp.Llama, got {type(model).__name__}")
-
-
-T = TypeVar("T")
-
-
-class OncePerModel(Generic[T]):
-    """``build(model)``, computed once per Model: a call that opens a model from a path
-    needs its inputs (rendered prompts, scoring jobs) to size the context, then to run."""
-
-    def __init__(self, build: Callable[[Model], T]) -> None:
-        self._build = build
-        self._model: Optional[Model] = None
-        self._value: Optional[T] = None
-
-    def __call__(self, model: Model) -> T:
-        if self._model is not model:
-            self._value, self._model = self._build(model), model
-        return self._value  # type: ignore[return-value]
+        return _closing(Model.from_llama(model))
+    raise ParamTypeError(f"model must be a parallel_gen.Model, a path or a llama_cpp.Llama, got "
+                         f"{type(model).__name__}", "model")
 
 
 @contextlib.contextmanager
-def _open(model: ModelLike, n_ctx: Optional[Callable[[Model], int]] = None) -> Iterator[Model]:
-    m, owned = _open_model(model, n_ctx)
+def _closing(model: Model) -> Iterator[Model]:
     try:
-        yield m
+        yield model
     finally:
-        if owned:
-            m.close()
+        model.close()
 
 
-def run_batch(model: Model, prompts: List[str], params: List[SamplingParams],
+class CompletionGather:
+    """Collects the engine's per-sample results into per-prompt Completions, for any
+    number of prompts (a whole call, or the look-ahead window of generate_iter)."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self._prompts: dict = {}
+        self._outputs: dict = {}
+        self._prompt_tokens: dict = {}
+        self._missing: dict = {}
+        self.n_done = 0
+        self.generated_tokens = 0
+
+    def expect(self, i: int, prompt: str, n: int, prompt_tokens: int = 0) -> None:
+        self._prompts[i] = prompt
+        self._outputs[i] = [None] * n
+        self._prompt_tokens[i] = prompt_tokens
+        self._missing[i] = n
+
+    def add(self, r: SequenceResult) -> None:
+        self._outputs[r.index][r.sample] = r.to_output(self.model.token_text)
+        self._prompt_tokens[r.index] = r.prompt_tokens
+        self.generated_tokens += len(r.token_ids)
+        self._missing[r.index] -= 1
+        self.n_done += self._missing[r.index] == 0
+
+    def fail(self, i: int, failure: Failure) -> None:
+        self._outputs[i] = [Output.failed(failure) for _ in self._outputs[i]]
+        self._missing[i] = 0
+        self.n_done += 1
+
+    def put(self, i: int, c: Completion) -> None:
+        """A whole Completion from elsewhere (the result cache)."""
+        self._outputs[i] = list(c.outputs)
+        self._prompt_tokens[i] = c.prompt_tokens
+        self._missing[i] = 0
+        self.n_done += 1
+
+    def ready(self, i: int) -> bool:
+        return self._missing.get(i) == 0
+
+    def take(self, i: int) -> Completion:
+        """Completion ``i`` (complete), forgotten here."""
+        del self._missing[i]
+        return Completion(i, self._prompts.pop(i), self._outputs.pop(i), self._prompt_tokens.pop(i))
+
+    def completed(self) -> List[Completion]:
+        """Every complete Completion so far, in index order (kept here)."""
+        return [Completion(i, self._prompts[i], list(self._outputs[i]), self._prompt_tokens[i])
+                for i in sorted(self._missing) if self._missing[i] == 0]
+
+
+def run_batch(model: Model, prompts: List[PreparedPrompt], params: List[SamplingParams],
               on_step: Optional[StepCallback] = None, *, request_id: Optional[str] = None,
               cache: Optional["ResultCache"] = None, cacheable: Optional[List[bool]] = None) -> BatchResult:
-    """Runs validated prompts and per-prompt params (seeds set) through the model's engine.
+    """Runs prepared prompts and per-prompt params (seeds set) through the model's engine.
 
     The request joins the Model's running batch (shared with any other callers) and this
     thread waits for its results. ``on_step`` (if given) is called after engine steps,
@@ -215,155 +178,73 @@ def run_batch(model: Model, prompts: List[str], params: List[SamplingParams],
     looked up first and stored after.
     """
     t0 = time.perf_counter()
-    runner = model._require_runner()
-    _check_against_model(model, params)
-    _core.release_caller_openmp_threads()  # an idle team here would slow the engine's
-    gather = _Gather(model, prompts, params)
-    name = request_id or new_request_id()
+    check_params_against(model, params)
+    gather = CompletionGather(model)
     keys: List[Optional[str]] = [None] * len(prompts)
-    items: Deque[Item] = collections.deque()
+    hits: Set[int] = set()
+    items: List[Item] = []
     for i, (prompt, p) in enumerate(zip(prompts, params)):
+        gather.expect(i, prompt.text, p.n, len(prompt.tokens))
         if cache is not None and (cacheable is None or cacheable[i]):
-            keys[i] = cache.key(model, prompt, p)
+            keys[i] = cache.key(model, prompt.text, p)
             hit = cache.get(keys[i])
             if hit is not None:
-                gather.hit(i, hit)
+                gather.put(i, hit)
+                hits.add(i)
                 continue
-        mine, error = prompt_items(i, prompt, p)
-        if error:
-            gather.fail(i, error)
+        mine, failure = prompt_items(model, i, prompt, p)
+        if failure is not None:
+            gather.fail(i, failure)
         items.extend(mine)
-    events: "queue.SimpleQueue[EngineEvent]" = queue.SimpleQueue()
-    req = Request(name, items, events.put, ticks=on_step is not None)
-    logger.info("request %s: %d prompts, %d sequences", name, len(prompts), len(items))
-    runner.submit(req)
-    try:
-        while True:
-            event = next_event(events)
-            if isinstance(event, SequenceFinished):
-                gather.add(event.result)
-            elif isinstance(event, Progress):
-                if on_step is not None:
-                    on_step(gather.n_done, len(prompts), event.generated_tokens)
-            elif isinstance(event, RequestDone):
-                if on_step is not None:  # the request ends before its last step's Progress
-                    on_step(gather.n_done, len(prompts), req.counters.generated_tokens)
-                break
-            elif isinstance(event, Fatal):
-                raise GenerationError(fatal_message(event), gather.completed())
-            elif isinstance(event, Closed):
-                raise GenerationError(CLOSED_MESSAGE, gather.completed())
-            elif isinstance(event, Cancelled):  # by another thread holding the request
-                raise GenerationError(CANCELLED_MESSAGE, gather.completed())
-    except BaseException:
-        # Ctrl-C, a failure, anything: leave no sequence or KV of ours behind.
-        with contextlib.suppress(RuntimeError):  # the Model was closed meanwhile
-            runner.cancel(req).wait()
-        raise
+    with Client(model, request_id) as client:
+        logger.info("request %s: %d prompts, %d sequences", client.name, len(prompts), len(items))
+        req = client.submit(items, ticks=on_step is not None)
+        try:
+            while True:
+                event = client.next().event
+                if isinstance(event, SequenceFinished):
+                    gather.add(event.result)
+                elif isinstance(event, Progress):
+                    if on_step is not None:
+                        on_step(gather.n_done, len(prompts), event.generated_tokens)
+                elif isinstance(event, RequestDone):
+                    if on_step is not None:  # the request ends before its last step's Progress
+                        on_step(gather.n_done, len(prompts), req.counters.generated_tokens)
+                    break
+        except GenerationError as e:
+            e.results = gather.completed()
+            raise
     completions = gather.completed()
-    assert len(completions) == len(prompts), "engine lost a prompt"
+    if len(completions) != len(prompts):
+        raise GenerationError(f"internal error: the engine returned {len(completions)} of {len(prompts)} prompts",
+                              completions)
     if cache is not None:
         for i, c in enumerate(completions):
-            if keys[i] is not None and i not in gather.hits and not any(o.finish_reason == "error" for o in c.outputs):
+            if keys[i] is not None and i not in hits and cacheable_result(model, c, params[i]):
                 cache.put(keys[i], c)
-    stats = _stats(completions, req.counters, time.perf_counter() - t0, cache_hits=len(gather.hits))
-    logger.info("request %s: done, %d tokens in %.2f s", name, stats.completion_tokens, stats.wall_seconds)
+    stats = batch_stats(completions, req.counters, time.perf_counter() - t0, cache_hits=len(hits))
+    logger.info("request %s: done, %d tokens in %.2f s", client.name, stats.completion_tokens, stats.wall_seconds)
     return BatchResult(completions, stats)
 
 
-CLOSED_MESSAGE = "the Model was closed while this call was running"
-CANCELLED_MESSAGE = "the request was cancelled while it was running"
+def cacheable_result(model: Model, c: Completion, params: SamplingParams) -> bool:
+    """Whether a completion is a function of the prompt, the params and the numerics alone:
+    not an error, and not cut off by this Model's context (n_ctx is capacity, not part of
+    the cache key, so an output the context ended would be wrong under a larger one)."""
+    for o in c.outputs:
+        if o.finish_reason == "error":
+            return False
+        if o.finish_reason == "length" and len(o.token_ids) < params.max_tokens:
+            return False  # the context filled up before max_tokens
+    return True
 
 
-def fatal_message(event: Fatal) -> str:
-    return f"llama.cpp failed while decoding: {event.message}"
-
-
-def prompt_items(index: int, prompt: str, params: SamplingParams) -> Tuple[List[Item], Optional[str]]:
-    """The engine's sequences for one prompt, one per sample (the engine shares the
-    prompt's KV among them); or none and why, for text that is not valid Unicode."""
-    try:
-        raw = prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return [], f"the prompt is not valid Unicode text: {e}"
-    return [Item(index, j, raw, params._to_native(sample_seed(params.seed, j))) for j in range(params.n)], None
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def next_event(events: "queue.SimpleQueue[EngineEvent]") -> EngineEvent:
-    """The next event of a request, waiting as long as it takes."""
-    # A short timeout keeps the waiting thread responsive to Ctrl-C.
-    while True:
-        try:
-            return events.get(timeout=0.1)
-        except queue.Empty:
-            continue
-
-
-def _check_against_model(model: Model, params: List[SamplingParams]) -> None:
-    """Checks what only the model can tell (token ids, grammars), before any work."""
-    n_vocab = model.n_vocab
-    grammar_ok: dict = {}
-    for i, p in enumerate(params):
-        for field, ids in (("stop_token_ids", p.stop_token_ids), ("logit_bias", list(p.logit_bias or ()))):
-            bad = [t for t in ids if t >= n_vocab]
-            if bad:
-                raise ValueError(f"SamplingParams.{field} of prompt {i}: {bad} not in the model's "
-                                 f"vocabulary of {n_vocab} tokens")
-        g = p.compiled_grammar
-        if g is not None:
-            if g not in grammar_ok:
-                grammar_ok[g] = model._model.grammar_error(g)
-            if grammar_ok[g]:
-                what = "grammar" if p.grammar is not None else "json_schema" if p.json_schema is not None else "choices"
-                raise ValueError(f"SamplingParams.{what} of prompt {i}: llama.cpp rejects the grammar: {grammar_ok[g]}")
-
-
-class _Gather:
-    """Collects the engine's per-sample results into per-prompt Completions."""
-
-    def __init__(self, model: Model, prompts: List[str], params: List[SamplingParams]) -> None:
-        self.model = model
-        self.prompts = prompts
-        self.outputs: List[List[Optional[Output]]] = [[None] * p.n for p in params]
-        self.prompt_tokens = [0] * len(prompts)
-        self.missing = [p.n for p in params]
-        self.n_done = 0
-        self.hits: Set[int] = set()
-
-    def hit(self, i: int, c: Completion) -> None:
-        self.outputs[i] = list(c.outputs)
-        self.prompt_tokens[i] = c.prompt_tokens
-        self.missing[i] = 0
-        self.n_done += 1
-        self.hits.add(i)
-
-    def add(self, r: SequenceResult) -> None:
-        self.outputs[r.index][r.sample] = r.to_output(self.model._token_text)
-        self.prompt_tokens[r.index] = r.prompt_tokens
-        self.missing[r.index] -= 1
-        self.n_done += self.missing[r.index] == 0
-
-    def fail(self, i: int, message: str) -> None:
-        self.outputs[i] = [Output("", [], "error", None, message) for _ in self.outputs[i]]
-        self.missing[i] = 0
-        self.n_done += 1
-
-    def completed(self) -> List[Completion]:
-        return [Completion(i, self.prompts[i], list(outs), self.prompt_tokens[i])  # type: ignore[arg-type]
-                for i, outs in enumerate(self.outputs) if self.missing[i] == 0]
-
-
-def _stats(completions: List[Completion], c: EngineCounters, wall: float, cache_hits: int = 0) -> BatchStats:
+def batch_stats(completions: List[Completion], c: EngineCounters, wall: float, cache_hits: int = 0) -> BatchStats:
     ps, gs = c.prompt_seconds, c.generation_seconds
-    completion_tokens = sum(x.completion_tokens for x in completions)
     return BatchStats(
         prompts=len(completions),
         prompt_tokens=sum(x.prompt_tokens for x in completions),
-        completion_tokens=completion_tokens,
+        completion_tokens=sum(x.completion_tokens for x in completions),
         prompt_seconds=ps,
         generation_seconds=gs,
         wall_seconds=wall,
@@ -378,3 +259,4 @@ def _stats(completions: List[Completion], c: EngineCounters, wall: float, cache_
         prefix_tokens_reused=int(c.prefix_tokens_reused),
         cache_hits=cache_hits,
     )
+

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import secrets
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from ._native import _core
 from .constraints import choices_grammar, schema_grammar
+from .errors import ParamError, ParamTypeError
 
 _UINT32 = 2**32
 
@@ -22,18 +24,18 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _bad(name: str, value: Any, want: str) -> ValueError:
-    return ValueError(f"SamplingParams.{name}={value!r}: {want}")
+def _bad(name: str, value: Any, want: str) -> ParamError:
+    return ParamError(f"SamplingParams.{name}={value!r}: {want}", name)
 
 
 def _need_int(name: str, value: Any) -> None:
     if not _is_int(value):
-        raise TypeError(f"SamplingParams.{name} must be an int, got {type(value).__name__} {value!r}")
+        raise ParamTypeError(f"SamplingParams.{name} must be an int, got {type(value).__name__} {value!r}", name)
 
 
 def _need_real(name: str, value: Any) -> None:
     if not _is_real(value):
-        raise TypeError(f"SamplingParams.{name} must be a number, got {type(value).__name__} {value!r}")
+        raise ParamTypeError(f"SamplingParams.{name} must be a number, got {type(value).__name__} {value!r}", name)
     if not math.isfinite(value):
         raise _bad(name, value, "must be finite")
 
@@ -153,7 +155,7 @@ class SamplingParams:
         set_(self, "stop", _as_str_tuple(self.stop, "stop"))
         set_(self, "stop_token_ids", _as_int_tuple(self.stop_token_ids))
         if not isinstance(self.ignore_eos, bool):
-            raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
+            raise ParamTypeError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}", "ignore_eos")
         set_(self, "_gbnf", self._constraint_grammar())
         if self.logprobs is not None:
             _need_int("logprobs", self.logprobs)
@@ -172,21 +174,23 @@ class SamplingParams:
     def _constraint_grammar(self) -> Optional[str]:
         given = [f for f in ("grammar", "json_schema", "choices") if getattr(self, f) is not None]
         if len(given) > 1:
-            raise ValueError(f"SamplingParams: give at most one of grammar, json_schema and choices, got {given}")
+            raise ParamError(f"SamplingParams: give at most one of grammar, json_schema and choices, got {given}",
+                             given[-1])
         if self.grammar is not None:
             if not isinstance(self.grammar, str):
-                raise TypeError(f"SamplingParams.grammar must be GBNF text, got {type(self.grammar).__name__}")
+                raise ParamTypeError(f"SamplingParams.grammar must be GBNF text, got {type(self.grammar).__name__}",
+                                     "grammar")
             if not self.grammar.strip():
                 raise _bad("grammar", self.grammar, "must not be empty")
             return self.grammar
         if self.json_schema is not None:
             if not isinstance(self.json_schema, (str, Mapping)):
-                raise TypeError(f"SamplingParams.json_schema must be a dict or JSON text, "
-                                f"got {type(self.json_schema).__name__}")
+                raise ParamTypeError(f"SamplingParams.json_schema must be a dict or JSON text, "
+                                     f"got {type(self.json_schema).__name__}", "json_schema")
             try:
                 return schema_grammar(self.json_schema)
             except ValueError as e:
-                raise ValueError(f"SamplingParams.json_schema: {e}") from None
+                raise ParamError(f"SamplingParams.json_schema: {e}", "json_schema") from None
         if self.choices is not None:
             items = _as_str_tuple(self.choices, "choices")
             if not items:
@@ -202,12 +206,11 @@ class SamplingParams:
 
     def replace(self, **changes: Any) -> "SamplingParams":
         """A copy with some fields changed (validated again)."""
-        unknown = sorted(set(changes) - FIELD_NAMES)
-        if unknown:
-            raise TypeError(f"unknown SamplingParams field(s): {', '.join(unknown)}")
+        check_field_names(changes, "SamplingParams field")
         return dataclasses.replace(self, **changes)
 
-    def _to_native(self, seed: int) -> "_core.SamplingConfig":
+    def to_native(self, seed: int) -> "_core.SamplingConfig":
+        """The engine's sampling configuration of one sample, seeded with ``seed``."""
         c = _core.SamplingConfig()
         c.max_tokens = self.max_tokens
         c.temperature = self.temperature
@@ -230,6 +233,34 @@ class SamplingParams:
 
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
+
+def check_field_names(names: Any, what: str = "sampling option") -> None:
+    """TypeError naming every key of ``names`` that is not a SamplingParams field."""
+    unknown = sorted(set(names) - FIELD_NAMES)
+    if unknown:
+        raise ParamTypeError(f"unknown {what}(s): {', '.join(unknown)}; valid: {', '.join(sorted(FIELD_NAMES))}",
+                             unknown[0])
+
+
+class SeedRule:
+    """The one seed rule of a call: with one seed ``s`` for many prompts (or rows), item
+    ``i`` samples with seed ``s + i`` (mod 2**32), so items differ yet the call repeats;
+    no seed: a random ``s``, drawn once per call."""
+
+    def __init__(self, seed: Optional[int]) -> None:
+        self.start = seed if seed is not None else secrets.randbits(32)
+
+    def seed(self, i: int) -> int:
+        return (self.start + i) % _UINT32
+
+    def apply(self, params: "SamplingParams", i: int) -> "SamplingParams":
+        return params.replace(seed=self.seed(i))
+
+
+def own_seed(params: "SamplingParams") -> "SamplingParams":
+    """A per-prompt SamplingParams keeps its own seed; one without gets fresh randomness."""
+    return params if params.seed is not None else params.replace(seed=secrets.randbits(32))
+
 SAMPLE_SEED_STRIDE = 0x9E3779B1  # odd, ~2**32 / golden ratio: spreads the samples' seeds
 
 
@@ -246,10 +277,10 @@ def _as_str_tuple(value: Union[str, Sequence[str], None], name: str) -> Tuple[st
     try:
         items = tuple(value)
     except TypeError:
-        raise TypeError(f"SamplingParams.{name} must be a str or a sequence of str, got {value!r}") from None
+        raise ParamTypeError(f"SamplingParams.{name} must be a str or a sequence of str, got {value!r}", name) from None
     for i, s in enumerate(items):
         if not isinstance(s, str):
-            raise TypeError(f"SamplingParams.{name}[{i}] must be a str, got {type(s).__name__} {s!r}")
+            raise ParamTypeError(f"SamplingParams.{name}[{i}] must be a str, got {type(s).__name__} {s!r}", name)
         if s == "":
             raise _bad(name, items, "must not hold empty strings")
     return items
@@ -257,7 +288,8 @@ def _as_str_tuple(value: Union[str, Sequence[str], None], name: str) -> Tuple[st
 
 def _as_bias(value: Any) -> Dict[int, float]:
     if not isinstance(value, Mapping):
-        raise TypeError(f"SamplingParams.logit_bias must be a mapping of token id to bias, got {type(value).__name__}")
+        raise ParamTypeError(f"SamplingParams.logit_bias must be a mapping of token id to bias, got "
+                             f"{type(value).__name__}", "logit_bias")
     out: Dict[int, float] = {}
     for tok, bias in value.items():
         if not _is_int(tok) or tok < 0:
@@ -276,10 +308,12 @@ def _as_int_tuple(value: Union[int, Sequence[int], None]) -> Tuple[int, ...]:
     try:
         items = tuple(value)
     except TypeError:
-        raise TypeError(f"SamplingParams.stop_token_ids must be a sequence of int, got {value!r}") from None
+        raise ParamTypeError(f"SamplingParams.stop_token_ids must be a sequence of int, got {value!r}",
+                             "stop_token_ids") from None
     for i, t in enumerate(items):
         if not _is_int(t):
-            raise TypeError(f"SamplingParams.stop_token_ids[{i}] must be an int, got {type(t).__name__} {t!r}")
+            raise ParamTypeError(f"SamplingParams.stop_token_ids[{i}] must be an int, got {type(t).__name__} {t!r}",
+                                 "stop_token_ids")
         if t < 0:
             raise _bad("stop_token_ids", items, f"token ids are >= 0, got {t}")
     return tuple(int(t) for t in items)

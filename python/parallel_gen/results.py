@@ -8,6 +8,8 @@ from typing import Any, Dict, Iterator, List, Optional, Union, overload
 
 import numpy as np
 
+from .errors import ErrorCode, Failure
+
 FinishReason = str  # "stop" | "length" | "error"
 
 
@@ -49,6 +51,13 @@ class Output:
     """Why it failed, when finish_reason is "error"."""
     logprobs: Optional[List[TokenLogprobs]] = None
     """Per generated token, when SamplingParams.logprobs is set."""
+    error_code: Optional[ErrorCode] = None
+    """Why it failed, as a code for programs (see ErrorCode), when finish_reason is "error"."""
+
+    @classmethod
+    def failed(cls, failure: Failure) -> "Output":
+        """The output of a prompt that did not run."""
+        return cls("", [], "error", None, failure.message, None, failure.code)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Output":
@@ -57,7 +66,9 @@ class Output:
         if lps is not None:
             lps = [TokenLogprobs(t["token_id"], t["token"], t["logprob"], [Logprob(**a) for a in t["top"]])
                    for t in lps]
-        return cls(d["text"], list(d["token_ids"]), d["finish_reason"], d["stop_reason"], d["error"], lps)
+        code = d.get("error_code")
+        return cls(d["text"], list(d["token_ids"]), d["finish_reason"], d["stop_reason"], d["error"], lps,
+                   ErrorCode(code) if code else None)
 
     @property
     def token_logprobs(self) -> Optional[np.ndarray]:
@@ -110,6 +121,10 @@ class Completion:
     @property
     def error(self) -> Optional[str]:
         return self.outputs[0].error
+
+    @property
+    def error_code(self) -> Optional[ErrorCode]:
+        return self.outputs[0].error_code
 
     @property
     def completion_tokens(self) -> int:

@@ -15,6 +15,7 @@ batch as soon as slots free, in turn with the big request's.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import queue
@@ -24,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Union
 
 from ._native import _core
-from .events import (Cancelled, Closed, EngineCounters, Fatal, Progress, RequestDone, SequenceDelta,
-                     SequenceFinished, SequenceResult, Delta, Sink)
+from .events import (Cancelled, Closed, Delta, EngineCounters, EngineEvent, EngineFailed, Fatal, Progress, RequestDone,
+                     SequenceDelta, SequenceFinished, SequenceResult, Sink)
 
 logger = logging.getLogger("parallel_gen")
 
@@ -39,10 +40,16 @@ class Item:
     index: int
     """The prompt's position in its request."""
     sample: int
-    prompt: bytes
-    """The prompt as UTF-8."""
+    tokens: List[int]
+    """The prompt's token ids."""
     config: "_core.SamplingConfig"
     """The sample's native sampling parameters (its seed resolved)."""
+
+    def to_native(self, request: int, stream: bool) -> "_core.Item":
+        native = _core.Item()
+        native.request, native.index, native.sample, native.stream = request, self.index, self.sample, stream
+        native.tokens, native.params = self.tokens, self.config
+        return native
 
 
 @dataclass(eq=False)
@@ -111,15 +118,34 @@ class EngineStats:
     decode_calls: int = 0
     """llama_decode calls since the Model was opened: fewer than tokens_generated when
     sequences share steps."""
-    kv_cells_used: int = 0
-    """KV cells holding a token now, over every sequence (a shared prefix included)."""
+    kv_tokens: int = 0
+    """KV positions held now, summed over every sequence id (a shared prefix's own and each
+    copy of it): tokens, not cells, since a unified pool lets sequences share cells."""
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What stats() reads, written by the engine thread after each step."""
+
+    queued: int = 0
+    busy: int = 0
+    tokens: int = 0
+    completed: int = 0
+    decode_calls: int = 0
+    kv_tokens: int = 0
 
 
 class EngineRunner:
-    """Runs one engine's batch loop on a daemon thread (started on first use)."""
+    """Runs one engine's batch loop on a daemon thread (started on first use).
+
+    The thread cannot die silently: an exception escaping the loop (a bug, not a llama.cpp
+    failure, which the engine reports itself) is delivered to every waiting request as
+    :class:`EngineFailed`, the runner is marked broken, and from then on it answers every
+    command at once (new requests fail, cancels and stop() return) until it is stopped.
+    """
 
     def __init__(self, engine: "_core.Engine", n_parallel: int, keepalive: Any = None) -> None:
-        self._engine = engine
+        self._engine: Optional["_core.Engine"] = engine
         self._keepalive = keepalive  # a llama_cpp.Llama whose weights the engine borrows
         self._n_parallel = n_parallel
         self._feed_target = 2 * n_parallel
@@ -131,8 +157,9 @@ class EngineRunner:
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
         self._stopped = False
+        self._failure: Optional[str] = None  # set when the loop failed: the runner is broken
         self._opened = time.perf_counter()
-        self._snapshot = (0, 0, 0, 0, 0, 0)  # queued, busy, tokens, completed, decode calls, KV cells
+        self._snapshot = _Snapshot()
         self._totals = EngineCounters()  # since the Model opened
         self._completed = 0
 
@@ -162,12 +189,17 @@ class EngineRunner:
             raise box[0]
         return box[0]
 
+    @property
+    def failure(self) -> Optional[str]:
+        """Why the engine thread failed (the runner is then broken); None while it works."""
+        return self._failure
+
     def stats(self) -> EngineStats:
-        queued, busy, tokens, completed, decode_calls, kv_cells = self._snapshot
-        return EngineStats(active_requests=len(self._requests), queued_prompts=queued, slots_busy=busy,
-                           n_parallel=self._n_parallel, tokens_generated=tokens, requests_completed=completed,
-                           uptime_seconds=time.perf_counter() - self._opened, decode_calls=decode_calls,
-                           kv_cells_used=kv_cells)
+        s = self._snapshot
+        return EngineStats(active_requests=len(self._requests), queued_prompts=s.queued, slots_busy=s.busy,
+                           n_parallel=self._n_parallel, tokens_generated=s.tokens, requests_completed=s.completed,
+                           uptime_seconds=time.perf_counter() - self._opened, decode_calls=s.decode_calls,
+                           kv_tokens=s.kv_tokens)
 
     def stop(self) -> None:
         """Cancels everything, ends the thread and waits for it. Idempotent."""
@@ -176,6 +208,7 @@ class EngineRunner:
         if thread is not None:
             self._commands.put(_Stop())
             thread.join()
+        self._engine = None  # the context is freed now, not when the last handle to us goes
 
     def stop_soon(self) -> None:
         """stop() without waiting or locks, for ``__del__``: the thread ends after its step."""
@@ -194,7 +227,18 @@ class EngineRunner:
 
     # -- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug: tell every caller instead of leaving them waiting
+            self._fail(e)
+            self._serve_broken()
+        finally:
+            self._engine = None  # frees the context on this thread, as soon as the loop ends
+
+    def _loop(self) -> None:
         engine = self._engine
+        if engine is None:
+            return  # stopped before it ever ran
         while True:
             idle = not engine.has_work() and not self._turns
             if idle:
@@ -214,6 +258,42 @@ class EngineRunner:
                 self._step()
             self._refresh()
 
+    def _fail(self, e: BaseException) -> None:
+        self._failure = f"{type(e).__name__}: {e}"
+        logger.critical("the engine thread failed; this Model is broken, close it and open a new one",
+                        exc_info=(type(e), e, e.__traceback__))
+        failed = list(self._requests.values())
+        self._requests.clear()
+        self._turns.clear()
+        for req in failed:
+            self._tell(req, EngineFailed(self._failure))
+        with contextlib.suppress(BaseException):
+            self._engine.cancel_all()  # type: ignore[union-attr]
+
+    def _serve_broken(self) -> None:
+        """Answers every command at once, so nobody waits on a broken runner, until stop()."""
+        while True:
+            command = self._commands.get()
+            if isinstance(command, _Submit):
+                self._tell(command.request, EngineFailed(self._failure or "failed"))
+            elif isinstance(command, _Cancel):
+                if command.done is not None:
+                    command.done.set()
+            elif isinstance(command, _Call):
+                command.box.append(RuntimeError(f"the engine thread failed: {self._failure}"))
+                command.done.set()
+            elif isinstance(command, _Stop):
+                return
+
+    @staticmethod
+    def _tell(req: Request, event: EngineEvent) -> None:
+        """A request's sink must not raise; one that does is a bug in its caller, and
+        must not take the engine thread (and every other caller) down with it."""
+        try:
+            req.sink(event)
+        except BaseException:
+            logger.exception("request %s: its event sink failed", req.name)
+
     def _apply(self, command: _Command) -> bool:
         """Applies one command; False when the thread must end."""
         if isinstance(command, _Submit):
@@ -228,7 +308,7 @@ class EngineRunner:
             req = command.request
             if self._requests.pop(req.id, None) is not None:
                 self._drop(req)
-                req.sink(Cancelled())
+                self._tell(req, Cancelled())
                 logger.info("request %s: cancelled", req.name)
             self._refresh()  # so stats() read after the wait already shows it gone
             if command.done is not None:
@@ -240,9 +320,9 @@ class EngineRunner:
                 command.box.append(e)
             command.done.set()
         elif isinstance(command, _Stop):
-            self._engine.cancel_all()
+            self._engine.cancel_all()  # type: ignore[union-attr]
             for req in list(self._requests.values()):
-                req.sink(Closed())
+                self._tell(req, Closed())
             self._requests.clear()
             self._turns.clear()
             return False
@@ -252,66 +332,69 @@ class EngineRunner:
         req.items.clear()
         if req in self._turns:
             self._turns.remove(req)
-        self._engine.cancel_request(req.id)
+        self._engine.cancel_request(req.id)  # type: ignore[union-attr]
 
     def _feed(self) -> None:
         """Round-robin over requests, one sequence each, until the engine's queue is full."""
         engine = self._engine
-        while self._turns and engine.n_waiting < self._feed_target:
+        while self._turns and engine.n_waiting < self._feed_target:  # type: ignore[union-attr]
             req = self._turns.popleft()
-            item = req.items.popleft()
-            engine.submit(item.index, item.sample, item.prompt, item.config, req.id, req.stream)
+            engine.submit(req.items.popleft().to_native(req.id, req.stream))  # type: ignore[union-attr]
             if req.items:
                 self._turns.append(req)
 
     def _step(self) -> None:
         engine = self._engine
         active = list(self._requests.values())
-        finished, fatal, deltas = engine.step()
-        counters = EngineCounters.from_native(engine.counters())
-        engine.reset_counters()
+        out = engine.step()  # type: ignore[union-attr]
+        counters = EngineCounters.from_native(engine.counters())  # type: ignore[union-attr]
+        engine.reset_counters()  # type: ignore[union-attr]
         for req in active:
             req.counters.add(counters)
         self._totals.add(counters)
         # Callers woken by this step's events may read stats() at once: show them this step.
         self._refresh()
-        for d in deltas:
+        for d in out.deltas:
             req = self._requests.get(d.request)
             if req is not None:
-                req.sink(SequenceDelta(Delta.from_native(d)))
+                self._tell(req, SequenceDelta(Delta.from_native(d)))
         failed = set()
-        for r in finished:
+        for r in out.finished:
             req = self._requests.get(r.request)
             if req is None:
                 continue
-            if r.aborted:
+            result = SequenceResult.from_native(r)
+            if result.aborted:
                 failed.add(req)
                 continue
-            req.sink(SequenceFinished(SequenceResult.from_native(r)))
+            self._tell(req, SequenceFinished(result))
             req.remaining -= 1
             if req.remaining == 0:
                 self._finish(req)
-        if fatal:
+        if out.fatal:
             for req in failed:
                 self._requests.pop(req.id, None)
                 self._drop(req)
                 self._refresh()
-                req.sink(Fatal(fatal))
-                logger.error("request %s: llama.cpp failed: %s", req.name, fatal)
+                self._tell(req, Fatal(out.fatal))
+                logger.error("request %s: llama.cpp failed: %s", req.name, out.fatal)
         for req in self._requests.values():
             if req.ticks:
-                req.sink(Progress(req.counters.generated_tokens))
+                self._tell(req, Progress(req.counters.generated_tokens))
 
     def _refresh(self) -> None:
         engine = self._engine
-        queued = engine.n_waiting + sum(len(r.items) for r in self._turns)
+        if engine is None:
+            return
         t = self._totals
-        self._snapshot = (queued, engine.n_live, int(t.generated_tokens), self._completed, int(t.decode_calls),
-                          engine.kv_tokens)
+        self._snapshot = _Snapshot(queued=engine.n_waiting + sum(len(r.items) for r in self._turns),
+                                   busy=engine.n_live, tokens=int(t.generated_tokens), completed=self._completed,
+                                   decode_calls=int(t.decode_calls), kv_tokens=engine.kv_tokens)
 
     def _finish(self, req: Request) -> None:
         self._requests.pop(req.id, None)
         self._completed += 1
         self._refresh()
-        req.sink(RequestDone())
+        self._tell(req, RequestDone())
         logger.debug("request %s: done in %.2f s", req.name, time.perf_counter() - req.started)
+

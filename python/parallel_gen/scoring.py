@@ -14,22 +14,20 @@ with any other work on the Model (see csrc/scoring.hpp).
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import math
-import queue
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ._native import _core
-from .errors import GenerationError
-from .events import Cancelled, Closed, EngineEvent, Fatal, Progress, RequestDone, SequenceFinished, SequenceResult
-from .generate import (CANCELLED_MESSAGE, CLOSED_MESSAGE, ModelLike, OncePerModel, Prompts, _open, _prompt_list,
-                       new_request_id, next_event)
+from .client import Client
+from .errors import ErrorCode, Failure, GenerationError
+from .events import Progress, RequestDone, SequenceFinished, SequenceResult
+from .generate import ModelLike, open_model
+from .inputs import OncePerModel, PreparedPrompt, Prompts, prepare, prompt_list
 from .memory import n_ctx_for_work
 from .model import Model
 from .progress import OnStep, make_progress
-from .runner import Item, Request
+from .runner import Item
 
 Continuations = Union[Sequence[str], Sequence[Sequence[str]]]
 
@@ -46,6 +44,8 @@ class Score:
     """The continuation's tokens as scored (after the boundary whitespace was moved)."""
     error: Optional[str] = None
     """Why this prompt could not be scored (say, prompt + continuation longer than n_ctx)."""
+    error_code: Optional[ErrorCode] = None
+    """The same as a code (see ErrorCode)."""
 
     @property
     def mean_logprob(self) -> float:
@@ -57,10 +57,14 @@ class Score:
 class ScoringJob:
     """One prompt and the continuations to score after it, tokenized (see split_boundary)."""
 
-    prompt: str
-    """The prompt text the engine tokenizes (BOS per the model, special tokens parsed)."""
+    prepared: PreparedPrompt
+    """The prompt and its tokens (BOS per the model, special tokens parsed)."""
     continuations: List[List[int]]
     """Token ids of each continuation; none empty."""
+
+    @property
+    def prompt(self) -> str:
+        return self.prepared.text
 
 
 def score(model: ModelLike, prompts: Prompts, continuations: Continuations, *,
@@ -85,21 +89,21 @@ def score(model: ModelLike, prompts: Prompts, continuations: Continuations, *,
             continuation that is empty or tokenizes to nothing; before any work is done.
         GenerationError: llama.cpp failed fatally while decoding.
     """
-    prompt_list = _prompt_list(prompts)
-    per_prompt = _continuation_lists(continuations, len(prompt_list))
-    bar = make_progress(progress, len(prompt_list))  # checks progress before the model loads
+    texts = prompt_list(prompts)
+    per_prompt = _continuation_lists(continuations, len(texts))
+    bar = make_progress(progress, len(texts))  # checks progress before the model loads
 
     def build(m: Model) -> List[ScoringJob]:
         tokens = ContinuationTokens(m)
         jobs = []
-        for i, (prompt, conts) in enumerate(zip(prompt_list, per_prompt)):
+        for i, (prompt, conts) in enumerate(zip(texts, per_prompt)):
             ids = [tokens.get(split_boundary(prompt, c)[1], f"continuation {j} ({c!r}) of prompt {i}")
                    for j, c in enumerate(conts)]
-            jobs.append(ScoringJob(split_boundary(prompt, "")[0], ids))
+            jobs.append(ScoringJob(prepare(m, split_boundary(prompt, "")[0]), ids))
         return jobs
 
     jobs = JobsFor(build)
-    with _open(model, jobs.n_ctx) as m, bar as on_step:
+    with open_model(model, jobs.n_ctx) as m, bar as on_step:
         return run_scoring(m, jobs(m), request_id=request_id, on_step=on_step)
 
 
@@ -109,7 +113,7 @@ class JobsFor(OncePerModel[List[ScoringJob]]):
 
     def n_ctx(self, model: Model) -> int:
         jobs = self(model)
-        longest = max((len(model.tokenize(j.prompt)) for j in jobs), default=1)
+        longest = max((len(j.prepared.tokens) for j in jobs), default=1)
         longest_cont = max((len(c) for j in jobs for c in j.continuations), default=1)
         return n_ctx_for_work(longest, longest_cont, complete=True, n_ctx_train=model.n_ctx_train)
 
@@ -145,25 +149,21 @@ def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[st
                 on_step: Optional[OnStep] = None) -> List[List[Score]]:
     """Scores validated jobs on the model's engine, sharing its batch with other callers;
     ``on_step(jobs done, jobs, None)`` after engine steps (a progress bar)."""
-    runner = model._require_runner()
-    _core.release_caller_openmp_threads()  # an idle team here would slow the engine's
     out: List[Optional[List[Score]]] = [None] * len(jobs)
-    items: Deque[Item] = collections.deque()
+    items: List[Item] = []
     for i, job in enumerate(jobs):
         if not job.continuations:
             out[i] = []
             continue
-        item, error = scoring_item(i, job)
+        item, failure = scoring_item(model, i, job)
         if item is None:
-            out[i] = failed_scores(job, error or "")
+            out[i] = failed_scores(job, failure)
             continue
         items.append(item)
-    events: "queue.SimpleQueue[EngineEvent]" = queue.SimpleQueue()
-    req = Request(request_id or new_request_id(), items, events.put, ticks=on_step is not None)
-    runner.submit(req)
-    try:
+    with Client(model, request_id) as client:
+        req = client.submit(items, ticks=on_step is not None)
         while True:
-            event = next_event(events)
+            event = client.next().event
             if isinstance(event, SequenceFinished):
                 out[event.result.index] = job_scores(jobs[event.result.index], event.result)
             elif isinstance(event, Progress) and on_step is not None:
@@ -172,51 +172,44 @@ def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[st
                 if on_step is not None:
                     on_step(len(jobs), len(jobs), None)
                 break
-            elif isinstance(event, Fatal):
-                raise GenerationError(f"llama.cpp failed while scoring: {event.message}", [])
-            elif isinstance(event, Closed):
-                raise GenerationError(CLOSED_MESSAGE, [])
-            elif isinstance(event, Cancelled):  # by another thread holding the request
-                raise GenerationError(CANCELLED_MESSAGE, [])
-    except BaseException:
-        with contextlib.suppress(RuntimeError):  # the Model was closed meanwhile
-            runner.cancel(req).wait()
-        raise
-    assert all(s is not None for s in out), "engine lost a scoring sequence"
+    missing = [i for i, s in enumerate(out) if s is None]
+    if missing:
+        raise GenerationError(f"internal error: the engine returned no scores for texts {missing[:10]}")
     return out  # type: ignore[return-value]
 
 
-def scoring_item(index: int, job: ScoringJob) -> Tuple[Optional[Item], Optional[str]]:
+def scoring_item(model: Model, index: int, job: ScoringJob) -> Tuple[Optional[Item], Optional[Failure]]:
     """The engine's scoring sequence of one job (at ``index`` of its request), or why
     it cannot run. The job must have continuations."""
-    try:
-        raw = job.prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return None, f"the prompt is not valid Unicode text: {e}"
+    prompt = job.prepared
+    failure = prompt.failure or model.check_tokens(prompt.tokens, job.continuations)
+    if failure is not None:
+        return None, failure
     config = _core.SamplingConfig()
     config.continuations = job.continuations
-    return Item(index, 0, raw, config), None
+    return Item(index, 0, prompt.tokens, config), None
 
 
 def job_scores(job: ScoringJob, r: SequenceResult) -> List[Score]:
     """Splits one scoring sequence's result (continuations end to end) into Scores."""
     if r.error:
-        return failed_scores(job, r.error)
+        return failed_scores(job, Failure(r.error_code or ErrorCode.ABORTED, r.error))
     logprobs = [float(lp) for lp, _ in r.logprobs or []]
     tokens = r.token_ids
     out, at = [], 0
     for ids in job.continuations:
         n = len(ids)
-        assert tokens[at:at + n] == ids, "engine scored other tokens than asked"
+        if tokens[at:at + n] != ids:
+            raise GenerationError(f"internal error: the engine scored tokens {tokens[at:at + n]}, not {ids}")
         lps = logprobs[at:at + n]
         out.append(Score(math.fsum(lps), lps, list(ids)))
         at += n
     return out
 
 
-def failed_scores(job: ScoringJob, error: str) -> List[Score]:
-    """One Score per continuation of ``job``, each NaN with ``error``."""
-    return [Score(math.nan, [], list(ids), error) for ids in job.continuations]
+def failed_scores(job: ScoringJob, failure: Failure) -> List[Score]:
+    """One Score per continuation of ``job``, each NaN with the failure's message and code."""
+    return [Score(math.nan, [], list(ids), failure.message, failure.code) for ids in job.continuations]
 
 
 def _continuation_lists(continuations: Any, n_prompts: int) -> List[List[str]]:

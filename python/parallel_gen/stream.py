@@ -1,26 +1,26 @@
 """Streaming: events as tokens arrive, from a plain or an async iterator.
 
-Both iterators submit into the Model's shared engine; closing one (or dropping it, or
-breaking out of its loop) cancels its sequences and frees their KV cache.
+Both iterators reach the Model's shared engine through a client (parallel_gen.client);
+closing one (or dropping it, or breaking out of its loop) cancels its sequences and
+frees their KV cache.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import queue
+import contextlib
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Deque, Dict, Iterator, List, Optional, Tuple, Union
 
-from ._native import _core
-from .errors import GenerationError
-from .events import (Cancelled, Closed, EngineEvent, Fatal, Progress, RequestDone, SequenceDelta, SequenceFinished,
-                     Sink, public_logprobs)
-from .generate import (CANCELLED_MESSAGE, CLOSED_MESSAGE, ModelLike, Params, Prompts, _check_against_model,
-                       _open_model, _param_list, _prompt_list, fatal_message, new_request_id, next_event,
-                       prompt_items)
+from .client import AsyncClient, Client
+from .events import EngineEvent, RequestDone, SequenceDelta, SequenceFinished, public_logprobs
+from .generate import ModelLike, open_model
+from .inputs import Params, PreparedPrompt, Prompts, check_params_against, param_list, prepare_all, prompt_items, \
+    prompt_list
+from .model import Model
+from .params import SamplingParams
 from .results import TokenLogprobs
-from .runner import Item, Request
+from .runner import Item
 
 
 @dataclass(frozen=True)
@@ -45,99 +45,59 @@ class StreamEvent:
     logprobs: Optional[List[TokenLogprobs]] = None
     """When SamplingParams.logprobs is set: the log-probabilities of this event's
     ``token_ids``, one each (the events of a prompt together cover its whole output)."""
+    error_code: Optional[str] = None
+    """On a failed last event: the ErrorCode (see Output.error_code)."""
 
 
-class _StreamState:
-    """What both iterators share: submission, and turning engine output into events."""
+class StreamState:
+    """What both iterators share: the work to submit, and engine events turned into
+    StreamEvents (each sequence's last event carries only what its deltas had not)."""
 
-    def __init__(self, model: ModelLike, prompts: Prompts, params: Params, overrides: Dict[str, Any],
-                 request_id: Optional[str]) -> None:
-        prompt_list = _prompt_list(prompts)
-        param_list = _param_list(params, overrides, len(prompt_list))
-        self.model, self.owns_model = _open_model(model)
-        try:
-            _check_against_model(self.model, param_list)
-        except BaseException:
-            self.release_model()
-            raise
+    def __init__(self, model: Model, prompts: List[PreparedPrompt], params: List[SamplingParams]) -> None:
+        check_params_against(model, params)
+        self.model = model
         self.ready: Deque[StreamEvent] = collections.deque()
-        items: Deque[Item] = collections.deque()
-        for i, (prompt, p) in enumerate(zip(prompt_list, param_list)):
-            mine, error = prompt_items(i, prompt, p)
-            if error:
-                self.ready.extend(StreamEvent(i, "", [], True, "error", j, None, error) for j in range(p.n))
-            items.extend(mine)
-        self.sent: Dict[Tuple[int, int], Tuple[int, int]] = {}  # (index, sample) -> (bytes, tokens) sent
-        self.request: Optional[Request] = None
-        self.items = items
-        self.name = request_id or new_request_id()
-        self.finished = False
-
-    def submit(self, sink: Sink) -> None:
-        _core.release_caller_openmp_threads()  # an idle team here would slow the engine's
-        self.request = Request(self.name, self.items, sink, stream=True)
-        self.model._require_runner().submit(self.request)
+        self.items: List[Item] = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            mine, failure = prompt_items(model, i, prompt, p)
+            if failure is not None:
+                self.ready.extend(StreamEvent(i, "", [], True, "error", j, None, failure.message,
+                                              error_code=failure.code) for j in range(p.n))
+            self.items.extend(mine)
+        self._sent: Dict[Tuple[int, int], Tuple[int, int]] = {}  # (index, sample) -> (bytes, tokens) sent
+        self.done = False
 
     def event(self, event: EngineEvent) -> Optional[StreamEvent]:
         """The StreamEvent for one engine event; None when it has nothing to show."""
         if isinstance(event, SequenceDelta):
             d = event.delta
             key = (d.index, d.sample)
-            sent_bytes, sent_tokens = self.sent.get(key, (0, 0))
-            self.sent[key] = (sent_bytes + len(d.text), sent_tokens + len(d.token_ids))
+            sent_bytes, sent_tokens = self._sent.get(key, (0, 0))
+            self._sent[key] = (sent_bytes + len(d.text), sent_tokens + len(d.token_ids))
             return StreamEvent(d.index, d.text.decode("utf-8", "replace"), list(d.token_ids), False, sample=d.sample,
-                               logprobs=public_logprobs(d.token_ids, d.logprobs, self.model._token_text))
+                               logprobs=public_logprobs(d.token_ids, d.logprobs, self.model.token_text))
         if isinstance(event, SequenceFinished):
             r = event.result
-            sent_bytes, sent_tokens = self.sent.pop((r.index, r.sample), (0, 0))
+            sent_bytes, sent_tokens = self._sent.pop((r.index, r.sample), (0, 0))
             raw = r.logprobs[sent_tokens:] if r.logprobs is not None else None
             return StreamEvent(r.index, r.text[sent_bytes:].decode("utf-8", "replace"), r.token_ids[sent_tokens:],
                                True, r.finish_reason, r.sample, r.stop_reason, r.error,
-                               public_logprobs(r.token_ids[sent_tokens:], raw, self.model._token_text))
-        if isinstance(event, Progress):
-            return None
-        self.finished = True  # every other event is a request's last
+                               public_logprobs(r.token_ids[sent_tokens:], raw, self.model.token_text),
+                               r.error_code)
         if isinstance(event, RequestDone):
-            return None
-        if isinstance(event, Fatal):
-            raise GenerationError(fatal_message(event), [])
-        if isinstance(event, Closed):
-            raise GenerationError(CLOSED_MESSAGE, [])
-        if isinstance(event, Cancelled):  # by someone else: our own close() stops reading first
-            raise GenerationError(CANCELLED_MESSAGE, [])
-        raise AssertionError(f"unexpected engine event {event!r}")
-
-    def cancel_soon(self) -> None:
-        """Cancel from ``__del__``: no waiting, no locks (see EngineRunner.cancel_soon)."""
-        runner = self.model._runner
-        if self.request is not None and not self.finished and runner is not None:
-            self.finished = True
-            runner.cancel_soon(self.request)
-
-    def cancel(self) -> Any:
-        """Cancels the request if it is still running; returns an Event to wait on, or None."""
-        done = None
-        if self.request is not None and not self.finished:
-            self.finished = True
-            try:
-                done = self.model._require_runner().cancel(self.request)
-            except RuntimeError:  # the Model is already closed
-                done = None
-        return done
-
-    def release_model(self) -> None:
-        if self.owns_model:
-            self.owns_model = False
-            self.model.close()
+            self.done = True
+        return None  # Progress: nothing to show
 
 
 class StreamIterator(Iterator[StreamEvent]):
     """Iterator of :class:`StreamEvent`; ``close()`` (or ``with``) cancels what is left."""
 
-    def __init__(self, state: _StreamState) -> None:
+    def __init__(self, state: StreamState, owned: Optional["contextlib.AbstractContextManager[Model]"] = None,
+                 request_id: Optional[str] = None) -> None:
         self._state = state
-        self._events: "queue.SimpleQueue[EngineEvent]" = queue.SimpleQueue()
-        state.submit(self._events.put)
+        self._owned = owned
+        self._client = Client(state.model, request_id)
+        self._client.submit(state.items, stream=True)
 
     def __iter__(self) -> "StreamIterator":
         return self
@@ -145,11 +105,11 @@ class StreamIterator(Iterator[StreamEvent]):
     def __next__(self) -> StreamEvent:
         st = self._state
         while not st.ready:
-            if st.finished:
+            if st.done:
                 self.close()
                 raise StopIteration
             try:
-                ev = st.event(next_event(self._events))
+                ev = st.event(self._client.next().event)
             except BaseException:
                 self.close()  # Ctrl-C or a failure: cancel, then let it propagate
                 raise
@@ -158,10 +118,11 @@ class StreamIterator(Iterator[StreamEvent]):
         return st.ready.popleft()
 
     def close(self) -> None:
-        done = self._state.cancel()
-        if done is not None:
-            done.wait()
-        self._state.release_model()
+        self._state.done = True
+        self._client.close()
+        owned, self._owned = self._owned, None
+        if owned is not None:
+            owned.__exit__(None, None, None)
 
     def __enter__(self) -> "StreamIterator":
         return self
@@ -171,45 +132,34 @@ class StreamIterator(Iterator[StreamEvent]):
 
     def __del__(self) -> None:
         # Abandoned: cancel without waiting (this may run on any thread, even the engine's).
-        try:
-            self._state.cancel_soon()
-        except Exception:
-            pass
+        with contextlib.suppress(Exception):
+            self._client.close_soon()
 
 
 class AsyncStreamIterator(AsyncIterator[StreamEvent]):
     """Async iterator of :class:`StreamEvent`; ``await aclose()`` cancels what is left."""
 
-    def __init__(self, state: _StreamState) -> None:
+    def __init__(self, state: StreamState, owned: Optional["contextlib.AbstractContextManager[Model]"] = None,
+                 request_id: Optional[str] = None) -> None:
         self._state = state
-        self._queue: Optional["asyncio.Queue[EngineEvent]"] = None
+        self._owned = owned
+        self._client = AsyncClient(state.model, request_id)
+        self._started = False
 
     def __aiter__(self) -> "AsyncStreamIterator":
         return self
 
-    def _start(self) -> "asyncio.Queue[EngineEvent]":
-        loop = asyncio.get_running_loop()
-        q: "asyncio.Queue[EngineEvent]" = asyncio.Queue()
-
-        def sink(event: EngineEvent) -> None:  # on the engine thread
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, event)
-            except RuntimeError:  # the event loop is closed: nobody is listening
-                pass
-
-        self._state.submit(sink)
-        return q
-
     async def __anext__(self) -> StreamEvent:
-        if self._queue is None:
-            self._queue = self._start()  # submitted on first use, inside the running loop
         st = self._state
+        if not self._started:
+            self._started = True  # submitted on first use, inside the running loop
+            self._client.submit(st.items, stream=True)
         while not st.ready:
-            if st.finished:
+            if st.done:
                 await self.aclose()
                 raise StopAsyncIteration
             try:
-                ev = st.event(await self._queue.get())
+                ev = st.event((await self._client.next()).event)
             except BaseException:
                 await self.aclose()
                 raise
@@ -218,16 +168,29 @@ class AsyncStreamIterator(AsyncIterator[StreamEvent]):
         return st.ready.popleft()
 
     async def aclose(self) -> None:
-        done = self._state.cancel()
-        if done is not None:
-            await asyncio.get_running_loop().run_in_executor(None, done.wait)
-        self._state.release_model()
+        self._state.done = True
+        await self._client.aclose()
+        owned, self._owned = self._owned, None
+        if owned is not None:
+            owned.__exit__(None, None, None)
 
     def __del__(self) -> None:
-        try:
-            self._state.cancel_soon()
-        except Exception:
-            pass
+        with contextlib.suppress(Exception):
+            self._client.close_soon()
+
+
+def _state(model: ModelLike, prompts: Prompts, params: Params, overrides: Dict[str, Any]
+           ) -> Tuple[StreamState, Optional["contextlib.AbstractContextManager[Model]"]]:
+    texts = prompt_list(prompts)
+    per_prompt = param_list(params, overrides, len(texts))
+    opened = open_model(model)
+    m = opened.__enter__()
+    try:
+        state = StreamState(m, prepare_all(m, texts), per_prompt)
+    except BaseException:
+        opened.__exit__(None, None, None)
+        raise
+    return state, (None if m is model else opened)
 
 
 def stream_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *,
@@ -239,7 +202,8 @@ def stream_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *
     at once. Closing the iterator (``close()``, leaving a ``with`` block, or dropping
     it) cancels the prompts still running and frees their KV cache.
     """
-    return StreamIterator(_StreamState(model, prompts, params, overrides, request_id))
+    state, owned = _state(model, prompts, params, overrides)
+    return StreamIterator(state, owned, request_id)
 
 
 def astream_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *,
@@ -249,4 +213,5 @@ def astream_parallel(model: ModelLike, prompts: Prompts, params: Params = None, 
     Arguments are checked at once; the prompts are submitted on the first iteration, from
     the running event loop. ``await it.aclose()`` cancels the rest.
     """
-    return AsyncStreamIterator(_StreamState(model, prompts, params, overrides, request_id))
+    state, owned = _state(model, prompts, params, overrides)
+    return AsyncStreamIterator(state, owned, request_id)

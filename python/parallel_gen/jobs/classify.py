@@ -16,14 +16,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Collection, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ..chat import conversation
 from ..classify import Classifier, ClassifyOptions, Template, classify_options
+from ..errors import ErrorCode, Failure
 from ..events import SequenceResult
+from ..iterate import OrderedRequests
 from ..model import Model
 from ..runner import Item
 from ..scoring import Score, ScoringJob, job_scores, scoring_item
 from .formats import JobInputError
 from .job import JobSummary, PathLike, RowDone, RowJob, open_file_source, run_rows
-from .ordered import OrderedRequests
 from .records import carried
 from .sizing import SizedContext
 from .sources import Columns, InputRow
@@ -48,7 +50,7 @@ class _Scoring:
     """One row's scoring job, or why it has none."""
 
     job: Optional[ScoringJob]
-    error: Optional[str] = None
+    failure: Optional[Failure] = None
 
 
 @dataclass(frozen=True)
@@ -69,21 +71,20 @@ class OrderedScoring(OrderedRequests[_Scoring, _Scored]):
         self._jobs: Dict[int, Optional[ScoringJob]] = {}
         self._done: Dict[int, _Scored] = {}
 
-    def _start(self, i: int, work: _Scoring) -> Tuple[List[Item], Optional[str]]:
+    def _start(self, i: int, work: _Scoring) -> Tuple[List[Item], Optional[Failure]]:
         self._jobs[i] = work.job
         if work.job is None:
-            return [], work.error or "nothing to score"
-        item, error = scoring_item(i, work.job)
-        return ([item] if item is not None else []), error
+            return [], work.failure or Failure(ErrorCode.INVALID_INPUT, "nothing to score")
+        item, failure = scoring_item(self.model, i, work.job)
+        return ([item] if item is not None else []), failure
 
     def _finished(self, r: SequenceResult) -> None:
         job = self._jobs[r.index]
-        assert job is not None
-        self._done[r.index] = _Scored(job, job_scores(job, r), r.error, r.prompt_tokens)
+        self._done[r.index] = _Scored(job, job_scores(job, r) if job is not None else [], r.error, r.prompt_tokens)
         self.stats.generated_tokens += r.prompt_tokens + len(r.token_ids)  # tokens decoded, for tokens/s
 
-    def _failed(self, i: int, message: str) -> None:
-        self._done[i] = _Scored(self._jobs[i], [], message)
+    def _failed(self, i: int, failure: Failure) -> None:
+        self._done[i] = _Scored(self._jobs[i], [], failure.message)
 
     def _take(self, i: int) -> _Scored:
         del self._jobs[i]
@@ -115,13 +116,8 @@ class _Classification(RowJob):
         except (TypeError, ValueError):
             return None, None, 0  # the job reports it as the row's error
         if self.options.chat:
-            return self._conversation(text), None, self._label_bound
+            return conversation(text, self.options.system), None, self._label_bound
         return None, text, self._label_bound
-
-    def _conversation(self, user: str) -> List[Dict[str, str]]:
-        system = self.options.system
-        return ([{"role": "system", "content": system}] if system is not None else []) + \
-            [{"role": "user", "content": user}]
 
     def prepare(self, model: Model, sized: Optional[SizedContext]) -> None:
         self._sized = sized
@@ -141,18 +137,19 @@ class _Classification(RowJob):
 
     def _scoring(self, model: Model, row: InputRow) -> _Scoring:
         if row.error is not None or row.prompt is None:
-            return _Scoring(None, row.error or f"{row.where}: no text")
-        assert self._classifier is not None
+            return _Scoring(None, Failure(ErrorCode.INVALID_INPUT, row.error or f"{row.where}: no text"))
+        if self._classifier is None:
+            raise RuntimeError("the classify job was not prepared for its Model")
         try:
             job = self._classifier.job(row.prompt, row.where)
         except (TypeError, ValueError) as e:
-            return _Scoring(None, str(e))
+            return _Scoring(None, Failure(ErrorCode.INVALID_INPUT, str(e)))
         if self._sized is not None:
             longest = max(len(ids) for ids in job.continuations)
-            error = self._sized.check_length(len(model.tokenize(job.prompt)), longest,
+            error = self._sized.check_length(len(job.prepared.tokens), longest,
                                              f"its longest label ({longest} tokens)")
             if error is not None:
-                return _Scoring(None, f"{row.where}: {error}")
+                return _Scoring(None, Failure(ErrorCode.PROMPT_TOO_LONG, f"{row.where}: {error}"))
         return _Scoring(job)
 
     def record(self, row: InputRow, result: _Scored) -> RowDone:
@@ -161,9 +158,8 @@ class _Classification(RowJob):
         error: Optional[str] = result.error
         label: Optional[str] = None
         probs: Dict[str, Optional[float]] = dict.fromkeys(labels)
-        if error is None and result.job is not None:
-            assert self._classifier is not None and row.prompt is not None
-            c = self._classifier.result(row.prompt, result.job, result.scores)
+        if error is None and result.job is not None and self._classifier is not None:
+            c = self._classifier.result(row.prompt or "", result.job, result.scores)
             error, label = c.error, c.label
             if error is None:
                 probs = dict(c.probs)
@@ -228,8 +224,7 @@ def classify_job(labels: Sequence[str], *, template: Optional[Template] = None, 
                  chat_template: Optional[str] = None) -> RowJob:
     """The classify job for :func:`~parallel_gen.jobs.job.run_rows` (the CLI runs it on
     its own Source); arguments checked as :func:`parallel_gen.classify` checks them."""
-    chatty = chat or system is not None or chat_template is not None
-    return _Classification(classify_options(labels, template=template, chat=chatty, system=system,
+    return _Classification(classify_options(labels, template=template, chat=chat, system=system,
                                             normalize=normalize, chat_template=chat_template))
 
 

@@ -18,14 +18,16 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Collection, Deque, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-from ..chat import _message
+from ..chat import chat_mode, check_message, conversation
+from ..config import model_config
+from ..errors import ErrorCode, Failure
+from ..iterate import LOOKAHEAD_PER_SLOT, OrderedGeneration, OrderedRequests, Work, check_lookahead
 from ..model import Model
 from ..params import SamplingParams
 from ..progress import make_progress
 from ..results import Completion
 from ..templates import ChatTemplate
 from .formats import STDIN, InputFormat, JobInputError, input_format_for, output_format_for
-from .ordered import LOOKAHEAD_PER_SLOT, OrderedGeneration, OrderedRequests, Work, check_lookahead
 from .overrides import row_params
 from .progress import job_progress
 from .records import carried, output_record
@@ -179,9 +181,8 @@ def run_source_job(model: Union[Model, PathLike, None], source: Source, output: 
     base = base.replace(**sampling) if sampling else base
     if base.seed is None:  # one seed for the job: row r samples with seed + r
         base = base.replace(seed=secrets.randbits(32))
-    # A system message or a template only makes sense in a chat: either implies chat.
-    chatty = chat or system is not None or chat_template is not None
-    settings = _Settings(base, source.format is InputFormat.CSV, chatty, system, chat_template, None)
+    settings = _Settings(base, source.format is InputFormat.CSV, chat_mode(chat, system, chat_template), system,
+                         chat_template, None)
     return run_rows(model, source, output, _Generation(settings), output_format=output_format, resume=resume,
                     overwrite=overwrite, progress=progress, lookahead=lookahead, model_options=model_options,
                     t0=t0)
@@ -314,7 +315,7 @@ def _run(model: Union[Model, PathLike, None], source: Source, sink: Sink, point:
     if isinstance(model, Model):
         m = model
     else:
-        n_par = model_options.get("n_parallel", 8)
+        n_par = model_config(None, model_options).n_parallel
         sample_size = lookahead or LOOKAHEAD_PER_SLOT * n_par
         sample, rows = _peek(rows, sample_size)
         m, sized = open_sized_model(model, sample, job.describe, job.chat_template,
@@ -375,31 +376,30 @@ def _conversation(row: InputRow, chat: bool, system: Optional[str]) -> Optional[
     if row.messages is not None:
         return row.messages
     if chat and row.prompt is not None:
-        return ([{"role": "system", "content": system}] if system is not None else []) + \
-            [{"role": "user", "content": row.prompt}]
+        return conversation(row.prompt, system)
     return None
 
 
 def _work(model: Model, row: InputRow, s: _Settings) -> Work:
     """The engine work of one input row, or the reason it has none."""
     if row.error is not None:
-        return Work("", s.base, row.error)
+        return Work("", s.base, Failure(ErrorCode.INVALID_INPUT, row.error))
     params, error = row_params(s.base, row.fields, row.row, s.cells_are_text)
     if params is None:
-        return Work("", s.base, f"{row.where}: {error}")
+        return Work("", s.base, Failure(ErrorCode.INVALID_PARAM, f"{row.where}: {error}"))
     prompt = row.prompt or ""
-    conversation = _conversation(row, s.chat, s.system)
-    if conversation is not None:
+    messages = _conversation(row, s.chat, s.system)
+    if messages is not None:
         try:
             template = s.chat_template(model)
-            prompt = template.render([_message(f"{row.where} message {j}", msg) for j, msg in enumerate(conversation)])
+            prompt = template.render([check_message(f"{row.where} message {j}", msg) for j, msg in enumerate(messages)])
         except (TypeError, ValueError) as e:
-            return Work("", params, f"{row.where}: {e}")
+            return Work("", params, Failure(ErrorCode.INVALID_INPUT, f"{row.where}: {e}"))
         params = template.add_stops(params)
     if s.sized is not None:
         error = s.sized.check(model, prompt, params)
         if error is not None:
-            return Work(prompt, params, f"{row.where}: {error}")
+            return Work(prompt, params, Failure(ErrorCode.PROMPT_TOO_LONG, f"{row.where}: {error}"))
     return Work(prompt, params)
 
 

@@ -46,7 +46,8 @@ FROM_TEXT: Dict[str, Callable[[str], Any]] = {
     "ignore_eos": _bool, "stop": _json_or_text, "choices": _json_or_text, "stop_token_ids": _int_list,
     "grammar": str, "json_schema": str, "logit_bias": _bias,
 }
-assert set(FROM_TEXT) == FIELD_NAMES, "a SamplingParams field has no CSV conversion"
+if set(FROM_TEXT) != FIELD_NAMES:  # checked at import: a new field must say how a cell becomes it
+    raise RuntimeError(f"SamplingParams fields without a CSV conversion: {sorted(FIELD_NAMES - set(FROM_TEXT))}")
 
 
 def row_params(base: SamplingParams, fields: Dict[str, Any], row: int, cells_are_text: bool,

@@ -77,15 +77,13 @@ def open_sink(path: Optional[str], fmt: OutputFormat, mode: WriteMode) -> Tuple[
         JobInputError: the output exists and ``mode`` is NEW; it cannot be resumed
             (not written by a job, or a format that cannot resume); it cannot be written.
     """
-    to_stdout = path is None or path == STDIN
-    if to_stdout:
+    if path is None or path == STDIN:
         if mode is WriteMode.RESUME:
             raise JobInputError("--resume needs an output file (-o FILE): stdout cannot be resumed")
         if fmt is OutputFormat.PARQUET:
             raise JobInputError("Parquet output needs a file (-o FILE.parquet), not stdout")
         out = sys.stdout
         return _make(fmt, None, out, header_written=False), ResumePoint()
-    assert path is not None
     if fmt is OutputFormat.TEXT and mode is WriteMode.RESUME:
         raise JobInputError(f"{path}: text output cannot be resumed (texts may span lines): "
                             "write JSONL, CSV or Parquet to resume")

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
+from ..config import model_config
 from ..memory import n_ctx_for_work, round_cells
 from ..model import Model
 from ..params import SamplingParams
@@ -56,9 +57,9 @@ def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequenc
         from ..models import default_model_path
 
         path = default_model_path()
-    if options.get("n_ctx") is not None:
-        return Model(path, **options), None
-    options.pop("n_ctx", None)
+    config = model_config(None, options)
+    if config.n_ctx is not None:
+        return Model(path, config), None
     chosen: List[SizedContext] = []
 
     def size(model: Model) -> int:
@@ -82,6 +83,6 @@ def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequenc
                     n_ctx, longest, "" if complete else " (x2 for rows not seen yet)", max_tokens, len(sample))
         return n_ctx
 
-    model = Model._sized(path, size, **options)
+    model = Model.open_sized(path, size, config)
     # A complete sample fits by construction: only a streamed job checks later rows.
     return model, (None if complete else chosen[0])

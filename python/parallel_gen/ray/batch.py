@@ -16,7 +16,7 @@ import pyarrow as pa
 import ray
 
 from ..jobs.job import _Settings, _sizing_prompt, _work
-from ..jobs.ordered import OrderedGeneration
+from ..iterate import OrderedGeneration
 from ..jobs.records import OUTPUT_COLUMNS, carried, output_record
 from ..jobs.sizing import open_sized_model
 from ..jobs.sources import Columns, InputRow, _from_fields
@@ -30,7 +30,8 @@ OUTPUT_SCHEMA = pa.schema([("row", pa.int64()), ("text", pa.string()), ("finish_
                            ("completion_tokens", pa.int64()), ("error", pa.string())])
 """Types of the output columns, fixed so that every block (and every file written) has
 the same schema, even a block whose rows all have a null ``error``."""
-assert tuple(OUTPUT_SCHEMA.names) == OUTPUT_COLUMNS, "jobs.records.OUTPUT_COLUMNS changed"
+if tuple(OUTPUT_SCHEMA.names) != OUTPUT_COLUMNS:  # checked at import, -O or not
+    raise RuntimeError("jobs.records.OUTPUT_COLUMNS changed: update OUTPUT_SCHEMA")
 
 INPUT_ERROR_COLUMN = "__parallel_gen_input_error"
 """A column whose value, when set, is why its row could not be read (a malformed JSONL

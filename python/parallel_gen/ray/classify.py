@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import pyarrow as pa
 import ray.data
 
+from ..config import model_config
 from ..classify import Template
 from ..jobs.classify import PROBABILITY_PREFIX, classify_job, text_columns
 from ..jobs.sizing import open_sized_model
@@ -123,4 +124,4 @@ def classify(ds: "ray.data.Dataset", labels: Sequence[str], model: Union[str, "o
                                 system=system, normalize=normalize, chat_template=chat_template,
                                 model_options=dict(model_options or {})),
                            actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
-                           batch_size=batch_size, n_parallel=(model_options or {}).get("n_parallel", 8))
+                           batch_size=batch_size, n_parallel=model_config(None, model_options).n_parallel)

@@ -8,6 +8,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import ray.data
 
+from ..config import model_config
 from ..params import SamplingParams
 from .batch import BatchGenerator
 
@@ -67,7 +68,7 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
                            dict(params=base, prompt_column=prompt_column, messages_column=messages_column,
                                 chat=chat, system=system, chat_template=chat_template, model_options=options),
                            actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
-                           batch_size=batch_size, n_parallel=options.get("n_parallel", 8))
+                           batch_size=batch_size, n_parallel=model_config(None, options).n_parallel)
 
 
 def map_with_actors(ds: "ray.data.Dataset", cls: type, args: Tuple[Any, ...], kwargs: Dict[str, Any], *,

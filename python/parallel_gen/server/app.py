@@ -299,8 +299,7 @@ class _CompletionShape(_Shape):
             return []
         logprobs = None
         if ev.logprobs is not None:
-            before = c.logprobs[:len(c.logprobs) - len(ev.logprobs)]  # c.logprobs already has this event's
-            logprobs = self._logprobs(ev.logprobs, sum(len(t.token) for t in before))
+            logprobs = self._logprobs(ev.logprobs, c.event_offset)
         choice = CompletionChoice(index=c.index, text=ev.text, finish_reason=ev.finish_reason if ev.finished else None,
                                   logprobs=logprobs)
         return [CompletionResponse(id=f"cmpl-{job.id}", created=int(job.created), model=model,

@@ -47,8 +47,12 @@ def add_parser(sub: Any, add_model_options: Any) -> None:
 
 def _api_key(args: argparse.Namespace) -> Optional[str]:
     if args.api_key_file:
-        with open(args.api_key_file, encoding="utf-8") as f:
-            key = f.readline().strip()
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ValueError(f"--api-key-file {args.api_key_file}: cannot read it: {reason}") from None
         if not key:
             raise ValueError(f"--api-key-file {args.api_key_file}: the file's first line is empty")
         return key

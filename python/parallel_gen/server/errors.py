@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import ErrorCode, Failure
 from .protocol import ErrorInfo, ErrorResponse
 
 if TYPE_CHECKING:
@@ -50,17 +51,30 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-_FIELD = re.compile(r"SamplingParams\.(\w+)")
+# The one table from a prompt's ErrorCode to the HTTP status and OpenAI error code.
+_STATUS: Dict[ErrorCode, Tuple[int, str]] = {
+    ErrorCode.EMPTY_PROMPT: (400, "invalid_value"),
+    ErrorCode.PROMPT_TOO_LONG: (400, "context_length_exceeded"),
+    ErrorCode.INVALID_PROMPT: (400, "invalid_value"),
+    ErrorCode.INVALID_PARAM: (400, "invalid_value"),
+    ErrorCode.INVALID_INPUT: (400, "invalid_value"),
+    ErrorCode.NO_KV_ROOM: (400, "context_length_exceeded"),  # never fits this server's KV pool
+    ErrorCode.ABORTED: (500, "engine_failure"),
+}
+
+
+def failure_error(failure: Failure, param: Optional[str] = None) -> APIError:
+    """The error response of a prompt that cannot run or did not finish."""
+    status, code = _STATUS[failure.code]
+    message = failure.message if status < 500 else f"generation failed: {failure.message}"
+    return APIError(status, message, param=param, code=code)
 
 
 def invalid_value(e: Exception, param: Optional[str] = None) -> APIError:
     """A 400 for a ValueError/TypeError raised by SamplingParams or the Model's checks,
-    whose message already names the field and the value."""
-    message = str(e)
-    if param is None:
-        m = _FIELD.search(message)
-        param = m.group(1) if m else None
-    return APIError(400, message.replace("SamplingParams.", ""), param=param, code="invalid_value")
+    whose message names the value and whose ``field`` attribute (ParamError) names the field."""
+    field = getattr(e, "field", None)
+    return APIError(400, str(e).replace("SamplingParams.", ""), param=param or field, code="invalid_value")
 
 
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|list|dict|function-[a-z-]+|[a-z-]+\[.*\])$")

@@ -51,7 +51,8 @@ class Metrics:
               registry=r).set_function(engine("tokens_generated"))
         Gauge(p + "engine_decode_calls", "llama_decode calls since the Model opened (all callers)",
               registry=r).set_function(engine("decode_calls"))
-        Gauge(p + "kv_cells_used", "KV cells holding a token", registry=r).set_function(engine("kv_cells_used"))
+        Gauge(p + "kv_tokens", "KV positions held, summed over sequences", registry=r).set_function(
+            engine("kv_tokens"))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,19 +20,19 @@ from typing import AsyncIterator, Callable, Dict, List, Optional, Tuple
 import anyio
 from starlette.requests import Request
 
+from ..errors import ErrorCode, Failure
+from ..inputs import PreparedPrompt, prepare_all
 from ..model import Model
-from ..params import SamplingParams
+from ..params import SamplingParams, SeedRule
 from ..results import TokenLogprobs
-from ..stream import AsyncStreamIterator, StreamEvent, astream_parallel
+from ..stream import AsyncStreamIterator, StreamEvent, StreamState
 from ..templates import ChatTemplate
-from .errors import APIError, invalid_value
+from .errors import APIError, failure_error, invalid_value
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, _Request
 from .settings import ServerSettings
 
 logger = logging.getLogger("parallel_gen")
-
-_UINT32 = 2**32
 
 
 @dataclass
@@ -43,9 +43,12 @@ class Choice:
     text: List[str] = field(default_factory=list)
     tokens: int = 0
     finish_reason: Optional[str] = None
-    error: Optional[str] = None
+    failure: Optional[Failure] = None
     logprobs: Optional[List[TokenLogprobs]] = None
     """Every token's so far, when asked for (each stream event adds its tokens')."""
+    event_offset: int = 0
+    """Characters of the tokens before the current event's (completions' logprobs offsets)."""
+    _offset: int = 0  # characters of every token so far
 
 
 @dataclass
@@ -118,7 +121,7 @@ class Service:
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
             raise APIError(400, "prompt=[]: give at least one prompt", param="prompt", code="invalid_value")
-        params = self._params(body, body.max_tokens, body.logprobs)
+        params = await anyio.to_thread.run_sync(self._params, body, body.max_tokens, body.logprobs)
         return await self._job(rid, "completions", prompts, params, body)
 
     async def chat_job(self, rid: str, body: ChatCompletionRequest) -> Job:
@@ -126,8 +129,9 @@ class Service:
             raise APIError(400, f"this model cannot chat: {self.template_error} (start the server with "
                                 "--chat-template)", param="messages", code="no_chat_template")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = self.template.render(messages)
+        template = self.template
+        try:  # a template may be slow on a long conversation: not on the event loop
+            prompt = await anyio.to_thread.run_sync(template.render, messages)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
         if body.top_logprobs is not None and not body.logprobs:
@@ -144,8 +148,9 @@ class Service:
                 raise APIError(400, "response_format.json_schema is required when type is 'json_schema'",
                                param="response_format.json_schema", code="missing_field")
             schema = fmt.json_schema.schema_
-        params = self._params(body, max_tokens, logprobs, schema)
-        params = self.template.add_stops(params)
+        # A JSON schema becomes a grammar inside SamplingParams: large ones take a while.
+        params = await anyio.to_thread.run_sync(self._params, body, max_tokens, logprobs, schema)
+        params = template.add_stops(params)
         return await self._job(rid, "chat", [prompt], params, body)
 
     def _params(self, body: _Request, max_tokens: Optional[int], logprobs: Optional[int],
@@ -201,26 +206,35 @@ class Service:
         if ignored:
             logger.info("request %s: ignoring unsupported fields %s", rid, ", ".join(ignored))
         # As generate_parallel does with one seed for a call: prompt i uses seed + i.
-        params = [base if base.seed is None else base.replace(seed=(base.seed + i) % _UINT32)
-                  for i in range(len(prompts))]
-        counts = await anyio.to_thread.run_sync(self._token_counts, prompts)
-        for i, count in enumerate(counts):
-            name = "messages" if endpoint == "chat" else "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-            if count == 0:
-                raise APIError(400, f"{name} is empty: it has no tokens", param=name, code="invalid_value")
-            if count >= self.model.n_ctx:
-                raise APIError(400, f"{name} has {count} tokens; this server's context holds {self.model.n_ctx} "
-                                    "tokens per sequence, prompt and completion together",
-                               param=name, code="context_length_exceeded")
-        job = Job(rid, endpoint, prompts, params, base.n, counts)
-        try:
-            job.stream = astream_parallel(self.model, prompts, params, request_id=rid)
-        except (ValueError, TypeError) as e:  # what only the model can check: token ids, grammars
-            raise invalid_value(e) from None
+        rule = SeedRule(base.seed)
+        params = [base if base.seed is None else rule.apply(base, i) for i in range(len(prompts))]
+        # Tokenizing, the engine's checks and the grammar check can take a while: off the loop.
+        prepared, state = await anyio.to_thread.run_sync(self._prepare, endpoint, prompts, params)
+        job = Job(rid, endpoint, prompts, params, base.n, [len(p.tokens) for p in prepared])
+        job.stream = AsyncStreamIterator(state, request_id=rid)
         return job
 
-    def _token_counts(self, prompts: List[str]) -> List[int]:
-        return [len(self.model.tokenize(p)) for p in prompts]
+    def _prepare(self, endpoint: str, prompts: List[str], params: List[SamplingParams]
+                 ) -> Tuple[List[PreparedPrompt], StreamState]:
+        """The prompts tokenized once, refused with the engine's own rule when one cannot
+        run, and the stream's state (which checks the params against the model)."""
+        prepared = prepare_all(self.model, prompts)
+        for i, p in enumerate(prepared):
+            failure = p.failure or self.model.check_tokens(p.tokens)
+            if failure is not None:
+                name = "messages" if endpoint == "chat" else "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+                if failure.code is ErrorCode.PROMPT_TOO_LONG:
+                    failure = Failure(failure.code, f"{name} has {len(p.tokens)} tokens; this server's context holds "
+                                                    f"{self.model.n_ctx} tokens per sequence, prompt and completion "
+                                                    "together")
+                elif failure.code is ErrorCode.EMPTY_PROMPT:
+                    failure = Failure(failure.code, f"{name} is empty: it has no tokens")
+                raise failure_error(failure, param=name)
+        try:
+            return prepared, StreamState(self.model, prepared, params)
+        except (ValueError, TypeError) as e:  # what only the model can check: token ids, grammars
+            raise invalid_value(e) from None
+
 
     # -- running ------------------------------------------------------------------------
     def admit(self, job: Job) -> Callable[[], None]:
@@ -252,7 +266,8 @@ class Service:
         """The job's stream events with their choices; the stream is closed (the engine's
         work cancelled) however the caller stops iterating."""
         stream = job.stream
-        assert stream is not None
+        if stream is None:
+            raise RuntimeError(f"request {job.id}: its job has no stream")
         try:
             async for ev in stream:
                 if job.first_token_at is None and ev.token_ids:
@@ -263,11 +278,16 @@ class Service:
                 c = job.choice(ev)
                 c.text.append(ev.text)
                 c.tokens += len(ev.token_ids)
-                if ev.logprobs is not None:
-                    c.logprobs = (c.logprobs or []) + ev.logprobs
                 if ev.finished:
                     c.finish_reason = ev.finish_reason
-                    c.error = ev.error
+                    if ev.error is not None:
+                        c.failure = Failure(ErrorCode(ev.error_code or ErrorCode.ABORTED), ev.error)
+                if ev.logprobs is not None:  # extended in place: linear in the tokens, not quadratic
+                    if c.logprobs is None:
+                        c.logprobs = []
+                    c.logprobs.extend(ev.logprobs)
+                    c.event_offset = c._offset
+                    c._offset += sum(len(t.token) for t in ev.logprobs)
                 yield c, ev
         finally:
             await stream.aclose()
@@ -312,10 +332,7 @@ class Service:
 
 def failed_choice(c: Choice) -> APIError:
     """The error response for a choice the engine could not complete."""
-    message = c.error or "generation failed"
-    if "context" in message:
-        return APIError(400, message, code="context_length_exceeded")
-    return APIError(500, f"generation failed: {message}", code="generation_failed")
+    return failure_error(c.failure or Failure(ErrorCode.ABORTED, "generation failed"))
 
 
 async def wait_disconnect(request: Request) -> None:

@@ -4,29 +4,28 @@ look-ahead, through the Model's shared engine thread.
 Prompts are pulled from the input only while fewer than ``lookahead`` of them are
 submitted but not yet handed back, so memory stays flat in the number of prompts and a
 generator of a million prompts is fine. They go to the engine in chunks, each one
-request of the Model's runner, so they share the batch with any other caller. A prompt
-that cannot run becomes an "error" Completion; the iteration goes on.
+request of one client, so they share the batch with any other caller. A prompt that
+cannot run becomes an "error" Completion; the iteration goes on.
+
+:class:`OrderedRequests` is the machinery (file jobs, Ray batches and classify jobs run
+on it too); :class:`OrderedGeneration` its generating kind.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import logging
-import queue
-import secrets
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Generic, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Dict, Generic, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
-from .._native import _core
-from ..errors import GenerationError
-from ..events import Cancelled, Closed, EngineEvent, Fatal, RequestDone, SequenceFinished, SequenceResult
-from ..generate import (CANCELLED_MESSAGE, CLOSED_MESSAGE, ModelLike, _open_model, fatal_message, new_request_id,
-                        next_event, prompt_items, reject_unordered)
-from ..model import Model
-from ..params import FIELD_NAMES, SamplingParams
-from ..results import Completion, Output
-from ..runner import Item, Request
+from .client import Client
+from .errors import ErrorCode, Failure, ParamError, ParamTypeError
+from .events import RequestDone, SequenceFinished, SequenceResult
+from .generate import CompletionGather, ModelLike, open_model
+from .inputs import prepare, prompt_items, reject_unordered
+from .model import Model
+from .params import SamplingParams, SeedRule, check_field_names, own_seed
+from .results import Completion
+from .runner import Item
 
 logger = logging.getLogger("parallel_gen")
 
@@ -44,14 +43,7 @@ class Work:
 
     prompt: str
     params: SamplingParams
-    error: Optional[str] = None
-
-
-@dataclass
-class _Pending:
-    prompt: str
-    outputs: List[Optional[Output]]
-    prompt_tokens: int = 0
+    failure: Optional[Failure] = None
 
 
 @dataclass
@@ -95,62 +87,59 @@ def generate_iter(model: ModelLike, prompts: Iterable[str],
         TypeError, ValueError: bad arguments, at the call.
         GenerationError: llama.cpp failed fatally, or the Model was closed meanwhile.
     """
-    unknown = sorted(set(overrides) - FIELD_NAMES)
-    if unknown:
-        raise TypeError(f"unknown sampling option(s): {', '.join(unknown)}; valid: {', '.join(sorted(FIELD_NAMES))}")
+    check_field_names(overrides)
     if isinstance(prompts, (str, bytes)):
-        raise TypeError("prompts must be an iterable of str; for one prompt pass [prompt]")
+        raise ParamTypeError("prompts must be an iterable of str; for one prompt pass [prompt]", "prompts")
     reject_unordered("prompts", prompts)
     check_lookahead(lookahead)
     works = _works(iter(prompts), params, overrides)
-    m, owned = _open_model(model)
-    return _iterate(m, owned, works, lookahead, request_id)
+    opened = open_model(model)
+    return _iterate(opened, works, lookahead, request_id)
 
 
 def check_lookahead(lookahead: Optional[int]) -> None:
     """Raises ValueError unless ``lookahead`` is None or an int >= 1."""
     if lookahead is not None and (isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1):
-        raise ValueError(f"lookahead={lookahead!r}: must be an int >= 1")
+        raise ParamError(f"lookahead={lookahead!r}: must be an int >= 1", "lookahead")
 
 
-def _iterate(model: Model, owned: bool, works: Iterator[Work], lookahead: Optional[int],
+def _iterate(opened: Any, works: Iterator[Work], lookahead: Optional[int],
              request_id: Optional[str]) -> Iterator[Completion]:
-    try:
+    with opened as model:
         yield from OrderedGeneration(model, works, lookahead, request_id)
-    finally:
-        if owned:
-            model.close()
 
 
 def _works(prompts: Iterator[Any], params: Any, overrides: Dict[str, Any]) -> Iterator[Work]:
     if params is None or isinstance(params, SamplingParams):
         base = (params or SamplingParams()).replace(**overrides)
-        start = base.seed if base.seed is not None else secrets.randbits(32)
+        rule = SeedRule(base.seed)
         for i, prompt in enumerate(prompts):
-            yield _work(prompt, base.replace(seed=(start + i) % 2**32), i)
+            yield _work(prompt, rule.apply(base, i), i)
         return
     if isinstance(params, (str, bytes)):
-        raise TypeError("params must be a SamplingParams or an iterable of them")
+        raise ParamTypeError("params must be a SamplingParams or an iterable of them", "params")
     reject_unordered("params", params)
     per_prompt = iter(params)
     for i, prompt in enumerate(prompts):
         p = next(per_prompt, None)
+        text = prompt if isinstance(prompt, str) else ""
         if not isinstance(p, SamplingParams):
             got = "nothing (params ran out)" if p is None else type(p).__name__
-            yield Work(prompt if isinstance(prompt, str) else "", SamplingParams(),
-                       f"params[{i}] must be a SamplingParams, got {got}")
+            yield Work(text, SamplingParams(),
+                       Failure(ErrorCode.INVALID_PARAM, f"params[{i}] must be a SamplingParams, got {got}"))
             continue
         try:
             p = p.replace(**overrides)
         except (TypeError, ValueError) as e:
-            yield Work(prompt if isinstance(prompt, str) else "", SamplingParams(), f"params[{i}]: {e}")
+            yield Work(text, SamplingParams(), Failure(ErrorCode.INVALID_PARAM, f"params[{i}]: {e}"))
             continue
-        yield _work(prompt, p if p.seed is not None else p.replace(seed=secrets.randbits(32)), i)
+        yield _work(prompt, own_seed(p), i)
 
 
 def _work(prompt: Any, params: SamplingParams, i: int) -> Work:
     if not isinstance(prompt, str):
-        return Work("", params, f"prompts[{i}] must be a str, got {type(prompt).__name__}")
+        return Work("", params, Failure(ErrorCode.INVALID_INPUT, f"prompts[{i}] must be a str, got "
+                                                                 f"{type(prompt).__name__}"))
     return Work(prompt, params)
 
 
@@ -168,23 +157,19 @@ class OrderedRequests(Generic[W, R]):
                  request_id: Optional[str] = None) -> None:
         check_lookahead(lookahead)
         self.model = model
-        self._runner = model._require_runner()
+        self._client = Client(model, request_id)
         self._works = works
         self.lookahead = lookahead or LOOKAHEAD_PER_SLOT * model.n_parallel
         # Chunks of about one slot-full: few requests in flight (each takes turns in the
         # runner's round-robin), yet enough queued to refill slots as they free.
         self._chunk = max(1, min(model.n_parallel, self.lookahead // 2))
-        self._name = request_id or new_request_id()
-        self._queue: "queue.SimpleQueue[EngineEvent]" = queue.SimpleQueue()
         self._missing: Dict[int, int] = {}  # work index -> sequences not finished yet (0: ready)
-        self._requests: Dict[int, Request] = {}
         self._next_in = 0  # index of the next work to pull
         self._next_out = 0  # index of the next result to hand back
         self._exhausted = False
         self.stats = IterStats()
 
     def __iter__(self) -> Iterator[R]:
-        _core.release_caller_openmp_threads()  # an idle team here would slow the engine's
         try:
             while True:
                 self._refill()
@@ -193,21 +178,21 @@ class OrderedRequests(Generic[W, R]):
                     self._refill()
                 if self._exhausted and self._next_out == self._next_in:
                     return
-                self._handle(next_event(self._queue))
+                event = self._client.next().event
+                if isinstance(event, SequenceFinished):
+                    self._add(event.result)
         finally:
             self.close()
 
     def close(self) -> None:
         """Cancels every request still in flight and waits until their KV is freed."""
-        requests, self._requests = list(self._requests.values()), {}
-        for req in requests:
-            with contextlib.suppress(RuntimeError):  # the Model was closed meanwhile
-                self._runner.cancel(req).wait()
-        if requests:
-            logger.info("ordered run %s: cancelled %d request(s) in flight", self._name, len(requests))
+        n = self._client.in_flight
+        self._client.close()
+        if n:
+            logger.info("ordered run %s: cancelled %d request(s) in flight", self._client.name, n)
 
     # -- what a work is (subclasses) ----------------------------------------------------
-    def _start(self, i: int, work: W) -> Tuple[List[Item], Optional[str]]:
+    def _start(self, i: int, work: W) -> Tuple[List[Item], Optional[Failure]]:
         """The engine's sequences of work ``i`` (their index is ``i``), or why it cannot run."""
         raise NotImplementedError
 
@@ -215,7 +200,7 @@ class OrderedRequests(Generic[W, R]):
         """Keeps one finished sequence of work ``r.index``."""
         raise NotImplementedError
 
-    def _failed(self, i: int, message: str) -> None:
+    def _failed(self, i: int, failure: Failure) -> None:
         """Records that work ``i`` did not run."""
         raise NotImplementedError
 
@@ -234,7 +219,7 @@ class OrderedRequests(Generic[W, R]):
             self._submit_chunk(min(room, self._chunk))
 
     def _submit_chunk(self, size: int) -> None:
-        items: Deque[Item] = collections.deque()
+        items: List[Item] = []
         for _ in range(size):
             work = next(self._works, None)
             if work is None:
@@ -242,9 +227,9 @@ class OrderedRequests(Generic[W, R]):
                 break
             i = self._next_in
             self._next_in += 1
-            mine, error = self._start(i, work)
-            if error is not None:
-                self._failed(i, error)
+            mine, failure = self._start(i, work)
+            if failure is not None:
+                self._failed(i, failure)
                 self._missing[i] = 0
                 self.stats.finished += 1
                 continue
@@ -252,23 +237,9 @@ class OrderedRequests(Generic[W, R]):
             self._missing[i] = len(mine)
             self.stats.in_flight += 1
         if items:
-            req = Request(f"{self._name}/{self._next_in}", items, self._queue.put)
-            self._requests[req.id] = req
-            self._runner.submit(req)
+            self._client.submit(items)
 
     # -- output side --------------------------------------------------------------------
-    def _handle(self, event: EngineEvent) -> None:
-        if isinstance(event, SequenceFinished):
-            self._add(event.result)
-        elif isinstance(event, RequestDone):
-            self._requests = {k: r for k, r in self._requests.items() if r.remaining > 0}
-        elif isinstance(event, Fatal):
-            raise GenerationError(fatal_message(event), [])
-        elif isinstance(event, Closed):
-            raise GenerationError(CLOSED_MESSAGE, [])
-        elif isinstance(event, Cancelled):
-            raise GenerationError(CANCELLED_MESSAGE, [])
-
     def _add(self, r: SequenceResult) -> None:
         self._finished(r)
         self._missing[r.index] -= 1
@@ -291,51 +262,21 @@ class OrderedGeneration(OrderedRequests[Work, Completion]):
     def __init__(self, model: Model, works: Iterator[Work], lookahead: Optional[int] = None,
                  request_id: Optional[str] = None) -> None:
         super().__init__(model, works, lookahead, request_id)
-        self._pending: Dict[int, _Pending] = {}
-        self._token_text: Dict[int, str] = {}
-        self._checked: Dict[Tuple[Any, ...], Optional[str]] = {}
+        self._gather = CompletionGather(model)
 
-    def _start(self, i: int, work: Work) -> Tuple[List[Item], Optional[str]]:
-        n = work.params.n
-        self._pending[i] = _Pending(work.prompt, [None] * n)
-        error = work.error or self._check(work.params)
-        if error is not None:
-            return [], error
-        return prompt_items(i, work.prompt, work.params)
-
-    def _check(self, p: SamplingParams) -> Optional[str]:
-        """What only the model can tell about a prompt's params (token ids, grammar),
-        as a per-prompt error; remembered, since rows of a job mostly repeat params."""
-        key = (p.compiled_grammar, p.stop_token_ids, tuple(sorted((p.logit_bias or {}).items())))
-        if key not in self._checked:
-            n_vocab, error = self.model.n_vocab, None
-            for name, ids in (("stop_token_ids", p.stop_token_ids), ("logit_bias", sorted(p.logit_bias or ()))):
-                bad = [t for t in ids if t >= n_vocab]
-                if bad and error is None:
-                    error = f"SamplingParams.{name}: {bad} not in the model's vocabulary of {n_vocab} tokens"
-            if error is None and p.compiled_grammar is not None:
-                why = self.model._model.grammar_error(p.compiled_grammar)
-                if why:
-                    error = f"llama.cpp rejects the grammar: {why}"
-            self._checked[key] = error
-        return self._checked[key]
+    def _start(self, i: int, work: Work) -> Tuple[List[Item], Optional[Failure]]:
+        self._gather.expect(i, work.prompt, work.params.n)
+        if work.failure is not None:
+            return [], work.failure
+        return prompt_items(self.model, i, prepare(self.model, work.prompt), work.params)
 
     def _finished(self, r: SequenceResult) -> None:
-        p = self._pending[r.index]
-        p.outputs[r.sample] = r.to_output(self._text)
-        p.prompt_tokens = r.prompt_tokens
-        self.stats.generated_tokens += len(r.token_ids)
+        before = self._gather.generated_tokens
+        self._gather.add(r)
+        self.stats.generated_tokens += self._gather.generated_tokens - before
 
-    def _failed(self, i: int, message: str) -> None:
-        p = self._pending[i]
-        p.outputs = [Output("", [], "error", None, message) for _ in p.outputs]
+    def _failed(self, i: int, failure: Failure) -> None:
+        self._gather.fail(i, failure)
 
     def _take(self, i: int) -> Completion:
-        p = self._pending.pop(i)
-        return Completion(i, p.prompt, p.outputs, p.prompt_tokens)  # type: ignore[arg-type]
-
-    def _text(self, token: int) -> str:
-        text = self._token_text.get(token)
-        if text is None:
-            text = self._token_text[token] = self.model.detokenize([token])
-        return text
+        return self._gather.take(i)

@@ -1,0 +1,184 @@
+"""ModelConfig: every setting of a Model and its engine, with its default, in one place.
+
+``pg.Model(path, n_parallel=16)`` builds one from its keywords; the command line
+(``--n-parallel``, ...), the server, Ray's ``model_options`` and R's ``pg_model()`` all
+read the fields here, and :meth:`ModelConfig.numerics` says which of them can change a
+prompt's output (the result cache keys on those).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+from ._native import _core
+from .errors import ParamError, ParamTypeError
+
+# KV cache element types llama.cpp accepts (ggml_type values).
+KV_TYPES: Dict[str, int] = {
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30,
+}
+_FLASH = {None: -1, False: 0, True: 1}
+# Shorter shared prefixes are cheaper to recompute than to copy (a copy moves a whole KV
+# stream when every sequence has its own).
+MIN_SHARED_PREFIX = 16
+
+
+def cpu_threads() -> int:
+    """The cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _numerics() -> Dict[str, Any]:
+    return {"numerics": True}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How a Model runs: its slots, context, batch, threads and KV cache (validated on creation)."""
+
+    n_parallel: int = 8
+    """Sequences decoded together (slots), >= 1. More prompts wait and join as slots free."""
+
+    n_ctx: Optional[int] = None
+    """Tokens per sequence, prompt + output (>= 8). None: min(training context, 4096),
+    lowered (with a warning) so the KV cache takes at most half of the memory available
+    when the Model opens; calls that open a Model from a path size it to their work."""
+
+    n_batch: int = field(default=512, metadata=_numerics())
+    """Most tokens per llama_decode call (>= n_parallel). It decides how prompts are cut
+    into chunks, which changes numerics slightly."""
+
+    n_threads: Optional[int] = None
+    """CPU threads. None: every core this process may use."""
+
+    n_gpu_layers: int = field(default=0, metadata=_numerics())
+    """Layers offloaded to the GPU (-1: all) when llama-cpp-python was built with a GPU backend."""
+
+    kv_unified: bool = field(default=False, metadata=_numerics())
+    """One KV buffer shared by all sequences. The default (False) gives each sequence its
+    own stream, which keeps a prompt's greedy output identical to decoding it alone and is
+    faster when prompts share little."""
+
+    flash_attn: Optional[bool] = field(default=None, metadata=_numerics())
+    """Flash attention: True, False, or None (also "auto") for llama.cpp's choice. It
+    changes numerics: keep it the same when comparing outputs."""
+
+    type_k: str = field(default="f16", metadata=_numerics())
+    """KV cache element type of K ("f16", "q8_0", ...; see KV_TYPES)."""
+
+    type_v: str = field(default="f16", metadata=_numerics())
+    """KV cache element type of V (quantized V needs flash attention)."""
+
+    kv_size: Optional[int] = field(default=None, metadata=_numerics())
+    """With kv_unified only: cells of the shared KV pool (>= n_ctx; default n_ctx x
+    n_parallel). When a smaller pool runs out, a shared prefix is given up first, then the
+    youngest sequence is paused and recomputed later."""
+
+    share_prefix: bool = field(default=True, metadata=_numerics())
+    """Decode a prompt prefix (>= 16 tokens) shared by several waiting prompts, or by the
+    n samples of one prompt, once, and copy its KV to each. Costs one more KV stream when
+    kv_unified is False; cutting a prefill there changes numerics slightly."""
+
+    verbose: bool = False
+    """Let llama.cpp print its log to stderr."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise in place once
+        _int("n_parallel", self.n_parallel, 1, int(_core.max_parallel_sequences()))
+        if self.n_ctx is not None:
+            _int("n_ctx", self.n_ctx, 8)
+        _int("n_batch", self.n_batch, 1)
+        if self.n_batch < self.n_parallel:
+            raise ParamError(f"Model n_batch={self.n_batch} must be >= n_parallel={self.n_parallel}: every "
+                             "generating sequence adds one token to each batch", "n_batch")
+        if self.n_threads is not None:
+            _int("n_threads", self.n_threads, 1)
+        _int("n_gpu_layers", self.n_gpu_layers, -1)
+        for name in ("kv_unified", "share_prefix", "verbose"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamTypeError(f"Model {name} must be a bool, got {getattr(self, name)!r}", name)
+        if self.flash_attn == "auto":
+            set_(self, "flash_attn", None)
+        if self.flash_attn not in _FLASH:
+            raise ParamError(f"Model flash_attn={self.flash_attn!r}: must be True, False or None (auto)",
+                             "flash_attn")
+        for name in ("type_k", "type_v"):
+            if getattr(self, name) not in KV_TYPES:
+                raise ParamError(f"Model {name}={getattr(self, name)!r}: must be one of {sorted(KV_TYPES)}", name)
+        if self.kv_size is not None:
+            if not self.kv_unified:
+                raise ParamError("Model kv_size is only meaningful with kv_unified=True (a shared KV pool); "
+                                 "without it every sequence has its own n_ctx stream", "kv_size")
+            _int("kv_size", self.kv_size, 8)
+            if self.n_ctx is not None and self.kv_size < self.n_ctx:
+                raise ParamError(f"Model kv_size={self.kv_size} must be >= n_ctx={self.n_ctx}: one sequence must "
+                                 "fit the pool", "kv_size")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (validated again); TypeError naming unknown ones."""
+        check_config_names(changes)
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def threads(self) -> int:
+        """n_threads, or every core this process may use."""
+        return self.n_threads if self.n_threads is not None else cpu_threads()
+
+    @property
+    def kv_streams(self) -> int:
+        """KV streams llama.cpp allocates with separate streams: one per slot, plus one for a shared prefix."""
+        return self.n_parallel + (1 if self.share_prefix else 0)
+
+    def numerics(self) -> Dict[str, Any]:
+        """The settings that can change a prompt's output (not capacity: n_parallel, n_ctx,
+        threads and verbosity leave a completion as it is)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("numerics")}
+
+    def to_native(self, n_ctx: int) -> "_core.EngineConfig":
+        """The engine's configuration, with the context size the Model settled on."""
+        ec = _core.EngineConfig()
+        ec.n_parallel = self.n_parallel
+        ec.n_ctx = n_ctx
+        ec.n_batch = self.n_batch
+        ec.n_threads = self.threads
+        ec.kv_unified = self.kv_unified
+        ec.flash_attn = _FLASH[self.flash_attn]
+        ec.type_k = KV_TYPES[self.type_k]
+        ec.type_v = KV_TYPES[self.type_v]
+        ec.kv_size = self.kv_size or 0
+        ec.min_prefix = MIN_SHARED_PREFIX if self.share_prefix else 2**31 - 1
+        ec.verbose = self.verbose
+        return ec
+
+
+CONFIG_NAMES = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def check_config_names(names: Any) -> None:
+    """TypeError naming every key of ``names`` that is not a ModelConfig field."""
+    unknown = sorted(set(names) - CONFIG_NAMES)
+    if unknown:
+        raise ParamTypeError(f"unknown Model setting(s): {', '.join(unknown)}; valid: {', '.join(sorted(CONFIG_NAMES))}",
+                             unknown[0])
+
+
+def model_config(config: Optional[ModelConfig] = None, settings: Optional[Mapping[str, Any]] = None) -> ModelConfig:
+    """``config`` (default: ModelConfig()) with ``settings`` (ModelConfig field names) applied."""
+    if config is not None and not isinstance(config, ModelConfig):
+        raise ParamTypeError(f"config must be a ModelConfig, got {type(config).__name__}", "config")
+    base = config or ModelConfig()
+    return base.replace(**settings) if settings else base
+
+
+def _int(name: str, value: Any, low: int, high: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamTypeError(f"Model {name} must be an int, got {type(value).__name__} {value!r}", name)
+    if value < low or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ParamError(f"Model {name}={value!r}: must be {rng}", name)
