@@ -7,11 +7,12 @@ import inspect
 import logging
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from ._native import _core, llama_cpp
 from .errors import ModelLoadError
 from .memory import KV_MEMORY_SHARE, available_memory, capped_default_n_ctx, kv_cell_bytes, kv_cells
+from .repack import check_borrowed, check_repack, use_extra_bufts
 from .runner import EngineRunner, EngineStats
 
 logger = logging.getLogger("parallel_gen")
@@ -98,6 +99,10 @@ class Model:
         share_prefix: decode a prompt prefix (>= 16 tokens) shared by several waiting
             prompts, or by the n samples of one prompt, once, and copy its KV to each.
             Costs one more KV stream when kv_unified=False.
+        repack: let llama.cpp repack the weights for its faster CPU kernels (its "extra
+            buffer types"; False is llama.cpp's --no-repack). None: off when llama.cpp
+            was built with AMX kernels, which crash on recent Intel Xeons (logged once),
+            else on. See :mod:`parallel_gen.repack`.
         verbose: let llama.cpp print its log to stderr.
 
     Calls from any number of threads (generate, chat, streams) share the Model: each
@@ -121,6 +126,7 @@ class Model:
         type_v: str = "f16",
         kv_size: Optional[int] = None,
         share_prefix: bool = True,
+        repack: Optional[bool] = None,
         verbose: bool = False,
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
@@ -128,14 +134,17 @@ class Model:
         path = os.fspath(path)
         _check_int("n_gpu_layers", n_gpu_layers, -1)
         config = self._config(n_parallel, n_ctx, n_batch, n_threads, kv_unified, flash_attn, type_k, type_v,
-                              kv_size, share_prefix, verbose)
-        self._setup(path, self._load(path, n_gpu_layers, verbose), config, owner=None, n_gpu_layers=n_gpu_layers)
+                              kv_size, share_prefix, repack, verbose)
+        handle, repacked = self._load(path, n_gpu_layers, config)
+        self._setup(path, handle, config, owner=None, n_gpu_layers=n_gpu_layers, repack=repacked)
 
     @staticmethod
-    def _load(path: str, n_gpu_layers: int, verbose: bool) -> "_core.ModelHandle":
+    def _load(path: str, n_gpu_layers: int, config: Dict[str, Any]) -> "Tuple[_core.ModelHandle, bool]":
+        """The weights, and whether they were loaded with extra buffer types."""
         _check_gguf(path)
+        extra_bufts = use_extra_bufts(config["repack"])
         try:
-            return _core.ModelHandle.load(path, n_gpu_layers, bool(verbose))
+            return _core.ModelHandle.load(path, n_gpu_layers, extra_bufts, config["verbose"]), extra_bufts
         except RuntimeError as e:
             raise ModelLoadError(str(e)) from None
 
@@ -155,9 +164,9 @@ class Model:
         config = cls._config(**{**defaults, **kwargs, "n_ctx": None})
         self = cls.__new__(cls)
         self.path = path  # what n_ctx() may read: the path and the weights, no context yet
-        self._handle = cls._load(path, n_gpu_layers, config["verbose"])
+        self._handle, repacked = cls._load(path, n_gpu_layers, config)
         config["n_ctx"] = _check_int("n_ctx", n_ctx(self), 8)
-        self._setup(path, self._handle, config, owner=None, n_gpu_layers=n_gpu_layers)
+        self._setup(path, self._handle, config, owner=None, n_gpu_layers=n_gpu_layers, repack=repacked)
         logger.info("n_ctx %d sized to the work: KV cache %.1f MiB for %d sequences", self.n_ctx,
                     self.kv_bytes / 2**20, self.n_parallel)
         return self
@@ -177,6 +186,7 @@ class Model:
         type_v: Optional[str] = None,
         kv_size: Optional[int] = None,
         share_prefix: bool = True,
+        repack: Optional[bool] = None,
         verbose: Optional[bool] = None,
     ) -> "Model":
         """A Model over the weights an existing ``llama_cpp.Llama`` already holds.
@@ -185,6 +195,12 @@ class Model:
         keeps ``llm`` alive. Settings left as None follow the Llama's own (n_batch,
         n_threads, flash_attn, type_k, type_v, verbose), so outputs compare like with like
         against it; pass ``flash_attn="auto"`` for llama.cpp's automatic choice.
+
+        Weight repacking is the Llama's: where llama.cpp was built with AMX kernels, a
+        Llama loaded with extra buffer types (llama-cpp-python's default) is refused with
+        a ValueError, as its first batched decode would crash; load it with
+        :func:`parallel_gen.load_llama`, or pass ``repack=True`` to use it anyway. A
+        ``repack`` given must match how the Llama was loaded.
         """
         if not isinstance(llm, llama_cpp.Llama):
             raise TypeError(f"from_llama needs a llama_cpp.Llama, got {type(llm).__name__}")
@@ -192,6 +208,8 @@ class Model:
         if raw is None:
             raise ValueError("this llama_cpp.Llama has been closed: it holds no model")
         address = raw if isinstance(raw, int) else ctypes.cast(raw, ctypes.c_void_p).value
+        repacked = bool(llm.model_params.use_extra_bufts)
+        check_borrowed(repacked, repack)
         cp = llm.context_params
         config = cls._config(
             n_parallel,
@@ -204,11 +222,12 @@ class Model:
             _KV_TYPE_NAMES.get(int(cp.type_v), "f16") if type_v is None else type_v,
             kv_size,
             share_prefix,
+            repacked,
             bool(llm.verbose) if verbose is None else verbose,
         )
         self = cls.__new__(cls)
         self._setup(getattr(llm, "model_path", "<llama_cpp.Llama>"), _core.ModelHandle.borrow(address), config,
-                    owner=llm, n_gpu_layers=int(llm.model_params.n_gpu_layers))
+                    owner=llm, n_gpu_layers=int(llm.model_params.n_gpu_layers), repack=repacked)
         return self
 
     @classmethod
@@ -220,7 +239,8 @@ class Model:
 
     @staticmethod
     def _config(n_parallel: Any, n_ctx: Any, n_batch: Any, n_threads: Any, kv_unified: Any, flash_attn: Any,
-                type_k: Any, type_v: Any, kv_size: Any, share_prefix: Any, verbose: Any) -> Dict[str, Any]:
+                type_k: Any, type_v: Any, kv_size: Any, share_prefix: Any, repack: Any,
+                verbose: Any) -> Dict[str, Any]:
         """Checks every setting before any loading is done."""
         _check_int("n_parallel", n_parallel, 1, int(_core.max_parallel_sequences()))
         if n_ctx is not None:
@@ -246,10 +266,10 @@ class Model:
                     n_threads=_cpu_threads() if n_threads is None else n_threads, kv_unified=kv_unified,
                     flash_attn=_flash(flash_attn), type_k=_kv_type("type_k", type_k),
                     type_v=_kv_type("type_v", type_v), kv_size=kv_size, share_prefix=share_prefix,
-                    verbose=verbose)
+                    repack=check_repack(repack), verbose=verbose)
 
     def _setup(self, path: str, handle: "_core.ModelHandle", config: Dict[str, Any], owner: Any,
-               n_gpu_layers: int) -> None:
+               n_gpu_layers: int, repack: bool) -> None:
         self.path = path
         self._handle: Optional[_core.ModelHandle] = handle
         self._owner = owner  # a llama_cpp.Llama whose weights we borrow: keep it alive
@@ -306,6 +326,8 @@ class Model:
         self.type_v: str = _KV_TYPE_NAMES[ec.type_v]
         self.kv_size: Optional[int] = kv_size
         self.n_gpu_layers: int = n_gpu_layers
+        self.repack: bool = repack
+        """Whether the weights were loaded with llama.cpp's extra buffer types (repacked)."""
         self.kv_bytes: int = kv_cells(n_ctx, n_streams, ec.kv_unified, kv_size, ec.n_parallel) * cell_bytes
         """Bytes of KV cache this Model's context allocated (all sequences, K and V)."""
         # The runner outlives a garbage-collected Model until its thread ends: it keeps
@@ -347,7 +369,7 @@ class Model:
         sampling parameters (the result cache keys on it)."""
         return dict(n_ctx=self.n_ctx, n_batch=self.n_batch, kv_unified=self.kv_unified, kv_size=self.kv_size,
                     flash_attn=self.flash_attn, type_k=self.type_k, type_v=self.type_v,
-                    n_gpu_layers=self.n_gpu_layers, share_prefix=self.share_prefix,
+                    n_gpu_layers=self.n_gpu_layers, share_prefix=self.share_prefix, repack=self.repack,
                     llama_cpp=getattr(llama_cpp, "__version__", "?"), backends=tuple(_core.backends()))
 
     @property
