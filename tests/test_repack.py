@@ -136,15 +136,21 @@ def test_repack_false_loads_no_weight_into_an_extra_buffer_type(gemma3_path, cap
         seen[repack] = extra_buffers_in_log(err)
     assert seen[True] and seen[False] == set()
 
-    safe = pg.load_llama(str(gemma3_path), repack=False, n_ctx=64, verbose=True)
-    try:
-        assert safe.model_params.use_extra_bufts is False
-        again = pickle.loads(pickle.dumps(safe))  # how Ray ships a Llama: the choice survives
-        assert type(again) is type(safe) and again.model_params.use_extra_bufts is False
-        again.close()
-    finally:
-        safe.close()
-    assert extra_buffers_in_log(capfd.readouterr().err) == set()
+    # load_llama: the same through llama-cpp-python's own loading
+    for repack in (True, False):
+        llm = pg.load_llama(str(gemma3_path), repack=repack, n_ctx=64, verbose=True)
+        try:
+            assert llm.model_params.use_extra_bufts is repack
+            if not repack:
+                again = pickle.loads(pickle.dumps(llm))  # how Ray ships a Llama: the choice survives
+                assert type(again) is type(llm) and again.model_params.use_extra_bufts is False
+                again.close()
+        finally:
+            llm.close()
+        err = capfd.readouterr().err
+        assert "CPU_Mapped model buffer size" in err
+        seen[repack] = extra_buffers_in_log(err)
+    assert seen[True] and seen[False] == set()
 
 
 # -- the workload that crashed an AMX build, with this build's default ------------------------

@@ -111,20 +111,19 @@ def check_borrowed(llama_uses_extra_bufts: bool, repack: Optional[bool], build: 
 class RepackLlama(llama_cpp.Llama):
     """A ``llama_cpp.Llama`` loaded with ``llama_model_params.use_extra_bufts`` chosen.
 
-    llama-cpp-python's Llama has no argument for that field. Its constructor fills
-    ``self.model_params`` from llama_model_default_params() and then loads the model with
-    it; this subclass sets the field as that attribute is assigned, so nothing global
-    is changed, and checks after loading that the model was loaded so. Pickling (Ray)
-    keeps the choice.
+    llama-cpp-python's Llama has no argument for that field. Its constructor (0.3.36)
+    fills ``self.model_params`` from llama_model_default_params() and then loads the
+    model with that struct; this subclass sets the field as the attribute is assigned, so
+    nothing global changes. Pickling (Ray) keeps the choice.
     """
 
     def __init__(self, model_path: str, *, use_extra_bufts: bool, **kwargs: Any) -> None:
         self._pg_use_extra_bufts = bool(use_extra_bufts)
         super().__init__(model_path, **kwargs)
-        if bool(self.model_params.use_extra_bufts) != self._pg_use_extra_bufts:  # a llama-cpp-python that
-            self.close()                                                          # loads differently
-            raise RuntimeError(f"llama-cpp-python {llama_cpp.__version__} did not load the model with "
-                               f"use_extra_bufts={self._pg_use_extra_bufts}")
+        if "_pg_model_params" not in self.__dict__:  # a Llama that loads without self.model_params
+            self.close()
+            raise RuntimeError(f"llama-cpp-python {llama_cpp.__version__}'s Llama does not load through "
+                               "self.model_params: parallel_gen cannot set use_extra_bufts for it")
 
     @property  # type: ignore[override]
     def model_params(self) -> Any:
