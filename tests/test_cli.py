@@ -15,6 +15,7 @@ import parallel_gen as pg
 from parallel_gen import cli, models
 from parallel_gen._native import _core
 from parallel_gen.params import FIELD_NAMES
+from parallel_gen.repack import choose_repack, cpu_build
 
 PYTHON_DIR = str(Path(pg.__file__).resolve().parent.parent)
 # One thread: on a shared 2-core machine a second OpenMP thread mostly waits its turn.
@@ -253,6 +254,12 @@ def test_info(smol, gemma3_path, tmp_path):
     assert m["path"] == str(models.smollm2_path()) and m["architecture"] == "llama"
     assert m["parameters"] == smol._model.n_params and m["context_length"] == smol.n_ctx_train
     assert m["chat_template"] is True
+    # CPU build and repacking (parallel_gen.repack)
+    cpu, choice = cpu_build(), choose_repack(None, cpu_build())
+    assert b["cpu_features"] == dict(cpu.features) and b["amx_kernels"] is cpu.amx_kernels
+    assert b["extra_buffer_types"] == list(cpu.extra_buffer_types)
+    assert b["repack_default"] is choice.use_extra_bufts and b["repack_reason"] == choice.reason
+    assert m["repack"] is choice.use_extra_bufts
     # KV cache: info's Model has 1 slot (+ the shared-prefix stream) of n_ctx 64, rounded up to 256 cells.
     assert m["kv_bytes_allocated"] == 2 * 256 * m["kv_bytes_per_token"] > 0
     assert m["default_kv_bytes"] == 9 * m["default_n_ctx"] * m["kv_bytes_per_token"]
@@ -261,6 +268,7 @@ def test_info(smol, gemma3_path, tmp_path):
     text = run("info").stdout
     assert "architecture:   llama" in text and "chat template:  yes" in text and b["libllama"] in text
     assert "KV cache:" in text and "per token" in text
+    assert f"repacking:   {'on' if choice.use_extra_bufts else 'off'} by default: {choice.reason}" in text
     r = run("info", "--json", "-m", tmp_path / "absent.gguf")
     assert r.returncode == 1 and "model file not found" in json.loads(r.stdout)["model"]["error"]
 
