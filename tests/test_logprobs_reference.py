@@ -1,7 +1,8 @@
 """Logprob values against an independent reference: llama-cpp-python's own logits.
 
-The reference is a plain ``llama_cpp.Llama`` with ``logits_all=True`` fed the same
-tokens; the log-softmax of its logits at each position must give our logprobs.
+The reference is a ``llama_cpp.Llama`` (from pg.load_llama: weights repacked as a Model's)
+with ``logits_all=True`` fed the same tokens; the log-softmax of its logits at each
+position must give our logprobs.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import llama_cpp
 import parallel_gen as pg
 
 N_CTX = 256
@@ -32,8 +32,8 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(smollm2_path):
-    llm = llama_cpp.Llama(str(smollm2_path), n_ctx=N_CTX, n_threads=2, n_threads_batch=2, logits_all=True,
-                          flash_attn=False, verbose=False)
+    llm = pg.load_llama(str(smollm2_path), n_ctx=N_CTX, n_threads=2, n_threads_batch=2, logits_all=True,
+                        flash_attn=False, verbose=False)
     yield llm
     llm.close()
 

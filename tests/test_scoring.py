@@ -39,7 +39,7 @@ def smol_exact(smollm2_path):
 
 @pytest.fixture(scope="module")
 def reference(smollm2_path):
-    llm = llama_cpp.Llama(str(smollm2_path), n_ctx=512, logits_all=True, flash_attn=True, verbose=False)
+    llm = pg.load_llama(str(smollm2_path), n_ctx=512, logits_all=True, flash_attn=True, verbose=False)
     yield llm
     llm.close()
 
@@ -341,7 +341,7 @@ def test_gemma3_long_prompt_beyond_its_sliding_window(gemma3_path):
         assert n_swa > 0 and len(prompt_ids) > n_swa
         got = pg.score(m, prompt, [" sunny and warm", " rainy and cold", " windy"])[0]
         assert _kv_left(m) == 0
-    llm = llama_cpp.Llama(str(gemma3_path), n_ctx=1024, logits_all=True, flash_attn=True, verbose=False)
+    llm = pg.load_llama(str(gemma3_path), n_ctx=1024, logits_all=True, flash_attn=True, verbose=False)
     try:
         for s in got:
             ref = reference_logprobs(llm, prompt_ids, s.token_ids)

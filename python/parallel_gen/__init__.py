@@ -19,6 +19,7 @@ from .jobs import JobSummary, run_file_job
 from .model import Model
 from .models import default_model_path
 from .params import SamplingParams
+from .repack import load_llama
 from .results import BatchResult, BatchStats, Completion, Logprob, Output, TokenLogprobs
 from .runner import EngineStats
 from .scoring import Score, score
@@ -57,6 +58,7 @@ __all__ = [
     "default_model_path",
     "generate_iter",
     "generate_parallel",
+    "load_llama",
     "run_file_job",
     "score",
     "stream_parallel",

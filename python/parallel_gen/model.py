@@ -6,7 +6,7 @@ import ctypes
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 from ._native import _core, llama_cpp
 from .client import runner_of
@@ -14,6 +14,7 @@ from .config import KV_TYPES, ModelConfig, check_config_names, model_config
 from .errors import Failure, ModelClosedError, ModelLoadError, ParamError, ParamTypeError
 from .events import ERROR_CODES
 from .memory import KV_MEMORY_SHARE, available_memory, capped_default_n_ctx, kv_cell_bytes, kv_cells
+from .repack import check_borrowed, use_extra_bufts
 from .runner import EngineRunner, EngineStats
 
 if TYPE_CHECKING:
@@ -68,13 +69,16 @@ class Model:
     def __init__(self, path: PathLike, config: Optional[ModelConfig] = None, **settings: Any) -> None:
         path = _check_path(path)
         cfg = model_config(config, settings)
-        self._setup(path, self._load(path, cfg), cfg, owner=None)
+        handle, repacked = self._load(path, cfg)
+        self._setup(path, handle, cfg, owner=None, repack=repacked)
 
     @staticmethod
-    def _load(path: str, config: ModelConfig) -> "_core.ModelHandle":
+    def _load(path: str, config: ModelConfig) -> "Tuple[_core.ModelHandle, bool]":
+        """The weights, and whether they were loaded with extra buffer types."""
         _check_gguf(path)
+        extra_bufts = use_extra_bufts(config.repack)
         try:
-            return _core.ModelHandle.load(path, config.n_gpu_layers, config.verbose)
+            return _core.ModelHandle.load(path, config.n_gpu_layers, extra_bufts, config.verbose), extra_bufts
         except RuntimeError as e:
             raise ModelLoadError(str(e)) from None
 
@@ -88,13 +92,13 @@ class Model:
         cfg = (config or ModelConfig()).replace(n_ctx=None)
         self = cls.__new__(cls)
         self.path = path  # what n_ctx() may read: the path and the weights, no context yet
-        self._handle = cls._load(path, cfg)
+        self._handle, repacked = cls._load(path, cfg)
         self._token_texts = {}
         self._checked = {}
         sized = n_ctx(self)
         if isinstance(sized, bool) or not isinstance(sized, int) or sized < 8:
             raise ParamError(f"sized n_ctx={sized!r}: must be an int >= 8", "n_ctx")
-        self._setup(path, self._handle, cfg.replace(n_ctx=sized), owner=None)
+        self._setup(path, self._handle, cfg.replace(n_ctx=sized), owner=None, repack=repacked)
         logger.info("n_ctx %d sized to the work: KV cache %.1f MiB for %d sequences", self.n_ctx,
                     self.kv_bytes / 2**20, self.n_parallel)
         return self
@@ -107,6 +111,12 @@ class Model:
         keeps ``llm`` alive. Settings not given follow the Llama's own (n_batch, n_threads,
         flash_attn, type_k, type_v, verbose, n_gpu_layers), so outputs compare like with
         like against it; pass ``flash_attn="auto"`` for llama.cpp's automatic choice.
+
+        Weight repacking is the Llama's: where llama.cpp was built with AMX kernels, a
+        Llama loaded with extra buffer types (llama-cpp-python's default) is refused with
+        a ValueError, as its first batched decode would crash; load it with
+        :func:`parallel_gen.load_llama`, or pass ``repack=True`` to use it anyway. A
+        ``repack`` given must match how the Llama was loaded.
         """
         if not isinstance(llm, llama_cpp.Llama):
             raise ParamTypeError(f"from_llama needs a llama_cpp.Llama, got {type(llm).__name__}", "llm")
@@ -115,6 +125,8 @@ class Model:
             raise ParamError("this llama_cpp.Llama has been closed: it holds no model", "llm")
         address = raw if isinstance(raw, int) else ctypes.cast(raw, ctypes.c_void_p).value
         check_config_names(settings)
+        repacked = bool(llm.model_params.use_extra_bufts)
+        check_borrowed(repacked, settings.get("repack", config.repack if config is not None else None))
         cp = llm.context_params
         n_parallel = settings.get("n_parallel", (config or ModelConfig()).n_parallel)
         its_own = dict(n_batch=max(llm.n_batch, n_parallel), n_threads=llm.n_threads,
@@ -123,9 +135,10 @@ class Model:
                        verbose=bool(llm.verbose), n_gpu_layers=int(llm.model_params.n_gpu_layers))
         if config is not None:
             its_own = {}  # a whole config given: it says everything
-        cfg = model_config(config, {**its_own, **settings})
+        cfg = model_config(config, {**its_own, **settings, "repack": repacked})
         self = cls.__new__(cls)
-        self._setup(getattr(llm, "model_path", "<llama_cpp.Llama>"), _core.ModelHandle.borrow(address), cfg, owner=llm)
+        self._setup(getattr(llm, "model_path", "<llama_cpp.Llama>"), _core.ModelHandle.borrow(address), cfg,
+                    owner=llm, repack=repacked)
         return self
 
     @classmethod
@@ -135,7 +148,7 @@ class Model:
 
         return cls(default_model_path(), config, **settings)
 
-    def _setup(self, path: str, handle: "_core.ModelHandle", config: ModelConfig, owner: Any) -> None:
+    def _setup(self, path: str, handle: "_core.ModelHandle", config: ModelConfig, owner: Any, repack: bool) -> None:
         self.path = path
         self._handle: Optional[_core.ModelHandle] = handle
         self._owner = owner  # a llama_cpp.Llama whose weights we borrow: keep it alive
@@ -170,6 +183,8 @@ class Model:
             raise ModelLoadError(str(e)) from None
         self.config: ModelConfig = config
         """The settings this Model runs with (n_ctx resolved)."""
+        self.repack: bool = repack
+        """Whether the weights were loaded with llama.cpp's extra buffer types (repacked)."""
         self.n_ctx: int = n_ctx
         self.n_batch: int = self._engine.n_batch
         self.kv_bytes: int = kv_cells(n_ctx, config.kv_streams, config.kv_unified, config.kv_size,
@@ -226,8 +241,8 @@ class Model:
         sampling parameters (the result cache keys on it): ModelConfig.numerics(), the
         effective n_batch, llama.cpp's version and its backends. Not capacity: n_ctx,
         n_parallel and threads leave a completion as it is."""
-        return dict(self.config.numerics(), n_batch=self.n_batch, llama_cpp=getattr(llama_cpp, "__version__", "?"),
-                    backends=tuple(_core.backends()))
+        return dict(self.config.numerics(), n_batch=self.n_batch, repack=self.repack,
+                    llama_cpp=getattr(llama_cpp, "__version__", "?"), backends=tuple(_core.backends()))
 
     @property
     def closed(self) -> bool:

