@@ -31,12 +31,14 @@ PROMPTS = ["The capital of France is", "Once upon a time", "def fib(n):", "Water
 class Server:
     """`parallel-gen serve` in a subprocess; its port read from its stderr."""
 
-    def __init__(self, model_path, *args, key=KEY):
+    def __init__(self, model_path, *args, key=KEY, names=(ALIAS,)):
         self.key = key
         self.lines = []
         env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
         cmd = [sys.executable, "-m", "parallel_gen", "serve", "-m", str(model_path), "--port", "0",
-               "--model-alias", ALIAS, "--n-ctx", str(N_CTX), "--threads", "2", *map(str, args)]
+               "--n-ctx", str(N_CTX), "--threads", "2", *map(str, args)]
+        if names:
+            cmd += ["--served-model-name", *names]
         if key is not None:
             cmd += ["--api-key", key]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -64,8 +66,8 @@ class Server:
             assert time.monotonic() < deadline, "model never became ready"
             time.sleep(0.1)
 
-    def client(self, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key or "none", max_retries=0, timeout=120, **kw)
+    def client(self, prefix="/v1", **kw):
+        return openai.OpenAI(base_url=self.url + prefix, api_key=self.key or "none", max_retries=0, timeout=120, **kw)
 
     def metric(self, name, labels=""):
         text = self.http.get("/metrics").text
@@ -162,7 +164,9 @@ def test_chat_streaming_sends_role_then_content_then_finish(server):
             continue
         per_choice[ch.choices[0].index].append(ch.choices[0])
     for events in per_choice.values():
-        assert events[0].delta.role == "assistant"
+        # Opens with the role alone (content ""), as OpenAI and llama-server do; then content only.
+        assert events[0].delta.role == "assistant" and events[0].delta.content == "" and events[0].finish_reason is None
+        assert all(e.delta.role is None for e in events[1:]) and events[1].delta.content
         assert events[-1].finish_reason in ("stop", "length")
         assert all(e.finish_reason is None for e in events[:-1])
     texts = ["".join(e.delta.content or "" for e in per_choice[i]) for i in (0, 1)]
@@ -308,7 +312,6 @@ def test_error_statuses(server):
     assert "vocabulary" in e["message"]
     e = _error(post({"prompt": "x", "grammar": "root ::= nonsense("}), 400, param="grammar")
     still_serves(server)
-    e = _error(post({"prompt": "x", "model": "gpt-4"}), 404, "model_not_found", "model")
     e = _error(post({"prompt": "x", "n": 10_000}), 400, param="n")
     e = _error(post({"prompt": ["x"] * 1000}), 400, param="prompt")
     e = _error(post({"prompt": "x", "echo": True}), 400, "unsupported", "echo")
@@ -334,7 +337,7 @@ def test_error_statuses(server):
     still_serves(server)
     # The openai client raises its typed errors on these bodies.
     with pytest.raises(openai.NotFoundError):
-        server.client().completions.create(model="nope", prompt="x")
+        server.client().models.retrieve("nope")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="bad", max_retries=0).models.list()
     with pytest.raises(openai.BadRequestError) as exc:
@@ -342,6 +345,291 @@ def test_error_statuses(server):
     assert exc.value.body["param"] == "temperature"
     assert "parallel_gen_requests_rejected_total" in http.get("/metrics").text
     still_serves(server)
+
+
+# -- the clients people use: any model name, nulls, routes without /v1 ------------------------
+CHAT = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "What colour is the sky?"}]
+
+
+def test_any_model_name_gets_the_served_model(server):
+    client = server.client()
+    want = client.chat.completions.create(model=ALIAS, messages=CHAT, max_tokens=8, temperature=0)
+    # LangChain's and llama-index's defaults, a tutorial's name, an empty one, another case.
+    for name in ("gpt-3.5-turbo", "gpt-4o", "", "SMOL"):
+        r = client.chat.completions.create(model=name, messages=CHAT, max_tokens=8, temperature=0)
+        assert r.model == ALIAS and r.choices[0].message.content == want.choices[0].message.content
+    assert client.completions.create(model="davinci-002", prompt="Hi", max_tokens=2).model == ALIAS
+    r = server.http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2})  # no model at all
+    assert r.status_code == 200 and r.json()["model"] == ALIAS
+    assert client.models.retrieve(ALIAS).id == ALIAS
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve("gpt-4o")  # /v1/models tells what is served
+    assert exc.value.body["code"] == "model_not_found" and ALIAS in exc.value.body["message"]
+
+
+def test_null_means_unset(server):
+    client = server.client()
+    # The openai SDK sends an explicit None as null, as LangChain and others do for unset fields.
+    unset = dict(n=None, stream=None, stream_options=None, logprobs=None, top_logprobs=None, temperature=None,
+                 top_p=None, presence_penalty=None, frequency_penalty=None, stop=None, logit_bias=None,
+                 response_format=None, max_tokens=None, user=None)
+    want = client.chat.completions.create(model=ALIAS, messages=CHAT, max_completion_tokens=8, seed=3)
+    got = client.chat.completions.create(model=ALIAS, messages=CHAT, max_completion_tokens=8, seed=3, **unset)
+    assert [c.message.content for c in got.choices] == [want.choices[0].message.content]
+    assert got.usage.completion_tokens == want.usage.completion_tokens
+    r = server.http.post("/v1/completions", json={
+        "prompt": PROMPTS[0], "temperature": 0, "n": None, "echo": None, "best_of": None, "suffix": None,
+        "logprobs": None, "max_tokens": None, "stream": None, "stream_options": None, "seed": None, "stop": None,
+        "ignore_eos": None, "grammar": None, "json_schema": None, "top_k": None, "model": None})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == 1 and body["choices"][0]["logprobs"] is None
+    assert body["usage"]["completion_tokens"] <= 16  # max_tokens null: OpenAI's default for completions
+    want = client.completions.create(model=ALIAS, prompt=PROMPTS[0], temperature=0)
+    assert body["choices"][0]["text"] == want.choices[0].text
+    # Nulls inside nested objects too, and an assistant turn whose content is null.
+    r = server.http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hi", "name": None}, {"role": "assistant", "content": None},
+                     {"role": "user", "content": "Name a fruit."}],
+        "max_tokens": 4, "stream_options": {"include_usage": None}, "response_format": {"type": "text",
+                                                                                         "json_schema": None}})
+    assert r.status_code == 200, r.text
+    _error(server.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": None}]}), 400,
+           "invalid_value", "messages[0]")
+
+
+def test_unknown_nested_keys_are_ignored(server):
+    client = server.client()
+    messages = [{"role": "developer", "content": "Answer in one word."},  # OpenAI's newer name for system
+                {"role": "user", "content": "What colour is the sky?", "name": "ann"}]
+    want = client.chat.completions.create(model=ALIAS, messages=CHAT, max_tokens=8, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model=ALIAS, messages=messages, max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": False}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == want.usage.completion_tokens
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 10}}, "required": ["colour"]}
+    r = client.chat.completions.create(model=ALIAS, messages=CHAT, max_tokens=30, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "c", "description": "a colour", "schema": schema, "strict": None}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+def test_routes_answer_without_the_v1_prefix(server):
+    client = server.client(prefix="")
+    assert [m.id for m in client.models.list().data] == [ALIAS]
+    assert client.models.retrieve(ALIAS).id == ALIAS
+    chat = client.chat.completions.create(model="gpt-4o", messages=CHAT, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content == server.client().chat.completions.create(
+        model=ALIAS, messages=CHAT, max_tokens=8, temperature=0).choices[0].message.content
+    assert client.completions.create(model="x", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    assert client.responses.create(model="x", input="Hi", max_output_tokens=2).usage.output_tokens == 2
+    r = server.http.post("/completions", json={"prompt": "Hi", "max_tokens": 2}, headers={"X-Request-Id": "np-1"})
+    assert r.status_code == 200 and r.json()["id"] == "cmpl-np-1"
+    _error(httpx.post(server.url + "/chat/completions", json={"messages": CHAT}), 401, "invalid_api_key")
+
+
+# -- the Responses API -------------------------------------------------------------------------
+def test_responses_is_the_chat_answer(server):
+    client = server.client()
+    chat = client.chat.completions.create(model=ALIAS, messages=CHAT, max_tokens=16, temperature=0)
+    r = client.responses.create(model="gpt-4.1", input=[{"role": "system", "content": CHAT[0]["content"]},
+                                                        {"role": "user", "content": CHAT[1]["content"]}],
+                                max_output_tokens=16, temperature=0)
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == ALIAS
+    assert r.output[0].type == "message" and r.output[0].id.startswith("msg_") and r.output[0].role == "assistant"
+    assert r.output_text == chat.choices[0].message.content
+    assert r.status == ("completed" if chat.choices[0].finish_reason == "stop" else "incomplete")
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    # instructions are the system turn; a string input the user turn; content parts are joined.
+    same = client.responses.create(model=ALIAS, instructions=CHAT[0]["content"], input=CHAT[1]["content"],
+                                   max_output_tokens=16, temperature=0)
+    parts = client.responses.create(model=ALIAS, instructions=CHAT[0]["content"], max_output_tokens=16, temperature=0,
+                                    input=[{"type": "message", "role": "user", "content": [
+                                        {"type": "input_text", "text": "What colour is "},
+                                        {"type": "input_text", "text": "the sky?"}]}])
+    assert same.output_text == parts.output_text == r.output_text and same.instructions == CHAT[0]["content"]
+    short = client.responses.create(model=ALIAS, input="Tell me a story.", max_output_tokens=3, temperature=0,
+                                    extra_body={"reasoning": None, "metadata": {"k": "v"}})
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+    assert short.usage.output_tokens == 3 and short.metadata == {"k": "v"}
+
+
+def test_responses_stream_events(server):
+    client = server.client()
+    whole = client.responses.create(model=ALIAS, input="Name a fruit.", max_output_tokens=12, temperature=0)
+    events = list(client.responses.create(model="gpt-4.1", input="Name a fruit.", max_output_tokens=12,
+                                          temperature=0, stream=True))
+    types = [e.type for e in events]
+    final = "response.completed" if whole.status == "completed" else "response.incomplete"
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", final]
+    assert set(types[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    rid, item = events[0].response.id, events[2].item.id
+    assert rid.startswith("resp_") and item.startswith("msg_") and events[0].response.status == "in_progress"
+    assert all(e.item_id == item for e in events[3:-2]) and events[-2].item.id == item and events[-1].response.id == rid
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == events[-4].text == events[-1].response.output_text == whole.output_text
+    assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
+    # The SDK's own stream helper accumulates the events into the final response.
+    with client.responses.stream(model=ALIAS, input="Name a colour.", instructions="Answer in one word.",
+                                 max_output_tokens=60, temperature=0) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.output_text == "".join(deltas) and deltas
+
+
+def test_responses_json_schema_plain_and_streamed(server):
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    client = server.client()
+    r = client.responses.parse(model=ALIAS, input="Describe a person as JSON.", text_format=Person,
+                               max_output_tokens=60, temperature=0)
+    assert r.status == "completed" and isinstance(r.output_parsed, Person)
+    assert r.text.format.type == "json_schema"
+    schema = {"type": "object", "properties": {"fruit": {"type": "string", "maxLength": 12},
+                                               "colour": {"type": "string", "maxLength": 12}},
+              "required": ["fruit", "colour"], "additionalProperties": False}
+    events = list(client.responses.create(
+        model=ALIAS, input="Name a fruit and its colour.", max_output_tokens=60, temperature=0.8, stream=True,
+        text={"format": {"type": "json_schema", "name": "fruit", "schema": schema, "strict": True}}))
+    assert events[-1].type == "response.completed"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    jsonschema.validate(json.loads(text), schema)
+    obj = client.responses.create(model=ALIAS, input="Give me JSON.", max_output_tokens=40, temperature=0,
+                                  text={"format": {"type": "json_object"}})
+    if obj.status == "completed":
+        assert isinstance(json.loads(obj.output_text), dict)
+
+
+def test_responses_errors_name_the_field(server):
+    client = server.client()
+
+    def bad(**kw):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(model=ALIAS, **{"input": "Hi", **kw})
+        return exc.value.body
+
+    assert bad(store=True)["param"] == "store"
+    e = bad(previous_response_id="resp_123")
+    assert e["param"] == "previous_response_id" and "whole conversation" in e["message"]
+    assert bad(max_output_tokens=0)["param"] == "max_output_tokens"
+    assert bad(temperature=-1)["param"] == "temperature"
+    e = bad(input="word " * 2000)
+    assert e["param"] == "input" and e["code"] == "context_length_exceeded"
+    e = bad(input=[{"type": "function_call_output", "call_id": "c1", "output": "42"}])
+    assert e["param"] == "input[0]" and "function_call_output" in e["message"]
+    assert bad(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}])["param"] \
+        .startswith("input[0].content[0]")
+    assert bad(input=[])["param"] == "input"
+    assert bad(text={"format": {"type": "json_schema", "name": "x"}})["param"] == "text.format"
+    e = bad(text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}})
+    assert e["param"] == "text.format.schema"
+    assert client.responses.create(model=ALIAS, input="Hi", store=False, max_output_tokens=2).status == "incomplete"
+    still_serves(server)
+
+
+# -- CORS, model names -------------------------------------------------------------------------
+ORIGIN = "http://localhost:5173"
+
+
+def _preflight(url, origin=ORIGIN):
+    return httpx.options(url, headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                       "Access-Control-Request-Headers": "authorization, content-type"})
+
+
+def test_cors_is_off_by_default(server):
+    r = _preflight(server.url + "/v1/chat/completions")
+    assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+    r = server.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, headers={"Origin": ORIGIN})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers  # a page cannot read it
+    # What a page may send without a preflight (a "simple" request, text/plain) starts nothing.
+    r = server.http.post("/v1/completions", content=json.dumps({"prompt": "Hi", "max_tokens": 1}),
+                         headers={"Origin": ORIGIN, "Content-Type": "text/plain"})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+
+
+@pytest.fixture(scope="module")
+def configured(smollm2_path):
+    s = Server(smollm2_path, "--n-parallel", "2", "--served-model-name", "first", "second", "--strict-model-name",
+               "--allowed-origins", ORIGIN, "https://app.example", names=())
+    yield s
+    s.stop()
+
+
+def test_cors_preflight_and_headers_when_on(configured):
+    for path in ("/v1/chat/completions", "/responses"):
+        r = _preflight(configured.url + path)  # no key: a preflight never carries one
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-origin"] == ORIGIN
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = _preflight(configured.url + "/v1/chat/completions", origin="https://evil.example")
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    r = configured.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                             headers={"Origin": "https://app.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+    # Errors are readable by the page too; another origin gets no CORS header.
+    r = httpx.post(configured.url + "/v1/completions", json={"prompt": "Hi"}, headers={"Origin": ORIGIN})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ORIGIN
+    r = configured.http.get("/v1/models", headers={"Origin": "https://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_served_model_names_and_strict_model_name(configured):
+    client = configured.client()
+    assert [m.id for m in client.models.list().data] == ["first", "second"]
+    assert client.models.retrieve("second").id == "second"
+    r = client.chat.completions.create(model="second", messages=CHAT, max_tokens=2)
+    assert r.model == "first"  # answers carry the first name
+    assert client.responses.create(model="first", input="Hi", max_output_tokens=2).model == "first"
+    for call in (lambda: client.chat.completions.create(model="gpt-3.5-turbo", messages=CHAT, max_tokens=2),
+                 lambda: client.completions.create(model="First", prompt="Hi", max_tokens=2),
+                 lambda: client.responses.create(model="gpt-4.1", input="Hi")):
+        with pytest.raises(openai.NotFoundError) as exc:
+            call()
+        assert exc.value.body["param"] == "model" and exc.value.body["code"] == "model_not_found"
+        assert "'first', 'second'" in exc.value.body["message"]
+    r = configured.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})  # no name: the one model
+    assert r.status_code == 200 and r.json()["model"] == "first"
+
+
+# -- an agent framework, configured as for OpenAI ------------------------------------------------
+def test_pydantic_ai_agent_invoke_stream_and_structured_output(server):
+    from pydantic import BaseModel
+    from pydantic_ai import Agent, NativeOutput
+    from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+    from pydantic_ai.settings import ModelSettings
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    provider = OpenAIProvider(base_url=server.url + "/v1", api_key=server.key)
+    settings = ModelSettings(temperature=0, max_tokens=40)
+    want = server.client().chat.completions.create(model=ALIAS, messages=CHAT, max_tokens=40, temperature=0)
+    # pydantic-ai needs some model name: the one it would use with OpenAI, not this server's.
+    for model in (OpenAIChatModel("gpt-4o", provider=provider), OpenAIResponsesModel("gpt-4o", provider=provider)):
+        agent = Agent(model, instructions=CHAT[0]["content"], model_settings=settings)
+        result = agent.run_sync(CHAT[1]["content"])
+        assert result.output == want.choices[0].message.content
+        assert result.usage.input_tokens == want.usage.prompt_tokens
+        with agent.run_stream_sync(CHAT[1]["content"]) as stream:
+            deltas = list(stream.stream_text(delta=True))
+        assert "".join(deltas) == want.choices[0].message.content and len(deltas) > 1
+        structured = Agent(model, output_type=NativeOutput(City), model_settings=ModelSettings(temperature=0,
+                                                                                                max_tokens=80))
+        city = structured.run_sync("Name a city in France.").output
+        assert isinstance(city, City) and city.name and city.country
 
 
 # -- many clients, one batch ------------------------------------------------------------------
@@ -477,3 +765,5 @@ def test_serve_cli_errors(tmp_path):
     assert r.returncode == 2 and "empty" in r.stderr
     r = run("--max-queue", "-1")
     assert r.returncode == 2 and "max_queue" in r.stderr
+    r = run("--allowed-origins", "http://localhost:3000/")
+    assert r.returncode == 2 and "trailing slash" in r.stderr

@@ -4,6 +4,7 @@ load failure (503), an engine failure (500, then the server keeps serving), sett
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import pytest
@@ -73,6 +74,17 @@ def test_engine_failure_is_500_and_the_server_keeps_serving(smollm2_path):
                                                                  "ignore_eos": True, "stream": True}) as r:
                 data = [line for line in r.iter_lines() if line.startswith("data: ")]
             assert data[-1] == "data: [DONE]" and '"engine_failure"' in data[-2]
+            # The Responses stream ends with an error event, then response.failed (the SDK's shapes).
+            model._inject_abort(2)
+            with client.stream("POST", "/v1/responses", json={"input": "Hello", "max_output_tokens": 20,
+                                                               "stream": True}) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+            assert events[0]["type"] == "response.created" and [e["type"] for e in events[-2:]] == \
+                ["error", "response.failed"]
+            assert events[-2]["code"] == "engine_failure" and events[-1]["response"]["status"] == "failed"
+            assert events[-1]["response"]["error"]["code"] == "engine_failure"
+            model._inject_abort(2)
+            _error(client.post("/v1/responses", json={"input": "Hello", "max_output_tokens": 20}), 500, "engine_failure")
             r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "temperature": 0})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
             assert client.get("/health").status_code == 200
@@ -85,6 +97,8 @@ def test_model_without_chat_template_gets_400_naming_the_fix(gemma3_path):
             e = _error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}),
                        400, "no_chat_template")
             assert "--chat-template" in e["message"]
+            e = _error(client.post("/v1/responses", json={"input": "Hi"}), 400, "no_chat_template")
+            assert e["param"] == "input"  # the Responses field, not the chat request's it became
         with TestClient(create_app(model, chat_template="chatml")) as client:
             r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                                                           "max_tokens": 3})
@@ -108,7 +122,9 @@ def test_open_request_limit_is_503_in_openai_shape(smollm2_path):
 @pytest.mark.parametrize("kw, message", [
     ({"max_queue": -1}, "max_queue=-1"), ({"max_n": 0}, "max_n=0"), ({"max_body": True}, "max_body"),
     ({"api_key": "  "}, "api_key"), ({"nonsense": 1}, "nonsense"), ({"max_open_requests": 0}, "max_open_requests"),
-    ({"shutdown_grace": -1}, "shutdown_grace"),
+    ({"shutdown_grace": -1}, "shutdown_grace"), ({"served_model_names": "smol"}, "served_model_names"),
+    ({"served_model_names": ["a", ""]}, "served_model_names"), ({"strict_model_name": 1}, "strict_model_name"),
+    ({"allowed_origins": ["http://localhost:3000/"]}, "trailing slash"), ({"allowed_origins": ["localhost"]}, "origin"),
 ])
 def test_bad_settings_raise_before_serving(kw, message):
     with pytest.raises((TypeError, ValueError), match=message):
@@ -215,3 +231,25 @@ def test_streamed_logprobs_are_accumulated_in_place(smol):
     ids, offsets, c = asyncio.run(run())
     assert len(ids) == 1 and len(c.logprobs) == n  # one list, extended
     assert offsets == [2 * i for i in range(n)]
+
+
+def test_ignored_fields_are_logged_at_any_depth(smollm2_path, caplog):
+    with pg.Model(smollm2_path, n_parallel=1, n_ctx=256, n_threads=1) as model:
+        with TestClient(create_app(model)) as client, caplog.at_level(logging.INFO, logger="parallel_gen"):
+            r = client.post("/v1/chat/completions", headers={"X-Request-Id": "nested-1"}, json={
+                "messages": [{"role": "user", "content": "Hi", "name": "ann"},
+                             {"role": "assistant", "content": "Hello", "refusal": None},
+                             {"role": "user", "content": [{"type": "text", "text": "Bye", "cache_control": {}}]}],
+                "max_tokens": 2, "user": "u1", "stream_options": {"include_usage": True, "include_obfuscation": False},
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"},
+                                                                           "description": "d"}}})
+            assert r.status_code == 200, r.text
+            r = client.post("/v1/responses", headers={"X-Request-Id": "nested-2"}, json={
+                "input": [{"type": "message", "role": "user", "content": "Hi", "id": "m1"}], "max_output_tokens": 2,
+                "reasoning": {"effort": "low"}, "text": {"format": {"type": "text"}, "verbosity": "low"}})
+            assert r.status_code == 200, r.text
+    lines = [rec.getMessage() for rec in caplog.records if "ignoring unsupported fields" in rec.getMessage()]
+    assert lines == [
+        "request nested-1: ignoring unsupported fields messages[].content[].cache_control, messages[].name, "
+        "messages[].refusal, response_format.json_schema.description, stream_options.include_obfuscation, user",
+        "request nested-2: ignoring unsupported fields input[].id, reasoning, text.verbosity"]

@@ -17,11 +17,18 @@ def add_parser(sub: Any, add_model_options: Any) -> None:
     """Adds ``serve`` to the ``parallel-gen`` subcommands (``add_model_options``: the
     Model options every subcommand shares)."""
     s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
-                       description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/models, "
-                                   "/health, /metrics. Every client's prompts share the Model's one batch.")
+                       description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/responses, "
+                                   "/v1/models (also without /v1), /health, /metrics. Every client's prompts share "
+                                   "the Model's one batch.")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    s.add_argument("--model-alias", metavar="NAME", help="the model name clients use (default: the file's stem)")
+    s.add_argument("--served-model-name", "--model-alias", nargs="+", metavar="NAME", default=[],
+                   help="the model's names, listed by /v1/models; answers carry the first (default: the file's stem)")
+    s.add_argument("--strict-model-name", action="store_true",
+                   help="refuse (404) requests naming another model (default: any name gets this model)")
+    s.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN", default=[],
+                   help="let web pages from these origins (https://host:port, or *) call the API (CORS; default: "
+                        "none, so that no web page can drive the server)")
     s.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="most sequences waiting for a slot before requests get 429 (default: 256)")
     s.add_argument("--max-n", type=int, default=16, metavar="N", help="most completions per prompt (default: 16)")
@@ -83,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: reachable from other machines%s", args.host,
                        "" if key else ", with no API key (--api-key-file)")
-    app = create_app(lambda: Model(path, **kwargs), model_alias=args.model_alias, max_queue=args.max_queue,
+    app = create_app(lambda: Model(path, **kwargs), served_model_names=args.served_model_name,
+                     strict_model_name=args.strict_model_name, allowed_origins=args.allowed_origins,
+                     max_queue=args.max_queue,
                      max_n=args.max_n, max_prompts=args.max_prompts, max_body=args.max_body,
                      max_open_requests=args.max_open_requests,
                      api_key=key, chat_template=_chat_template_arg(args), shutdown_grace=args.grace)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,6 +50,18 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
+    def renamed(self, names: Dict[str, str]) -> "APIError":
+        """This error for a request that was converted from another one whose fields had
+        other names (``names``: this request's field -> that one's): the param, and the
+        message's leading field name (messages start with the field they are about)."""
+        for old, new in names.items():
+            p = self.param
+            if p is not None and (p == old or p.startswith((old + ".", old + "["))):
+                param = new + p[len(old):]
+                message = param + self.message[len(p):] if self.message.startswith(p) else self.message
+                return APIError(self.status, message, param=param, code=self.code, headers=self.headers)
+        return self
+
 
 # The one table from a prompt's ErrorCode to the HTTP status and OpenAI error code.
 _STATUS: Dict[ErrorCode, Tuple[int, str]] = {
@@ -80,24 +92,32 @@ def invalid_value(e: Exception, param: Optional[str] = None) -> APIError:
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|list|dict|function-[a-z-]+|[a-z-]+\[.*\])$")
 
 
-def _field_path(loc: Any) -> str:
-    """``prompt`` for pydantic's ``('body', 'prompt', 'list[str]', 3)``: the request's
-    field, without the union member that was being tried."""
+_VALUE_ERROR = re.compile(r"^Value error, ")  # pydantic's prefix for a validator's own message
+
+
+def _field_names(loc: Any) -> List[str]:
+    """``['prompt', '[3]']`` for pydantic's ``('body', 'prompt', 'list[str]', 3)``: the
+    request's field, without the union member that was being tried."""
     parts = []
     for p in loc:
         if p == "body":
             continue
         if isinstance(p, int):
             parts.append(f"[{p}]")
-        elif _TYPE_TAG.match(str(p)) or str(p)[:1].isupper():  # a union member (a type or model name)
-            break
-        else:
-            parts.append(("." if parts else "") + str(p))
-    return "".join(parts) or "body"
+        elif not (_TYPE_TAG.match(str(p)) or str(p)[:1].isupper()):  # not a union member (a type or model name)
+            parts.append(str(p))
+    return parts
+
+
+def _field_path(loc: Any) -> str:
+    parts = _field_names(loc)
+    return "".join(p if p.startswith("[") or i == 0 else "." + p for i, p in enumerate(parts)) or "body"
 
 
 def _validation_message(exc: RequestValidationError) -> APIError:
-    errors = exc.errors()
+    # Report the deepest error: for a union, the member that matched what was sent
+    # (input[0].role, not "input should be a string" for a list).
+    errors = sorted(exc.errors(), key=lambda e: -len(_field_names(e.get("loc", ()))))
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
@@ -107,7 +127,7 @@ def _validation_message(exc: RequestValidationError) -> APIError:
         return APIError(400, f"{where}: required field missing", param=where, code="missing_field")
     # A union reports one error per member it tried: say them together.
     same = [e for e in errors if _field_path(e.get("loc", ())) == where]
-    wants = " or ".join(dict.fromkeys(e.get("msg", "invalid") for e in same))
+    wants = " or ".join(dict.fromkeys(_VALUE_ERROR.sub("", e.get("msg", "invalid")) for e in same))
     shown = repr(first.get("input"))
     if len(shown) > 80:
         shown = shown[:77] + "..."

@@ -4,24 +4,60 @@ Requests check types and shapes only; values (ranges, grammars, token ids) are c
 by SamplingParams and the Model, so there is one source of truth for them. Fields the
 OpenAI API has but this server does not implement are either ignored with a log line
 (``user``, ``service_tier``, ...) or refused with a 400 when honouring them silently
-would change the answer (``echo``, ``best_of``, ``suffix``).
+would change the answer (``echo``, ``best_of``, ``suffix``); unknown keys are logged at
+any depth (:class:`Wire`), and ``null`` is "unset" for every field.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_serializer
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      field_validator, model_serializer, model_validator)
 
 Number = Union[StrictInt, StrictFloat]
 
+_INDEX = re.compile(r"\[\d+\]")
 
-class _Request(BaseModel):
-    # Unknown fields are kept (and logged as ignored) rather than refused: OpenAI clients
-    # send fields such as "user" that change nothing here.
+
+class Wire(BaseModel):
+    """A request object, at any depth: ``null`` means unset (the field's default), as
+    OpenAI treats it, and unknown keys are kept, to be logged as ignored, rather than
+    refused: OpenAI clients send fields such as ``user`` or a message's ``name`` that
+    change nothing here."""
+
     model_config = ConfigDict(extra="allow")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        known = {f.alias or name for name, f in cls.model_fields.items()}
+        return {k: v for k, v in data.items() if v is not None or k not in known}
+
+    def ignored_fields(self) -> List[str]:
+        """Every unknown key, as a path (``stream_options.foo``, ``messages[].name``)."""
+        return sorted(dict.fromkeys(_INDEX.sub("[]", path) for path in self._unknown("")))
+
+    def _unknown(self, prefix: str) -> List[str]:
+        found = [prefix + k for k in (self.model_extra or ())]
+        for name, f in type(self).model_fields.items():
+            found += _unknown_in(getattr(self, name), prefix + (f.alias or name))
+        return found
+
+
+def _unknown_in(value: Any, path: str) -> List[str]:
+    if isinstance(value, Wire):
+        return value._unknown(path + ".")
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _unknown_in(v, f"{path}[{i}]")]
+    return []
+
+
+class _Request(Wire):
     model: Optional[StrictStr] = None
     n: StrictInt = 1
     temperature: Optional[Number] = None
@@ -40,13 +76,17 @@ class _Request(BaseModel):
     ignore_eos: StrictBool = False
     grammar: Optional[StrictStr] = None
     json_schema: Union[Dict[str, Any], StrictStr, None] = None
+    # Unknown fields of the request this one was converted from (a Responses request).
+    _carried: List[str] = PrivateAttr(default_factory=list)
+
+    def also_ignored(self, paths: List[str]) -> None:
+        self._carried = list(paths)
 
     def ignored_fields(self) -> List[str]:
-        return sorted(self.model_extra or ())
+        return sorted(set(super().ignored_fields()) | set(self._carried))
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StreamOptions(Wire):
     include_usage: StrictBool = False
 
 
@@ -61,32 +101,42 @@ class CompletionRequest(_Request):
     suffix: Optional[StrictStr] = None
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TextPart(Wire):
     type: Literal["text"]
     text: StrictStr
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(Wire):
     role: StrictStr
-    content: Union[StrictStr, List[TextPart]]
+    content: Union[StrictStr, List[TextPart], None] = None
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, role: str) -> str:
+        # OpenAI's newer name for the system role; chat templates know "system" (llama.cpp maps it too).
+        return "system" if role == "developer" else role
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content: required in a {self.role!r} message (only an assistant's may be null)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
 
-class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class JsonSchemaFormat(Wire):
     name: Optional[StrictStr] = None
     schema_: Dict[str, Any] = Field(alias="schema")
     strict: Optional[StrictBool] = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ResponseFormat(Wire):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: Optional[JsonSchemaFormat] = None
 

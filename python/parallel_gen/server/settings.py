@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
+
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s]+$")  # scheme://host[:port], as a browser sends Origin
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     """How the server admits and answers requests (every field has a sound default)."""
 
-    model_alias: Optional[str] = None
-    """The model name clients use (``GET /v1/models``; a request naming another model
-    gets a 404). None: the model file's stem."""
+    served_model_names: Tuple[str, ...] = ()
+    """The model's names, listed by ``GET /v1/models``; answers carry the first. Empty:
+    the model file's stem."""
+
+    strict_model_name: bool = False
+    """Refuse (404) a request naming another model than these names. Off: any name gets
+    the one model served, as clients configured for another server expect."""
+
+    allowed_origins: Tuple[str, ...] = ()
+    """Origins (``https://app.example:8080``, or ``*``) whose web pages may call the API
+    (CORS). Empty: none, so a page the user opens cannot drive this keyless local server."""
 
     max_queue: int = 256
     """Most sequences (prompts x n) waiting for a slot, beyond the n_parallel running
@@ -58,5 +69,15 @@ class ServerSettings:
             raise ValueError(f"ServerSettings.shutdown_grace={self.shutdown_grace!r}: must be a number >= 0")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("ServerSettings.api_key must be a non-empty str (or None for no key)")
-        if self.model_alias is not None and (not isinstance(self.model_alias, str) or not self.model_alias):
-            raise ValueError(f"ServerSettings.model_alias={self.model_alias!r}: must be a non-empty str")
+        for name in ("served_model_names", "allowed_origins"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (tuple, list)) \
+                    or not all(isinstance(v, str) and v for v in value):
+                raise TypeError(f"ServerSettings.{name}={value!r}: must be a list of non-empty str")
+            object.__setattr__(self, name, tuple(dict.fromkeys(value)))
+        if not isinstance(self.strict_model_name, bool):
+            raise TypeError(f"ServerSettings.strict_model_name={self.strict_model_name!r}: must be a bool")
+        for origin in self.allowed_origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(f"ServerSettings.allowed_origins: {origin!r} is not an origin: scheme://host[:port] "
+                                 "with no path (no trailing slash), or *")
