@@ -192,7 +192,7 @@ def test_streamed_logprobs_are_accumulated_in_place(smol):
     the chunk offsets by slicing it): quadratic in the tokens of a long stream."""
     from parallel_gen.results import TokenLogprobs
     from parallel_gen.server.metrics import Metrics
-    from parallel_gen.server.service import Job, Service
+    from parallel_gen.server.service import Call, Service
     from parallel_gen.stream import StreamEvent
 
     n = 3000
@@ -216,11 +216,11 @@ def test_streamed_logprobs_are_accumulated_in_place(smol):
             pass
 
     service = Service(smol, ServerSettings(), Metrics(lambda: None))
-    job = Job("t", "completions", ["x"], [pg.SamplingParams()], 1, [1], stream=Replay())
+    call = Call("t", "completions", ["x"], [pg.SamplingParams()], 1, [1], stream=Replay())
 
     async def run():
         ids, offsets = set(), []
-        async for c, ev in service.events(job):
+        async for c, ev in service.events(call):
             if ev.logprobs:
                 ids.add(id(c.logprobs))
                 offsets.append(c.event_offset)

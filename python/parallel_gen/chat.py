@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from collections.abc import Sequence as _SequenceABC
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .errors import ParamError, ParamTypeError
+from .errors import ParamTypeError
 from .generate import ModelLike, open_model, run_batch, sized_to
 from .inputs import OncePerModel, Params, PreparedPrompt, param_list, prepare_all, reject_unordered
 from .model import Model

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import numpy as np
 
 from .chat import chat_mode, conversation
-from .errors import ParamError, ParamTypeError
+from .errors import ParamError
 from .generate import ModelLike, open_model
 from .inputs import prepare, prompt_list
 from .model import Model

@@ -179,4 +179,4 @@ class Cancelled:
 
 EngineEvent = Union[SequenceFinished, SequenceDelta, Progress, Fatal, EngineFailed, Closed, RequestDone, Cancelled]
 # Called on the engine thread with each event of its request; it must be quick and must not raise.
-Sink = Callable[[EngineEvent], None]
+Listener = Callable[[EngineEvent], None]

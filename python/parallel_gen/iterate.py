@@ -19,7 +19,7 @@ from typing import Any, Dict, Generic, Iterable, Iterator, List, Optional, Tuple
 
 from .client import Client
 from .errors import ErrorCode, Failure, ParamError, ParamTypeError
-from .events import RequestDone, SequenceFinished, SequenceResult
+from .events import SequenceFinished, SequenceResult
 from .generate import CompletionGather, ModelLike, open_model
 from .inputs import prepare, prompt_items, reject_unordered
 from .model import Model

@@ -26,7 +26,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Union
 
 from ._native import _core
 from .events import (Cancelled, Closed, Delta, EngineCounters, EngineEvent, EngineFailed, Fatal, Progress, RequestDone,
-                     SequenceDelta, SequenceFinished, SequenceResult, Sink)
+                     SequenceDelta, SequenceFinished, SequenceResult, Listener)
 
 logger = logging.getLogger("parallel_gen")
 
@@ -58,7 +58,7 @@ class Request:
 
     name: str
     items: Deque[Item]
-    sink: Sink
+    listener: Listener
     stream: bool = False
     ticks: bool = False
     """Send a Progress event after every engine step."""
@@ -287,12 +287,12 @@ class EngineRunner:
 
     @staticmethod
     def _tell(req: Request, event: EngineEvent) -> None:
-        """A request's sink must not raise; one that does is a bug in its caller, and
+        """A request's listener must not raise; one that does is a bug in its caller, and
         must not take the engine thread (and every other caller) down with it."""
         try:
-            req.sink(event)
+            req.listener(event)
         except BaseException:
-            logger.exception("request %s: its event sink failed", req.name)
+            logger.exception("request %s: its event listener failed", req.name)
 
     def _apply(self, command: _Command) -> bool:
         """Applies one command; False when the thread must end."""

@@ -1,5 +1,5 @@
 """The ASGI app: routes, lifecycle, model names, the key check, and the one path every
-endpoint's job runs through (whole or streamed).
+endpoint's call runs through (whole or streamed).
 
 Every request's prompts join the Model's one running batch (its engine thread), so
 concurrent clients share decode steps; see :mod:`.service` for admission and running,
@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .middleware import BodyLimit, OpenRequestLimit, RequestId, add_cors
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Usage
 from .responses_protocol import FIELDS_FROM_CHAT, ResponsesRequest
-from .service import Choice, ClientGone, Job, Service, failed_choice
+from .service import Choice, ClientGone, Call, Service, failed_choice
 from .settings import ServerSettings
 from .shapes import ChatShape, CompletionShape, ResponsesShape, Shape
 
@@ -193,26 +193,26 @@ def create_app(model: ModelSource, *, close_model: Optional[bool] = None, **sett
     async def completions(body: CompletionRequest, request: Request) -> Any:
         svc = life.ready()
         check_model(body.model)
-        job = await svc.completion_job(request.state.request_id, body)
-        return await _respond(svc, job, request, body.stream, CompletionShape(names()[0], _include_usage(body)))
+        call = await svc.completion_call(request.state.request_id, body)
+        return await _respond(svc, call, request, body.stream, CompletionShape(names()[0], _include_usage(body)))
 
     @api.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         svc = life.ready()
         check_model(body.model)
-        job = await svc.chat_job(request.state.request_id, body)
-        return await _respond(svc, job, request, body.stream, ChatShape(names()[0], _include_usage(body)))
+        call = await svc.chat_call(request.state.request_id, body)
+        return await _respond(svc, call, request, body.stream, ChatShape(names()[0], _include_usage(body)))
 
     @api.post("/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Any:
         svc = life.ready()
         check_model(body.model)
         try:
-            job = await svc.chat_job(request.state.request_id, body.to_chat())  # the chat path, all of it
+            call = await svc.chat_call(request.state.request_id, body.to_chat())  # the chat path, all of it
         except APIError as e:
             raise e.renamed(FIELDS_FROM_CHAT) from None
-        job.endpoint = "responses"
-        return await _respond(svc, job, request, body.stream, ResponsesShape(names()[0], body))
+        call.endpoint = "responses"
+        return await _respond(svc, call, request, body.stream, ResponsesShape(names()[0], body))
 
     app.include_router(api, prefix="/v1")
     app.include_router(api)
@@ -223,23 +223,23 @@ def _include_usage(body: Any) -> bool:
     return bool(body.stream_options is not None and body.stream_options.include_usage)
 
 
-async def _respond(svc: Service, job: Job, request: Request, stream: bool, shape: Shape) -> Any:
-    logger.info("request %s: %s, %d prompts x n=%d, %s", job.id, job.endpoint, len(job.prompts), job.n,
+async def _respond(svc: Service, call: Call, request: Request, stream: bool, shape: Shape) -> Any:
+    logger.info("request %s: %s, %d prompts x n=%d, %s", call.id, call.endpoint, len(call.prompts), call.n,
                 "streaming" if stream else "whole")
-    release = svc.admit(job)  # 429 here, before any byte of the response
+    release = svc.admit(call)  # 429 here, before any byte of the response
     if stream:
-        events = _sse(svc, job, shape, release)
+        events = _sse(svc, call, shape, release)
         # A client that leaves before the first event means the generator never starts, and
         # so never reaches its `finally`: release the admission when it is collected too.
         weakref.finalize(events, release)
         return EventSourceResponse(events, sep="\n", ping=15, shutdown_grace_period=svc.settings.shutdown_grace)
     status = 200
     try:
-        await svc.collect(job, request)
-        return JSONResponse(shape.response(job, _choices(job), _usage(job)).model_dump())
+        await svc.collect(call, request)
+        return JSONResponse(shape.response(call, _choices(call), _usage(call)).model_dump())
     except ClientGone:
         status = 499  # nginx's "client closed request": nobody reads this response
-        logger.info("request %s: client disconnected; its sequences were cancelled", job.id)
+        logger.info("request %s: client disconnected; its sequences were cancelled", call.id)
         return Response(status_code=status)
     except APIError as e:
         status = e.status
@@ -249,43 +249,43 @@ async def _respond(svc: Service, job: Job, request: Request, stream: bool, shape
         raise APIError(500, f"the engine failed: {e}; the server keeps serving", code="engine_failure") from None
     finally:
         release()
-        svc.finish(job, status)
+        svc.finish(call, status)
 
 
-async def _sse(svc: Service, job: Job, shape: Shape, release: Callable[[], None]) -> AsyncIterator[ServerSentEvent]:
+async def _sse(svc: Service, call: Call, shape: Shape, release: Callable[[], None]) -> AsyncIterator[ServerSentEvent]:
     status = 200
     try:
-        for event in shape.opening(job):
+        for event in shape.opening(call):
             yield event
         try:
-            async for c, ev in svc.events(job):
+            async for c, ev in svc.events(call):
                 if ev.finished and ev.finish_reason == "error":
                     raise failed_choice(c)
-                for event in shape.chunks(job, c, ev):
+                for event in shape.chunks(call, c, ev):
                     yield event
         except APIError as e:
             status = e.status
-            for event in shape.failed(job, e):
+            for event in shape.failed(call, e):
                 yield event
         except GenerationError as e:
             status = 500
-            for event in shape.failed(job, APIError(500, f"the engine failed: {e}", code="engine_failure")):
+            for event in shape.failed(call, APIError(500, f"the engine failed: {e}", code="engine_failure")):
                 yield event
         else:
-            for event in shape.closing(job, _choices(job), _usage(job)):
+            for event in shape.closing(call, _choices(call), _usage(call)):
                 yield event
     except BaseException:
         status = 499  # cancelled: the client went away, or the server is shutting down
         raise
     finally:
         release()
-        svc.finish(job, status)
+        svc.finish(call, status)
 
 
-def _choices(job: Job) -> List[Choice]:
-    return [job.choices[k] for k in sorted(job.choices)]
+def _choices(call: Call) -> List[Choice]:
+    return [call.choices[k] for k in sorted(call.choices)]
 
 
-def _usage(job: Job) -> Usage:
-    p, c = job.usage_prompt_tokens, job.usage_completion_tokens
+def _usage(call: Call) -> Usage:
+    p, c = call.usage_prompt_tokens, call.usage_completion_tokens
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)

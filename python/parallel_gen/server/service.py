@@ -1,6 +1,6 @@
 """From a validated HTTP request to the Model's running batch and back.
 
-A request becomes a :class:`Job`: its prompts (chat messages already rendered), one
+A request becomes a :class:`Call`: its prompts (chat messages already rendered), one
 SamplingParams per prompt, and its token counts. Jobs are admitted against a bound on
 the sequences the server holds (``n_parallel + max_queue``), run through the same
 streaming path as :func:`parallel_gen.astream_parallel`, and are cancelled (their KV
@@ -20,7 +20,7 @@ from typing import AsyncIterator, Callable, Dict, List, Optional, Tuple
 import anyio
 from starlette.requests import Request
 
-from ..errors import ErrorCode, Failure
+from ..errors import ErrorCode, Failure, ParamError, ParamTypeError
 from ..inputs import PreparedPrompt, prepare_all
 from ..model import Model
 from ..params import SamplingParams, SeedRule
@@ -52,7 +52,7 @@ class Choice:
 
 
 @dataclass
-class Job:
+class Call:
     """One HTTP request's generation work."""
 
     id: str
@@ -93,13 +93,13 @@ class ClientGone(Exception):
 
 
 class Service:
-    """The server's side of a Model: admission, job construction, running, accounting."""
+    """The server's side of a Model: admission, call construction, running, accounting."""
 
     def __init__(self, model: Model, settings: ServerSettings, metrics: Metrics) -> None:
         self.model = model
         self.settings = settings
         self.metrics = metrics
-        self.in_flight = 0  # sequences of admitted jobs not finished yet (event loop only)
+        self.in_flight = 0  # sequences of admitted calls not finished yet (event loop only)
         self.capacity = model.n_parallel + settings.max_queue
         self.template: Optional[ChatTemplate] = None
         self.template_error: Optional[str] = None
@@ -108,8 +108,8 @@ class Service:
         except (ValueError, TypeError) as e:
             self.template_error = str(e)
 
-    # -- building jobs ------------------------------------------------------------------
-    async def completion_job(self, rid: str, body: CompletionRequest) -> Job:
+    # -- building calls ------------------------------------------------------------------
+    async def completion_call(self, rid: str, body: CompletionRequest) -> Call:
         if body.echo:
             raise APIError(400, "echo=true is not supported: the response holds the completion only",
                            param="echo", code="unsupported")
@@ -122,9 +122,9 @@ class Service:
         if not prompts:
             raise APIError(400, "prompt=[]: give at least one prompt", param="prompt", code="invalid_value")
         params = await anyio.to_thread.run_sync(self._params, body, body.max_tokens, body.logprobs)
-        return await self._job(rid, "completions", prompts, params, body)
+        return await self._call(rid, "completions", prompts, params, body)
 
-    async def chat_job(self, rid: str, body: ChatCompletionRequest) -> Job:
+    async def chat_call(self, rid: str, body: ChatCompletionRequest) -> Call:
         if self.template is None:
             raise APIError(400, f"this model cannot chat: {self.template_error} (start the server with "
                                 "--chat-template)", param="messages", code="no_chat_template")
@@ -151,7 +151,7 @@ class Service:
         # A JSON schema becomes a grammar inside SamplingParams: large ones take a while.
         params = await anyio.to_thread.run_sync(self._params, body, max_tokens, logprobs, schema)
         params = template.add_stops(params)
-        return await self._job(rid, "chat", [prompt], params, body)
+        return await self._call(rid, "chat", [prompt], params, body)
 
     def _params(self, body: _Request, max_tokens: Optional[int], logprobs: Optional[int],
                 response_schema: Optional[dict] = None) -> SamplingParams:
@@ -190,10 +190,10 @@ class Service:
             kw["seed"] = body.seed
         try:
             return SamplingParams(**kw)  # type: ignore[arg-type]
-        except (ValueError, TypeError) as e:
+        except (ParamError, ParamTypeError) as e:
             raise invalid_value(e) from None
 
-    async def _job(self, rid: str, endpoint: str, prompts: List[str], base: SamplingParams, body: _Request) -> Job:
+    async def _call(self, rid: str, endpoint: str, prompts: List[str], base: SamplingParams, body: _Request) -> Call:
         s = self.settings
         if len(prompts) > s.max_prompts:
             raise APIError(400, f"prompt: {len(prompts)} prompts in one request; this server takes at most "
@@ -207,12 +207,12 @@ class Service:
             logger.info("request %s: ignoring unsupported fields %s", rid, ", ".join(ignored))
         # As generate_parallel does with one seed for a call: prompt i uses seed + i.
         rule = SeedRule(base.seed)
-        params = [base if base.seed is None else rule.apply(base, i) for i in range(len(prompts))]
+        params = [rule.apply(base, i) for i in range(len(prompts))]
         # Tokenizing, the engine's checks and the grammar check can take a while: off the loop.
         prepared, state = await anyio.to_thread.run_sync(self._prepare, endpoint, prompts, params)
-        job = Job(rid, endpoint, prompts, params, base.n, [len(p.tokens) for p in prepared])
-        job.stream = AsyncStreamIterator(state, request_id=rid)
-        return job
+        call = Call(rid, endpoint, prompts, params, base.n, [len(p.tokens) for p in prepared])
+        call.stream = AsyncStreamIterator(state, request_id=rid)
+        return call
 
     def _prepare(self, endpoint: str, prompts: List[str], params: List[SamplingParams]
                  ) -> Tuple[List[PreparedPrompt], StreamState]:
@@ -232,20 +232,20 @@ class Service:
                 raise failure_error(failure, param=name)
         try:
             return prepared, StreamState(self.model, prepared, params)
-        except (ValueError, TypeError) as e:  # what only the model can check: token ids, grammars
+        except (ParamError, ParamTypeError) as e:  # what only the model can check: token ids, grammars
             raise invalid_value(e) from None
 
 
     # -- running ------------------------------------------------------------------------
-    def admit(self, job: Job) -> Callable[[], None]:
-        """Holds the job's sequences against the queue bound (429 when they do not fit);
-        returns the function that lets them go, to be called once the job has ended."""
-        if self.in_flight + job.sequences > self.capacity:
+    def admit(self, call: Call) -> Callable[[], None]:
+        """Holds the call's sequences against the queue bound (429 when they do not fit);
+        returns the function that lets them go, to be called once the call has ended."""
+        if self.in_flight + call.sequences > self.capacity:
             waiting = max(0, self.in_flight - self.model.n_parallel)
             raise APIError(429, f"the server is busy: {waiting} sequences are waiting for a slot (limit "
                                 f"{self.settings.max_queue}); retry later", code="queue_full",
                            headers={"Retry-After": str(self.settings.retry_after)})
-        self.in_flight += job.sequences
+        self.in_flight += call.sequences
         self.metrics.requests_waiting.inc()
         released = False
 
@@ -254,28 +254,28 @@ class Service:
             if released:
                 return
             released = True
-            self.in_flight -= job.sequences
-            if job.first_token_at is None:
+            self.in_flight -= call.sequences
+            if call.first_token_at is None:
                 self.metrics.requests_waiting.dec()
             else:
                 self.metrics.requests_running.dec()
 
         return release
 
-    async def events(self, job: Job) -> AsyncIterator[Tuple[Choice, StreamEvent]]:
-        """The job's stream events with their choices; the stream is closed (the engine's
+    async def events(self, call: Call) -> AsyncIterator[Tuple[Choice, StreamEvent]]:
+        """The call's stream events with their choices; the stream is closed (the engine's
         work cancelled) however the caller stops iterating."""
-        stream = job.stream
+        stream = call.stream
         if stream is None:
-            raise RuntimeError(f"request {job.id}: its job has no stream")
+            raise RuntimeError(f"request {call.id}: its call has no stream")
         try:
             async for ev in stream:
-                if job.first_token_at is None and ev.token_ids:
-                    job.first_token_at = time.perf_counter()
+                if call.first_token_at is None and ev.token_ids:
+                    call.first_token_at = time.perf_counter()
                     self.metrics.requests_waiting.dec()
                     self.metrics.requests_running.inc()
-                    self.metrics.time_to_first_token.labels(job.endpoint).observe(job.first_token_at - job.started)
-                c = job.choice(ev)
+                    self.metrics.time_to_first_token.labels(call.endpoint).observe(call.first_token_at - call.started)
+                c = call.choice(ev)
                 c.text.append(ev.text)
                 c.tokens += len(ev.token_ids)
                 if ev.finished:
@@ -292,10 +292,10 @@ class Service:
         finally:
             await stream.aclose()
 
-    async def collect(self, job: Job, request: Request) -> None:
-        """Runs the job to the end; raises ClientGone (the work cancelled) if the client leaves."""
+    async def collect(self, call: Call, request: Request) -> None:
+        """Runs the call to the end; raises ClientGone (the work cancelled) if the client leaves."""
         async def consume() -> None:
-            async for c, ev in self.events(job):
+            async for c, ev in self.events(call):
                 if ev.finished and ev.finish_reason == "error":
                     raise failed_choice(c)
 
@@ -313,20 +313,20 @@ class Service:
             raise ClientGone()
         consumer.result()  # its exception, if any
 
-    def finish(self, job: Job, status: int) -> None:
+    def finish(self, call: Call, status: int) -> None:
         """Accounting and the request's closing log line."""
-        seconds = time.perf_counter() - job.started
+        seconds = time.perf_counter() - call.started
         m = self.metrics
-        m.requests.labels(job.endpoint, str(status)).inc()
-        m.request_latency.labels(job.endpoint).observe(seconds)
-        m.prompt_tokens.inc(job.usage_prompt_tokens)
-        m.generation_tokens.inc(job.usage_completion_tokens)
-        reasons = Tally(c.finish_reason or "cancelled" for c in job.choices.values())
+        m.requests.labels(call.endpoint, str(status)).inc()
+        m.request_latency.labels(call.endpoint).observe(seconds)
+        m.prompt_tokens.inc(call.usage_prompt_tokens)
+        m.generation_tokens.inc(call.usage_completion_tokens)
+        reasons = Tally(c.finish_reason or "cancelled" for c in call.choices.values())
         for reason, count in reasons.items():
             m.finished.labels(reason).inc(count)
         logger.info("request %s: %s %d, %d prompts x n=%d, %d prompt + %d completion tokens, %.2f s, finish %s",
-                    job.id, job.endpoint, status, len(job.prompts), job.n, job.usage_prompt_tokens,
-                    job.usage_completion_tokens, seconds,
+                    call.id, call.endpoint, status, len(call.prompts), call.n, call.usage_prompt_tokens,
+                    call.usage_completion_tokens, seconds,
                     " ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "-")
 
 

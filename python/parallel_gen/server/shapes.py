@@ -1,7 +1,7 @@
 """How each endpoint writes its answer: the whole response, or the server-sent events of a
 stream (what opens it, each generation event's chunks, what closes it or reports a failure).
 
-One Shape per request, built by the route: every endpoint runs its job through the same
+One Shape per request, built by the route: every endpoint runs its call through the same
 code in :mod:`.app`; only these objects differ.
 """
 
@@ -22,7 +22,7 @@ from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatComple
 from .responses_protocol import (ContentPartEvent, ErrorEvent, IncompleteDetails, OutputItemEvent, OutputMessage,
                                  OutputText, ResponseError, ResponseEvent, ResponseObject, ResponsesRequest,
                                  ResponseUsage, TextDeltaEvent, TextDoneEvent)
-from .service import Choice, Job
+from .service import Choice, Call
 
 DONE = "[DONE]"
 
@@ -36,28 +36,28 @@ def to_json(obj: Any) -> str:
 
 
 class Shape:
-    """How one endpoint writes a job's choices, chunks and usage; ``model``: the name the
+    """How one endpoint writes a call's choices, chunks and usage; ``model``: the name the
     answer carries."""
 
     def __init__(self, model: str) -> None:
         self.model = model
 
-    def response(self, job: Job, choices: List[Choice], usage: Usage) -> BaseModel:
+    def response(self, call: Call, choices: List[Choice], usage: Usage) -> BaseModel:
         raise NotImplementedError
 
-    def opening(self, job: Job) -> List[ServerSentEvent]:
+    def opening(self, call: Call) -> List[ServerSentEvent]:
         """Events before the first generated token."""
         return []
 
-    def chunks(self, job: Job, c: Choice, ev: StreamEvent) -> List[ServerSentEvent]:
+    def chunks(self, call: Call, c: Choice, ev: StreamEvent) -> List[ServerSentEvent]:
         """The events for one stream event (``c``: its choice, ``ev`` already counted in)."""
         raise NotImplementedError
 
-    def closing(self, job: Job, choices: List[Choice], usage: Usage) -> List[ServerSentEvent]:
+    def closing(self, call: Call, choices: List[Choice], usage: Usage) -> List[ServerSentEvent]:
         """The events after the last choice finished."""
         raise NotImplementedError
 
-    def failed(self, job: Job, err: APIError) -> List[ServerSentEvent]:
+    def failed(self, call: Call, err: APIError) -> List[ServerSentEvent]:
         """The events that end a stream that failed."""
         raise NotImplementedError
 
@@ -70,13 +70,13 @@ class _ChunkShape(Shape):
         super().__init__(model)
         self.include_usage = include_usage
 
-    def usage_chunk(self, job: Job, usage: Usage) -> str:
+    def usage_chunk(self, call: Call, usage: Usage) -> str:
         raise NotImplementedError
 
-    def closing(self, job: Job, choices: List[Choice], usage: Usage) -> List[ServerSentEvent]:
-        return ([sse(self.usage_chunk(job, usage))] if self.include_usage else []) + [sse(DONE)]
+    def closing(self, call: Call, choices: List[Choice], usage: Usage) -> List[ServerSentEvent]:
+        return ([sse(self.usage_chunk(call, usage))] if self.include_usage else []) + [sse(DONE)]
 
-    def failed(self, job: Job, err: APIError) -> List[ServerSentEvent]:
+    def failed(self, call: Call, err: APIError) -> List[ServerSentEvent]:
         return [sse(to_json(err.body())), sse(DONE)]
 
 
@@ -95,12 +95,12 @@ class CompletionShape(_ChunkShape):
             offset += len(t.token)
         return out
 
-    def response(self, job: Job, choices: List[Choice], usage: Usage) -> CompletionResponse:
-        return CompletionResponse(id=f"cmpl-{job.id}", model=self.model, usage=usage, choices=[
+    def response(self, call: Call, choices: List[Choice], usage: Usage) -> CompletionResponse:
+        return CompletionResponse(id=f"cmpl-{call.id}", model=self.model, usage=usage, choices=[
             CompletionChoice(index=c.index, text="".join(c.text), logprobs=self._logprobs(c.logprobs),
                              finish_reason=c.finish_reason) for c in choices])
 
-    def chunks(self, job: Job, c: Choice, ev: StreamEvent) -> List[ServerSentEvent]:
+    def chunks(self, call: Call, c: Choice, ev: StreamEvent) -> List[ServerSentEvent]:
         if not ev.text and not ev.finished and not ev.logprobs:
             return []
         logprobs = None
@@ -108,11 +108,11 @@ class CompletionShape(_ChunkShape):
             logprobs = self._logprobs(ev.logprobs, c.event_offset)
         choice = CompletionChoice(index=c.index, text=ev.text, finish_reason=ev.finish_reason if ev.finished else None,
                                   logprobs=logprobs)
-        return [sse(CompletionResponse(id=f"cmpl-{job.id}", created=int(job.created), model=self.model,
+        return [sse(CompletionResponse(id=f"cmpl-{call.id}", created=int(call.created), model=self.model,
                                        choices=[choice]).model_dump_json())]
 
-    def usage_chunk(self, job: Job, usage: Usage) -> str:
-        return CompletionResponse(id=f"cmpl-{job.id}", created=int(job.created), model=self.model, choices=[],
+    def usage_chunk(self, call: Call, usage: Usage) -> str:
+        return CompletionResponse(id=f"cmpl-{call.id}", created=int(call.created), model=self.model, choices=[],
                                   usage=usage).model_dump_json()
 
 
@@ -126,15 +126,15 @@ class ChatShape(_ChunkShape):
                          top_logprobs=[TopLogprob(token=a.token, logprob=a.logprob, bytes=list(a.token.encode("utf-8")))
                                        for a in t.top]) for t in logprobs])
 
-    def response(self, job: Job, choices: List[Choice], usage: Usage) -> ChatCompletionResponse:
-        return ChatCompletionResponse(id=f"chatcmpl-{job.id}", model=self.model, usage=usage, choices=[
+    def response(self, call: Call, choices: List[Choice], usage: Usage) -> ChatCompletionResponse:
+        return ChatCompletionResponse(id=f"chatcmpl-{call.id}", model=self.model, usage=usage, choices=[
             ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)), logprobs=self._logprobs(c.logprobs),
                        finish_reason=c.finish_reason) for c in choices])
 
-    def chunks(self, job: Job, c: Choice, ev: StreamEvent) -> List[ServerSentEvent]:
+    def chunks(self, call: Call, c: Choice, ev: StreamEvent) -> List[ServerSentEvent]:
         def chunk(delta: DeltaMessage, finish: Optional[str] = None,
                   logprobs: Optional[ChoiceLogprobs] = None) -> ServerSentEvent:
-            return sse(ChatCompletionChunk(id=f"chatcmpl-{job.id}", created=int(job.created), model=self.model, choices=[
+            return sse(ChatCompletionChunk(id=f"chatcmpl-{call.id}", created=int(call.created), model=self.model, choices=[
                 ChatChunkChoice(index=c.index, delta=delta, finish_reason=finish, logprobs=logprobs)]).model_dump_json())
 
         out = []
@@ -146,8 +146,8 @@ class ChatShape(_ChunkShape):
             out.append(chunk(DeltaMessage(), ev.finish_reason))
         return out
 
-    def usage_chunk(self, job: Job, usage: Usage) -> str:
-        return ChatCompletionChunk(id=f"chatcmpl-{job.id}", created=int(job.created), model=self.model, choices=[],
+    def usage_chunk(self, call: Call, usage: Usage) -> str:
+        return ChatCompletionChunk(id=f"chatcmpl-{call.id}", created=int(call.created), model=self.model, choices=[],
                                    usage=usage).model_dump_json()
 
 
@@ -161,11 +161,11 @@ class ResponsesShape(Shape):
         self.request = request
         self.sequence = 0
 
-    def _object(self, job: Job, status: str, output: List[OutputMessage], usage: Optional[Usage] = None,
+    def _object(self, call: Call, status: str, output: List[OutputMessage], usage: Optional[Usage] = None,
                 error: Optional[APIError] = None) -> ResponseObject:
-        params, req = job.params[0], self.request
+        params, req = call.params[0], self.request
         return ResponseObject(
-            id=f"resp_{job.id}", created_at=int(job.created), status=status, model=self.model, output=output,
+            id=f"resp_{call.id}", created_at=int(call.created), status=status, model=self.model, output=output,
             instructions=req.instructions, max_output_tokens=req.max_output_tokens, temperature=params.temperature,
             top_p=params.top_p, text=req.format_echo(), metadata=req.metadata or {},
             incomplete_details=IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
@@ -182,33 +182,33 @@ class ResponsesShape(Shape):
         self.sequence += 1
         return sse(event.model_dump_json(), event=name)
 
-    def response(self, job: Job, choices: List[Choice], usage: Usage) -> ResponseObject:
+    def response(self, call: Call, choices: List[Choice], usage: Usage) -> ResponseObject:
         status = self._status(choices[0])
-        message = OutputMessage(id=f"msg_{job.id}", status=status, content=[OutputText(text="".join(choices[0].text))])
-        return self._object(job, status, [message], usage)
+        message = OutputMessage(id=f"msg_{call.id}", status=status, content=[OutputText(text="".join(choices[0].text))])
+        return self._object(call, status, [message], usage)
 
-    def opening(self, job: Job) -> List[ServerSentEvent]:
-        item = f"msg_{job.id}"
-        return [self._event(ResponseEvent, "response.created", response=self._object(job, "in_progress", [])),
-                self._event(ResponseEvent, "response.in_progress", response=self._object(job, "in_progress", [])),
+    def opening(self, call: Call) -> List[ServerSentEvent]:
+        item = f"msg_{call.id}"
+        return [self._event(ResponseEvent, "response.created", response=self._object(call, "in_progress", [])),
+                self._event(ResponseEvent, "response.in_progress", response=self._object(call, "in_progress", [])),
                 self._event(OutputItemEvent, "response.output_item.added",
                             item=OutputMessage(id=item, status="in_progress", content=[])),
                 self._event(ContentPartEvent, "response.content_part.added", item_id=item, part=OutputText(text=""))]
 
-    def chunks(self, job: Job, c: Choice, ev: StreamEvent) -> List[ServerSentEvent]:
+    def chunks(self, call: Call, c: Choice, ev: StreamEvent) -> List[ServerSentEvent]:
         if not ev.text:
             return []
-        return [self._event(TextDeltaEvent, "response.output_text.delta", item_id=f"msg_{job.id}", delta=ev.text)]
+        return [self._event(TextDeltaEvent, "response.output_text.delta", item_id=f"msg_{call.id}", delta=ev.text)]
 
-    def closing(self, job: Job, choices: List[Choice], usage: Usage) -> List[ServerSentEvent]:
-        item, status, text = f"msg_{job.id}", self._status(choices[0]), "".join(choices[0].text)
+    def closing(self, call: Call, choices: List[Choice], usage: Usage) -> List[ServerSentEvent]:
+        item, status, text = f"msg_{call.id}", self._status(choices[0]), "".join(choices[0].text)
         part = OutputText(text=text)
         message = OutputMessage(id=item, status=status, content=[part])
         return [self._event(TextDoneEvent, "response.output_text.done", item_id=item, text=text),
                 self._event(ContentPartEvent, "response.content_part.done", item_id=item, part=part),
                 self._event(OutputItemEvent, "response.output_item.done", item=message),
-                self._event(ResponseEvent, f"response.{status}", response=self._object(job, status, [message], usage))]
+                self._event(ResponseEvent, f"response.{status}", response=self._object(call, status, [message], usage))]
 
-    def failed(self, job: Job, err: APIError) -> List[ServerSentEvent]:
+    def failed(self, call: Call, err: APIError) -> List[ServerSentEvent]:
         return [self._event(ErrorEvent, "error", code=err.code, message=err.message, param=err.param),
-                self._event(ResponseEvent, "response.failed", response=self._object(job, "failed", [], error=err))]
+                self._event(ResponseEvent, "response.failed", response=self._object(call, "failed", [], error=err))]
