@@ -353,7 +353,8 @@ def _info_data(model_path: Optional[str]) -> Dict[str, Any]:
     import parallel_gen
 
     from ._native import _core
-    from .model import Model, _cpu_threads
+    from .config import cpu_threads
+    from .model import Model
     from .models import default_model_path
 
     data: Dict[str, Any] = {
@@ -364,7 +365,7 @@ def _info_data(model_path: Optional[str]) -> Dict[str, Any]:
             "backends": list(_core.backends()),
             "gpu_offload": bool(_core.supports_gpu_offload()),
             "system_info": _core.system_info().strip(),
-            "threads": _cpu_threads(),
+            "threads": cpu_threads(),
         }
     }
     try:
@@ -392,18 +393,22 @@ def _info_data(model_path: Optional[str]) -> Dict[str, Any]:
 
 
 def _kv_info(m: Any) -> Dict[str, Any]:
-    """KV cache figures: per token, and what a default Model (8 slots) allocates here."""
+    """KV cache figures: per token, and what a default Model (ModelConfig()) allocates here."""
+    from .config import ModelConfig
     from .memory import available_memory, capped_default_n_ctx, kv_cell_bytes, kv_cells
-    from .model import _DEFAULT_N_CTX
+    from .model import DEFAULT_N_CTX
 
-    per_token = kv_cell_bytes(m.metadata(), "f16", "f16")
-    streams = 8 + 1  # the default n_parallel, plus the shared-prefix stream
-    n_ctx = capped_default_n_ctx(max(8, min(m.n_ctx_train, _DEFAULT_N_CTX)), per_token, streams, available_memory())
+    d = ModelConfig()
+    per_token = kv_cell_bytes(m.metadata(), d.type_k, d.type_v)
+    n_ctx = capped_default_n_ctx(max(8, min(m.n_ctx_train, DEFAULT_N_CTX)), per_token, d.kv_streams,
+                                 available_memory())
     return {"kv_bytes_per_token": per_token, "kv_bytes_allocated": m.kv_bytes, "default_n_ctx": n_ctx,
-            "default_kv_bytes": kv_cells(n_ctx, streams, False, None, 8) * per_token}
+            "default_kv_bytes": kv_cells(n_ctx, d.kv_streams, d.kv_unified, d.kv_size, d.n_parallel) * per_token}
 
 
 def _info(args: argparse.Namespace) -> int:
+    from .config import ModelConfig
+
     data = _info_data(args.model)
     if args.json:
         print(json.dumps(data, indent=2))
@@ -427,7 +432,7 @@ def _info(args: argparse.Namespace) -> int:
             print(f"  vocabulary:     {m['vocabulary']} tokens")
             print(f"  chat template:  {'yes' if m['chat_template'] else 'no (a base model: use plain prompts)'}")
             print(f"  KV cache:       {m['kv_bytes_per_token'] / 1024:.1f} KiB per token (f16); a default Model "
-                  f"(8 slots of n_ctx {m['default_n_ctx']}) allocates {m['default_kv_bytes'] / 2**20:.0f} MiB")
+                  f"({ModelConfig().n_parallel} slots of n_ctx {m['default_n_ctx']}) allocates {m['default_kv_bytes'] / 2**20:.0f} MiB")
     if "error" in data["model"]:
         print(f"parallel-gen info: error: {data['model']['error']}", file=sys.stderr)
         return EXIT_FAILED

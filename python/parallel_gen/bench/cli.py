@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import llama_cpp
 
     from parallel_gen._native import _core
-    from parallel_gen.model import _cpu_threads
+    from parallel_gen.config import cpu_threads
     from parallel_gen.models import default_model_path
 
     if args.plot:
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     names = args.workload
     wants_bb = not args.no_batched_bench and any(w in AGAINST_LLAMA_CPP for w in names)
     bb_exe = find_batched_bench(args.batched_bench) if wants_bb else None  # before any model is loaded
-    settings = Settings(model_path, args.threads or _cpu_threads(), args.flash_attn, args.n_gpu_layers,
+    settings = Settings(model_path, args.threads or cpu_threads(), args.flash_attn, args.n_gpu_layers,
                         args.samples, args.callers)
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         "rss_method": probe.method,
         "versions": {"parallel_gen": pg.__version__, "llama_cpp_python": llama_cpp.__version__,
                      "python": platform.python_version()},
-        "platform": platform.platform(), "cpus": os.cpu_count(), "cpus_usable": _cpu_threads(),
+        "platform": platform.platform(), "cpus": os.cpu_count(), "cpus_usable": cpu_threads(),
         "loadavg_start": load_start,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
