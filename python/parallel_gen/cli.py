@@ -221,7 +221,7 @@ def _chat_template_arg(args: argparse.Namespace) -> Optional[str]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .jobs.job import run_source_job
+    from .jobs.generation_job import run_source_job
     from .jobs.sources import Columns
 
     if args.ray is not None:
@@ -242,7 +242,7 @@ def _run_job(args: argparse.Namespace, source: "Any", run: "Callable[[Dict[str, 
     ended into messages and the exit status; closes ``source``."""
     from .cli_io import print_summary, resume_command
     from .errors import GenerationError
-    from .jobs.job import JobInterrupted
+    from .jobs.driver import JobInterrupted
 
     command = f"parallel-gen {args.command}"
     try:
@@ -285,8 +285,8 @@ def _labels_arg(args: argparse.Namespace) -> "Tuple[str, str, List[str]]":
 def _classify(args: argparse.Namespace) -> int:
     from .classify import classify_options
     from .cli_io import InputError
-    from .jobs.classify import classify_job, text_columns
-    from .jobs.job import run_rows
+    from .jobs.classify_job import classify_job, text_columns
+    from .jobs.driver import run_rows
 
     flag, value, labels = _labels_arg(args)
     try:

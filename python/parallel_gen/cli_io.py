@@ -6,7 +6,7 @@ import shlex
 from typing import IO, List, Sequence
 
 from .jobs.formats import InputFormat, JobInputError
-from .jobs.job import JobSummary
+from .jobs.driver import JobSummary
 from .jobs.sources import Columns, InputRow, Source
 
 InputError = JobInputError
