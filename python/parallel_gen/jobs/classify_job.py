@@ -26,7 +26,7 @@ from ..model import Model
 from ..runner import Item
 from ..scoring import Score, ScoringJob, job_scores, scoring_item
 from .driver import JobSummary, PathLike, RowDone, RowJob, open_file_source, run_rows
-from .sizing import SizedContext
+from .sizing import NOTHING, RowNeeds, SizedContext
 from .sources import Columns, InputRow
 
 PROBABILITY_PREFIX = "p_"
@@ -115,16 +115,16 @@ class ClassifyJob(RowJob):
                            pa.float64() if name.startswith(PROBABILITY_PREFIX) else pa.string())
                           for name in self.columns])
 
-    def describe(self, row: InputRow) -> Tuple[Optional[List[Any]], Optional[str], int]:
+    def describe(self, row: InputRow) -> RowNeeds:
         if row.error is not None or row.prompt is None:
-            return None, None, 0
+            return NOTHING
         try:
             text = self.options.format(row.prompt)
         except (TypeError, ValueError):
-            return None, None, 0  # the job reports it as the row's error
+            return NOTHING  # the job reports it as the row's error
         if self.options.chat:
-            return conversation(text, self.options.system), None, self._label_bound
-        return None, text, self._label_bound
+            return RowNeeds(conversation(text, self.options.system), after=self._label_bound)
+        return RowNeeds(prompt=text, after=self._label_bound)
 
     def prepare(self, model: Model, sized: Optional[SizedContext]) -> None:
         self._sized = sized

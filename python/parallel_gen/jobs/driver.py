@@ -28,7 +28,7 @@ from .formats import STDIN, JobInputError, input_format_for, output_format_for
 from .progress import job_progress
 from .records import carried
 from .sinks import ResumePoint, Sink, WriteMode, open_sink
-from .sizing import SizedContext, open_sized_model
+from .sizing import RowNeeds, SizedContext, open_sized_model
 from .sources import Columns, InputRow, Source, open_source
 
 logger = logging.getLogger("parallel_gen")
@@ -125,8 +125,8 @@ class RowJob(abc.ABC):
         return record
 
     @abc.abstractmethod
-    def describe(self, row: InputRow) -> Tuple[Optional[List[Any]], Optional[str], int]:
-        """(conversation, prompt, tokens after the prompt) of a row, to size the context."""
+    def describe(self, row: InputRow) -> RowNeeds:
+        """What a row needs of the context, to size it (NOTHING: leave the row out)."""
 
     def prepare(self, model: Model, sized: Optional[SizedContext]) -> None:
         """Checks and set-up that need the Model, before any row (errors stop the job)."""

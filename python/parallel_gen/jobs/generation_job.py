@@ -24,7 +24,7 @@ from .formats import InputFormat
 from .overrides import row_params
 from .records import LOGPROBS, OPTIONAL_COLUMNS, OUTPUT_COLUMNS, SAMPLES, arrow_types, arrow_values, \
     output_columns, output_record
-from .sizing import SizedContext
+from .sizing import NOTHING, RowNeeds, SizedContext
 from .sources import Columns, InputRow, Source
 
 # A per-row setting that would need a column the job does not write: (field, needs it,
@@ -77,12 +77,12 @@ class GenerationJob(RowJob):
     def arrow_values(self, record: Dict[str, Any]) -> Dict[str, Any]:
         return arrow_values(record)
 
-    def describe(self, row: InputRow) -> Tuple[Optional[List[Any]], Optional[str], int]:
+    def describe(self, row: InputRow) -> RowNeeds:
         if row.error is not None:
-            return None, None, 0
+            return NOTHING
         params, _ = self.row_params(row)
         max_tokens = params.max_tokens if params is not None else self.params.max_tokens
-        return self._conversation(row), row.prompt, max_tokens
+        return RowNeeds(self._conversation(row), row.prompt, max_tokens)
 
     def prepare(self, model: Model, sized: Optional[SizedContext]) -> None:
         self._sized = sized
