@@ -511,7 +511,8 @@ def test_resume_refuses_an_output_written_with_other_columns(smol, tmp_path):
     first = tmp_path / "first.jsonl"
     write_jsonl(first, [{"prompt": "Item 0:"}])
     run_file_job(smol, first, out, max_tokens=1, temperature=0, logprobs=1)
-    with pytest.raises(JobInputError, match=r"the columns \['logprobs', 'cumulative_logprob'\].*--samples / --logprobs"):
+    with pytest.raises(JobInputError,
+                       match=r"the columns \['logprobs', 'cumulative_logprob'\].*--samples / --logprobs"):
         run_file_job(smol, src, out, max_tokens=1, temperature=0, resume=True)
     with pytest.raises(JobInputError, match="no column 'samples'"):
         run_file_job(smol, src, out, max_tokens=1, temperature=0, logprobs=1, n=2, resume=True)

@@ -193,9 +193,10 @@ def test_response_format_json_schema_is_enforced(server):
         jsonschema.validate(json.loads(c.message.content), schema)
     # A question whose greedy answer is a short object (an open one like "Give me JSON."
     # runs on to max_tokens, and a cut object proves nothing): it must stop, and parse.
+    question = 'Reply with the JSON object {"ok": true} and nothing else.'
     obj = server.client().chat.completions.create(
-        model=ALIAS, messages=[{"role": "user", "content": 'Reply with the JSON object {"ok": true} and nothing else.'}],
-        max_tokens=60, temperature=0, response_format={"type": "json_object"})
+        model=ALIAS, messages=[{"role": "user", "content": question}], max_tokens=60, temperature=0,
+        response_format={"type": "json_object"})
     assert obj.choices[0].finish_reason == "stop", obj.choices[0].message.content
     assert json.loads(obj.choices[0].message.content) == {"ok": True}
 

@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  vocabulary:     {m['vocabulary']} tokens")
             print(f"  chat template:  {'yes' if m['chat_template'] else 'no (a base model: use plain prompts)'}")
             print(f"  KV cache:       {m['kv_bytes_per_token'] / 1024:.1f} KiB per token (f16); a default Model "
-                  f"({ModelConfig().n_parallel} slots of n_ctx {m['default_n_ctx']}) allocates {m['default_kv_bytes'] / 2**20:.0f} MiB")
+                  f"({ModelConfig().n_parallel} slots of n_ctx {m['default_n_ctx']}) allocates "
+                  f"{m['default_kv_bytes'] / 2**20:.0f} MiB")
     if "error" in data["model"]:
         print(f"parallel-gen info: error: {data['model']['error']}", file=sys.stderr)
         return ExitStatus.FAILED

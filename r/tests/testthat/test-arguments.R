@@ -54,7 +54,8 @@ test_that("pg_model() takes every ModelConfig field and leaves its defaults to P
   m <- pg_model(smollm2_path(), n_ctx = 64, n_threads = 1, n_batch = 64, share_prefix = FALSE)
   expect_identical(m$n_parallel, reticulate::py_to_r(default$n_parallel))
   expect_identical(c(m$n_batch, m$n_ctx), c(64L, 64L))
-  expect_false(reticulate::py_to_r(.subset2(m, "py")$config$share_prefix))
+  config <- reticulate::py_get_attr(.subset2(m, "py"), "config")
+  expect_false(reticulate::py_to_r(reticulate::py_get_attr(config, "share_prefix")))
   pg_close(m)
 })
 
