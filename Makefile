@@ -14,8 +14,10 @@ setup: $(PY)
 	$(PY) -m pip install '.[test]'
 	$(PY) -m parallel_gen install-model
 
+# PG_REQUIRE_EXTRAS=1: setup installed the test extra (ray, matplotlib), so a test that
+# cannot import one fails instead of skipping.
 test: setup
-	$(PY) -m pytest -q
+	PG_REQUIRE_EXTRAS=1 $(PY) -m pytest -q
 	@$(MAKE) --no-print-directory test-r
 
 # The R package's tests (r/: testthat through reticulate) on the .venv's Python (after

@@ -1,12 +1,16 @@
 """Shared fixtures: the two real test models, opened once per session.
 
 A missing model is a test failure, never a skip: the suite is meaningless without them.
+A missing optional extra (ray, matplotlib) skips its tests, unless PG_REQUIRE_EXTRAS=1
+(``make test``, which installs the test extra, sets it): then it fails them.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -31,6 +35,21 @@ PROMPTS_16 = [
     "The theory of relativity",
     "Roses are red,",
 ]
+
+
+REQUIRE_EXTRAS = "PG_REQUIRE_EXTRAS"
+
+
+def import_extra(module: str, extra: str) -> ModuleType:
+    """``module``, part of the optional extra ``extra``; when it cannot be imported, a skip
+    saying how to install it, or a failure when the extras are required (REQUIRE_EXTRAS=1)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        why = f"{module} cannot be imported ({e}): pip install 'parallel_gen[{extra}]'"
+        if os.environ.get(REQUIRE_EXTRAS) == "1":
+            pytest.fail(f"{REQUIRE_EXTRAS}=1 but {why}", pytrace=False)
+        pytest.skip(why, allow_module_level=True)
 
 
 def _require(fn, name: str) -> Path:

@@ -8,7 +8,7 @@ import math
 import pytest
 
 import parallel_gen as pg
-from parallel_gen import cli
+from parallel_gen.cli import options
 from parallel_gen._native import _core
 
 
@@ -190,7 +190,7 @@ def test_sampling_fields_have_one_source_of_truth():
     """SamplingParams is the source: every field is a CLI flag, and every field the
     engine reads is a native SamplingConfig attribute that to_native fills in."""
     fields = [f.name for f in dataclasses.fields(pg.SamplingParams)]
-    assert [f for f, *_ in cli.SAMPLING_FLAGS] == fields
+    assert [f for f, *_ in options.SAMPLING_FLAGS] == fields
     # resolved in Python: n becomes n engine sequences; json_schema and choices compile to a grammar
     python_only = {"n", "json_schema", "choices"}
     # set by score()/classify(), not a sampling setting: the forced continuations to score

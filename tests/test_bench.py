@@ -16,6 +16,8 @@ from parallel_gen import bench, cli
 from parallel_gen.bench import impls, report, workloads
 from parallel_gen.bench.records import Measurement, Run
 
+from conftest import import_extra
+
 
 def _env() -> dict:
     """The child imports the same parallel_gen as this test."""
@@ -279,7 +281,7 @@ def test_plot_needs_matplotlib(monkeypatch):
 
 
 def test_plot_writes_png(tmp_path):
-    pytest.importorskip("matplotlib")
+    import_extra("matplotlib", "plot")
     short = workloads.build_workload("short", 4, _count, 8)
     runs = [_run("short", "main", 0, "loop", None, 10.0, 10.0)]
     runs += [_run("short", "main", 0, "parallel", b, 10.0 / b, 10.0 * b) for b in (1, 2, 4)]

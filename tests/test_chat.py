@@ -98,8 +98,10 @@ def test_chat_parallel_answers_hold_no_markup(smol):
     for c in r:
         assert c.finish_reason in ("stop", "length") and c.error is None and c.text.strip()
         assert not any(m in c.text for m in MARKUP), c.text
-        if c.finish_reason == "stop":
+        if c.finish_reason == "stop":  # the end of turn, reported by id
             assert c.stop_reason == im_end(smol)
+        else:  # max_tokens: no stop reason
+            assert c.stop_reason is None and len(c.token_ids) == 40
     assert any(c.finish_reason == "stop" for c in r)
     # The same machinery as generate_parallel on the formatted prompts.
     plain = pg.generate_parallel(smol, [c.prompt for c in r], max_tokens=40, temperature=0)
@@ -146,6 +148,13 @@ def test_given_template_on_base_model(gemma):
         assert c.finish_reason in ("stop", "length") and not any(m in c.text for m in MARKUP)
         if c.finish_reason == "stop":
             assert gemma.handle.is_eog(c.stop_reason) or c.stop_reason == end_of_turn
+        else:
+            assert c.stop_reason is None and len(c.token_ids) == 12
+    # A base model rarely ends its turn by itself: force the end-of-turn token to see that
+    # the template's stop ends the output and is reported by id.
+    forced = pg.chat_parallel(gemma, convs[:1], chat_template=GEMMA_TEMPLATE, max_tokens=12, temperature=0,
+                              logit_bias={end_of_turn: 100.0})[0]
+    assert (forced.finish_reason, forced.stop_reason, forced.token_ids) == ("stop", end_of_turn, [end_of_turn])
 
 
 # -- failures ----------------------------------------------------------------------------

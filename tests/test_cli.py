@@ -3,6 +3,7 @@ default model, and logging silence."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,6 +15,9 @@ import pytest
 import parallel_gen as pg
 from parallel_gen import cli, models
 from parallel_gen._native import _core
+from parallel_gen.cli import options
+from parallel_gen.cli.demo import DEMO_QUESTIONS
+from parallel_gen.cli.main import setup_logging
 from parallel_gen.params import FIELD_NAMES
 from parallel_gen.repack import choose_repack, cpu_build
 
@@ -45,31 +49,77 @@ def greedy(model, prompts, n):
 
 # -- parser ------------------------------------------------------------------------------
 def test_every_sampling_field_has_a_flag():
-    assert {f for f, *_ in cli.SAMPLING_FLAGS} == FIELD_NAMES
+    assert {f for f, *_ in options.SAMPLING_FLAGS} == FIELD_NAMES
     argv = ["generate", "x", "--samples", "2", "-n", "7", "--temp", "0.5", "--top-k", "3", "--top-p", "0.5",
             "--min-p", "0.1", "--repeat-penalty", "1.1", "--repeat-last-n", "32", "--frequency-penalty", "0.2",
             "--presence-penalty", "0.3", "--seed", "9", "--stop", "a", "--stop", "b", "--stop-token-id", "4",
             "--ignore-eos"]
-    got = cli._sampling_params(cli.build_parser().parse_args(argv))
+    got = options.sampling_params(cli.build_parser().parse_args(argv))
     assert got == pg.SamplingParams(n=2, max_tokens=7, temperature=0.5, top_k=3, top_p=0.5, min_p=0.1,
                                     repeat_penalty=1.1, repeat_last_n=32, frequency_penalty=0.2,
                                     presence_penalty=0.3, seed=9, stop=("a", "b"), stop_token_ids=(4,),
                                     ignore_eos=True)
     # No flag: SamplingParams' own defaults.
-    assert cli._sampling_params(cli.build_parser().parse_args(["generate", "x"])) == pg.SamplingParams()
+    assert options.sampling_params(cli.build_parser().parse_args(["generate", "x"])) == pg.SamplingParams()
 
 
 def test_model_options():
     p = cli.build_parser()
     args = p.parse_args(["generate", "x", "--n-parallel", "3", "--n-ctx", "256", "--n-batch", "64", "--threads",
                          "1", "--n-gpu-layers", "0", "--kv-unified", "--kv-size", "512", "--flash-attn", "off",
-                         "--type-k", "q8_0", "--type-v", "f16", "-v"])
-    assert cli._model_kwargs(args, 10) == dict(n_parallel=3, n_ctx=256, n_batch=64, n_threads=1, n_gpu_layers=0,
-                                               kv_unified=True, kv_size=512, flash_attn=False, type_k="q8_0",
-                                               type_v="f16", verbose=True)
-    # Defaults: no more slots than prompts, everything else Model's own.
-    assert cli._model_kwargs(p.parse_args(["generate", "x"]), 3) == dict(n_parallel=3, verbose=False)
-    assert cli._model_kwargs(p.parse_args(["generate", "x"]), 50)["n_parallel"] == 8
+                         "--type-k", "q8_0", "--type-v", "f16", "--no-share-prefix", "-v"])
+    given = options.model_options(args, 10)
+    assert given == dict(n_parallel=3, n_ctx=256, n_batch=64, n_threads=1, n_gpu_layers=0, kv_unified=True,
+                         kv_size=512, flash_attn=False, type_k="q8_0", type_v="f16", share_prefix=False, verbose=True)
+    config = pg.ModelConfig(**given)  # a valid ModelConfig, as given
+    assert (config.kv_size, config.share_prefix, config.flash_attn) == (512, False, False)
+    # Defaults: no more slots than prompts (ModelConfig's default at most, and when the
+    # count is unknown), everything else ModelConfig's own.
+    default = pg.ModelConfig().n_parallel
+    assert options.model_options(p.parse_args(["generate", "x"]), 3) == dict(n_parallel=3, verbose=False)
+    assert options.model_options(p.parse_args(["generate", "x"]), 50)["n_parallel"] == default
+    assert options.model_options(p.parse_args(["generate", "x"]), None)["n_parallel"] == default
+    assert options.model_options(p.parse_args(["generate", "x"]), 0)["n_parallel"] == 1
+
+
+def test_model_flags_are_modelconfig_fields():
+    """ModelConfig is the source: one flag per field, for every command that opens a
+    Model from its options (generate, classify, serve), with ModelConfig's defaults."""
+    fields = [f.name for f in dataclasses.fields(pg.ModelConfig)]
+    assert sorted(f.field for f in options.MODEL_FLAGS) == sorted(fields)
+    p = cli.build_parser()
+    d = pg.ModelConfig()
+    for command in (["generate", "x"], ["classify", "x", "--labels", "a,b"], ["serve"]):
+        args = p.parse_args(command)
+        assert all(getattr(args, f) in (None, False) for f in fields), command  # not given: ModelConfig decides
+        assert pg.ModelConfig(**options.model_options(args, None)) == d, command
+        text = " ".join(run(command[0], "--help").stdout.split())  # argparse wraps lines
+        assert all(flag in text for f in options.MODEL_FLAGS for flag in f.flags), command
+        # the defaults the help states are ModelConfig's
+        assert f"(default: {d.n_batch})" in text and f"type of K (default: {d.type_k})" in text, command
+    assert f"min({d.n_parallel}, number of rows" in " ".join(run("generate", "--help").stdout.split())
+
+
+HELP_ONLY = """
+import contextlib, io, sys
+from parallel_gen.cli import main
+for argv in ([], ["generate"], ["classify"], ["serve"], ["bench"], ["info"], ["demo"]):
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main([*argv, "--help"])
+        except SystemExit as e:
+            assert e.code == 0, argv
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("llama_cpp", "numpy", "ray", "pyarrow", "fastapi")
+             or m in ("parallel_gen._core", "parallel_gen.model", "parallel_gen.bench.cli")))
+"""
+
+
+def test_help_loads_no_llama_cpp():
+    """--help of every command builds the parsers only: llama.cpp (and the bench, Ray,
+    the server, numpy) are imported when a command runs."""
+    r = subprocess.run([sys.executable, "-c", HELP_ONLY], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=PYTHON_DIR))
+    assert r.returncode == 0 and r.stdout == "[]\n", (r.stdout, r.stderr)
 
 
 def test_usage_errors():
@@ -237,9 +287,9 @@ def test_demo(model, gemma3_path):
     extra = ["-m", gemma3_path] if model == "gemma" else []
     r = run("demo", "-n", 4, *FAST, *extra)
     assert r.returncode == 0, r.stderr
-    for q in cli.DEMO_QUESTIONS:
+    for q in DEMO_QUESTIONS:
         assert q in r.stdout
-    assert f"{len(cli.DEMO_QUESTIONS)} prompts" in r.stdout and "tok/s" in r.stdout
+    assert f"{len(DEMO_QUESTIONS)} prompts" in r.stdout and "tok/s" in r.stdout
     assert "<|im_" not in r.stdout and "Question:" not in r.stdout
 
 
@@ -262,7 +312,7 @@ def test_info(smol, gemma3_path, tmp_path):
     assert m["repack"] is choice.use_extra_bufts
     # KV cache: info's Model has 1 slot (+ the shared-prefix stream) of n_ctx 64, rounded up to 256 cells.
     assert m["kv_bytes_allocated"] == 2 * 256 * m["kv_bytes_per_token"] > 0
-    assert m["default_kv_bytes"] == 9 * m["default_n_ctx"] * m["kv_bytes_per_token"]
+    assert m["default_kv_bytes"] == pg.ModelConfig().kv_streams * m["default_n_ctx"] * m["kv_bytes_per_token"]
     g = json.loads(run("info", "--json", "-m", gemma3_path).stdout)["model"]
     assert g["architecture"] == "gemma3" and g["chat_template"] is False
     text = run("info").stdout
@@ -346,12 +396,12 @@ def test_llama_cpp_log_only_when_verbose(verbose):
 
 
 def test_cli_shows_library_warnings(capsys, own_logger):
-    cli._setup_logging(False)
-    cli._setup_logging(False)  # once per process, however often main() runs
+    setup_logging(False)
+    setup_logging(False)  # once per process, however often main() runs
     own_logger.info("hidden")
     own_logger.warning("shown")
     assert capsys.readouterr().err == "parallel-gen: WARNING: shown\n"
-    cli._setup_logging(True)
+    setup_logging(True)
     own_logger.info("now shown")
     assert capsys.readouterr().err == "parallel-gen: INFO: now shown\n"
 

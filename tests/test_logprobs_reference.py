@@ -58,6 +58,7 @@ def test_logprobs_equal_log_softmax_of_llama_cpp_logits(smollm2_path, reference,
         out = c.outputs[0]
         n_prompt, rows = _reference_logprobs(reference, c.prompt, out.token_ids)
         assert n_prompt == c.prompt_tokens
+        assert len(out.token_ids) == len(out.logprobs) == len(rows) == 10  # zip below compares them all
         for tok, lp, ref in zip(out.token_ids, out.logprobs, rows):
             assert abs(lp.logprob - ref[tok]) <= TOL, (tok, lp.logprob, ref[tok])
             kth = np.sort(ref)[-TOP]

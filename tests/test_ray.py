@@ -16,11 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'parallel_gen[ray]'")
+from conftest import import_extra
+
+import_extra("ray.data", "ray")  # not installed: a skip, or a failure under PG_REQUIRE_EXTRAS=1 (make test)
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
 
 import parallel_gen as pg  # noqa: E402
 from parallel_gen.jobs.records import OUTPUT_COLUMNS  # noqa: E402
@@ -127,6 +131,31 @@ def actor_pids():
             if ACTOR_PROCESS_TITLE in cmdline and int(entry.name) != os.getpid():
                 pids.append(int(entry.name))
     return sorted(pids)
+
+
+def test_a_batch_whose_first_row_fails_has_the_jobs_columns_and_one_schema(smol, smollm2_path):
+    """BatchGenerator, the actor's own code, on two batches: the first starts with a row
+    that fails, the second with one that runs. Both get the job's columns (samples,
+    logprobs) with the same Arrow types; the failed rows have them null."""
+    params = pg.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, n=2, logprobs=1, seed=1)
+    gen = BatchGenerator(str(smollm2_path), params=params, model_options=dict(ACTOR_MODEL, n_threads=1))
+    first_fails = gen(pa.table({"id": [0, 1], "prompt": [None, "The capital of France is"]}))
+    first_runs = gen(pa.table({"id": [2, 3], "prompt": ["Roses are red,", None]}))
+    del gen
+    assert first_fails.schema == first_runs.schema
+    assert first_fails.schema.names[-3:] == ["samples", "logprobs", "cumulative_logprob"]
+    assert first_fails.schema.field("logprobs").type == pa.list_(
+        pa.struct([("token", pa.string()), ("logprob", pa.float64())]))
+    got = {r["id"]: r for r in first_fails.to_pylist() + first_runs.to_pylist()}
+    want = pg.generate_parallel(smol, ["The capital of France is", "Roses are red,"], max_tokens=MAX_TOKENS,
+                                temperature=0, logprobs=1)
+    for i, c in zip((1, 2), want):
+        assert [x["text"] for x in got[i]["samples"]] == [c.text] * 2
+        assert [x["token"] for x in got[i]["logprobs"]] == [t.token for t in c.outputs[0].logprobs]
+        assert got[i]["cumulative_logprob"] == pytest.approx(c.outputs[0].cumulative_logprob, abs=1e-4)
+    for i in (0, 3):
+        assert got[i]["finish_reason"] == "error" and got[i]["logprobs"] is None
+        assert got[i]["cumulative_logprob"] is None and len(got[i]["samples"]) == 2
 
 
 def test_sampling_with_a_seed_is_the_same_on_any_batching(cluster, smollm2_path):
@@ -240,11 +269,11 @@ def test_cli_jsonl_in_parquet_out_on_a_local_cluster(smol, tmp_path):
     data.append({"id": 10, "tag": "no prompt"})
     src = tmp_path / "in.jsonl"
     lines = [json.dumps(r) + "\n" for r in data]
-    lines.insert(5, '{"id": 99, "prompt": \n')  # malformed: its own error row
+    lines.insert(0, '{"id": 99, "prompt": \n')  # malformed: its own error row, the first of its batch
     src.write_text("".join(lines))
     out = tmp_path / "out.parquet"
     r = cli("--ray", "-f", src, "-o", out, "-n", MAX_TOKENS, "--temperature", 0, "--threads", 1,
-            "--n-parallel", 4, "--stats")
+            "--n-parallel", 4, "--stats", "--samples", 2, "--logprobs", 1)
     assert r.returncode == 1, r.stderr  # the row without a prompt and the malformed line failed
     assert "2 of 12 row(s) failed" in r.stderr and "12 rows (2 failed)" in r.stderr
     written = read_dir(out)
@@ -253,10 +282,20 @@ def test_cli_jsonl_in_parquet_out_on_a_local_cluster(smol, tmp_path):
     assert "__parallel_gen_input_error" not in bad
     got = by_id([w for w in written if w["id"] is not None])
     assert sorted(got) == list(range(11))
-    want = greedy(smol, [d["prompt"] for d in data[:10]])
-    assert [got[i]["text"] for i in range(10)] == want
+    want = pg.generate_parallel(smol, [d["prompt"] for d in data[:10]], max_tokens=MAX_TOKENS, temperature=0,
+                                logprobs=1)
+    assert [got[i]["text"] for i in range(10)] == want.texts
     assert [got[i]["tag"] for i in range(11)] == [d["tag"] for d in data]
     assert got[10]["error"] and got[10]["finish_reason"] == "error"
+    # The columns are the job's (--samples 2, --logprobs 1) in every row, though the
+    # batch's first row failed: a failed row has them null.
+    assert all(w["samples"] is not None and w["logprobs"] is not None for w in (got[i] for i in range(10)))
+    assert bad["logprobs"] is None and bad["cumulative_logprob"] is None and len(bad["samples"]) == 2
+    for i in range(10):
+        assert [x["text"] for x in got[i]["samples"]] == [want[i].text] * 2
+        assert [x["token"] for x in got[i]["logprobs"]] == [t.token for t in want[i].outputs[0].logprobs]
+        assert [x["logprob"] for x in got[i]["logprobs"]] == pytest.approx(
+            [t.logprob for t in want[i].outputs[0].logprobs], abs=1e-4)
 
     again = cli("--ray", "-f", src, "-o", out)  # an existing output is protected
     assert again.returncode == 2 and str(out) in again.stderr and "--overwrite" in again.stderr

@@ -18,6 +18,7 @@ import pytest
 
 import parallel_gen as pg
 from parallel_gen import cli
+from parallel_gen.cli import options
 from parallel_gen import repack as rp
 from parallel_gen._native import _core
 from parallel_gen.repack import CpuBuild, check_borrowed, choose_repack, cpu_build
@@ -248,8 +249,8 @@ def test_repack_flags_on_every_model_command(command):
     assert parse([*command, "--repack"]).repack is True
     assert parse([*command, "--no-repack"]).repack is False
     if command[0] != "bench":  # bench resolves it once for the Llama and every Model
-        assert "repack" not in cli._model_kwargs(parse(command), 1)
-        assert cli._model_kwargs(parse([*command, "--no-repack"]), 1)["repack"] is False
+        assert "repack" not in options.model_options(parse(command), 1)
+        assert options.model_options(parse([*command, "--no-repack"]), 1)["repack"] is False
 
 
 def test_batched_bench_gets_the_same_repacking():

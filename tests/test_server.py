@@ -195,11 +195,14 @@ def test_response_format_json_schema_is_enforced(server):
     for c in r.choices:
         assert c.finish_reason == "stop", c.message.content
         jsonschema.validate(json.loads(c.message.content), schema)
+    # A question whose greedy answer is a short object (an open one like "Give me JSON."
+    # runs on to max_tokens, and a cut object proves nothing): it must stop, and parse.
+    question = 'Reply with the JSON object {"ok": true} and nothing else.'
     obj = server.client().chat.completions.create(
-        model=ALIAS, messages=[{"role": "user", "content": "Give me JSON."}], max_tokens=60, temperature=0,
+        model=ALIAS, messages=[{"role": "user", "content": question}], max_tokens=60, temperature=0,
         response_format={"type": "json_object"})
-    if obj.choices[0].finish_reason == "stop":
-        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    assert obj.choices[0].finish_reason == "stop", obj.choices[0].message.content
+    assert json.loads(obj.choices[0].message.content) == {"ok": True}
 
 
 def test_completion_logprobs_match_in_process(server, local):
@@ -656,8 +659,9 @@ def test_32_concurrent_clients_share_the_batch_and_get_in_process_answers(server
     tokens = server.metric("parallel_gen_engine_tokens_generated") - tokens_before
     assert tokens == sum(len(c.token_ids) for c in want)
     # Alone, every token would need its own decode call (plus a prefill each): shared steps
-    # decode 8 sequences per call.
-    assert calls < tokens / 3, (calls, tokens)
+    # decode several sequences per call. How many share depends on how the 32 requests
+    # arrive (a loaded machine staggers them), so the bound is only that they shared.
+    assert calls < tokens, (calls, tokens)
 
 
 # -- a small server for cancellation and backpressure -------------------------------------------
@@ -668,7 +672,9 @@ def small(smollm2_path):
     s.stop()
 
 
-def _wait(pred, timeout):
+def _wait(pred, timeout=120):
+    """Whether ``pred`` became true within ``timeout`` seconds: a hang guard, not a speed
+    check (a loaded machine stretches seconds; what a test claims is counted in tokens)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -690,15 +696,16 @@ def test_disconnect_mid_stream_frees_the_slot(small):
             got = [next(lines) for _ in range(6)]
             assert any(line.startswith("data: ") for line in got)
             assert small.metric("parallel_gen_slots_busy") >= 1
-        t0 = time.monotonic()  # the connection is closed here
+    # the connection is closed here
     assert _wait(lambda: small.metric("parallel_gen_kv_tokens") <= 60 and
-                 small.metric("parallel_gen_requests_running") + small.metric("parallel_gen_requests_waiting") <= 1, 2.0)
-    freed = time.monotonic() - t0
-    assert freed <= 2.0
-    r = other.result(60)
+                 small.metric("parallel_gen_requests_running") + small.metric("parallel_gen_requests_waiting") <= 1)
+    r = other.result(120)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 40
-    assert _wait(lambda: small.metric("parallel_gen_slots_busy") == 0, 2.0)
+    assert _wait(lambda: small.metric("parallel_gen_slots_busy") == 0)
     assert small.metric("parallel_gen_sequences_finished_total", '{finish_reason="cancelled"}') >= 1
+    # Freed at once, counted in tokens: the stream read 6 lines, and its sequence stopped
+    # far short of its 400 (the other request made 40).
+    assert small.metric("parallel_gen_engine_tokens_generated") - 40 <= 100
 
 
 def test_disconnect_while_waiting_for_a_whole_response(small):
@@ -706,7 +713,8 @@ def test_disconnect_while_waiting_for_a_whole_response(small):
     with pytest.raises(httpx.ReadTimeout):
         c.post("/v1/completions", json=LONG)
     c.close()
-    assert _wait(lambda: small.metric("parallel_gen_slots_busy") == 0, 2.0)
+    assert _wait(lambda: small.metric("parallel_gen_slots_busy") == 0)
+    assert small.metric("parallel_gen_engine_tokens_generated") < LONG["max_tokens"]  # stopped, not run out
 
 
 def test_queue_full_gets_429_then_succeeds_once_drained(small):
@@ -715,7 +723,7 @@ def test_queue_full_gets_429_then_succeeds_once_drained(small):
     # 2 slots + 2 waiting: four one-sequence requests fill the server.
     busy = [pool.submit(http.post, "/v1/completions", json={**LONG, "max_tokens": 120}) for _ in range(4)]
     assert _wait(lambda: small.metric("parallel_gen_slots_busy") == 2 and
-                 small.metric("parallel_gen_requests_waiting") + small.metric("parallel_gen_requests_running") == 4, 30)
+                 small.metric("parallel_gen_requests_waiting") + small.metric("parallel_gen_requests_running") == 4)
     r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
     e = _error(r, 429, "queue_full")
     assert r.headers["retry-after"] == "1"
@@ -740,7 +748,7 @@ def test_sigterm_finishes_running_work_and_exits_0(small):
         return [c.choices[0].finish_reason for c in chunks if c.choices]
 
     streaming = pool.submit(stream)
-    assert _wait(lambda: small.metric("parallel_gen_slots_busy") == 2, 10)
+    assert _wait(lambda: small.metric("parallel_gen_slots_busy") == 2)
     small.proc.send_signal(signal.SIGTERM)
     assert small.proc.wait(30) == 0
     r = running.result(30)

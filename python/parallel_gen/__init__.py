@@ -3,66 +3,94 @@
     import parallel_gen as pg
     results = pg.generate_parallel("model.gguf", prompts, max_tokens=128, temperature=0.7)
     answers = pg.chat_parallel(model, [[{"role": "user", "content": "Hi!"}]], max_tokens=64)
+
+The names below are imported on first use: importing a submodule (the command line's
+options, ``parallel-gen --help``) loads no llama.cpp.
 """
 
-import logging as _logging
+from __future__ import annotations
 
-from .cache import ResultCache
-from .chat import apply_chat_template, chat_parallel
-from .classify import Classification, Classifications, classify
-from .config import ModelConfig
-from .errors import (EngineFailedError, ErrorCode, GenerationError, ModelClosedError, ModelLoadError, ParamError,
-                     ParamTypeError, RequestCancelledError)
-from .generate import generate_parallel
-from .iterate import generate_iter
-from .jobs import JobSummary, run_file_job
-from .model import Model
-from .models import default_model_path
-from .params import SamplingParams
-from .repack import load_llama
-from .results import BatchResult, BatchStats, Completion, Logprob, Output, TokenLogprobs
-from .runner import EngineStats
-from .scoring import Score, score
-from .stream import StreamEvent, astream_parallel, stream_parallel
+import importlib
+import logging
+import sys
+import types
 
 __version__ = "0.1.0"
-__all__ = [
-    "BatchResult",
-    "BatchStats",
-    "Classification",
-    "Classifications",
-    "Completion",
-    "EngineFailedError",
-    "EngineStats",
-    "ErrorCode",
-    "GenerationError",
-    "JobSummary",
-    "Logprob",
-    "Model",
-    "ModelClosedError",
-    "ModelConfig",
-    "ModelLoadError",
-    "Output",
-    "ParamError",
-    "ParamTypeError",
-    "RequestCancelledError",
-    "ResultCache",
-    "SamplingParams",
-    "Score",
-    "StreamEvent",
-    "TokenLogprobs",
-    "apply_chat_template",
-    "astream_parallel",
-    "chat_parallel",
-    "classify",
-    "default_model_path",
-    "generate_iter",
-    "generate_parallel",
-    "load_llama",
-    "run_file_job",
-    "score",
-    "stream_parallel",
-]
+
+# Each public name and the submodule that defines it.
+_EXPORTS = {
+    "BatchResult": "results",
+    "BatchStats": "results",
+    "Classification": "classify",
+    "Classifications": "classify",
+    "Completion": "results",
+    "EngineFailedError": "errors",
+    "EngineStats": "runner",
+    "ErrorCode": "errors",
+    "GenerationError": "errors",
+    "JobSummary": "jobs",
+    "Logprob": "results",
+    "Model": "model",
+    "ModelClosedError": "errors",
+    "ModelConfig": "config",
+    "ModelLoadError": "errors",
+    "Output": "results",
+    "ParamError": "errors",
+    "ParamTypeError": "errors",
+    "RequestCancelledError": "errors",
+    "ResultCache": "cache",
+    "SamplingParams": "params",
+    "Score": "scoring",
+    "StreamEvent": "stream",
+    "TokenLogprobs": "results",
+    "apply_chat_template": "chat",
+    "astream_parallel": "stream",
+    "chat_parallel": "chat",
+    "classify": "classify",
+    "default_model_path": "models",
+    "generate_iter": "iterate",
+    "generate_parallel": "generate",
+    "load_llama": "repack",
+    "run_file_job": "jobs",
+    "score": "scoring",
+    "stream_parallel": "stream",
+}
+__all__ = sorted(_EXPORTS)
+
+
+class _Package(types.ModuleType):
+    """The package module: a public name is imported from its submodule on first use."""
+
+    _import = staticmethod(importlib.import_module)
+    _Module = types.ModuleType
+
+    def __getattr__(self, name: str) -> object:
+        module = _EXPORTS.get(name)
+        if module is None:  # a submodule not imported yet (pg.jobs), else no such name
+            try:
+                return self._import(f"{__name__}.{name}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{__name__}.{name}":
+                    raise
+                raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        value = getattr(self._import(f".{module}", __name__), name)
+        super().__setattr__(name, value)
+        return value
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # Importing the submodule parallel_gen.classify binds it on the package; the
+        # public name pg.classify stays the function, as it would be imported eagerly.
+        if name in _EXPORTS and isinstance(value, self._Module):
+            return
+        super().__setattr__(name, value)
+
+    def __dir__(self) -> "list[str]":
+        return sorted(set(super().__dir__()) | set(_EXPORTS))
+
+
+sys.modules[__name__].__class__ = _Package
 
 # Silent by default: a library leaves handlers to the application.
-_logging.getLogger("parallel_gen").addHandler(_logging.NullHandler())
+logging.getLogger("parallel_gen").addHandler(logging.NullHandler())
+
+del importlib, logging, sys, types  # not names of the package

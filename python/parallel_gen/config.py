@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
-from ._native import _core
 from .errors import ParamError, ParamTypeError
 from .repack import check_repack
 
@@ -96,6 +95,8 @@ class ModelConfig:
     """Let llama.cpp print its log to stderr."""
 
     def __post_init__(self) -> None:
+        from ._native import _core  # on use: the CLI builds its options from the fields without loading llama.cpp
+
         set_ = object.__setattr__  # frozen: normalise in place once
         _int("n_parallel", self.n_parallel, 1, int(_core.max_parallel_sequences()))
         if self.n_ctx is not None:
@@ -150,6 +151,8 @@ class ModelConfig:
 
     def to_native(self, n_ctx: int) -> "_core.EngineConfig":
         """The engine's configuration, with the context size the Model settled on."""
+        from ._native import _core
+
         ec = _core.EngineConfig()
         ec.n_parallel = self.n_parallel
         ec.n_ctx = n_ctx

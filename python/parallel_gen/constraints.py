@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence, Union
 
-from ._native import llama_cpp
 
 
 def _literal(text: str) -> str:
@@ -42,6 +41,8 @@ def schema_grammar(schema: Union[Mapping[str, Any], str]) -> str:
         json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON: {e}") from None
+    from ._native import llama_cpp  # on use: the CLI's options load no llama.cpp
+
     try:
         return llama_cpp.llama_grammar.json_schema_to_gbnf(text)
     except Exception as e:  # the converter raises assorted types on unsupported schemas

@@ -9,7 +9,6 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-from ._native import _core
 from .constraints import choices_grammar, schema_grammar
 from .errors import ParamError, ParamTypeError
 
@@ -211,6 +210,8 @@ class SamplingParams:
 
     def to_native(self, seed: int) -> "_core.SamplingConfig":
         """The engine's sampling configuration of one sample, seeded with ``seed``."""
+        from ._native import _core  # on use: the CLI builds its options without loading llama.cpp
+
         c = _core.SamplingConfig()
         c.max_tokens = self.max_tokens
         c.temperature = self.temperature

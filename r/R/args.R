@@ -1,6 +1,7 @@
 # R values -> the Python values parallel_gen expects, with R errors naming the argument.
 # tests/testthat/test-arguments.R checks these lists against Python's
-# dataclasses.fields(SamplingParams), so the two cannot drift apart.
+# dataclasses.fields(SamplingParams) and dataclasses.fields(ModelConfig), so they cannot
+# drift apart.
 
 # Arguments Python wants as int: whole doubles (5, 1e3) are accepted and converted.
 .INT_ARGS <- c("n", "max_tokens", "top_k", "repeat_last_n", "seed", "logprobs",
@@ -13,6 +14,10 @@
 .SAMPLING_DOTS <- c("n", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
                     "frequency_penalty", "presence_penalty", "stop_token_ids", "ignore_eos",
                     "grammar", "json_schema", "choices", "logprobs", "logit_bias")
+# ModelConfig fields taken through `...` of pg_model() (n_parallel and n_ctx are its
+# named arguments); each is documented there.
+.MODEL_DOTS <- c("n_batch", "n_threads", "n_gpu_layers", "kv_unified", "flash_attn", "type_k", "type_v",
+                 "kv_size", "share_prefix", "verbose")
 
 .is_whole <- function(x) is.numeric(x) & is.finite(x) & x == trunc(x)
 

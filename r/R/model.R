@@ -5,15 +5,16 @@
 #' @param path path of a `.gguf` file. `NULL`: the default model of parallel_gen
 #'   (SmolLM2-135M-Instruct, installed by `parallel-gen install-model`).
 #' @param n_parallel prompts decoded at once (slots). More prompts than slots wait and
-#'   join as slots free.
+#'   join as slots free. `NULL`: the default of Python's `parallel_gen.ModelConfig`.
 #' @param n_ctx tokens per sequence, prompt plus output. `NULL`: the model's training
 #'   context, at most 4096.
 #' @param repack whether llama.cpp repacks the weights for its faster CPU kernels (its
 #'   extra buffer types). `NULL`: off when llama.cpp was built with AMX kernels (they
 #'   crash on recent Intel Xeons), else on. `TRUE` turns it on with a fixed llama.cpp.
-#' @param ... other settings of Python's `parallel_gen.Model`: `n_batch`, `n_threads`,
-#'   `n_gpu_layers`, `kv_unified`, `flash_attn`, `type_k`, `type_v`, `kv_size`,
-#'   `verbose`. Whole doubles are accepted where an integer is needed.
+#' @param ... the other fields of Python's `parallel_gen.ModelConfig`: `n_batch`,
+#'   `n_threads`, `n_gpu_layers`, `kv_unified`, `flash_attn`, `type_k`, `type_v`,
+#'   `kv_size`, `share_prefix`, `verbose`; each left out keeps `ModelConfig`'s default.
+#'   Whole doubles are accepted where an integer is needed.
 #' @return A model of class `pg_model`. `model$n_ctx`, `model$n_parallel`,
 #'   `model$closed`, ... read the settings of the Python `parallel_gen.Model` it wraps;
 #'   printing it shows the main ones. It holds the weights and the KV cache until
@@ -25,7 +26,7 @@
 #' #> <pg_model> SmolLM2-135M-Instruct-Q4_1.gguf: n_parallel 16, n_ctx 4096, ...
 #' }
 #' @export
-pg_model <- function(path = NULL, n_parallel = 8L, n_ctx = NULL, repack = NULL, ...) {
+pg_model <- function(path = NULL, n_parallel = NULL, n_ctx = NULL, repack = NULL, ...) {
   kwargs <- .py_kwargs(c(list(n_parallel = n_parallel, n_ctx = n_ctx, repack = repack), list(...)))
   if (is.null(path)) {
     py <- .py_call(reticulate::py_get_attr(.pg_attr("Model"), "default"), list(), kwargs)

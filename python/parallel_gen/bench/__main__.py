@@ -1,3 +1,3 @@
-from .cli import main
+from .arguments import main
 
 raise SystemExit(main())

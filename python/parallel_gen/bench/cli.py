@@ -14,23 +14,17 @@ import json
 import os
 import platform
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import parallel_gen as pg
-from parallel_gen.cli import _add_repack_option
 
+from ..cli.options import ExitStatus
 from .impls import (BatchedBench, ConcurrentCallers, GenerateParallel, Implementation, LlamaLoop, Settings,
                     find_batched_bench, open_llama)
 from .measure import PeakRSS
 from .records import Measurement, Run
 from .report import aggregate, check_matplotlib, document, fmt, format_summary, format_table, write_plot
-from .workloads import AGAINST_LLAMA_CPP, LOOP, MIXED_LENGTHS, WORKLOADS, Workload, build_workload
-
-DEFAULT_N_PARALLEL = (1, 2, 4, 8, 16, 32)
-
-DESCRIPTION = ("Benchmark generate_parallel against the llama-cpp-python loop (Llama.create_completion per "
-               "prompt) and llama.cpp's llama-batched-bench, in one process, alternating rounds; and the "
-               "engine's own workloads (ragged endings, a grammar, concurrent callers).")
+from .workloads import AGAINST_LLAMA_CPP, LOOP, MIXED_LENGTHS, Workload, build_workload
 
 
 def _log(msg: str) -> None:
@@ -50,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import llama_cpp
 
     from parallel_gen._native import _core
-    from parallel_gen.model import _cpu_threads
+    from parallel_gen.config import cpu_threads
     from parallel_gen.models import default_model_path
     from parallel_gen.repack import use_extra_bufts
 
@@ -76,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     names = args.workload
     wants_bb = not args.no_batched_bench and any(w in AGAINST_LLAMA_CPP for w in names)
     bb_exe = find_batched_bench(args.batched_bench) if wants_bb else None  # before any model is loaded
-    settings = Settings(model_path, args.threads or _cpu_threads(), args.flash_attn, args.n_gpu_layers,
+    settings = Settings(model_path, args.threads or cpu_threads(), args.flash_attn, args.n_gpu_layers,
                         args.samples, args.callers, use_extra_bufts(args.repack))
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -106,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
         "model": model_path, "model_bytes": os.path.getsize(model_path), "prompts": args.prompts,
         "samples": args.samples, "max_tokens": args.max_tokens, "n_parallel": n_parallel,
         "n_parallel_skipped": skipped, "workloads": names, "threads": settings.threads,
-        "flash_attn": args.flash_attn, "n_gpu_layers": args.n_gpu_layers, "repack": settings.repack,
-        "backends": list(_core.backends()),
+        "flash_attn": args.flash_attn, "n_gpu_layers": args.n_gpu_layers, "backends": list(_core.backends()),
         "repeat": args.repeat, "prefix_tokens": args.prefix_tokens, "callers": args.callers, "loop": not args.no_loop,
         "batched_bench": bb_exe, "n_ctx_llama": llm.n_ctx(),
         "n_ctx_per_sequence": {w.name: w.variants[0].n_ctx for w in workloads},
@@ -115,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         "rss_method": probe.method,
         "versions": {"parallel_gen": pg.__version__, "llama_cpp_python": llama_cpp.__version__,
                      "python": platform.python_version()},
-        "platform": platform.platform(), "cpus": os.cpu_count(), "cpus_usable": _cpu_threads(),
+        "platform": platform.platform(), "cpus": os.cpu_count(), "cpus_usable": cpu_threads(),
         "loadavg_start": load_start,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -178,94 +171,4 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         write_plot(args.plot, report.rows, config)
         _log(f"wrote {args.plot}")
-    return 0
-
-
-# --------------------------------------------------------------------------- arguments
-
-def _n_parallel_list(text: str) -> List[int]:
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"n_parallel values must be >= 1, got {text!r}")
-    return values
-
-
-def _workload_list(text: str) -> List[str]:
-    names = [w.strip() for w in text.split(",") if w.strip()]
-    if names == ["all"]:
-        return list(WORKLOADS)
-    unknown = [w for w in names if w not in WORKLOADS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown workload(s) {', '.join(unknown) or repr(text)}: choose from "
-                                         f"{', '.join(WORKLOADS)} or all")
-    return list(dict.fromkeys(names))
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF file (default: parallel_gen.models.default_model_path())")
-    p.add_argument("--prompts", type=_positive, default=16, metavar="N", help="prompts per workload (default 16)")
-    p.add_argument("--max-tokens", type=_positive, default=128, help="tokens generated per prompt (default 128)")
-    p.add_argument("--n-parallel", type=_n_parallel_list, default=list(DEFAULT_N_PARALLEL), metavar="LIST",
-                   help="comma-separated n_parallel values (default 1,2,4,8,16,32); values above the "
-                        "number of sequences are skipped")
-    p.add_argument("--workload", type=_workload_list, default=list(AGAINST_LLAMA_CPP), metavar="LIST",
-                   help="comma-separated workloads, or all: short (independent short prompts), prefix (prompts "
-                        "sharing a ~300-token prefix, plus its no-reuse control), mixed (mixed prompt lengths), "
-                        "ragged (outputs ending at different times), grammar (JSON schema against free), "
-                        "concurrent (threads sharing one Model against one call). Default: short,prefix,mixed")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: every usable core)")
-    p.add_argument("--flash-attn", choices=("auto", "on", "off"), default="off",
-                   help="flash attention everywhere (default off, llama-cpp-python's Llama default)")
-    p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N",
-                   help="layers offloaded to the GPU everywhere (the Llama, hence the Models that share its "
-                        "weights, and batched-bench's -ngl); -1: all. Needs a GPU build of llama-cpp-python "
-                        "(default 0)")
-    _add_repack_option(p)
-    p.add_argument("--repeat", type=_positive, default=3, metavar="R",
-                   help="alternating rounds; medians are reported (default 3)")
-    p.add_argument("--batched-bench", metavar="PATH",
-                   help="llama-batched-bench executable (default: $PARALLEL_GEN_BATCHED_BENCH, else on PATH, "
-                        "else the source tree's benchmarks/bin/)")
-    p.add_argument("--no-batched-bench", action="store_true", help="do not run llama-batched-bench")
-    p.add_argument("--no-loop", action="store_true", help="do not run the llama-cpp-python loop")
-    p.add_argument("--prefix-tokens", type=_positive, default=300, help="shared prefix length (default 300)")
-    p.add_argument("--callers", type=_positive, default=8, metavar="K",
-                   help="threads of the concurrent workload, the prompts split among them (default 8)")
-    p.add_argument("--samples", type=_positive, default=1, metavar="K",
-                   help="completions per prompt (SamplingParams.n; the loop runs each prompt K times)")
-    p.add_argument("--json", metavar="FILE", help="write every measurement, medians and ratios as JSON")
-    p.add_argument("--plot", metavar="FILE", help="write a PNG of throughput against n_parallel (needs matplotlib)")
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Registers the ``bench`` subcommand on the parallel-gen command line."""
-    p = subparsers.add_parser("bench", help="benchmark generate_parallel against the llama-cpp-python loop",
-                              description=DESCRIPTION)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m parallel_gen.bench``: the same command outside parallel-gen."""
-    p = argparse.ArgumentParser(prog="parallel-gen bench", description=DESCRIPTION)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except FileNotFoundError as e:  # the model, or llama-batched-bench
-        print(f"parallel-gen bench: {e}", file=sys.stderr)
-        return 2
+    return ExitStatus.OK

@@ -13,8 +13,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-import numpy as np
-
 WORKLOADS = ("short", "prefix", "mixed", "ragged", "grammar", "concurrent")
 # The workloads that compare generate_parallel with the llama-cpp-python loop and
 # llama-batched-bench (the others measure the engine against itself).
@@ -111,13 +109,13 @@ class Variant:
 
     @property
     def mean_prompt_tokens(self) -> float:
-        return float(np.mean(self.prompt_tokens))
+        return sum(self.prompt_tokens) / len(self.prompt_tokens)
 
     def info(self) -> Dict[str, Any]:
-        tokens = np.asarray(self.prompt_tokens)
-        return {"prompts": len(self.prompts), "prompt_tokens_total": int(tokens.sum()),
-                "prompt_tokens_mean": round(float(tokens.mean()), 1), "prompt_tokens_min": int(tokens.min()),
-                "prompt_tokens_max": int(tokens.max()), "max_tokens": sorted(set(self.max_tokens)),
+        tokens = self.prompt_tokens
+        return {"prompts": len(self.prompts), "prompt_tokens_total": sum(tokens),
+                "prompt_tokens_mean": round(self.mean_prompt_tokens, 1), "prompt_tokens_min": min(tokens),
+                "prompt_tokens_max": max(tokens), "max_tokens": sorted(set(self.max_tokens)),
                 "sampling": {k: v for k, v in self.sampling.items() if k != "json_schema"},
                 "constrained": "json_schema" in self.sampling, "impls": list(self.impls),
                 "example_prompt": self.prompts[0]}

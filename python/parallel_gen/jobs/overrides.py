@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from ..params import FIELD_NAMES, SamplingParams
+from ..params import FIELD_NAMES, SamplingParams, SeedRule
 
 
 def _bool(text: str) -> bool:
@@ -78,5 +78,5 @@ def row_params(base: SamplingParams, fields: Dict[str, Any], row: int, cells_are
     except (ValueError, TypeError) as e:
         return None, f"per-row sampling setting: {e}"
     if "seed" not in changes and base.seed is not None:
-        params = params.replace(seed=(base.seed + row) % 2**32)
+        params = SeedRule(base.seed).apply(params, row)
     return params, None

@@ -1,13 +1,26 @@
-"""The output row of a job: the input's fields plus what generation produced."""
+"""The output row of a generate job: the input's fields plus what generation produced.
+
+Its columns are a function of the job (its SamplingParams), never of a row's outcome:
+``samples`` when the job's n > 1, ``logprobs`` and ``cumulative_logprob`` when it asks
+for logprobs; a row that failed has null logprobs (and samples that each give the
+error). So every row of a file, and every Arrow block of a Ray job, has the same
+columns and types.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Collection, Dict, Optional
+from typing import Any, Collection, Dict, Optional, Tuple
 
+from ..params import SamplingParams
 from ..results import Completion
 
 OUTPUT_COLUMNS = ("row", "text", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "error")
 """Columns every output row has, after the input's own fields."""
+SAMPLES = "samples"
+"""Every output of the row (text, finish_reason, stop_reason, completion_tokens, error): when the job's n > 1."""
+LOGPROBS = ("logprobs", "cumulative_logprob")
+"""The first output's [token text, logprob] per generated token, and their sum: when the job asks for logprobs."""
+OPTIONAL_COLUMNS = (SAMPLES, *LOGPROBS)
 RENAMED_PREFIX = "input_"
 """An input field named like an output column is carried as ``input_<name>``."""
 
@@ -17,22 +30,59 @@ def carried(fields: Dict[str, Any], output_columns: Collection[str] = OUTPUT_COL
     return {(RENAMED_PREFIX + k if k in output_columns else k): v for k, v in fields.items()}
 
 
-def output_record(row: int, fields: Dict[str, Any], completion: Completion) -> Dict[str, Any]:
-    """One output row: the input fields, then ``row``, the first output's text and
-    finish, token counts and error; ``samples`` when there are several outputs, and
-    ``logprobs`` / ``cumulative_logprob`` when they were asked for."""
-    rec = carried(fields)
+def output_columns(params: SamplingParams) -> Tuple[str, ...]:
+    """The columns of a generate job with SamplingParams ``params``, after the input's fields."""
+    return (OUTPUT_COLUMNS + ((SAMPLES,) if params.n > 1 else ())
+            + (LOGPROBS if params.logprobs is not None else ()))
+
+
+def output_record(row: int, fields: Dict[str, Any], completion: Completion,
+                  columns: Collection[str]) -> Dict[str, Any]:
+    """One output row with the job's ``columns`` (see :func:`output_columns`): the input
+    fields, then ``row``, the first output's text and finish, token counts and error;
+    every output in ``samples``, the first one's logprobs (null where it has none)."""
+    rec = carried(fields, columns)
     rec.update(row=row, text=completion.text, finish_reason=completion.finish_reason,
                stop_reason=completion.stop_reason, prompt_tokens=completion.prompt_tokens,
                completion_tokens=completion.completion_tokens, error=_first_error(completion))
-    if len(completion.outputs) > 1:
-        rec["samples"] = [{"text": o.text, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
-                           "completion_tokens": len(o.token_ids), "error": o.error} for o in completion.outputs]
-    first = completion.outputs[0]
-    if first.logprobs is not None:  # [token text, logprob] per generated token
-        rec["logprobs"] = [[t.token, t.logprob] for t in first.logprobs]
-        rec["cumulative_logprob"] = first.cumulative_logprob
+    if SAMPLES in columns:
+        rec[SAMPLES] = [{"text": o.text, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
+                         "completion_tokens": len(o.token_ids), "error": o.error} for o in completion.outputs]
+    if LOGPROBS[0] in columns:
+        first = completion.outputs[0]
+        has = first.logprobs is not None
+        rec[LOGPROBS[0]] = [[t.token, t.logprob] for t in first.logprobs] if has else None  # type: ignore[union-attr]
+        rec[LOGPROBS[1]] = first.cumulative_logprob if has else None
     return rec
+
+
+def arrow_types(columns: Collection[str]) -> Any:
+    """The pyarrow schema of a generate job's ``columns``: fixed, so every block and file
+    of the job has the same one, whatever its rows' outcomes (see :func:`arrow_values`)."""
+    import pyarrow as pa
+
+    text, count = pa.string(), pa.int64()
+    types = {"row": count, "text": text, "finish_reason": text, "stop_reason": text, "prompt_tokens": count,
+             "completion_tokens": count, "error": text,
+             SAMPLES: pa.list_(pa.struct([("text", text), ("finish_reason", text), ("stop_reason", text),
+                                          ("completion_tokens", count), ("error", text)])),
+             LOGPROBS[0]: pa.list_(pa.struct([("token", text), ("logprob", pa.float64())])),
+             LOGPROBS[1]: pa.float64()}
+    return pa.schema([(name, types[name]) for name in columns])
+
+
+def arrow_values(record: Dict[str, Any]) -> Dict[str, Any]:
+    """``record`` with values of the types :func:`arrow_types` gives: a stop token id as
+    text (a stop string is text), a [token, logprob] pair as {"token", "logprob"} (Arrow
+    lists hold one type). Values already in that form are kept, so it applies twice safely."""
+    for holder in [record, *(record.get(SAMPLES) or [])]:
+        if isinstance(holder.get("stop_reason"), int):
+            holder["stop_reason"] = str(holder["stop_reason"])
+    pairs = record.get(LOGPROBS[0])
+    if pairs:
+        record[LOGPROBS[0]] = [{"token": p[0], "logprob": p[1]} if isinstance(p, (list, tuple)) else p
+                               for p in pairs]
+    return record
 
 
 def _first_error(completion: Completion) -> Optional[str]:

@@ -21,10 +21,10 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import IO, Any, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Any, Dict, Iterator, List, Optional, Protocol, Tuple
 
 from .formats import STDIN, JobInputError, OutputFormat
-from .sources import _pyarrow_parquet
+from .sources import pyarrow_parquet
 
 logger = logging.getLogger("parallel_gen")
 
@@ -50,6 +50,17 @@ class ResumePoint:
     """Bytes of a torn last row that were cut off (0 when the file ended cleanly)."""
 
 
+class ArrowTyped(Protocol):
+    """How a job's own columns are typed in Arrow (a RowJob is one): a Parquet output
+    gets those types whatever its rows hold (an all-null column included)."""
+
+    def arrow_schema(self) -> Any:
+        """The pyarrow schema of the job's columns."""
+
+    def arrow_values(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """``record`` with its values in those types."""
+
+
 class Sink:
     """Appends output rows to a file or stdout. ``write`` flushes each row."""
 
@@ -70,8 +81,10 @@ class Sink:
         """Stops writing, keeping what is written (also on an interrupted job)."""
 
 
-def open_sink(path: Optional[str], fmt: OutputFormat, mode: WriteMode) -> Tuple[Sink, ResumePoint]:
-    """Opens the output for appending rows, after protecting or scanning what exists.
+def open_sink(path: Optional[str], fmt: OutputFormat, mode: WriteMode,
+              typed: Optional[ArrowTyped] = None) -> Tuple[Sink, ResumePoint]:
+    """Opens the output for appending rows, after protecting or scanning what exists
+    (``typed``: the types of the job's columns in a Parquet output; else inferred).
 
     Raises:
         JobInputError: the output exists and ``mode`` is NEW; it cannot be resumed
@@ -88,7 +101,7 @@ def open_sink(path: Optional[str], fmt: OutputFormat, mode: WriteMode) -> Tuple[
         raise JobInputError(f"{path}: text output cannot be resumed (texts may span lines): "
                             "write JSONL, CSV or Parquet to resume")
     if fmt is OutputFormat.PARQUET:
-        return _open_parquet(path, mode)
+        return _open_parquet(path, mode, typed)
     point = _prepare(path, mode, fmt)
     try:
         f = open(path, "a" if mode is WriteMode.RESUME else "w", encoding="utf-8", newline="")
@@ -314,9 +327,10 @@ class TextSink(Sink):
 class ParquetSink(Sink):
     """A JSONL journal while the job runs; ``finish`` converts it into the Parquet file."""
 
-    def __init__(self, path: str, journal: JsonlSink) -> None:
+    def __init__(self, path: str, journal: JsonlSink, typed: Optional[ArrowTyped]) -> None:
         self.path = path
         self._journal = journal
+        self._typed = typed
 
     @property
     def journal_path(self) -> str:
@@ -331,7 +345,7 @@ class ParquetSink(Sink):
     def finish(self) -> None:
         self._journal.close()
         try:
-            journal_to_parquet(self.journal_path, self.path)
+            journal_to_parquet(self.journal_path, self.path, self._typed)
         except (ValueError, TypeError, OSError) as e:  # pyarrow's ArrowInvalid/ArrowTypeError are ValueError/TypeError
             raise JobInputError(f"cannot write {self.path}: {e}; every row is kept in {self.journal_path} "
                                 "(JSONL)") from None
@@ -341,8 +355,8 @@ class ParquetSink(Sink):
         self._journal.close()
 
 
-def _open_parquet(path: str, mode: WriteMode) -> Tuple[Sink, ResumePoint]:
-    pq = _pyarrow_parquet()
+def _open_parquet(path: str, mode: WriteMode, typed: Optional[ArrowTyped]) -> Tuple[Sink, ResumePoint]:
+    pq = pyarrow_parquet()
     journal = path + JOURNAL_SUFFIX
     existing = [p for p in (path, journal) if os.path.exists(p)]
     if existing and mode is WriteMode.NEW:
@@ -360,7 +374,7 @@ def _open_parquet(path: str, mode: WriteMode) -> Tuple[Sink, ResumePoint]:
         f = open(journal, "a" if mode is WriteMode.RESUME else "w", encoding="utf-8")
     except OSError as e:
         raise JobInputError(f"cannot write {journal}: {e.strerror}") from None
-    return ParquetSink(path, JsonlSink(journal, f, owned=True)), point
+    return ParquetSink(path, JsonlSink(journal, f, owned=True), typed), point
 
 
 def _parquet_to_journal(pq: Any, path: str, journal: str) -> None:
@@ -372,16 +386,12 @@ def _parquet_to_journal(pq: Any, path: str, journal: str) -> None:
     os.replace(tmp, journal)
 
 
-def _journal_batches(journal: str) -> Iterator[List[Dict[str, Any]]]:
+def _journal_batches(journal: str, typed: Optional[ArrowTyped]) -> Iterator[List[Dict[str, Any]]]:
     batch: List[Dict[str, Any]] = []
     with open(journal, "rb") as f:
         for line in f:
             rec = json.loads(line)
-            # A stop string or a stop token id: one column type for Parquet, text.
-            for holder in [rec, *(rec.get("samples") or [])]:
-                if isinstance(holder.get("stop_reason"), int):
-                    holder["stop_reason"] = str(holder["stop_reason"])
-            batch.append(rec)
+            batch.append(typed.arrow_values(rec) if typed is not None else rec)
             if len(batch) == _CONVERT_BATCH:
                 yield batch
                 batch = []
@@ -389,19 +399,23 @@ def _journal_batches(journal: str) -> Iterator[List[Dict[str, Any]]]:
         yield batch
 
 
-def journal_to_parquet(journal: str, path: str) -> None:
+def journal_to_parquet(journal: str, path: str, typed: Optional[ArrowTyped] = None) -> None:
     """Converts a job's JSONL journal into a Parquet file, a batch at a time: one pass
-    to find a schema every batch fits, one to write (memory stays one batch)."""
+    to find a schema every batch fits, one to write (memory stays one batch). The job's
+    columns get ``typed``'s types; the input's are inferred."""
     import pyarrow as pa
 
-    pq = _pyarrow_parquet()
-    schemas = [pa.Table.from_pylist(b).schema for b in _journal_batches(journal)]
+    pq = pyarrow_parquet()
+    schemas = [pa.Table.from_pylist(b).schema for b in _journal_batches(journal, typed)]
     if not schemas:
         pq.write_table(pa.table({"row": pa.array([], pa.int64())}), path)
         return
     schema = pa.unify_schemas(schemas, promote_options="permissive")
+    if typed is not None:
+        fixed = typed.arrow_schema()
+        schema = pa.schema([fixed.field(f.name) if f.name in fixed.names else f for f in schema])
     tmp = path + ".tmp"
     with pq.ParquetWriter(tmp, schema) as writer:
-        for batch in _journal_batches(journal):
+        for batch in _journal_batches(journal, typed):
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
     os.replace(tmp, path)

@@ -20,8 +20,20 @@ from ..templates import ChatTemplate
 
 logger = logging.getLogger("parallel_gen")
 
-# (conversation, plain prompt, max_tokens) of a sample row; (None, None, _) to leave it out.
-Describe = Callable[[Any], Tuple[Optional[List[Any]], Optional[str], int]]
+@dataclass(frozen=True)
+class RowNeeds:
+    """What a row needs of the context: its conversation (rendered with the job's chat
+    template) or its plain prompt, then ``after`` more tokens (max_tokens, a label)."""
+
+    conversation: Optional[List[Any]] = None
+    prompt: Optional[str] = None
+    after: int = 0
+
+
+NOTHING = RowNeeds()
+"""A row left out of the sizing (it is an error row)."""
+
+Describe = Callable[[Any], RowNeeds]
 
 
 @dataclass(frozen=True)
@@ -66,17 +78,18 @@ def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequenc
         longest, max_tokens = 0, 1
         template: Optional[ChatTemplate] = None
         for row in sample:
-            conversation, prompt, row_max = describe(row)
-            if conversation is not None:
+            needs = describe(row)
+            prompt = needs.prompt
+            if needs.conversation is not None:
                 try:
                     template = template or ChatTemplate(model, chat_template)
-                    prompt = template.render(conversation)
+                    prompt = template.render(needs.conversation)
                 except (TypeError, ValueError):
                     continue  # the job reports it as the row's error
             if prompt is None:
                 continue
             longest = max(longest, len(model.tokenize(prompt)))
-            max_tokens = max(max_tokens, row_max)
+            max_tokens = max(max_tokens, needs.after)
         n_ctx = n_ctx_for_work(longest, max_tokens, complete=complete, n_ctx_train=model.n_ctx_train)
         chosen.append(SizedContext(n_ctx, len(sample)))
         logger.info("n_ctx %d sized to the work: longest prompt %d tokens%s + max_tokens %d, in %d rows",

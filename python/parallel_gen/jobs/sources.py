@@ -175,7 +175,7 @@ def _jsonl_rows(lines: Iterable[bytes], name: str, columns: Columns) -> Iterator
                 if not isinstance(obj, dict):
                     error = (f"{where}: expected a JSON object with {columns.wanted()}, "
                              f"got {type(obj).__name__}")
-        yield _from_fields(row, where, obj if isinstance(obj, dict) else {}, columns, error)
+        yield row_from_fields(row, where, obj if isinstance(obj, dict) else {}, columns, error)
 
 
 def _csv_rows(lines: Iterable[bytes], name: str, columns: Columns) -> Iterator[InputRow]:
@@ -215,7 +215,7 @@ def _csv_rows(lines: Iterable[bytes], name: str, columns: Columns) -> Iterator[I
                 parsed[columns.messages] = json.loads(parsed[columns.messages])
             except json.JSONDecodeError as e:
                 error = error or f"{where}: the {columns.messages!r} cell is not JSON ({e.msg})"
-        out = _from_fields(row, where, parsed, columns, error)
+        out = row_from_fields(row, where, parsed, columns, error)
         out.fields = fields  # carried as read
         yield out
         row += 1
@@ -243,7 +243,7 @@ class _LineReader(io.RawIOBase):
 
 
 def _open_parquet(name: str, columns: Columns) -> Source:
-    pq = _pyarrow_parquet()
+    pq = pyarrow_parquet()
     try:
         f = pq.ParquetFile(name)
     except OSError as e:
@@ -259,13 +259,14 @@ def _open_parquet(name: str, columns: Columns) -> Source:
         row = 0
         for batch in f.iter_batches(batch_size=_PARQUET_BATCH):
             for fields in batch.to_pylist():
-                yield _from_fields(row, f"{name} row {row + 1}", fields, columns, None)
+                yield row_from_fields(row, f"{name} row {row + 1}", fields, columns, None)
                 row += 1
 
     return Source(name, InputFormat.PARQUET, rows(), f.metadata.num_rows, f.close)
 
 
-def _pyarrow_parquet() -> Any:
+def pyarrow_parquet() -> Any:
+    """pyarrow.parquet, or JobInputError saying how to install it."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -274,8 +275,8 @@ def _pyarrow_parquet() -> Any:
     return pq
 
 
-def _from_fields(row: int, where: str, fields: Dict[str, Any], columns: Columns,
-                 error: Optional[str]) -> InputRow:
+def row_from_fields(row: int, where: str, fields: Dict[str, Any], columns: Columns,
+                    error: Optional[str]) -> InputRow:
     """The prompt or conversation of a parsed row; an error when it has neither or both."""
     out = InputRow(row, where, fields, error=error)
     if error is not None:

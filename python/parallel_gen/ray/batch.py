@@ -1,8 +1,12 @@
-"""BatchGenerator: the map_batches callable class, one Model per Ray actor.
+"""BatchRunner(job): the map_batches callable class that runs a file job's rows, one
+Model per Ray actor; BatchGenerator (generate) and BatchClassifier (classify) are it
+with their job.
 
-A batch (a pyarrow Table) keeps its columns as they are and gains the output columns
-of a file job (jobs.records): one definition of an output row. A row that cannot run
-gets ``error`` set; the batch, and so the dataset, never fails for one row.
+A batch (a pyarrow Table) keeps its columns as they are and gains the job's output
+columns (RowJob.columns, with the job's Arrow types: every block has one schema,
+whatever its rows' outcomes). The rows are those the job writes to a file, by the same
+per-row code (jobs.generation_job, jobs.classify_job). A row that cannot run gets
+``error`` set; the batch, and so the dataset, never fails for one row.
 """
 
 from __future__ import annotations
@@ -10,41 +14,75 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import pyarrow as pa
 import ray
 
-from ..jobs.job import _Settings, _sizing_prompt, _work
-from ..iterate import OrderedGeneration
-from ..jobs.records import OUTPUT_COLUMNS, carried, output_record
-from ..jobs.sizing import open_sized_model
-from ..jobs.sources import Columns, InputRow, _from_fields
+from ..jobs.driver import RowJob, open_job_model
+from ..jobs.generation_job import GenerationJob
+from ..jobs.sources import Columns, InputRow, row_from_fields
 from ..model import Model
 from ..params import SamplingParams
 
 logger = logging.getLogger("parallel_gen")
-
-OUTPUT_SCHEMA = pa.schema([("row", pa.int64()), ("text", pa.string()), ("finish_reason", pa.string()),
-                           ("stop_reason", pa.string()), ("prompt_tokens", pa.int64()),
-                           ("completion_tokens", pa.int64()), ("error", pa.string())])
-"""Types of the output columns, fixed so that every block (and every file written) has
-the same schema, even a block whose rows all have a null ``error``."""
-if tuple(OUTPUT_SCHEMA.names) != OUTPUT_COLUMNS:  # checked at import, -O or not
-    raise RuntimeError("jobs.records.OUTPUT_COLUMNS changed: update OUTPUT_SCHEMA")
 
 INPUT_ERROR_COLUMN = "__parallel_gen_input_error"
 """A column whose value, when set, is why its row could not be read (a malformed JSONL
 line): it becomes the row's error and is not carried."""
 
 
-class BatchGenerator:
-    """Callable class for ``ray.data.Dataset.map_batches(..., batch_format="pyarrow")``.
+class BatchRunner:
+    """Callable class for ``ray.data.Dataset.map_batches(..., batch_format="pyarrow")``
+    that runs ``job`` (a :class:`~parallel_gen.jobs.RowJob`) on every row of a batch.
 
     Each actor opens one Model: ``n_threads`` from the CPUs Ray assigned the actor,
-    ``n_gpu_layers=-1`` when it was assigned a GPU. Without ``n_ctx`` in
-    ``model_options``, the context is sized from the actor's first batch (with room
-    for prompts twice as long; a later row that does not fit gets an error naming n_ctx).
+    ``n_gpu_layers=-1`` when it was assigned a GPU, then ``model_options``. Without
+    ``n_ctx`` in them, the context is sized from the actor's first batch (with room for
+    prompts twice as long; a later row that does not fit gets an error naming n_ctx).
+
+    A Dataset has no row numbers: a row's number (what a job counts seeds from) is a
+    hash of its fields, so a row samples the same whichever batch, actor or retry runs
+    it; the output's ``row`` column is null.
+    """
+
+    def __init__(self, job: RowJob, model: Optional[str], columns: Columns,
+                 model_options: Optional[Mapping[str, Any]] = None) -> None:
+        self.job = job
+        self._path = model
+        self._columns = columns
+        self._options = {**actor_model_options(), **dict(model_options or {})}
+        self._model: Optional[Model] = None
+        if self._options.get("n_ctx") is not None:  # else sized from the first batch
+            self._open([])
+
+    def _open(self, sample: List[InputRow]) -> Model:
+        # a job that cannot run on this model (chat without a template) fails the actor, not every row
+        self._model = open_job_model(self.job, self._path, sample, complete=False, model_options=self._options)
+        return self._model
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """The batch with the job's output columns added, rows in the same order."""
+        batch, rows = input_rows(batch, self._columns)
+        records: List[Dict[str, Any]] = []
+        if rows:
+            model = self._model or self._open(rows)
+            results = self.job.ordered(model, iter(rows), len(rows))
+            records = [self.job.arrow_values(self.job.record(row, result).record) for row, result in zip(rows, results)]
+        out = batch.rename_columns(list(self.job.carried({name: None for name in batch.column_names})))
+        for field in self.job.arrow_schema():
+            # row numbers here are hashes, meaningless to the Dataset: null
+            values = [None] * len(records) if field.name == "row" else [rec[field.name] for rec in records]
+            out = out.append_column(field, pa.array(values, type=field.type))
+        return out
+
+    def __del__(self) -> None:
+        if getattr(self, "_model", None) is not None:
+            self._model.close()
+
+
+class BatchGenerator(BatchRunner):
+    """BatchRunner of the generate job (the rows of ``parallel-gen generate``).
 
     Args:
         model: GGUF path, readable on every node (None: the default model, found on
@@ -54,13 +92,16 @@ class BatchGenerator:
         prompt_column, messages_column: the columns holding the prompt or the
             conversation (a list of {"role", "content"}).
         chat, system, chat_template: as for :func:`parallel_gen.run_file_job`.
-        model_options: other Model keywords (n_parallel, n_ctx, ...).
+        model_options: other Model keywords (ModelConfig fields: n_parallel, n_ctx, ...).
 
     Output columns: the input's (one named like an output column is carried as
     ``input_<name>``), then ``row`` (null: a Dataset has no row numbers; identify rows
     by a column of their own, an id), ``text``, ``finish_reason``,
     ``stop_reason`` (text: a stop string, or a stop token id written as text),
-    ``prompt_tokens``, ``completion_tokens``, ``error``; ``samples`` when n > 1.
+    ``prompt_tokens``, ``completion_tokens``, ``error``; ``samples`` when n > 1;
+    ``logprobs`` (a list of {token, logprob}) and ``cumulative_logprob`` when logprobs
+    is set. These follow the job's settings: every block has the same columns and types
+    (a failed row has null logprobs).
     """
 
     def __init__(self, model: Optional[str] = None, *, params: SamplingParams,
@@ -69,55 +110,19 @@ class BatchGenerator:
                  model_options: Optional[Mapping[str, Any]] = None) -> None:
         if not isinstance(params, SamplingParams) or params.seed is None:
             raise ValueError("params must be a SamplingParams with its seed set")
-        self._path = model
-        self._columns = Columns(prompt_column, messages_column)
-        self._options = {**actor_model_options(), **dict(model_options or {})}
-        chatty = chat or system is not None or chat_template is not None
-        self._settings = _Settings(params, False, chatty, system, chat_template, None)
-        self._model: Optional[Model] = None
-        if self._options.get("n_ctx") is not None:  # else sized from the first batch
-            self._open([])
-
-    def _open(self, sample: List[InputRow]) -> Model:
-        s = self._settings
-        self._model, s.sized = open_sized_model(
-            self._path, sample, lambda r: _sizing_prompt(r, s.base, False, s.chat, s.system), s.template_arg,
-            complete=False, **self._options)
-        if s.chat:
-            s.chat_template(self._model)  # no usable template: fail the actor, not every row
-        return self._model
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """The batch with the output columns added, rows in the same order."""
-        # A Dataset has no row numbers: a row's seed is the job's seed + a hash of its
-        # fields (InputRow.row is what jobs count seeds from), so a row samples the same
-        # whichever batch or actor runs it, a retried batch included.
-        batch, rows = input_rows(batch, self._columns, lambda i, fields: _fields_hash(fields))
-        if not rows:
-            return _with_outputs(batch, [])
-        model = self._model or self._open(rows)
-        works = iter([_work(model, r, self._settings) for r in rows])
-        records = [output_record(r.row, r.fields, c)
-                   for r, c in zip(rows, OrderedGeneration(model, works, len(rows)))]
-        for rec in records:
-            rec["row"] = None
-        return _with_outputs(batch, records)
-
-    def __del__(self) -> None:
-        if getattr(self, "_model", None) is not None:
-            self._model.close()
+        job = GenerationJob(params, chat=chat, system=system, chat_template=chat_template)
+        super().__init__(job, model, Columns(prompt_column, messages_column), model_options)
 
 
-def input_rows(batch: pa.Table, columns: Columns,
-               row_number: Callable[[int, Dict[str, Any]], int]) -> Tuple[pa.Table, List[InputRow]]:
+def input_rows(batch: pa.Table, columns: Columns) -> Tuple[pa.Table, List[InputRow]]:
     """The batch without the column of read errors (see INPUT_ERROR_COLUMN), and its rows
-    parsed as a file job parses them; ``row_number(i, fields)`` numbers row i."""
+    parsed as a file job parses them, numbered by a hash of their fields."""
     errors: List[Optional[str]] = [None] * batch.num_rows
     if INPUT_ERROR_COLUMN in batch.column_names:
         errors = batch.column(INPUT_ERROR_COLUMN).to_pylist()
         batch = batch.drop_columns([INPUT_ERROR_COLUMN])
-    rows = [_from_fields(row_number(i, fields), "input row", fields, columns, error)
-            for i, (fields, error) in enumerate(zip(batch.to_pylist(), errors))]
+    rows = [row_from_fields(_fields_hash(fields), "input row", fields, columns, error)
+            for fields, error in zip(batch.to_pylist(), errors)]
     return batch, rows
 
 
@@ -136,19 +141,3 @@ def actor_model_options() -> Dict[str, Any]:
 def _fields_hash(fields: Dict[str, Any]) -> int:
     text = json.dumps(fields, sort_keys=True, default=str, ensure_ascii=False)
     return zlib.crc32(text.encode("utf-8"))
-
-
-def _with_outputs(batch: pa.Table, records: List[Dict[str, Any]]) -> pa.Table:
-    """The input columns as they are (renamed as jobs.records.carried renames them),
-    then the output columns of ``records``."""
-    renamed = list(carried({name: None for name in batch.column_names}))
-    out = batch.rename_columns(renamed)
-    for rec in records:  # a stop string or a stop token id: one column type, text
-        for holder in [rec, *(rec.get("samples") or [])]:
-            if isinstance(holder.get("stop_reason"), int):
-                holder["stop_reason"] = str(holder["stop_reason"])
-    for field in OUTPUT_SCHEMA:
-        out = out.append_column(field, pa.array([rec[field.name] for rec in records], type=field.type))
-    for name in [k for k in (records[0] if records else {}) if k not in OUTPUT_SCHEMA.names and k not in renamed]:
-        out = out.append_column(name, pa.array([rec.get(name) for rec in records]))
-    return out

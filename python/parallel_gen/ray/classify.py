@@ -3,34 +3,29 @@
 The rows are those of ``parallel-gen classify``: the input's columns, then ``row`` (null:
 a Dataset has no row numbers), ``label``, ``p_<label>`` per label and ``error``; each
 actor holds one Model and runs the classify file job's own per-row code
-(jobs.classify), so a row's probabilities are those ``pg.classify`` gives its text.
+(jobs.classify_job, through BatchRunner), so a row's probabilities are those
+``pg.classify`` gives its text.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
-import pyarrow as pa
 import ray.data
 
-from ..config import model_config
 from ..classify import Template
-from ..jobs.classify import PROBABILITY_PREFIX, classify_job, text_columns
-from ..jobs.sizing import open_sized_model
-from ..jobs.sources import InputRow
-from ..model import Model
-from .batch import actor_model_options, input_rows
+from ..config import model_config
+from ..jobs.classify_job import classify_job, text_columns
+from .batch import BatchRunner
 from .dataset import map_with_actors
 
 
-class BatchClassifier:
-    """Callable class for ``ray.data.Dataset.map_batches(..., batch_format="pyarrow")``.
-
-    Each actor opens one Model (``n_threads`` from the CPUs Ray assigned it, every layer
-    on a GPU when it was given one); without ``n_ctx`` in ``model_options`` the context
-    is sized from the actor's first batch and the labels (a later text that does not fit
-    gets an error naming n_ctx).
+class BatchClassifier(BatchRunner):
+    """BatchRunner of the classify job, for ``ray.data.Dataset.map_batches(...,
+    batch_format="pyarrow")``: each actor opens one Model (see BatchRunner); without
+    ``n_ctx`` in ``model_options`` the context is sized from the actor's first batch and
+    the labels (a later text that does not fit gets an error naming n_ctx).
 
     Args:
         model: GGUF path readable on every node (None: the default model).
@@ -38,7 +33,7 @@ class BatchClassifier:
             :func:`parallel_gen.classify` (``system`` and ``chat_template`` imply
             ``chat``, as in the classify file job).
         text_column: the column holding the text.
-        model_options: other Model keywords (n_parallel, n_ctx, ...).
+        model_options: other Model keywords (ModelConfig fields: n_parallel, n_ctx, ...).
 
     Output columns: the input's (one named like an output column is carried as
     ``input_<name>``), then ``row`` (null), ``label`` (the most likely), ``p_<label>``
@@ -51,44 +46,9 @@ class BatchClassifier:
                  template: Optional[Template] = None, chat: bool = False, system: Optional[str] = None,
                  normalize: str = "sum", chat_template: Optional[str] = None,
                  model_options: Optional[Mapping[str, Any]] = None) -> None:
-        self._job = classify_job(labels, template=template, chat=chat, system=system, normalize=normalize,
-                                 chat_template=chat_template)
-        self._path = model
-        self._columns = text_columns(text_column)
-        self._options = {**actor_model_options(), **dict(model_options or {})}
-        self._model: Optional[Model] = None
-        if self._options.get("n_ctx") is not None:  # else sized from the first batch
-            self._open([])
-
-    def _open(self, sample: List[InputRow]) -> Model:
-        self._model, sized = open_sized_model(self._path, sample, self._job.describe, self._job.chat_template,
-                                              complete=False, **self._options)
-        self._job.prepare(self._model, sized)  # chat without a usable template: fail the actor, not every row
-        return self._model
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """The batch with the classify columns added, rows in the same order."""
-        batch, rows = input_rows(batch, self._columns, lambda i, fields: i)
-        records: List[Dict[str, Any]] = []
-        if rows:
-            model = self._model or self._open(rows)
-            results = self._job.ordered(model, iter(rows), len(rows))
-            records = [self._job.record(row, result).record for row, result in zip(rows, results)]
-        out = batch.rename_columns(list(self._job.carried({name: None for name in batch.column_names})))
-        for name, kind in self._schema():
-            # row numbers within a batch mean nothing to the Dataset: null, as generate's rows
-            values = [None] * len(records) if name == "row" else [rec[name] for rec in records]
-            out = out.append_column(name, pa.array(values, type=kind))
-        return out
-
-    def _schema(self) -> List[Any]:
-        """The output columns and their types, the same for every block (and file)."""
-        return [(name, pa.int64() if name == "row" else pa.float64() if name.startswith(PROBABILITY_PREFIX) else pa.string())
-                for name in self._job.columns]
-
-    def __del__(self) -> None:
-        if getattr(self, "_model", None) is not None:
-            self._model.close()
+        job = classify_job(labels, template=template, chat=chat, system=system, normalize=normalize,
+                           chat_template=chat_template)
+        super().__init__(job, model, text_columns(text_column), model_options)
 
 
 def classify(ds: "ray.data.Dataset", labels: Sequence[str], model: Union[str, "os.PathLike[str]", None] = None, *,

@@ -1,5 +1,5 @@
 """``parallel-gen generate --ray [ADDRESS]`` and ``parallel-gen classify --ray``: the file
-jobs of those commands on Ray."""
+jobs of those commands on Ray, read from the commands' own options (cli/options.py)."""
 
 from __future__ import annotations
 
@@ -8,33 +8,30 @@ import os
 import sys
 from typing import Any, Callable, Dict, Sequence
 
+from ..cli.options import ExitStatus, chat_template_arg, model_options, sampling_params
+
 RAY_FLAGS_ONLY_LOCAL = ("resume", "lookahead")
 
-ModelKwargs = Callable[[argparse.Namespace, int], Dict[str, Any]]
 
-
-def generate_on_ray(args: argparse.Namespace, sampling_params: Callable[[argparse.Namespace], Any],
-                    model_kwargs: ModelKwargs, chat_template: Callable[[argparse.Namespace], Any]) -> int:
-    """Runs the generate job of ``args`` on Ray; returns the exit status (0, or 1 when a
-    row failed). The other arguments are the generate command's own readers of its options."""
+def generate_on_ray(args: argparse.Namespace) -> int:
+    """Runs the generate job of ``args`` on Ray; returns the exit status (FAILED when a row failed)."""
     from . import run_ray_job
 
-    return _on_ray(args, model_kwargs, lambda **pool: run_ray_job(
+    return _on_ray(args, lambda **pool: run_ray_job(
         prompt_column=args.prompt_column, messages_column=args.messages_column, chat=args.chat, system=args.system,
-        chat_template=chat_template(args), params=sampling_params(args), **pool))
+        chat_template=chat_template_arg(args), params=sampling_params(args), **pool))
 
 
-def classify_on_ray(args: argparse.Namespace, labels: Sequence[str], classify_options: Dict[str, Any],
-                    model_kwargs: ModelKwargs) -> int:
+def classify_on_ray(args: argparse.Namespace, labels: Sequence[str], classify_options: Dict[str, Any]) -> int:
     """Runs the classify job of ``args`` on Ray (``classify_options``: template, chat,
     system, normalize, chat_template, as the command read them)."""
     from . import run_ray_classify_job
 
-    return _on_ray(args, model_kwargs, lambda **pool: run_ray_classify_job(
+    return _on_ray(args, lambda **pool: run_ray_classify_job(
         labels=labels, text_column=args.text_column, **classify_options, **pool))
 
 
-def _on_ray(args: argparse.Namespace, model_kwargs: ModelKwargs, run: Callable[..., Any]) -> int:
+def _on_ray(args: argparse.Namespace, run: Callable[..., Any]) -> int:
     """The part both commands share: checks, the actor pool from the model options, how
     the job ended as messages and exit status. ``run(**pool)`` runs the job."""
     from ..jobs.formats import JobInputError
@@ -49,13 +46,13 @@ def _on_ray(args: argparse.Namespace, model_kwargs: ModelKwargs, run: Callable[.
             raise JobInputError(f"--{flag} is not for --ray jobs: Ray retries a failed batch itself, and "
                                 "--overwrite reruns a job")
     for flag, value in (("--ray-actors", args.ray_actors), ("--batch-size", args.batch_size),
-                        ("--threads", args.threads)):
+                        ("--threads", args.n_threads)):
         if value is not None and value < 1:
             raise JobInputError(f"{flag} {value}: must be >= 1")
-    options = model_kwargs(args, 8)
+    options = model_options(args, None)
     threads = options.pop("n_threads", 1)  # each actor's threads are the CPUs Ray gives it
     if args.n_parallel is None:
-        options.pop("n_parallel")
+        options.pop("n_parallel")  # the actors' Models: ModelConfig's default
     gpus = 1 if options.get("n_gpu_layers") else 0  # --n-gpu-layers asks Ray for a GPU per actor
     try:
         summary = run(address=args.ray or None, input=args.file, output=args.output, model=args.model,
@@ -64,11 +61,11 @@ def _on_ray(args: argparse.Namespace, model_kwargs: ModelKwargs, run: Callable[.
                       batch_size=args.batch_size, progress=bool(args.progress), model_options=options)
     except RayJobError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
-        return 1
+        return ExitStatus.FAILED
     if args.stats:
         print(f"{summary.rows} rows ({summary.failed} failed) in {summary.seconds:.2f} s on Ray, written to "
               f"{os.fspath(summary.output)}", file=sys.stderr)
     if summary.failed:
         print(f"{command}: {summary.failed} of {summary.rows} row(s) failed (see their \"error\")", file=sys.stderr)
-        return 1
-    return 0
+        return ExitStatus.FAILED
+    return ExitStatus.OK

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import secrets
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import ray.data
 
 from ..config import model_config
+from ..jobs.generation_job import GenerationJob, job_params
 from ..params import SamplingParams
 from .batch import BatchGenerator
 
@@ -35,8 +35,8 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
         actors: Ray actors, each holding one Model (a fixed pool).
         cpus_per_actor: CPUs Ray reserves per actor, and its llama.cpp threads.
         gpus_per_actor: GPUs per actor; an actor given one offloads every layer.
-        batch_size: rows per batch handed to an actor (default: 4 per slot, 32 with
-            the default n_parallel=8). An actor whose process dies is restarted and its
+        batch_size: rows per batch handed to an actor (default: 4 per slot of its
+            Model, ROWS_PER_SLOT x n_parallel). An actor whose process dies is restarted and its
             batch run again: no row is lost or written twice.
         chat, system, chat_template: plain prompts through the chat template.
         params, **sampling: the job's SamplingParams (fields as keywords override); a
@@ -56,16 +56,12 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
     for name, value in (("prompt_column", prompt_column), ("messages_column", messages_column)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name}={value!r}: must be a non-empty str")
-    base = SamplingParams() if params is None else params
-    if not isinstance(base, SamplingParams):
-        raise TypeError(f"params must be a SamplingParams, got {type(base).__name__}")
-    base = base.replace(**sampling) if sampling else base
-    if base.seed is None:  # one seed for the whole job, fixed before any actor starts
-        base = base.replace(seed=secrets.randbits(32))
+    # checked here, not in every actor; its seed drawn once for the whole job, before any actor starts
+    job = GenerationJob(job_params(params, sampling), chat=chat, system=system, chat_template=chat_template)
     options = dict(model_options or {})
     path = None if model is None else os.fspath(model)
     return map_with_actors(ds, BatchGenerator, (path,),
-                           dict(params=base, prompt_column=prompt_column, messages_column=messages_column,
+                           dict(params=job.params, prompt_column=prompt_column, messages_column=messages_column,
                                 chat=chat, system=system, chat_template=chat_template, model_options=options),
                            actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
                            batch_size=batch_size, n_parallel=model_config(None, options).n_parallel)

@@ -22,7 +22,7 @@ import ray.data
 import ray.exceptions
 from ray.data import SaveMode
 
-from ..jobs.classify import classify_job
+from ..jobs.classify_job import classify_job
 from ..jobs.formats import InputFormat, JobInputError, OutputFormat, input_format_for, output_format_for
 from .batch import INPUT_ERROR_COLUMN
 from .classify import classify

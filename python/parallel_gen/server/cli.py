@@ -8,14 +8,14 @@ import os
 import sys
 from typing import Any, Optional
 
+from ..cli.options import (ExitStatus, add_chat_template_options, add_model_options, chat_template_arg,
+                           default_n_parallel, model_options)
+
 logger = logging.getLogger("parallel_gen")
 
-EXIT_FAILED, EXIT_USAGE = 1, 2
 
-
-def add_parser(sub: Any, add_model_options: Any) -> None:
-    """Adds ``serve`` to the ``parallel-gen`` subcommands (``add_model_options``: the
-    Model options every subcommand shares)."""
+def add_parser(sub: Any) -> None:
+    """Adds ``serve`` to the ``parallel-gen`` subcommands."""
     s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/responses, "
                                    "/v1/models (also without /v1), /health, /metrics. Every client's prompts share "
@@ -44,11 +44,8 @@ def add_parser(sub: Any, add_model_options: Any) -> None:
     k.add_argument("--api-key-file", metavar="FILE", help="read the API key from FILE (first line)")
     s.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, seconds to let running requests finish before cancelling (default: 10)")
-    t = s.add_mutually_exclusive_group()
-    t.add_argument("--chat-template", metavar="TEMPLATE",
-                   help="Jinja text or a llama.cpp built-in name such as chatml (default: the model's)")
-    t.add_argument("--chat-template-file", metavar="FILE", help="read the Jinja chat template from a file")
-    add_model_options(s, "sequences decoded together, shared by all clients (default: 8)")
+    add_chat_template_options(s, implies_chat=False)
+    add_model_options(s, f"sequences decoded together, shared by all clients (default: {default_n_parallel(None)})")
     s.set_defaults(func=run)
 
 
@@ -74,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
         from .uvicorn_server import LifecycleServer
     except ImportError as e:
         raise ImportError(f"parallel-gen serve needs the server extra: pip install 'parallel_gen[serve]' ({e})")
-    from ..cli import _chat_template_arg, _model_kwargs
     from ..model import Model
     from ..models import default_model_path
 
@@ -82,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port {args.port}: must be in [0, 65535]")
     if args.grace < 0:
         raise ValueError(f"--grace {args.grace}: must be >= 0")
-    kwargs = _model_kwargs(args, 8)
+    kwargs = model_options(args, None)
     path = args.model or default_model_path()
     if not os.path.exists(path):
         raise FileNotFoundError(2, "model file not found", path)
@@ -95,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                      max_queue=args.max_queue,
                      max_n=args.max_n, max_prompts=args.max_prompts, max_body=args.max_body,
                      max_open_requests=args.max_open_requests,
-                     api_key=key, chat_template=_chat_template_arg(args), shutdown_grace=args.grace)
+                     api_key=key, chat_template=chat_template_arg(args), shutdown_grace=args.grace)
     life = app.state.lifecycle
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
                             # a little longer than the streams' grace, so they end first
@@ -111,5 +107,5 @@ def run(args: argparse.Namespace) -> int:
     server.run()
     if failed:
         print(f"parallel-gen serve: error: the model failed to load: {failed[0]}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+        return ExitStatus.FAILED
+    return ExitStatus.OK

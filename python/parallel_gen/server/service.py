@@ -15,7 +15,7 @@ import logging
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Dict, List, Optional, Tuple
+from typing import AsyncIterator, Callable, Dict, List, Optional, Tuple, Union
 
 import anyio
 from starlette.requests import Request
@@ -29,10 +29,13 @@ from ..stream import AsyncStreamIterator, StreamEvent, StreamState
 from ..templates import ChatTemplate
 from .errors import APIError, failure_error, invalid_value
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, _Request
+from .protocol import ChatCompletionRequest, CompletionRequest
 from .settings import ServerSettings
 
 logger = logging.getLogger("parallel_gen")
+
+RequestBody = Union[CompletionRequest, ChatCompletionRequest]
+"""The body of either endpoint (the fields they share are read from it)."""
 
 
 @dataclass
@@ -153,7 +156,7 @@ class Service:
         params = template.add_stops(params)
         return await self._call(rid, "chat", [prompt], params, body)
 
-    def _params(self, body: _Request, max_tokens: Optional[int], logprobs: Optional[int],
+    def _params(self, body: RequestBody, max_tokens: Optional[int], logprobs: Optional[int],
                 response_schema: Optional[dict] = None) -> SamplingParams:
         """The request's SamplingParams: fields it sets, SamplingParams' defaults for the rest."""
         s = self.settings
@@ -193,7 +196,7 @@ class Service:
         except (ParamError, ParamTypeError) as e:
             raise invalid_value(e) from None
 
-    async def _call(self, rid: str, endpoint: str, prompts: List[str], base: SamplingParams, body: _Request) -> Call:
+    async def _call(self, rid: str, endpoint: str, prompts: List[str], base: SamplingParams, body: RequestBody) -> Call:
         s = self.settings
         if len(prompts) > s.max_prompts:
             raise APIError(400, f"prompt: {len(prompts)} prompts in one request; this server takes at most "

@@ -1,10 +1,12 @@
-# The R arguments against Python's SamplingParams, and the options that need converting.
+# The R arguments against Python's SamplingParams and ModelConfig, and the options that
+# need converting.
 
-sampling_fields <- function() {
+dataclass_fields <- function(cls) {
   reticulate::py_eval(paste(
     "[{'name': f.name, 'type': str(f.type), 'default': f.default}",
-    "for f in __import__('dataclasses').fields(__import__('parallel_gen').SamplingParams)]"), convert = TRUE)
+    sprintf("for f in __import__('dataclasses').fields(__import__('parallel_gen').%s)]", cls)), convert = TRUE)
 }
+sampling_fields <- function() dataclass_fields("SamplingParams")
 
 test_that("pg_generate() and pg_chat() take every SamplingParams field, with Python's defaults", {
   fields <- sampling_fields()
@@ -31,6 +33,30 @@ test_that("pg_generate() and pg_chat() take every SamplingParams field, with Pyt
   rd <- paste(as.character(tools::Rd_db("parallelgen")[["pg_generate.Rd"]]), collapse = "")
   undocumented <- dots[!vapply(sprintf("\\code{%s}", dots), grepl, logical(1), rd, fixed = TRUE)]
   expect_identical(undocumented, character(0))
+})
+
+test_that("pg_model() takes every ModelConfig field and leaves its defaults to Python", {
+  fields <- dataclass_fields("ModelConfig")
+  names <- vapply(fields, `[[`, "", "name")
+  dots <- parallelgen:::.MODEL_DOTS
+  explicit <- setdiff(names(formals(pg_model)), c("path", "..."))
+  expect_identical(explicit, c("n_parallel", "n_ctx", "repack"))
+  expect_setequal(c(explicit, dots), names)  # every field, no unknown option
+  expect_length(intersect(explicit, dots), 0L)
+  for (name in explicit) expect_null(eval(formals(pg_model)[[name]]), label = name)  # ModelConfig's default
+  rd <- paste(as.character(tools::Rd_db("parallelgen")[["pg_model.Rd"]]), collapse = "")
+  undocumented <- dots[!vapply(sprintf("\\code{%s}", dots), grepl, logical(1), rd, fixed = TRUE)]
+  expect_identical(undocumented, character(0))
+  # Whole doubles reach Python as int for every int field of ModelConfig.
+  type_of <- setNames(vapply(fields, `[[`, "", "type"), names)
+  expect_setequal(intersect(parallelgen:::.INT_ARGS, names), names[type_of %in% c("int", "Optional[int]")])
+  default <- reticulate::py_eval("__import__('parallel_gen').ModelConfig()", convert = FALSE)
+  m <- pg_model(smollm2_path(), n_ctx = 64, n_threads = 1, n_batch = 64, share_prefix = FALSE)
+  expect_identical(m$n_parallel, reticulate::py_to_r(default$n_parallel))
+  expect_identical(c(m$n_batch, m$n_ctx), c(64L, 64L))
+  config <- reticulate::py_get_attr(.subset2(m, "py"), "config")
+  expect_false(reticulate::py_to_r(reticulate::py_get_attr(config, "share_prefix")))
+  pg_close(m)
 })
 
 test_that("R converts each SamplingParams field to the Python type it declares", {

@@ -100,10 +100,12 @@ test_that("a prompt that cannot run is an error row; the others complete", {
 test_that("Python exceptions become R conditions with the original message", {
   m <- test_model()
   e <- catch_error(pg_generate(m, "a", max_tokens = 0))
-  expect_s3_class(e, c("pg_ValueError", "pg_Exception", "pg_python_error", "pg_error", "error"))
+  # ParamError, a ValueError naming the field: caught as either
+  expect_s3_class(e, c("pg_ParamError", "pg_ValueError", "pg_Exception", "pg_python_error", "pg_error", "error"))
   expect_identical(conditionMessage(e), "SamplingParams.max_tokens=0: must be >= 1")
-  expect_identical(e$python_class, "ValueError")
-  expect_match(e$python_traceback, "ValueError", fixed = TRUE)
+  expect_identical(e$python_class, "ParamError")
+  expect_identical(reticulate::py_to_r(reticulate::py_get_attr(e$python_exception, "field")), "max_tokens")
+  expect_match(e$python_traceback, "ParamError", fixed = TRUE)
   expect_identical(deparse(conditionCall(e)[[1]]), "pg_generate")
 
   expect_error(pg_generate(m, "a", foo = 1), "unknown sampling option(s): foo", fixed = TRUE,

@@ -50,9 +50,9 @@ test_that("errors are classed conditions built with errorCondition(), caught by 
   expect_identical(tryCatch(pg_generate(test_model(), 1), pg_error = function(e) "pg_error caught"),
                    "pg_error caught")
   p <- catch_error(pg_generate(test_model(), "a", top_p = 2, progress = FALSE))
-  expect_identical(class(p), c("pg_ValueError", "pg_Exception", "pg_BaseException", "pg_python_error", "pg_error",
-                               "error", "condition"))
-  expect_identical(p$python_class, "ValueError")
+  expect_identical(class(p), c("pg_ParamError", "pg_ValueError", "pg_Exception", "pg_BaseException",
+                               "pg_python_error", "pg_error", "error", "condition"))
+  expect_identical(p$python_class, "ParamError")
   expect_true(inherits(p$python_exception, "python.builtin.object"))
   # Not caught by an unrelated class: the handler for pg_argument_error lets it through.
   expect_error(tryCatch(pg_generate(test_model(), "a", top_p = 2, progress = FALSE),

@@ -1,8 +1,9 @@
 """classify_file: a file of texts in, one row of label probabilities per text out.
 
 The classify job of ``parallel-gen classify``: the same sources, sinks, resume, sizing
-and progress as generation (see job.py's :func:`run_rows`); each text becomes one
-scoring sequence (see scoring.py), run with bounded look-ahead in input order.
+and progress as generation (see driver.py's :func:`run_rows`); each text becomes one
+scoring sequence (see scoring.py), run with bounded look-ahead in input order. Ray's
+BatchRunner runs the same :class:`ClassifyJob` on a Dataset's batches.
 
 Output row: the input's fields, then ``row``, ``label`` (the most likely), one
 probability column per label named ``p_<label>`` (in the order the labels were given),
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Collection, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..chat import conversation
 from ..classify import Classifier, ClassifyOptions, Template, classify_options
@@ -24,10 +25,8 @@ from ..iterate import OrderedRequests
 from ..model import Model
 from ..runner import Item
 from ..scoring import Score, ScoringJob, job_scores, scoring_item
-from .formats import JobInputError
-from .job import JobSummary, PathLike, RowDone, RowJob, open_file_source, run_rows
-from .records import carried
-from .sizing import SizedContext
+from .driver import JobSummary, PathLike, RowDone, RowJob, open_file_source, run_rows
+from .sizing import NOTHING, RowNeeds, SizedContext
 from .sources import Columns, InputRow
 
 PROBABILITY_PREFIX = "p_"
@@ -40,9 +39,9 @@ def probability_column(label: str) -> str:
     return PROBABILITY_PREFIX + label
 
 
-def output_columns(labels: Sequence[str]) -> List[str]:
+def output_columns(labels: Sequence[str]) -> Tuple[str, ...]:
     """The columns of a classify row after the input's own fields."""
-    return ["row", "label", *map(probability_column, labels), "error"]
+    return ("row", "label", *map(probability_column, labels), "error")
 
 
 @dataclass(frozen=True)
@@ -91,10 +90,11 @@ class OrderedScoring(OrderedRequests[_Scoring, _Scored]):
         return self._done.pop(i)
 
 
-class _Classification(RowJob):
-    """classify: every row's text scored over the labels."""
+class ClassifyJob(RowJob):
+    """classify: every row's text scored over the labels (build it with :func:`classify_job`)."""
 
     noun = "texts"
+    settings_flags = "--labels"
 
     def __init__(self, options: ClassifyOptions) -> None:
         self.options = options
@@ -105,32 +105,30 @@ class _Classification(RowJob):
         # No label has more tokens than UTF-8 bytes; +2: the chat end-of-turn, a moved space.
         self._label_bound = max(len(lab.encode("utf-8")) for lab in options.labels) + 2
 
-    def carried(self, fields: Dict[str, Any]) -> Dict[str, Any]:
-        return carried(fields, self.columns)
+    def writes_column(self, name: str) -> bool:
+        return name in self.columns or name.startswith(PROBABILITY_PREFIX)
 
-    def describe(self, row: InputRow) -> Tuple[Optional[List[Any]], Optional[str], int]:
+    def arrow_schema(self) -> Any:
+        import pyarrow as pa
+
+        return pa.schema([(name, pa.int64() if name == "row" else
+                           pa.float64() if name.startswith(PROBABILITY_PREFIX) else pa.string())
+                          for name in self.columns])
+
+    def describe(self, row: InputRow) -> RowNeeds:
         if row.error is not None or row.prompt is None:
-            return None, None, 0
+            return NOTHING
         try:
             text = self.options.format(row.prompt)
         except (TypeError, ValueError):
-            return None, None, 0  # the job reports it as the row's error
+            return NOTHING  # the job reports it as the row's error
         if self.options.chat:
-            return conversation(text, self.options.system), None, self._label_bound
-        return None, text, self._label_bound
+            return RowNeeds(conversation(text, self.options.system), after=self._label_bound)
+        return RowNeeds(prompt=text, after=self._label_bound)
 
     def prepare(self, model: Model, sized: Optional[SizedContext]) -> None:
         self._sized = sized
         self._classifier = Classifier(model, self.options)  # chat without a template fails here
-
-    def check_resume(self, last: Dict[str, Any], input_fields: Collection[str]) -> None:
-        missing = [c for c in self.columns if c not in last]
-        other = [k for k in last if k.startswith(PROBABILITY_PREFIX) and k not in self.columns
-                 and k not in input_fields]
-        if missing or other:
-            found = f"the columns {other}" if other else f"no column {missing[0]!r}"
-            raise JobInputError(f"--resume: the output has {found} but these labels write {self.columns}: "
-                                "was it written with other --labels? (--overwrite starts again)")
 
     def ordered(self, model: Model, rows: Iterator[InputRow], lookahead: Optional[int]) -> OrderedScoring:
         return OrderedScoring(model, (self._scoring(model, row) for row in rows), lookahead)
@@ -221,10 +219,11 @@ def classify_file(model: Union[Model, PathLike, None], input: Optional[PathLike]
 
 def classify_job(labels: Sequence[str], *, template: Optional[Template] = None, chat: bool = False,
                  system: Optional[str] = None, normalize: str = "sum",
-                 chat_template: Optional[str] = None) -> RowJob:
-    """The classify job for :func:`~parallel_gen.jobs.job.run_rows` (the CLI runs it on
-    its own Source); arguments checked as :func:`parallel_gen.classify` checks them."""
-    return _Classification(classify_options(labels, template=template, chat=chat, system=system,
+                 chat_template: Optional[str] = None) -> ClassifyJob:
+    """The classify job for :func:`~parallel_gen.jobs.driver.run_rows` (the CLI runs it on
+    its own Source) and Ray's BatchRunner; arguments checked as :func:`parallel_gen.classify`
+    checks them."""
+    return ClassifyJob(classify_options(labels, template=template, chat=chat, system=system,
                                             normalize=normalize, chat_template=chat_template))
 
 
@@ -233,5 +232,5 @@ def text_columns(text_column: str) -> Columns:
     return Columns(text_column, None, "--text-column / text_column=")
 
 
-__all__ = ["OrderedScoring", "classify_file", "classify_job", "output_columns", "probability_column",
+__all__ = ["ClassifyJob", "OrderedScoring", "classify_file", "classify_job", "output_columns", "probability_column",
            "text_columns"]
