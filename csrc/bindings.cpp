@@ -149,6 +149,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("type_v", &EngineConfig::type_v)
         .def_readwrite("kv_size", &EngineConfig::kv_size)
         .def_readwrite("min_prefix", &EngineConfig::min_prefix)
+        .def_readwrite("min_rows", &EngineConfig::min_rows)
         .def_readwrite("verbose", &EngineConfig::verbose);
 
     py::enum_<Finish>(m, "Finish").value("stop", Finish::Stop).value("length", Finish::Length).value("error", Finish::Error);
@@ -182,6 +183,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("fallback_decodes", &Counters::fallback_decodes)
         .def_readonly("preemptions", &Counters::preemptions)
         .def_readonly("sequence_moves", &Counters::sequence_moves)
+        .def_readonly("padding_rows", &Counters::padding_rows)
         .def_readonly("prompt_tokens", &Counters::prompt_tokens)
         .def_readonly("prefix_tokens_reused", &Counters::prefix_tokens_reused)
         .def_readonly("generated_tokens", &Counters::generated_tokens)

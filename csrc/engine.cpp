@@ -27,11 +27,12 @@ struct Engine::SharedPrefix {
 };
 
 struct Engine::Entry {
-    Sequence *  seq;     // nullptr: a token of the shared prefix
-    llama_token token;
-    llama_pos   pos;
-    bool        logits;  // sample (or score) after this token
-    bool        prompt;  // counted as prompt work in the timing split
+    Sequence *   seq;     // nullptr: a token of the shared prefix, or a padding row
+    llama_token  token;
+    llama_pos    pos;
+    bool         logits;  // sample (or score) after this token
+    bool         prompt;  // counted as prompt work in the timing split
+    llama_seq_id padding = -1;  // >= 0: a dummy row in this (empty) stream, dropped after the call
 };
 
 namespace {
@@ -60,6 +61,10 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     if (cfg_.n_parallel < 1 || cfg_.n_ctx < 2 || cfg_.n_batch < cfg_.n_parallel) {
         throw std::invalid_argument("engine config: need n_parallel >= 1, n_ctx >= 2, n_batch >= n_parallel");
     }
+    if (batch_invariant() && (cfg_.kv_unified || sharing_prefixes() || cfg_.n_batch < cfg_.min_rows)) {
+        throw std::invalid_argument("engine config: batch-invariant mode needs separate KV streams, no shared "
+                                    "prefix and n_batch >= min_rows");
+    }
     install_log_router();
     LogScope scope(cfg_.verbose);
 
@@ -67,7 +72,11 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     // One sequence more than slots when prefixes are shared: the shared-prefix sequence.
     // With separate KV streams it needs its own; in a unified pool its cells are shared
     // with the sequences using it.
-    const int32_t n_seq = cfg_.n_parallel + (sharing_prefixes() ? 1 : 0);
+    // Batch-invariant mode pads steps with dummy rows, each in an empty stream of its own
+    // (free slots first): streams up to min_rows when there are fewer slots.
+    const int32_t n_seq = batch_invariant() ? std::max(cfg_.n_parallel, cfg_.min_rows)
+                                            : cfg_.n_parallel + (sharing_prefixes() ? 1 : 0);
+    n_seq_ = n_seq;
     const int64_t total = cfg_.kv_unified ? (cfg_.kv_size > 0 ? int64_t(cfg_.kv_size)
                                                               : int64_t(cfg_.n_ctx) * cfg_.n_parallel)
                                           : int64_t(cfg_.n_ctx) * n_seq;
@@ -121,10 +130,8 @@ Engine::~Engine() {
 
 int64_t Engine::kv_tokens() const {
     int64_t total = 0;
-    for (int32_t id = 0; id <= cfg_.n_parallel; ++id) {
-        if (id < static_cast<int32_t>(llama_n_seq_max(ctx_))) {
-            total += llama_memory_seq_pos_max(mem_, id) + 1;
-        }
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        total += llama_memory_seq_pos_max(mem_, id) + 1;
     }
     return total;
 }
@@ -415,10 +422,79 @@ void Engine::build_batch(std::vector<Entry> & entries) {
     });
 }
 
+// Batch-invariant mode. llama.cpp's CPU kernels pick their path (and so their order of
+// floating-point sums) by the shape of a call: how many rows, how many tokens per
+// sequence. Measured on Gemma 3: the same prompt at any row of a batch, beside any
+// companion, gives the same numbers as long as the shape is the same, and generation
+// steps of at least ~9 one-token rows all agree. So: every prompt chunk (a prompt, or a
+// scoring continuation) is decoded in a call of its own, in chunks of n_batch counted
+// from position 0 (boundaries the prompt alone decides), and every generation step is
+// one call of at least min_rows rows, padded with dummy rows in empty streams.
+void Engine::step_invariant() {
+    std::vector<Sequence *> running;
+    for (auto & s : slots_) {
+        if (s && s->running()) {
+            running.push_back(s.get());
+        }
+    }
+    std::sort(running.begin(), running.end(),
+              [](Sequence * a, Sequence * b) { return a->admitted_at < b->admitted_at; });
+    // Prompts first, whole: after this every running sequence has one token to feed, so the
+    // generation step's seq ids are consecutive (llama.cpp splits a step at a gap).
+    std::vector<Entry> chunk;
+    chunk.reserve(static_cast<size_t>(n_batch_));
+    for (Sequence * s : running) {
+        while (s->running() && s->to_feed() > 1) {
+            chunk.clear();
+            const int32_t n = std::min(s->to_feed(), n_batch_ - s->n_past % n_batch_);
+            for (int32_t k = 0; k < n; ++k) {
+                const int32_t p = s->n_past + k;
+                chunk.push_back({s, s->tokens[p], p, s->wants_logits(p), true});
+            }
+            decode_entries(chunk);
+        }
+    }
+    std::vector<Entry> rows;
+    rows.reserve(static_cast<size_t>(n_batch_));
+    build_padded_rows(rows);
+    if (!rows.empty()) {
+        decode_entries(rows);
+    }
+}
+
+// One row per running sequence, in seq id order, and dummy rows in the free ids below
+// max(min_rows, highest live id + 1): consecutive ids, at least min_rows rows.
+void Engine::build_padded_rows(std::vector<Entry> & rows) {
+    int32_t top = -1;
+    for (auto & s : slots_) {
+        if (s && s->running()) {
+            top = std::max(top, static_cast<int32_t>(s->seq_id));
+        }
+    }
+    if (top < 0) {
+        return;
+    }
+    top = std::max(top + 1, cfg_.min_rows);
+    for (int32_t id = 0; id < top; ++id) {
+        Sequence * s = id < cfg_.n_parallel ? slots_[static_cast<size_t>(id)].get() : nullptr;
+        if (s && s->running()) {
+            if (s->to_feed() != 1) {
+                throw std::logic_error("batch-invariant step: a sequence with " + std::to_string(s->to_feed()) +
+                                       " tokens to feed");
+            }
+            const int32_t p = s->n_past;
+            rows.push_back({s, s->tokens[p], p, true, p < s->n_prompt || s->scorer});
+        } else {
+            // A free slot, a finished one (its KV already removed) or a padding stream.
+            rows.push_back({nullptr, 0, 0, false, false, static_cast<llama_seq_id>(id)});
+        }
+    }
+}
+
 // Entries of a sequence that was paused or finished since the batch was built, or of a
 // prefix given up, are skipped.
 bool Engine::entry_running(const Entry & e) const {
-    return e.seq ? e.seq->running() : prefix_ != nullptr;
+    return e.seq ? e.seq->running() : e.padding >= 0 || prefix_ != nullptr;
 }
 
 // Decodes the step's entries, in views as large as the KV cache takes; what happens on a
@@ -452,9 +528,9 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
         int32_t n_prompt_tok = 0;
         for (size_t k : taken) {
             const Entry &      e      = entries[k];
-            const llama_seq_id id     = e.seq ? e.seq->seq_id : prefix_->seq_id;
-            const int32_t      n_past = e.seq ? e.seq->n_past : prefix_->n_past;
-            if (id < 0 || id > cfg_.n_parallel || e.pos < n_past || e.pos >= n_ctx_seq()) {
+            const llama_seq_id id     = e.seq ? e.seq->seq_id : e.padding >= 0 ? e.padding : prefix_->seq_id;
+            const int32_t      n_past = e.seq ? e.seq->n_past : e.padding >= 0 ? 0 : prefix_->n_past;
+            if (id < 0 || id >= n_seq_ || e.pos < n_past || e.pos >= n_ctx_seq()) {
                 throw std::logic_error("batch entry out of range (seq " + std::to_string(id) + ", pos " +
                                        std::to_string(e.pos) + ")");
             }
@@ -505,6 +581,11 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
 // A decoded token moves its sequence on: KV accounted, and where its logits were asked
 // for, a sampled token (Generating or Done) or a scored one (Scoring or Done).
 void Engine::on_decoded(const Entry & e, int32_t out_index) {
+    if (e.padding >= 0) {
+        llama_memory_seq_rm(mem_, e.padding, -1, -1);  // the stream is empty again
+        ++counters_.padding_rows;
+        return;
+    }
     if (!e.seq) {
         prefix_->n_past = e.pos + 1;
         return;
@@ -796,11 +877,15 @@ StepOutput Engine::step() {
     if (n_live_ == 0 && !prefix_pending) {
         return out;
     }
-    std::vector<Entry> entries;
-    entries.reserve(static_cast<size_t>(n_batch_));
-    build_batch(entries);
     try {
-        decode_entries(entries);
+        if (batch_invariant()) {
+            step_invariant();
+        } else {
+            std::vector<Entry> entries;
+            entries.reserve(static_cast<size_t>(n_batch_));
+            build_batch(entries);
+            decode_entries(entries);
+        }
     } catch (const std::exception & e) {
         // Whatever llama.cpp kept of a failed call is unusable: clear every live sequence.
         out.fatal = e.what();

@@ -33,6 +33,10 @@ struct EngineConfig {
     int32_t kv_size    = 0;     // kv_unified only: cells in the shared pool; 0 = n_ctx * n_parallel
     int32_t min_prefix = 16;    // shortest common prompt prefix worth decoding once and copying;
                                 // INT32_MAX: never share (and no KV stream is kept for it)
+    // > 0: batch-invariant mode. Each prompt chunk is decoded in a call of its own, and
+    // every generation step is padded with one-token dummy rows up to this many rows, so a
+    // sequence's numbers never depend on what else runs (see Engine::step_invariant).
+    int32_t min_rows   = 0;
     bool    verbose    = false;
 };
 
@@ -42,6 +46,7 @@ struct Counters {
     int64_t fallback_decodes  = 0;  // successful calls made on a split batch after a retry
     int64_t preemptions       = 0;  // live sequences paused to free KV room
     int64_t sequence_moves    = 0;  // live sequences moved down to close a gap in the seq ids
+    int64_t padding_rows      = 0;  // dummy rows decoded to keep a step's shape (batch-invariant mode)
     int64_t prompt_tokens     = 0;  // prompt (and recomputed) tokens decoded
     int64_t prefix_tokens_reused = 0; // prompt tokens not decoded: copied from a shared prefix
     int64_t generated_tokens  = 0;  // tokens sampled
@@ -103,6 +108,7 @@ public:
     int32_t  n_batch() const { return n_batch_; }
     int32_t  n_parallel() const { return cfg_.n_parallel; }
     bool     flash_attn() const;
+    bool     batch_invariant() const { return cfg_.min_rows > 0; }
     const ModelHandle & model() const { return *model_; }
 
     // Engines alive in this process (contexts not freed yet): leak checks in tests.
@@ -126,6 +132,8 @@ private:
     void close_gaps();
     // one step's batch
     void build_batch(std::vector<Entry> & entries);
+    void step_invariant();
+    void build_padded_rows(std::vector<Entry> & entries);
     void decode_entries(std::vector<Entry> & entries);
     bool entry_running(const Entry & e) const;
     void on_decoded(const Entry & e, int32_t out_index);
@@ -153,6 +161,7 @@ private:
     llama_batch                  batch_{};
     std::vector<llama_token_data> candidates_;  // sampling scratch, vocabulary-sized
     int32_t                      n_batch_ = 0;
+    int32_t                      n_seq_   = 0;  // llama.cpp's n_seq_max: slots, prefix, padding streams
 
     std::vector<std::unique_ptr<Sequence>> slots_;   // index == seq_id
     std::unique_ptr<SharedPrefix>          prefix_;  // at most one at a time

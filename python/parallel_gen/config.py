@@ -25,6 +25,12 @@ _FLASH = {None: -1, False: 0, True: 1}
 # stream when every sequence has its own).
 MIN_SHARED_PREFIX = 16
 
+# The fewest rows of a generation step in batch-invariant mode. On llama.cpp's CPU backend
+# a one-token row's numbers stop depending on the step's row count from about 9 rows on
+# (flash attention on; 8 with it off); 12 keeps the 4-row kernels whole. Measured in
+# benchmarks/batch_invariant.py.
+BATCH_INVARIANT_MIN_ROWS = 12
+
 
 def cpu_threads() -> int:
     """The cores this process may use."""
@@ -85,6 +91,14 @@ class ModelConfig:
     n samples of one prompt, once, and copy its KV to each. Costs one more KV stream when
     kv_unified is False; cutting a prefill there changes numerics slightly."""
 
+    batch_invariant: bool = field(default=False, metadata=_numerics())
+    """A prompt's output (greedy tokens, logprobs, scores) is bit-identical whether it runs
+    alone or among any companions, in any slot, arriving at any time (same machine, build,
+    model and settings). Each prompt is prefilled in decode calls of its own and every
+    generation step is padded to at least BATCH_INVARIANT_MIN_ROWS rows: slower when few
+    sequences run or many prompts arrive at once. Needs kv_unified=False; turns
+    share_prefix off (cutting a prefill where companions share it would change numerics)."""
+
     repack: Optional[bool] = None
     """Let llama.cpp repack the weights for its faster CPU kernels (its "extra buffer
     types"; False is llama.cpp's --no-repack). None: off when llama.cpp was built with AMX
@@ -108,10 +122,19 @@ class ModelConfig:
         if self.n_threads is not None:
             _int("n_threads", self.n_threads, 1)
         _int("n_gpu_layers", self.n_gpu_layers, -1)
-        for name in ("kv_unified", "share_prefix", "verbose"):
+        for name in ("kv_unified", "share_prefix", "batch_invariant", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamTypeError(f"Model {name} must be a bool, got {getattr(self, name)!r}", name)
         check_repack(self.repack)
+        if self.batch_invariant:
+            if self.kv_unified:
+                raise ParamError("Model batch_invariant=True needs kv_unified=False: in a shared KV pool a "
+                                 "sequence's attention depends on where its companions' cells are",
+                                 "batch_invariant")
+            if self.n_batch < BATCH_INVARIANT_MIN_ROWS:
+                raise ParamError(f"Model n_batch={self.n_batch} must be >= {BATCH_INVARIANT_MIN_ROWS} with "
+                                 "batch_invariant=True: a generation step is that many rows", "n_batch")
+            set_(self, "share_prefix", False)
         if self.flash_attn == "auto":
             set_(self, "flash_attn", None)
         if self.flash_attn not in _FLASH:
@@ -141,7 +164,11 @@ class ModelConfig:
 
     @property
     def kv_streams(self) -> int:
-        """KV streams llama.cpp allocates with separate streams: one per slot, plus one for a shared prefix."""
+        """KV streams llama.cpp allocates with separate streams: one per slot, plus one for
+        a shared prefix; in batch-invariant mode at least BATCH_INVARIANT_MIN_ROWS (padding
+        rows each take an empty stream)."""
+        if self.batch_invariant:
+            return max(self.n_parallel, BATCH_INVARIANT_MIN_ROWS)
         return self.n_parallel + (1 if self.share_prefix else 0)
 
     def numerics(self) -> Dict[str, Any]:
@@ -164,6 +191,7 @@ class ModelConfig:
         ec.type_v = KV_TYPES[self.type_v]
         ec.kv_size = self.kv_size or 0
         ec.min_prefix = MIN_SHARED_PREFIX if self.share_prefix else 2**31 - 1
+        ec.min_rows = BATCH_INVARIANT_MIN_ROWS if self.batch_invariant else 0
         ec.verbose = self.verbose
         return ec
 

@@ -109,6 +109,7 @@ class EngineCounters:
     fallback_decodes: int = 0
     preemptions: int = 0
     sequence_moves: int = 0
+    padding_rows: int = 0
     prompt_tokens: int = 0
     prefix_tokens_reused: int = 0
     generated_tokens: int = 0

@@ -256,6 +256,7 @@ def batch_stats(completions: List[Completion], c: EngineCounters, wall: float, c
         failed=sum(1 for x in completions if any(o.finish_reason == "error" for o in x.outputs)),
         preemptions=int(c.preemptions),
         sequence_moves=int(c.sequence_moves),
+        padding_rows=int(c.padding_rows),
         prefix_tokens_reused=int(c.prefix_tokens_reused),
         cache_hits=cache_hits,
     )

@@ -171,6 +171,9 @@ class BatchStats:
     """Live sequences moved to a lower slot (their KV stream copied) when others finished
     with nothing queued, so the running ones keep consecutive ids: llama.cpp decodes
     sequences with separate KV streams in one micro-batch only then."""
+    padding_rows: int = 0
+    """Dummy one-token rows decoded to keep every generation step at least
+    ``BATCH_INVARIANT_MIN_ROWS`` rows wide (``ModelConfig.batch_invariant``; 0 otherwise)."""
     prefix_tokens_reused: int = 0
     """Prompt tokens not decoded because a prefix shared by several prompts (or the n
     samples of one prompt) was decoded once and its KV copied."""

@@ -93,6 +93,10 @@ MODEL_FLAGS = (
     ModelFlag("share_prefix", ("--share-prefix",), "decode a prompt prefix (>= 16 tokens) that several prompts "
                                                    "share once and copy its KV (--no-share-prefix: each prompt "
                                                    "decodes its own)", bool, None),
+    ModelFlag("batch_invariant", ("--batch-invariant",), "a prompt's output never depends on what else is in the "
+                                                         "batch: each prompt prefilled alone, generation steps "
+                                                         "padded to a fixed minimum of rows (slower; no shared "
+                                                         "prefix)", bool, None),
     ModelFlag("repack", ("--repack",), "repack the weights for llama.cpp's faster CPU kernels (its extra buffer "
                                        "types; default: off when llama.cpp was built with AMX kernels, which "
                                        "crash on recent Intel Xeons, else on)", bool, None),
