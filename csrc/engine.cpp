@@ -429,7 +429,8 @@ void Engine::build_batch(std::vector<Entry> & entries) {
 // steps of at least ~9 one-token rows all agree. So: every prompt chunk (a prompt, or a
 // scoring continuation) is decoded in a call of its own, in chunks of n_batch counted
 // from position 0 (boundaries the prompt alone decides), and every generation step is
-// one call of at least min_rows rows, padded with dummy rows in empty streams.
+// one call of at least min_rows rows, padded with dummy rows in empty streams, every row
+// with logits.
 void Engine::step_invariant() {
     std::vector<Sequence *> running;
     for (auto & s : slots_) {
@@ -485,8 +486,10 @@ void Engine::build_padded_rows(std::vector<Entry> & rows) {
             const int32_t p = s->n_past;
             rows.push_back({s, s->tokens[p], p, true, p < s->n_prompt || s->scorer});
         } else {
-            // A free slot, a finished one (its KV already removed) or a padding stream.
-            rows.push_back({nullptr, 0, 0, false, false, static_cast<llama_seq_id>(id)});
+            // A free slot, a finished one (its KV already removed) or a padding stream. Its
+            // logits are computed and dropped: llama.cpp runs the last layer and the output
+            // head on the rows with logits only, so their count is part of the shape too.
+            rows.push_back({nullptr, 0, 0, true, false, static_cast<llama_seq_id>(id)});
         }
     }
 }
