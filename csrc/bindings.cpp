@@ -61,6 +61,11 @@ py::dict counters_dict(const Counters & c) {
     d["sequence_moves"]     = c.sequence_moves;
     d["prompt_tokens"]      = c.prompt_tokens;
     d["prefix_tokens_reused"] = c.prefix_tokens_reused;
+    d["cached_prompt_tokens"] = c.cached_prompt_tokens;
+    d["prompt_cache_hits"]    = c.prompt_cache_hits;
+    d["prompt_cache_misses"]  = c.prompt_cache_misses;
+    d["prompt_cache_evictions"] = c.prompt_cache_evictions;
+    d["kv_copies"]          = c.kv_copies;
     d["generated_tokens"]   = c.generated_tokens;
     d["prompt_seconds"]     = c.prompt_seconds;
     d["generation_seconds"] = c.generation_seconds;
@@ -142,6 +147,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("grammar", &SamplingConfig::grammar)
         .def_readwrite("logit_bias", &SamplingConfig::logit_bias)
         .def_readwrite("logprobs", &SamplingConfig::logprobs)
+        .def_readwrite("cache_prompt", &SamplingConfig::cache_prompt)
         .def_readwrite("continuations", &SamplingConfig::continuations);
 
     py::class_<EngineConfig>(m, "EngineConfig")
@@ -156,6 +162,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("type_v", &EngineConfig::type_v)
         .def_readwrite("kv_size", &EngineConfig::kv_size)
         .def_readwrite("min_prefix", &EngineConfig::min_prefix)
+        .def_readwrite("prompt_cache", &EngineConfig::prompt_cache)
         .def_readwrite("verbose", &EngineConfig::verbose);
 
     py::enum_<Finish>(m, "Finish").value("stop", Finish::Stop).value("length", Finish::Length).value("error", Finish::Error);
@@ -180,6 +187,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("stop_token", &Result::stop_token)
         .def_readonly("error", &Result::error)
         .def_readonly("aborted", &Result::aborted)
+        .def_readonly("n_cached", &Result::n_cached)
         .def_property_readonly("logprobs", [](const Result & r) { return logprob_list(r.logprobs); });
 
     py::class_<Engine>(m, "Engine")
@@ -217,6 +225,8 @@ PYBIND11_MODULE(_core, m) {
         .def("abort_after_decodes", &Engine::abort_after_decodes)
         .def_property_readonly("n_live", &Engine::n_live)
         .def_property_readonly("kv_tokens", &Engine::kv_tokens)
+        .def_property_readonly("cached_tokens", &Engine::cached_tokens)
+        .def_property_readonly("n_streams", &Engine::n_streams)
         .def_property_readonly("n_waiting", &Engine::n_waiting)
         .def_property_readonly("n_ctx", &Engine::n_ctx)
         .def_property_readonly("n_ctx_seq", &Engine::n_ctx_seq)
