@@ -44,6 +44,8 @@ SAMPLING_FLAGS = [
     ("stop", ("--stop",), str, "TEXT", "stop string (repeatable)"),
     ("stop_token_ids", ("--stop-token-id",), int, "ID", "stop token id (repeatable)"),
     ("ignore_eos", ("--ignore-eos",), bool, None, "keep generating past end-of-generation tokens"),
+    ("cache_prompt", ("--no-cache-prompt",), bool, None,
+     "decode every prompt whole and keep none of its KV (SamplingParams.cache_prompt=False)"),
     ("grammar", ("--grammar",), str, "GBNF", "GBNF grammar the output must follow (text, or @FILE)"),
     ("json_schema", ("--json-schema",), str, "SCHEMA", "JSON schema the output must match (text, or @FILE)"),
     ("choices", ("--choice",), str, "TEXT", "the output is exactly one of these (repeatable)"),
@@ -102,13 +104,16 @@ def _add_model_options(p: argparse.ArgumentParser, n_parallel_help: str) -> None
     g.add_argument("--flash-attn", choices=["auto", "on", "off"], help="flash attention (default: auto)")
     g.add_argument("--type-k", metavar="TYPE", help="KV cache type of K (default: f16)")
     g.add_argument("--type-v", metavar="TYPE", help="KV cache type of V (default: f16)")
+    g.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false", default=None,
+                   help="keep no finished prompt's KV for later prompts (Model(prompt_cache=False))")
     g.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log and parallel_gen's info log")
 
 
 def _model_kwargs(args: argparse.Namespace, n_prompts: int) -> Dict[str, Any]:
     """Model(...) keywords for the options given; the rest keep Model's defaults."""
     names = {"n_ctx": "n_ctx", "n_batch": "n_batch", "threads": "n_threads", "n_gpu_layers": "n_gpu_layers",
-             "kv_unified": "kv_unified", "kv_size": "kv_size", "type_k": "type_k", "type_v": "type_v"}
+             "kv_unified": "kv_unified", "kv_size": "kv_size", "type_k": "type_k", "type_v": "type_v",
+             "prompt_cache": "prompt_cache"}
     kw = {model_kw: getattr(args, opt) for opt, model_kw in names.items() if getattr(args, opt) is not None}
     if args.flash_attn is not None:
         kw["flash_attn"] = {"auto": None, "on": True, "off": False}[args.flash_attn]
@@ -125,7 +130,9 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: SamplingParams)")
     for field, flags, typ, metavar, text in SAMPLING_FLAGS:
         if typ is bool:
-            g.add_argument(*flags, dest=field, action="store_true", default=None, help=text)
+            negated = getattr(defaults, field) is True  # a --no-... flag turns a default-on field off
+            g.add_argument(*flags, dest=field, action="store_false" if negated else "store_true", default=None,
+                           help=text)
         elif field in _REPEATABLE:
             g.add_argument(*flags, dest=field, type=typ, metavar=metavar, action="append", help=text)
         else:

@@ -97,7 +97,14 @@ class Model:
             youngest sequence is paused and recomputed later.
         share_prefix: decode a prompt prefix (>= 16 tokens) shared by several waiting
             prompts, or by the n samples of one prompt, once, and copy its KV to each.
-            Costs one more KV stream when kv_unified=False.
+            Costs one more KV stream when kv_unified=False (shared with prompt_cache).
+        prompt_cache: keep the KV of finished prompts (prompt and output) while the Model's
+            KV has room, so a later prompt starting with the same tokens (a conversation's
+            next turn, an agent's next step, a repeated instruction) decodes only what is
+            new. Free streams keep their last sequence's KV; a full pool evicts the least
+            recently used entry before any running sequence waits. Costs one more KV stream
+            when kv_unified=False (shared with share_prefix). Per prompt:
+            ``SamplingParams.cache_prompt``.
         verbose: let llama.cpp print its log to stderr.
 
     Calls from any number of threads (generate, chat, streams) share the Model: each
@@ -121,6 +128,7 @@ class Model:
         type_v: str = "f16",
         kv_size: Optional[int] = None,
         share_prefix: bool = True,
+        prompt_cache: bool = True,
         verbose: bool = False,
     ) -> None:
         if not isinstance(path, (str, os.PathLike)):
@@ -128,7 +136,7 @@ class Model:
         path = os.fspath(path)
         _check_int("n_gpu_layers", n_gpu_layers, -1)
         config = self._config(n_parallel, n_ctx, n_batch, n_threads, kv_unified, flash_attn, type_k, type_v,
-                              kv_size, share_prefix, verbose)
+                              kv_size, share_prefix, prompt_cache, verbose)
         self._setup(path, self._load(path, n_gpu_layers, verbose), config, owner=None, n_gpu_layers=n_gpu_layers)
 
     @staticmethod
@@ -177,6 +185,7 @@ class Model:
         type_v: Optional[str] = None,
         kv_size: Optional[int] = None,
         share_prefix: bool = True,
+        prompt_cache: bool = True,
         verbose: Optional[bool] = None,
     ) -> "Model":
         """A Model over the weights an existing ``llama_cpp.Llama`` already holds.
@@ -204,6 +213,7 @@ class Model:
             _KV_TYPE_NAMES.get(int(cp.type_v), "f16") if type_v is None else type_v,
             kv_size,
             share_prefix,
+            prompt_cache,
             bool(llm.verbose) if verbose is None else verbose,
         )
         self = cls.__new__(cls)
@@ -220,7 +230,8 @@ class Model:
 
     @staticmethod
     def _config(n_parallel: Any, n_ctx: Any, n_batch: Any, n_threads: Any, kv_unified: Any, flash_attn: Any,
-                type_k: Any, type_v: Any, kv_size: Any, share_prefix: Any, verbose: Any) -> Dict[str, Any]:
+                type_k: Any, type_v: Any, kv_size: Any, share_prefix: Any, prompt_cache: Any,
+                verbose: Any) -> Dict[str, Any]:
         """Checks every setting before any loading is done."""
         _check_int("n_parallel", n_parallel, 1, int(_core.max_parallel_sequences()))
         if n_ctx is not None:
@@ -240,13 +251,14 @@ class Model:
             _check_int("kv_size", kv_size, 8)
         if not isinstance(verbose, bool):
             raise TypeError(f"Model verbose must be a bool, got {verbose!r}")
-        if not isinstance(share_prefix, bool):
-            raise TypeError(f"Model share_prefix must be a bool, got {share_prefix!r}")
+        for name, value in (("share_prefix", share_prefix), ("prompt_cache", prompt_cache)):
+            if not isinstance(value, bool):
+                raise TypeError(f"Model {name} must be a bool, got {value!r}")
         return dict(n_parallel=n_parallel, n_ctx=n_ctx, n_batch=n_batch,
                     n_threads=_cpu_threads() if n_threads is None else n_threads, kv_unified=kv_unified,
                     flash_attn=_flash(flash_attn), type_k=_kv_type("type_k", type_k),
                     type_v=_kv_type("type_v", type_v), kv_size=kv_size, share_prefix=share_prefix,
-                    verbose=verbose)
+                    prompt_cache=prompt_cache, verbose=verbose)
 
     def _setup(self, path: str, handle: "_core.ModelHandle", config: Dict[str, Any], owner: Any,
                n_gpu_layers: int) -> None:
@@ -260,7 +272,7 @@ class Model:
         n_ctx = config["n_ctx"]
         cell_bytes = kv_cell_bytes(handle.metadata(), _KV_TYPE_NAMES[config["type_k"]],
                                    _KV_TYPE_NAMES[config["type_v"]])
-        n_streams = config["n_parallel"] + (1 if config["share_prefix"] else 0)
+        n_streams = config["n_parallel"] + (1 if config["share_prefix"] or config["prompt_cache"] else 0)
         if n_ctx is None:
             wanted = max(8, min(handle.n_ctx_train, _DEFAULT_N_CTX))
             n_ctx = wanted
@@ -289,6 +301,7 @@ class Model:
         ec.type_v = config["type_v"]
         ec.kv_size = kv_size or 0
         ec.min_prefix = _MIN_SHARED_PREFIX if config["share_prefix"] else 2**31 - 1
+        ec.prompt_cache = config["prompt_cache"]
         ec.verbose = config["verbose"]
         try:
             self._engine = _core.Engine(handle, ec)
@@ -300,6 +313,7 @@ class Model:
         self.n_threads: int = ec.n_threads
         self.kv_unified: bool = ec.kv_unified
         self.share_prefix: bool = config["share_prefix"]
+        self.prompt_cache: bool = config["prompt_cache"]
         self.flash_attn: Optional[bool] = {-1: None, 0: False, 1: True}[ec.flash_attn]
         self.verbose: bool = ec.verbose
         self.type_k: str = _KV_TYPE_NAMES[ec.type_k]
@@ -347,7 +361,7 @@ class Model:
         sampling parameters (the result cache keys on it)."""
         return dict(n_ctx=self.n_ctx, n_batch=self.n_batch, kv_unified=self.kv_unified, kv_size=self.kv_size,
                     flash_attn=self.flash_attn, type_k=self.type_k, type_v=self.type_v,
-                    n_gpu_layers=self.n_gpu_layers, share_prefix=self.share_prefix,
+                    n_gpu_layers=self.n_gpu_layers, share_prefix=self.share_prefix, prompt_cache=self.prompt_cache,
                     llama_cpp=getattr(llama_cpp, "__version__", "?"), backends=tuple(_core.backends()))
 
     @property

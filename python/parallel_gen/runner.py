@@ -15,6 +15,7 @@ batch as soon as slots free, in turn with the big request's.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import queue
@@ -112,7 +113,25 @@ class EngineStats:
     """llama_decode calls since the Model was opened: fewer than tokens_generated when
     sequences share steps."""
     kv_cells_used: int = 0
-    """KV cells holding a token now, over every sequence (a shared prefix included)."""
+    """KV cells holding a token now, over every sequence (a shared prefix included, the
+    prompt cache not)."""
+    kv_cells_cached: int = 0
+    """KV cells the prompt cache holds now (finished prompts kept for later ones)."""
+    cached_prompt_tokens: int = 0
+    """Prompt tokens not decoded since the Model was opened: their KV was in the prompt cache."""
+    prompt_cache_hits: int = 0
+    """Prompt cache lookups that found KV to start from since the Model was opened (see
+    BatchStats.prompt_cache_hits)."""
+    prompt_cache_misses: int = 0
+    """Prompt cache lookups that found nothing to start from."""
+    prompt_cache_evictions: int = 0
+    """Prompt cache entries dropped for room, or overwritten, since the Model was opened."""
+
+    @property
+    def prompt_cache_hit_rate(self) -> float:
+        """prompt_cache_hits / (hits + misses); 0 before any lookup."""
+        looked = self.prompt_cache_hits + self.prompt_cache_misses
+        return self.prompt_cache_hits / looked if looked else 0.0
 
 
 class EngineRunner:
@@ -132,7 +151,8 @@ class EngineRunner:
         self._start_lock = threading.Lock()
         self._stopped = False
         self._opened = time.perf_counter()
-        self._snapshot = (0, 0, 0, 0, 0, 0)  # queued, busy, tokens, completed, decode calls, KV cells
+        # queued, busy, completed, KV cells, cached KV cells, a copy of the totals
+        self._snapshot = (0, 0, 0, 0, 0, EngineCounters())
         self._totals = EngineCounters()  # since the Model opened
         self._completed = 0
 
@@ -163,11 +183,15 @@ class EngineRunner:
         return box[0]
 
     def stats(self) -> EngineStats:
-        queued, busy, tokens, completed, decode_calls, kv_cells = self._snapshot
+        queued, busy, completed, kv_cells, cached, t = self._snapshot
         return EngineStats(active_requests=len(self._requests), queued_prompts=queued, slots_busy=busy,
-                           n_parallel=self._n_parallel, tokens_generated=tokens, requests_completed=completed,
-                           uptime_seconds=time.perf_counter() - self._opened, decode_calls=decode_calls,
-                           kv_cells_used=kv_cells)
+                           n_parallel=self._n_parallel, tokens_generated=int(t.generated_tokens),
+                           requests_completed=completed, uptime_seconds=time.perf_counter() - self._opened,
+                           decode_calls=int(t.decode_calls),
+                           kv_cells_used=kv_cells, kv_cells_cached=cached,
+                           cached_prompt_tokens=int(t.cached_prompt_tokens), prompt_cache_hits=int(t.prompt_cache_hits),
+                           prompt_cache_misses=int(t.prompt_cache_misses),
+                           prompt_cache_evictions=int(t.prompt_cache_evictions))
 
     def stop(self) -> None:
         """Cancels everything, ends the thread and waits for it. Idempotent."""
@@ -305,9 +329,8 @@ class EngineRunner:
     def _refresh(self) -> None:
         engine = self._engine
         queued = engine.n_waiting + sum(len(r.items) for r in self._turns)
-        t = self._totals
-        self._snapshot = (queued, engine.n_live, int(t.generated_tokens), self._completed, int(t.decode_calls),
-                          engine.kv_tokens)
+        self._snapshot = (queued, engine.n_live, self._completed, engine.kv_tokens, engine.cached_tokens,
+                          dataclasses.replace(self._totals))
 
     def _finish(self, req: Request) -> None:
         self._requests.pop(req.id, None)

@@ -45,6 +45,9 @@ class StreamEvent:
     logprobs: Optional[List[TokenLogprobs]] = None
     """When SamplingParams.logprobs is set: the log-probabilities of this event's
     ``token_ids``, one each (the events of a prompt together cover its whole output)."""
+    cached_tokens: int = 0
+    """On the last event: prompt tokens whose KV was reused (the Model's prompt cache,
+    or a prefix shared with other prompts) rather than decoded for this sample."""
 
 
 class _StreamState:
@@ -93,7 +96,8 @@ class _StreamState:
             raw = r.logprobs[sent_tokens:] if r.logprobs is not None else None
             return StreamEvent(r.index, r.text[sent_bytes:].decode("utf-8", "replace"), r.token_ids[sent_tokens:],
                                True, r.finish_reason, r.sample, r.stop_reason, r.error,
-                               public_logprobs(r.token_ids[sent_tokens:], raw, self.model._token_text))
+                               public_logprobs(r.token_ids[sent_tokens:], raw, self.model._token_text),
+                               r.cached_tokens)
         if isinstance(event, Progress):
             return None
         self.finished = True  # every other event is a request's last

@@ -12,6 +12,7 @@
 # their named arguments); each is documented there.
 .SAMPLING_DOTS <- c("n", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
                     "frequency_penalty", "presence_penalty", "stop_token_ids", "ignore_eos",
+                    "cache_prompt",
                     "grammar", "json_schema", "choices", "logprobs", "logit_bias")
 
 .is_whole <- function(x) is.numeric(x) & is.finite(x) & x == trunc(x)

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     wants_bb = not args.no_batched_bench and any(w in AGAINST_LLAMA_CPP for w in names)
     bb_exe = find_batched_bench(args.batched_bench) if wants_bb else None  # before any model is loaded
     settings = Settings(model_path, args.threads or _cpu_threads(), args.flash_attn, args.n_gpu_layers,
-                        args.samples, args.callers)
+                        args.samples, args.callers, prompt_cache=not args.no_prompt_cache)
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     # One Llama for the loop, its weights shared with every generate_parallel Model. Its
@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         "n_parallel_skipped": skipped, "workloads": names, "threads": settings.threads,
         "flash_attn": args.flash_attn, "n_gpu_layers": args.n_gpu_layers, "backends": list(_core.backends()),
         "repeat": args.repeat, "prefix_tokens": args.prefix_tokens, "callers": args.callers, "loop": not args.no_loop,
+        "prompt_cache": not args.no_prompt_cache,
         "batched_bench": bb_exe, "n_ctx_llama": llm.n_ctx(),
         "n_ctx_per_sequence": {w.name: w.variants[0].n_ctx for w in workloads},
         "sampling": {"temperature": 0.0, "ignore_eos": True, "loop_ignore_eos": "logit_bias -inf on EOG tokens"},
@@ -237,6 +238,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "else the source tree's benchmarks/bin/)")
     p.add_argument("--no-batched-bench", action="store_true", help="do not run llama-batched-bench")
     p.add_argument("--no-loop", action="store_true", help="do not run the llama-cpp-python loop")
+    p.add_argument("--no-prompt-cache", action="store_true",
+                   help="open generate_parallel's Models with prompt_cache=False")
     p.add_argument("--prefix-tokens", type=_positive, default=300, help="shared prefix length (default 300)")
     p.add_argument("--callers", type=_positive, default=8, metavar="K",
                    help="threads of the concurrent workload, the prompts split among them (default 8)")

@@ -48,6 +48,8 @@ class Settings:
     n_gpu_layers: int
     samples: int
     callers: int
+    prompt_cache: bool = True
+    """Model(prompt_cache=...) of every generate_parallel run."""
 
 
 class Implementation(abc.ABC):
@@ -164,7 +166,7 @@ class _OnModel(Implementation):
         fa = {"auto": "auto", "on": True, "off": False}[s.flash_attn]
         with PeakRSS() as rss:
             model = pg.Model.from_llama(self.llm, n_parallel=n_parallel, n_ctx=variant.n_ctx,
-                                        n_threads=s.threads, flash_attn=fa)
+                                        n_threads=s.threads, flash_attn=fa, prompt_cache=s.prompt_cache)
             try:
                 pg.generate_parallel(model, "Warm-up.", max_tokens=2, temperature=0.0, ignore_eos=True)
                 params = _params(variant, s.samples)
