@@ -34,8 +34,8 @@ from .errors import APIError, install_handlers
 from .metrics import Metrics
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionLogprobs,
-                       CompletionRequest, CompletionResponse, DeltaMessage, ModelCard, ModelList, TokenLogprob,
-                       TopLogprob, Usage)
+                       CompletionRequest, CompletionResponse, DeltaMessage, ModelCard, ModelList,
+                       PromptTokensDetails, TokenLogprob, TopLogprob, Usage)
 from .service import Choice, ClientGone, Job, Service, failed_choice
 from .settings import ServerSettings
 
@@ -258,7 +258,8 @@ def _json(obj: Any) -> str:
 
 def _usage(job: Job) -> Usage:
     p, c = job.usage_prompt_tokens, job.usage_completion_tokens
-    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=job.usage_cached_tokens))
 
 
 class _Shape:

@@ -40,6 +40,7 @@ class _Request(BaseModel):
     ignore_eos: StrictBool = False
     grammar: Optional[StrictStr] = None
     json_schema: Union[Dict[str, Any], StrictStr, None] = None
+    cache_prompt: StrictBool = True
 
     def ignored_fields(self) -> List[str]:
         return sorted(self.model_extra or ())
@@ -103,10 +104,16 @@ class ChatCompletionRequest(_Request):
 
 
 # -- responses ------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+    """Prompt tokens whose KV was reused from the prompt cache (or a shared prefix)."""
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class CompletionLogprobs(BaseModel):

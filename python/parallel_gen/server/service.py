@@ -63,6 +63,8 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     first_token_at: Optional[float] = None
     choices: Dict[int, Choice] = field(default_factory=dict)
+    cached: Dict[int, int] = field(default_factory=dict)
+    """Per prompt: its tokens reused by every sample (the prompt cache, a shared prefix)."""
 
     @property
     def sequences(self) -> int:
@@ -71,6 +73,10 @@ class Job:
     @property
     def usage_prompt_tokens(self) -> int:
         return sum(self.prompt_tokens)
+
+    @property
+    def usage_cached_tokens(self) -> int:
+        return sum(self.cached.values())
 
     @property
     def usage_completion_tokens(self) -> int:
@@ -155,7 +161,7 @@ class Service:
         if body.n > s.max_n:
             raise APIError(400, f"n={body.n}: at most {s.max_n} completions per prompt on this server",
                            param="n", code="invalid_value")
-        kw: Dict[str, object] = {"n": body.n, "ignore_eos": body.ignore_eos}
+        kw: Dict[str, object] = {"n": body.n, "ignore_eos": body.ignore_eos, "cache_prompt": body.cache_prompt}
         # None: until the sequence's context is full, as OpenAI does for chat.
         kw["max_tokens"] = self.model.n_ctx if max_tokens is None else max_tokens
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
@@ -268,6 +274,7 @@ class Service:
                 if ev.finished:
                     c.finish_reason = ev.finish_reason
                     c.error = ev.error
+                    job.cached[ev.index] = min(job.cached.get(ev.index, ev.cached_tokens), ev.cached_tokens)
                 yield c, ev
         finally:
             await stream.aclose()
@@ -300,6 +307,7 @@ class Service:
         m.requests.labels(job.endpoint, str(status)).inc()
         m.request_latency.labels(job.endpoint).observe(seconds)
         m.prompt_tokens.inc(job.usage_prompt_tokens)
+        m.cached_prompt_tokens.inc(job.usage_cached_tokens)
         m.generation_tokens.inc(job.usage_completion_tokens)
         reasons = Tally(c.finish_reason or "cancelled" for c in job.choices.values())
         for reason, count in reasons.items():
