@@ -135,6 +135,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("grammar", &SamplingConfig::grammar)
         .def_readwrite("logit_bias", &SamplingConfig::logit_bias)
         .def_readwrite("logprobs", &SamplingConfig::logprobs)
+        .def_readwrite("cache_prompt", &SamplingConfig::cache_prompt)
         .def_readwrite("continuations", &SamplingConfig::continuations);
 
     py::class_<EngineConfig>(m, "EngineConfig")
@@ -149,6 +150,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("type_v", &EngineConfig::type_v)
         .def_readwrite("kv_size", &EngineConfig::kv_size)
         .def_readwrite("min_prefix", &EngineConfig::min_prefix)
+        .def_readwrite("prompt_cache", &EngineConfig::prompt_cache)
         .def_readwrite("verbose", &EngineConfig::verbose);
 
     py::enum_<Finish>(m, "Finish").value("stop", Finish::Stop).value("length", Finish::Length).value("error", Finish::Error);
@@ -184,6 +186,11 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("sequence_moves", &Counters::sequence_moves)
         .def_readonly("prompt_tokens", &Counters::prompt_tokens)
         .def_readonly("prefix_tokens_reused", &Counters::prefix_tokens_reused)
+        .def_readonly("cached_prompt_tokens", &Counters::cached_prompt_tokens)
+        .def_readonly("prompt_cache_hits", &Counters::prompt_cache_hits)
+        .def_readonly("prompt_cache_misses", &Counters::prompt_cache_misses)
+        .def_readonly("prompt_cache_evictions", &Counters::prompt_cache_evictions)
+        .def_readonly("kv_copies", &Counters::kv_copies)
         .def_readonly("generated_tokens", &Counters::generated_tokens)
         .def_readonly("prompt_seconds", &Counters::prompt_seconds)
         .def_readonly("generation_seconds", &Counters::generation_seconds);
@@ -208,6 +215,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("stop_token", &Result::stop_token)
         .def_readonly("error_code", &Result::error_code)
         .def_readonly("error", &Result::error)
+        .def_readonly("n_cached", &Result::n_cached)
         .def_property_readonly("logprobs", [](const Result & r) { return logprob_list(r.logprobs); });
 
     py::class_<StepOutput>(m, "StepOutput")
@@ -236,6 +244,8 @@ PYBIND11_MODULE(_core, m) {
         .def("abort_after_decodes", &Engine::abort_after_decodes)
         .def_property_readonly("n_live", &Engine::n_live)
         .def_property_readonly("kv_tokens", &Engine::kv_tokens)
+        .def_property_readonly("cached_tokens", &Engine::cached_tokens)
+        .def_property_readonly("n_streams", &Engine::n_streams)
         .def_property_readonly("n_waiting", &Engine::n_waiting)
         .def_property_readonly("n_ctx", &Engine::n_ctx)
         .def_property_readonly("n_ctx_seq", &Engine::n_ctx_seq)

@@ -30,6 +30,8 @@ struct SamplingConfig {
     std::string grammar;                             // GBNF; empty: unconstrained
     std::vector<std::pair<int32_t, float>> logit_bias;
     int32_t  logprobs          = -1;                 // -1: off; k >= 0: chosen + top k
+    bool     cache_prompt      = true;  // reuse cached KV for the prompt, and leave this
+                                        // sequence's KV in the prompt cache when it ends
     // Non-empty: a scoring sequence, which samples nothing (the fields above are unused):
     // each continuation (token ids) is teacher-forced after the prompt and its tokens'
     // logprobs are the result (see scoring.hpp).

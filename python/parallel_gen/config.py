@@ -85,6 +85,16 @@ class ModelConfig:
     n samples of one prompt, once, and copy its KV to each. Costs one more KV stream when
     kv_unified is False; cutting a prefill there changes numerics slightly."""
 
+    prompt_cache: bool = field(default=True, metadata=_numerics())
+    """Keep the KV of finished prompts (prompt and output) while the Model's KV has room,
+    so a later prompt starting with the same tokens (a conversation's next turn, an
+    agent's next step, a repeated instruction) decodes only what is new. Free streams
+    keep their last sequence's KV; a full pool evicts the least recently used entry
+    before any running sequence waits. Costs one more KV stream when kv_unified is False
+    (shared with share_prefix). Per prompt: SamplingParams.cache_prompt. Numerics: a
+    prefill resumed from a cached prefix is cut there, which changes outputs slightly
+    (as share_prefix does)."""
+
     repack: Optional[bool] = None
     """Let llama.cpp repack the weights for its faster CPU kernels (its "extra buffer
     types"; False is llama.cpp's --no-repack). None: off when llama.cpp was built with AMX
@@ -108,7 +118,7 @@ class ModelConfig:
         if self.n_threads is not None:
             _int("n_threads", self.n_threads, 1)
         _int("n_gpu_layers", self.n_gpu_layers, -1)
-        for name in ("kv_unified", "share_prefix", "verbose"):
+        for name in ("kv_unified", "share_prefix", "prompt_cache", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamTypeError(f"Model {name} must be a bool, got {getattr(self, name)!r}", name)
         check_repack(self.repack)
@@ -141,8 +151,9 @@ class ModelConfig:
 
     @property
     def kv_streams(self) -> int:
-        """KV streams llama.cpp allocates with separate streams: one per slot, plus one for a shared prefix."""
-        return self.n_parallel + (1 if self.share_prefix else 0)
+        """KV streams llama.cpp allocates with separate streams: one per slot, plus one for a
+        shared prefix and the prompt cache."""
+        return self.n_parallel + (1 if self.share_prefix or self.prompt_cache else 0)
 
     def numerics(self) -> Dict[str, Any]:
         """The settings that can change a prompt's output (not capacity: n_parallel, n_ctx,
@@ -164,6 +175,7 @@ class ModelConfig:
         ec.type_v = KV_TYPES[self.type_v]
         ec.kv_size = self.kv_size or 0
         ec.min_prefix = MIN_SHARED_PREFIX if self.share_prefix else 2**31 - 1
+        ec.prompt_cache = self.prompt_cache
         ec.verbose = self.verbose
         return ec
 

@@ -119,6 +119,13 @@ class SamplingParams:
     logit_bias: Optional[Mapping[int, float]] = None
     """Added to the logits of the given token ids before sampling (-inf bans a token)."""
 
+    cache_prompt: bool = True
+    """Start from the longest prefix of the prompt whose KV the Model's prompt cache holds
+    (from earlier prompts and their outputs), and leave this prompt's KV there when it
+    ends. False (llama-server's ``cache_prompt: false``): the prompt is decoded whole, on
+    its own, and its KV is dropped when it ends. Without effect when the Model was opened
+    with ``prompt_cache=False``."""
+
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once
         _need_int("n", self.n)
@@ -153,8 +160,9 @@ class SamplingParams:
                 raise _bad("seed", self.seed, "must be in [0, 2**32)")
         set_(self, "stop", _as_str_tuple(self.stop, "stop"))
         set_(self, "stop_token_ids", _as_int_tuple(self.stop_token_ids))
-        if not isinstance(self.ignore_eos, bool):
-            raise ParamTypeError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}", "ignore_eos")
+        for name in ("ignore_eos", "cache_prompt"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamTypeError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}", name)
         set_(self, "_gbnf", self._constraint_grammar())
         if self.logprobs is not None:
             _need_int("logprobs", self.logprobs)
@@ -229,6 +237,7 @@ class SamplingParams:
         c.grammar = self.compiled_grammar or ""
         c.logit_bias = sorted(self.logit_bias.items()) if self.logit_bias else []
         c.logprobs = -1 if self.logprobs is None else self.logprobs
+        c.cache_prompt = self.cache_prompt
         return c
 
 

@@ -176,6 +176,27 @@ class BatchStats:
     samples of one prompt) was decoded once and its KV copied."""
     cache_hits: int = 0
     """Prompts answered from the result cache, without decoding."""
+    cached_prompt_tokens: int = 0
+    """Prompt tokens not decoded because the Model's prompt cache held their KV (from
+    earlier prompts and outputs, this call's or others')."""
+    prompt_cache_hits: int = 0
+    """Lookups in the prompt cache that found KV to start from: one per sequence, or one
+    for a prefix shared by several waiting sequences (which then count neither)."""
+    prompt_cache_misses: int = 0
+    """Lookups (with the prompt cache on) that found nothing to start from."""
+    prompt_cache_evictions: int = 0
+    """Prompt cache entries holding tokens no other KV stream held, dropped for room or
+    overwritten (or reused for fewer tokens than were dropped)."""
+
+    @property
+    def prompt_cache_hit_rate(self) -> float:
+        """prompt_cache_hits / (hits + misses); 0 when nothing was looked up."""
+        return hit_rate(self.prompt_cache_hits, self.prompt_cache_misses)
+
+
+def hit_rate(hits: int, misses: int) -> float:
+    """hits / (hits + misses); 0 when nothing was looked up."""
+    return hits / (hits + misses) if hits + misses else 0.0
 
 
 class BatchResult(_SequenceABC):

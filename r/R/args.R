@@ -13,11 +13,12 @@
 # their named arguments); each is documented there.
 .SAMPLING_DOTS <- c("n", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
                     "frequency_penalty", "presence_penalty", "stop_token_ids", "ignore_eos",
+                    "cache_prompt",
                     "grammar", "json_schema", "choices", "logprobs", "logit_bias")
 # ModelConfig fields taken through `...` of pg_model() (n_parallel and n_ctx are its
 # named arguments); each is documented there.
 .MODEL_DOTS <- c("n_batch", "n_threads", "n_gpu_layers", "kv_unified", "flash_attn", "type_k", "type_v",
-                 "kv_size", "share_prefix", "verbose")
+                 "kv_size", "share_prefix", "prompt_cache", "verbose")
 
 .is_whole <- function(x) is.numeric(x) & is.finite(x) & x == trunc(x)
 

@@ -14,10 +14,11 @@
 #'   `repeat_penalty`, `repeat_last_n`, `frequency_penalty`, `presence_penalty`,
 #'   `stop_token_ids` (token ids that end a completion), `ignore_eos`, one of `grammar`
 #'   (GBNF text), `json_schema` (JSON text) and `choices` (a character vector: the
-#'   output is one of them), `logprobs` (`0` to `20`: adds the `logprobs` column) and
+#'   output is one of them), `logprobs` (`0` to `20`: adds the `logprobs` column),
 #'   `logit_bias` (a numeric vector named by token id, added to those tokens' logits:
-#'   `c("49000" = -Inf)` bans token 49000). An unknown name is an error listing the
-#'   valid ones.
+#'   `c("49000" = -Inf)` bans token 49000) and `cache_prompt` (`FALSE`: decode the
+#'   prompt whole and keep none of its KV in the model's prompt cache). An unknown name
+#'   is an error listing the valid ones.
 #' @param seed `NULL` (fresh randomness on every call) or a whole number in
 #'   `[0, 2^32)`: prompt *i* then uses seed + *i* - 1, so a call with the same seed repeats
 #'   exactly. The seed is used as given: [set.seed()] has no effect on it, and
@@ -117,7 +118,9 @@ pg_chat <- function(model, conversations, max_tokens = 128L, temperature = 0.8, 
 #'   `prompt_seconds`, `generation_seconds`, `wall_seconds`,
 #'   `prompt_tokens_per_second`, `generation_tokens_per_second`, `decode_calls`,
 #'   `decode_retries`, `fallback_decodes`, `failed`, `preemptions`, `sequence_moves`,
-#'   `prefix_tokens_reused`, `cache_hits`.
+#'   `prefix_tokens_reused`, `cache_hits`, `cached_prompt_tokens` (prompt tokens whose
+#'   KV came from the model's prompt cache), `prompt_cache_hits`, `prompt_cache_misses`,
+#'   `prompt_cache_evictions`.
 #' @export
 pg_stats <- function(x = NULL) {
   if (is.null(x)) {

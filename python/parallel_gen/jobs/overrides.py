@@ -43,7 +43,7 @@ FROM_TEXT: Dict[str, Callable[[str], Any]] = {
     "n": int, "max_tokens": int, "top_k": int, "repeat_last_n": int, "seed": int, "logprobs": int,
     "temperature": float, "top_p": float, "min_p": float, "repeat_penalty": float,
     "frequency_penalty": float, "presence_penalty": float,
-    "ignore_eos": _bool, "stop": _json_or_text, "choices": _json_or_text, "stop_token_ids": _int_list,
+    "ignore_eos": _bool, "cache_prompt": _bool, "stop": _json_or_text, "choices": _json_or_text, "stop_token_ids": _int_list,
     "grammar": str, "json_schema": str, "logit_bias": _bias,
 }
 if set(FROM_TEXT) != FIELD_NAMES:  # checked at import: a new field must say how a cell becomes it

@@ -76,6 +76,7 @@ class _Request(Wire):
     ignore_eos: StrictBool = False
     grammar: Optional[StrictStr] = None
     json_schema: Union[Dict[str, Any], StrictStr, None] = None
+    cache_prompt: StrictBool = True
     # Unknown fields of the request this one was converted from (a Responses request).
     _carried: List[str] = PrivateAttr(default_factory=list)
 
@@ -153,10 +154,16 @@ class ChatCompletionRequest(_Request):
 
 
 # -- responses ------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+    """Prompt tokens whose KV was reused from the prompt cache (or a shared prefix)."""
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class CompletionLogprobs(BaseModel):

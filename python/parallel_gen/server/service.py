@@ -69,6 +69,8 @@ class Call:
     created: int = field(default_factory=lambda: int(time.time()))
     first_token_at: Optional[float] = None
     choices: Dict[int, Choice] = field(default_factory=dict)
+    cached: Dict[int, int] = field(default_factory=dict)
+    """Per prompt: its tokens reused by every sample (the prompt cache, a shared prefix)."""
 
     @property
     def sequences(self) -> int:
@@ -77,6 +79,10 @@ class Call:
     @property
     def usage_prompt_tokens(self) -> int:
         return sum(self.prompt_tokens)
+
+    @property
+    def usage_cached_tokens(self) -> int:
+        return sum(self.cached.values())
 
     @property
     def usage_completion_tokens(self) -> int:
@@ -163,7 +169,7 @@ class Service:
         if body.n > s.max_n:
             raise APIError(400, f"n={body.n}: at most {s.max_n} completions per prompt on this server",
                            param="n", code="invalid_value")
-        kw: Dict[str, object] = {"n": body.n, "ignore_eos": body.ignore_eos}
+        kw: Dict[str, object] = {"n": body.n, "ignore_eos": body.ignore_eos, "cache_prompt": body.cache_prompt}
         # None: until the sequence's context is full, as OpenAI does for chat.
         kw["max_tokens"] = self.model.n_ctx if max_tokens is None else max_tokens
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
@@ -285,6 +291,7 @@ class Service:
                     c.finish_reason = ev.finish_reason
                     if ev.error is not None:
                         c.failure = Failure(ErrorCode(ev.error_code or ErrorCode.ABORTED), ev.error)
+                    call.cached[ev.index] = min(call.cached.get(ev.index, ev.cached_tokens), ev.cached_tokens)
                 if ev.logprobs is not None:  # extended in place: linear in the tokens, not quadratic
                     if c.logprobs is None:
                         c.logprobs = []
@@ -323,6 +330,7 @@ class Service:
         m.requests.labels(call.endpoint, str(status)).inc()
         m.request_latency.labels(call.endpoint).observe(seconds)
         m.prompt_tokens.inc(call.usage_prompt_tokens)
+        m.cached_prompt_tokens.inc(call.usage_cached_tokens)
         m.generation_tokens.inc(call.usage_completion_tokens)
         reasons = Tally(c.finish_reason or "cancelled" for c in call.choices.values())
         for reason, count in reasons.items():

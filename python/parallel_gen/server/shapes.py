@@ -19,9 +19,9 @@ from .errors import APIError
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                        ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionResponse, DeltaMessage,
                        TokenLogprob, TopLogprob, Usage)
-from .responses_protocol import (ContentPartEvent, ErrorEvent, IncompleteDetails, OutputItemEvent, OutputMessage,
-                                 OutputText, ResponseError, ResponseEvent, ResponseObject, ResponsesRequest,
-                                 ResponseUsage, TextDeltaEvent, TextDoneEvent)
+from .responses_protocol import (ContentPartEvent, ErrorEvent, IncompleteDetails, InputTokensDetails, OutputItemEvent,
+                                 OutputMessage, OutputText, ResponseError, ResponseEvent, ResponseObject,
+                                 ResponsesRequest, ResponseUsage, TextDeltaEvent, TextDoneEvent)
 from .service import Choice, Call
 
 DONE = "[DONE]"
@@ -171,7 +171,8 @@ class ResponsesShape(Shape):
             incomplete_details=IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
             error=ResponseError(code=error.code or "server_error", message=error.message) if error else None,
             usage=ResponseUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                                total_tokens=usage.total_tokens) if usage else None)
+                                total_tokens=usage.total_tokens,
+                                input_tokens_details=_input_details(usage)) if usage else None)
 
     @staticmethod
     def _status(c: Choice) -> str:
@@ -212,3 +213,9 @@ class ResponsesShape(Shape):
     def failed(self, call: Call, err: APIError) -> List[ServerSentEvent]:
         return [self._event(ErrorEvent, "error", code=err.code, message=err.message, param=err.param),
                 self._event(ResponseEvent, "response.failed", response=self._object(call, "failed", [], error=err))]
+
+
+def _input_details(usage: Usage) -> InputTokensDetails:
+    """The Responses API's name for usage.prompt_tokens_details (cached prompt tokens)."""
+    details = usage.prompt_tokens_details
+    return InputTokensDetails(cached_tokens=details.cached_tokens if details else 0)
