@@ -336,6 +336,10 @@ def test_multi_turn_chat_reports_cached_tokens_and_metrics(cached):
     assert cached.metric("parallel_gen_prompt_cache_evictions") is not None
     r = cached.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "cache_prompt": "no"})
     _error(r, 400, param="cache_prompt")
+    # the Responses API names it usage.input_tokens_details.cached_tokens: the chat prompt
+    # streamed above, asked again there, is cached whole but its last token
+    resp = client.responses.create(model=ALIAS, input=messages, max_output_tokens=2, temperature=0)
+    assert resp.usage.input_tokens_details.cached_tokens == resp.usage.input_tokens - 1
 
 
 def test_without_the_cache_nothing_is_cached(server):
