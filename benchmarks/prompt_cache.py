@@ -13,12 +13,15 @@ a shared machine's load hits them all:
     short review per prompt), Model(prompt_cache=True) against prompt_cache=False: the
     prompt phase (BatchStats.prompt_seconds) per call, and the share of greedy outputs that
     are identical with and without the cache.
+(b') ``repeat``: in-process, a call of one prompt, then a second call whose one prompt
+    repeats the first's instruction (the issue's case): the second call's prompt phase with
+    and without the cache.
 (c) ``noreuse``: ``parallel-gen bench --workload short,ragged`` with and without
     ``--no-prompt-cache``: workloads where nothing is reused, to show the cache costs them
     nothing beyond the machine's spread.
 
     benchmarks/build_batched_bench.sh llama-batched-bench llama-server   # for (a)
-    flock /tmp/pg-bench.lock python benchmarks/prompt_cache.py --rounds 3 --json benchmarks/results-prompt-cache.json
+    flock /tmp/pg-cpu.lock python benchmarks/prompt_cache.py --rounds 3 --json benchmarks/results-prompt-cache.json
 
 Flash attention off everywhere (it changes numerics and speed: compare like with like).
 """
@@ -57,7 +60,7 @@ REVIEWS = ["Great.", "Awful.", "Loved it!", "Too slow.", "Fine.", "Meh.", "Super
            "Nice.", "Bad.", "Cheap.", "Pricey.", "Cozy.", "Noisy.", "Fresh.", "Stale."]
 INSTRUCTION = ("You are a careful annotator. Read the customer review below and classify its sentiment as "
                "positive, negative or neutral. Consider tone, wording and context; sarcasm counts as negative. "
-               "Reply with the label only. ") * 4
+               "Reply with the label only. ") * 7  # ~300 tokens (SmolLM2)
 
 
 def log(msg: str) -> None:
@@ -216,6 +219,47 @@ def report_calls(runs: List[CallsRun]) -> List[str]:
     ]
 
 
+# -- (b') one prompt, then another with the same instruction ---------------------------------------
+def bench_repeat(args: argparse.Namespace, model: str) -> List[dict]:
+    """The issue's in-process case: a call of one prompt, then a second call whose one
+    prompt repeats the first's instruction; the second call's prompt phase, cache on/off."""
+    runs = []
+    first = f"{INSTRUCTION}Review: {REVIEWS[0]}\nLabel:"
+    second = f"{INSTRUCTION}Review: {REVIEWS[1]}\nLabel:"
+    for rnd in range(1, args.rounds + 1):
+        for cache in ((True, False) if rnd % 2 else (False, True)):
+            with pg.Model(model, n_parallel=4, n_ctx=512, n_threads=args.threads, flash_attn=False,
+                          prompt_cache=cache) as m:
+                pg.generate_parallel(m, "Warm-up.", max_tokens=2, temperature=0)
+                a = pg.generate_parallel(m, first, max_tokens=args.max_tokens, temperature=0).stats
+                b = pg.generate_parallel(m, second, max_tokens=args.max_tokens, temperature=0).stats
+                runs.append(dict(cache=cache, round=rnd, instruction_tokens=len(m.tokenize(INSTRUCTION)),
+                                 first_s=a.prompt_seconds, second_s=b.prompt_seconds,
+                                 second_decoded=b.prompt_tokens - b.cached_prompt_tokens))
+            log(f"(b') round {rnd}: cache {cache}: prompt s {a.prompt_seconds:.3f} then {b.prompt_seconds:.3f}")
+    return runs
+
+
+def report_repeat(runs: List[dict]) -> List[str]:
+    on = {r["round"]: r for r in runs if r["cache"]}
+    off = {r["round"]: r for r in runs if not r["cache"]}
+    rounds = sorted(on)
+
+    def med(d: Dict[int, dict], key: str) -> float:
+        return statistics.median(d[k][key] for k in rounds)
+
+    x = statistics.median(off[k]["second_s"] / on[k]["second_s"] for k in rounds)
+    return [
+        f"instruction: {runs[0]['instruction_tokens']} tokens",
+        "| | no cache | cache | x (no cache / cache) |", "|---|---:|---:|---:|",
+        f"| call 1 prompt phase (median) | {med(off, 'first_s'):.3f} s | {med(on, 'first_s'):.3f} s | |",
+        f"| call 2 prompt phase (median) | {med(off, 'second_s'):.3f} s | {med(on, 'second_s'):.3f} s | {x:.2f} |",
+        f"| call 2 / call 1 | {med(off, 'second_s') / med(off, 'first_s'):.2f} | "
+        f"{med(on, 'second_s') / med(on, 'first_s'):.2f} | |",
+        f"| call 2 prompt tokens decoded | {med(off, 'second_decoded'):.0f} | {med(on, 'second_decoded'):.0f} | |",
+    ]
+
+
 # -- (c) workloads without reuse -------------------------------------------------------------------
 def bench_noreuse(args: argparse.Namespace, model: str) -> List[dict]:
     runs = []
@@ -253,7 +297,7 @@ def report_noreuse(runs: List[dict]) -> List[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--only", action="append", choices=["chat", "calls", "noreuse"],
+    ap.add_argument("--only", action="append", choices=["chat", "calls", "repeat", "noreuse"],
                     help="run only these parts (repeatable; default: all)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -270,7 +314,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write every run to this file")
     args = ap.parse_args()
     model = args.model or str(default_model_path())
-    parts = args.only or ["chat", "calls", "noreuse"]
+    parts = args.only or ["chat", "calls", "repeat", "noreuse"]
     load = [os.getloadavg()]
     results: Dict[str, list] = {}
     report: List[str] = []
@@ -283,6 +327,11 @@ def main() -> None:
         runs = bench_calls(args, model)
         results["calls"] = [asdict(r) for r in runs]
         report += [f"(b) {args.calls} calls x {args.prompts} prompts sharing an instruction:", *report_calls(runs), ""]
+    if "repeat" in parts:
+        runs = bench_repeat(args, model)
+        results["repeat"] = runs
+        report += ["(b') one prompt, then a second call whose one prompt repeats its instruction:",
+                   *report_repeat(runs), ""]
     if "noreuse" in parts:
         runs = bench_noreuse(args, model)
         results["noreuse"] = runs
