@@ -14,10 +14,11 @@
 #'   `repeat_penalty`, `repeat_last_n`, `frequency_penalty`, `presence_penalty`,
 #'   `stop_token_ids` (token ids that end a completion), `ignore_eos`, one of `grammar`
 #'   (GBNF text), `json_schema` (JSON text) and `choices` (a character vector: the
-#'   output is one of them), `logprobs` (`0` to `20`: adds the `logprobs` column) and
-#'   `logit_bias` (a numeric vector named by token id, added to those tokens' logits:
-#'   `c("49000" = -Inf)` bans token 49000). An unknown name is an error listing the
-#'   valid ones.
+#'   output is one of them), `grammar_triggers` (regular expressions: the grammar
+#'   applies only from the first match on), `logprobs` (`0` to `20`: adds the
+#'   `logprobs` column) and `logit_bias` (a numeric vector named by token id, added to
+#'   those tokens' logits: `c("49000" = -Inf)` bans token 49000). An unknown name is an
+#'   error listing the valid ones.
 #' @param seed `NULL` (fresh randomness on every call) or a whole number in
 #'   `[0, 2^32)`: prompt *i* then uses seed + *i* - 1, so a call with the same seed repeats
 #'   exactly. The seed is used as given: [set.seed()] has no effect on it, and
