@@ -16,7 +16,7 @@ from .jobs import JobSummary, generate_iter, run_file_job
 from .model import Model
 from .models import default_model_path
 from .params import SamplingParams
-from .results import BatchResult, BatchStats, Completion, Logprob, Output, TokenLogprobs
+from .results import BatchResult, BatchStats, Completion, Logprob, Output, TokenLogprobs, ToolCall
 from .runner import EngineStats
 from .scoring import Score, score
 from .stream import StreamEvent, astream_parallel, stream_parallel
@@ -40,6 +40,7 @@ __all__ = [
     "Score",
     "StreamEvent",
     "TokenLogprobs",
+    "ToolCall",
     "apply_chat_template",
     "astream_parallel",
     "chat_parallel",

@@ -226,7 +226,12 @@ def _generate(args: argparse.Namespace) -> int:
     from .jobs.job import run_source_job
     from .jobs.sources import Columns
 
+    tools = _tools_args(args)
     if args.ray is not None:
+        if tools:
+            from .cli_io import InputError
+
+            raise InputError("--tools is not supported with --ray yet: run the job without --ray")
         from .ray.cli import generate_on_ray
 
         return generate_on_ray(args, _sampling_params, _model_kwargs, _chat_template_arg)
@@ -236,7 +241,31 @@ def _generate(args: argparse.Namespace) -> int:
     return _run_job(args, source, lambda model_options: run_source_job(
         args.model, source, args.output, output_format=args.output_format, resume=args.resume,
         overwrite=args.overwrite, chat=args.chat, system=args.system, chat_template=template_arg,
-        progress=args.progress, params=params, lookahead=args.lookahead, model_options=model_options))
+        progress=args.progress, params=params, lookahead=args.lookahead, model_options=model_options, **tools))
+
+
+def _tools_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """run_source_job's tools keywords from --tools FILE, --tool-choice and
+    --no-parallel-tool-calls (checked here: bad tools fail before the model loads)."""
+    from .cli_io import InputError
+    from .tools import tool_request
+
+    if args.tools is None:
+        if args.tool_choice is not None or not args.parallel_tool_calls:
+            raise InputError("--tool-choice and --no-parallel-tool-calls need --tools FILE")
+        return {}
+    try:
+        tools = json.loads(_read_arg_file("--tools", args.tools))
+    except ValueError as e:
+        raise InputError(f"--tools {args.tools}: not valid JSON ({e})") from None
+    choice: Any = args.tool_choice
+    if choice is not None and choice not in ("none", "auto", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    try:
+        tool_request(tools, choice, args.parallel_tool_calls)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"--tools {args.tools}: {e}") from None
+    return dict(tools=tools, tool_choice=choice, parallel_tool_calls=args.parallel_tool_calls)
 
 
 def _run_job(args: argparse.Namespace, source: "Any", run: "Callable[[Dict[str, Any]], Any]") -> int:
@@ -459,10 +488,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send each plain prompt as a user message through the model's chat template")
     g.add_argument("--system", metavar="TEXT", help="system message for every plain prompt (implies --chat)")
     _add_chat_template_options(g)
+    t = g.add_argument_group("tools (imply --chat)")
+    t.add_argument("--tools", metavar="FILE",
+                   help="JSON file: a list of OpenAI-style tools ({\"type\": \"function\", \"function\": {name, "
+                        "description, parameters}}) offered in every conversation; rows get content and tool_calls")
+    t.add_argument("--tool-choice", metavar="CHOICE", default=None,
+                   help="auto (default), required, none, or a tool's name (a call of that tool)")
+    t.add_argument("--no-parallel-tool-calls", dest="parallel_tool_calls", action="store_false",
+                   help="at most one call per reply")
     _add_job_output_options(g, ["auto", "jsonl", "csv", "parquet", "text"],
                             "output rows: the input's fields + row, text, finish_reason, stop_reason, "
-                            "prompt_tokens, completion_tokens, error (jsonl, csv, parquet), or the texts alone "
-                            "(text) (default: by the extension of --output, else jsonl)")
+                            "prompt_tokens, completion_tokens, error (+ content, tool_calls with --tools) "
+                            "(jsonl, csv, parquet), or the texts alone (text) (default: by the extension of "
+                            "--output, else jsonl)")
     _add_ray_options(g)
     _add_progress_option(g)
     _add_sampling_options(g)

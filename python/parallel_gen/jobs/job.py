@@ -18,17 +18,18 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Collection, Deque, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-from ..chat import _message
+from ..chat import checked_conversation
 from ..model import Model
 from ..params import SamplingParams
 from ..progress import make_progress
 from ..results import Completion
 from ..templates import ChatTemplate
+from ..tools import ToolPlan, ToolRequest, tool_request
 from .formats import STDIN, InputFormat, JobInputError, input_format_for, output_format_for
 from .ordered import LOOKAHEAD_PER_SLOT, OrderedGeneration, OrderedRequests, Work, check_lookahead
 from .overrides import row_params
 from .progress import job_progress
-from .records import carried, output_record
+from .records import OUTPUT_COLUMNS, TOOL_COLUMNS, carried, output_record
 from .sinks import ResumePoint, Sink, WriteMode, open_sink
 from .sizing import SizedContext, open_sized_model
 from .sources import Columns, InputRow, Source, open_source
@@ -92,12 +93,20 @@ class _Settings:
     template_arg: Optional[str]
     sized: Optional[SizedContext]
     template: Optional[ChatTemplate] = None
+    tools: Optional[ToolRequest] = None
+    _plan: Optional[ToolPlan] = None
 
     def chat_template(self, model: Model) -> ChatTemplate:
         """Built on first use: a job of plain prompts needs no template (a base model has none)."""
         if self.template is None:
             self.template = ChatTemplate(model, self.template_arg)
         return self.template
+
+    def plan(self, model: Model) -> ToolPlan:
+        """The chat template with the job's tools (built on first use, like the template)."""
+        if self._plan is None:
+            self._plan = ToolPlan(self.chat_template(model), self.tools)
+        return self._plan
 
 
 def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike], output: Optional[PathLike], *,
@@ -106,7 +115,8 @@ def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike],
                  chat: bool = False, system: Optional[str] = None, chat_template: Optional[str] = None,
                  progress: Optional[bool] = None, params: Optional[SamplingParams] = None,
                  lookahead: Optional[int] = None, model_options: Optional[Mapping[str, Any]] = None,
-                 **sampling: Any) -> JobSummary:
+                 tools: Optional[List[Dict[str, Any]]] = None, tool_choice: Any = None,
+                 parallel_tool_calls: bool = True, **sampling: Any) -> JobSummary:
     """Generates for every row of ``input`` and writes one output row per input row.
 
     Args:
@@ -137,11 +147,15 @@ def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike],
             row. Row r gets seed + r unless the row gives its own seed.
         lookahead: most rows in flight (default: 4 per slot).
         model_options: Model keywords when ``model`` is a path.
+        tools, tool_choice, parallel_tool_calls: tools offered in every row's
+            conversation, as for :func:`parallel_gen.chat_parallel` (tools imply chat).
 
     Each output row holds the input row's fields, then ``row`` (the input row number,
     from 0), ``text``, ``finish_reason``, ``stop_reason``, ``prompt_tokens``,
-    ``completion_tokens``, ``error``; ``samples`` when n > 1. A bad row (malformed
-    JSON, no prompt, a prompt too long) is written with ``error`` set.
+    ``completion_tokens``, ``error``; with tools, ``content`` and ``tool_calls`` (a list
+    of OpenAI-style calls, empty when the reply has none or the row failed); ``samples``
+    when n > 1. A bad row (malformed JSON, no prompt, a prompt too long) is written with
+    ``error`` set.
 
     Returns:
         A :class:`JobSummary`.
@@ -158,6 +172,7 @@ def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike],
         return run_source_job(model, source, out_path, output_format=output_format, resume=resume,
                               overwrite=overwrite, chat=chat, system=system, chat_template=chat_template,
                               progress=progress, params=params, lookahead=lookahead, model_options=model_options,
+                              tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
                               **sampling)
     finally:
         source.close()
@@ -168,20 +183,25 @@ def run_source_job(model: Union[Model, PathLike, None], source: Source, output: 
                    system: Optional[str] = None, chat_template: Optional[str] = None,
                    progress: Optional[bool] = None, params: Optional[SamplingParams] = None,
                    lookahead: Optional[int] = None, model_options: Optional[Mapping[str, Any]] = None,
-                   **sampling: Any) -> JobSummary:
+                   tools: Optional[List[Dict[str, Any]]] = None, tool_choice: Any = None,
+                   parallel_tool_calls: bool = True, **sampling: Any) -> JobSummary:
     """run_file_job on an opened :class:`~parallel_gen.jobs.sources.Source` (the CLI's
     prompts from arguments are one); ``output`` None is stdout."""
     t0 = time.perf_counter()
     _check_options(progress, lookahead, resume, overwrite)
+    try:
+        request = tool_request(tools, tool_choice, parallel_tool_calls)
+    except (TypeError, ValueError) as e:
+        raise JobInputError(str(e)) from None
     base = SamplingParams() if params is None else params
     if not isinstance(base, SamplingParams):
         raise TypeError(f"params must be a SamplingParams, got {type(base).__name__}")
     base = base.replace(**sampling) if sampling else base
     if base.seed is None:  # one seed for the job: row r samples with seed + r
         base = base.replace(seed=secrets.randbits(32))
-    # A system message or a template only makes sense in a chat: either implies chat.
-    chatty = chat or system is not None or chat_template is not None
-    settings = _Settings(base, source.format is InputFormat.CSV, chatty, system, chat_template, None)
+    # A system message, a template or tools only make sense in a chat: each implies chat.
+    chatty = chat or system is not None or chat_template is not None or request is not None
+    settings = _Settings(base, source.format is InputFormat.CSV, chatty, system, chat_template, None, tools=request)
     return run_rows(model, source, output, _Generation(settings), output_format=output_format, resume=resume,
                     overwrite=overwrite, progress=progress, lookahead=lookahead, model_options=model_options,
                     t0=t0)
@@ -222,6 +242,8 @@ class RowJob(abc.ABC):
     """What the input's rows are, for "no prompts in FILE"."""
     chat_template: Optional[str] = None
     """The chat template that ``describe``'s conversations are rendered with (None: the model's)."""
+    tools: Optional[ToolRequest] = None
+    """Tools offered in those conversations (they lengthen the prompt)."""
 
     @abc.abstractmethod
     def carried(self, fields: Dict[str, Any]) -> Dict[str, Any]:
@@ -255,9 +277,18 @@ class _Generation(RowJob):
     def __init__(self, settings: _Settings) -> None:
         self.settings = settings
         self.chat_template = settings.template_arg
+        self._model: Optional[Model] = None
 
     def carried(self, fields: Dict[str, Any]) -> Dict[str, Any]:
-        return carried(fields)
+        return carried(fields, self._columns)
+
+    @property
+    def _columns(self) -> Tuple[str, ...]:
+        return OUTPUT_COLUMNS + (TOOL_COLUMNS if self.settings.tools is not None else ())
+
+    @property
+    def tools(self) -> Optional[ToolRequest]:
+        return self.settings.tools
 
     def describe(self, row: InputRow) -> Tuple[Optional[List[Any]], Optional[str], int]:
         s = self.settings
@@ -265,14 +296,18 @@ class _Generation(RowJob):
 
     def prepare(self, model: Model, sized: Optional[SizedContext]) -> None:
         self.settings.sized = sized
+        self._model = model
         if self.settings.chat:
-            self.settings.chat_template(model)  # no usable template: an error before any row
+            self.settings.plan(model)  # no usable template, tools it cannot offer: an error before any row
 
     def ordered(self, model: Model, rows: Iterator[InputRow], lookahead: Optional[int]) -> OrderedGeneration:
         return OrderedGeneration(model, (_work(model, row, self.settings) for row in rows), lookahead)
 
     def record(self, row: InputRow, result: Completion) -> RowDone:
-        return RowDone(output_record(row.row, row.fields, result), result.prompt_tokens, result.completion_tokens)
+        if self.settings.tools is not None and self._model is not None:
+            result = self.settings.plan(self._model).read_completion(self._model, result)
+        record = output_record(row.row, row.fields, result, tools=self.settings.tools is not None)
+        return RowDone(record, result.prompt_tokens, result.completion_tokens)
 
 
 def run_rows(model: Union[Model, PathLike, None], source: Source, output: Optional[str], job: RowJob, *,
@@ -318,7 +353,7 @@ def _run(model: Union[Model, PathLike, None], source: Source, sink: Sink, point:
         sample_size = lookahead or LOOKAHEAD_PER_SLOT * n_par
         sample, rows = _peek(rows, sample_size)
         m, sized = open_sized_model(model, sample, job.describe, job.chat_template,
-                                    complete=len(sample) < sample_size, **model_options)
+                                    complete=len(sample) < sample_size, tools=job.tools, **model_options)
     try:
         job.prepare(m, sized)
         return _drive(m, rows, sink, point, job, source.total, progress, lookahead, t0)
@@ -391,11 +426,11 @@ def _work(model: Model, row: InputRow, s: _Settings) -> Work:
     conversation = _conversation(row, s.chat, s.system)
     if conversation is not None:
         try:
-            template = s.chat_template(model)
-            prompt = template.render([_message(f"{row.where} message {j}", msg) for j, msg in enumerate(conversation)])
+            plan = s.plan(model)
+            prompt = plan.render(checked_conversation("messages", conversation))
+            params = plan.params(plan.template.add_stops(params))
         except (TypeError, ValueError) as e:
             return Work("", params, f"{row.where}: {e}")
-        params = template.add_stops(params)
     if s.sized is not None:
         error = s.sized.check(model, prompt, params)
         if error is not None:

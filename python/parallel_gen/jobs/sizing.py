@@ -15,7 +15,9 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 from ..memory import n_ctx_for_work, round_cells
 from ..model import Model
 from ..params import SamplingParams
+from ..chat import checked_conversation
 from ..templates import ChatTemplate
+from ..tools import ToolPlan, ToolRequest
 
 logger = logging.getLogger("parallel_gen")
 
@@ -48,10 +50,11 @@ class SizedContext:
 
 
 def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequence[Any], describe: Describe,
-                     chat_template: Optional[str], *, complete: bool,
+                     chat_template: Optional[str], *, complete: bool, tools: Optional[ToolRequest] = None,
                      **options: Any) -> Tuple[Model, Optional[SizedContext]]:
     """Opens the model (None: the default one). With ``n_ctx`` in ``options`` as given;
-    else sized to the ``sample`` rows (``complete``: they are all the work)."""
+    else sized to the ``sample`` rows (``complete``: they are all the work), their
+    conversations rendered with ``chat_template`` and ``tools``."""
     if path is None:
         from ..models import default_model_path
 
@@ -63,13 +66,13 @@ def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequenc
 
     def size(model: Model) -> int:
         longest, max_tokens = 0, 1
-        template: Optional[ChatTemplate] = None
+        plan: Optional[ToolPlan] = None
         for row in sample:
             conversation, prompt, row_max = describe(row)
             if conversation is not None:
                 try:
-                    template = template or ChatTemplate(model, chat_template)
-                    prompt = template.render(conversation)
+                    plan = plan or ToolPlan(ChatTemplate(model, chat_template), tools)
+                    prompt = plan.render(checked_conversation("messages", conversation))
                 except (TypeError, ValueError):
                     continue  # the job reports it as the row's error
             if prompt is None:
