@@ -191,8 +191,10 @@ SAMPLING_FLAGS = [
     ("choices", ("--choice",), str, "TEXT", "the output is exactly one of these (repeatable)"),
     ("logprobs", ("--logprobs",), int, "K", "report log-probabilities with the top K alternatives (0-20)"),
     ("logit_bias", ("--logit-bias",), str, "ID=BIAS", "add BIAS to token ID's logit (repeatable; -inf bans)"),
+    ("grammar_triggers", ("--grammar-trigger",), str, "REGEX",
+     "the grammar applies only from a match of REGEX on (repeatable)"),
 ]
-_REPEATABLE = {"stop", "stop_token_ids", "choices", "logit_bias"}
+_REPEATABLE = {"stop", "stop_token_ids", "choices", "logit_bias", "grammar_triggers"}
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
