@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
 from .errors import ParamError, ParamTypeError
-from .repack import check_repack
 
 # KV cache element types llama.cpp accepts (ggml_type values).
 KV_TYPES: Dict[str, int] = {
@@ -96,6 +95,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         from ._native import _core  # on use: the CLI builds its options from the fields without loading llama.cpp
+        from .repack import check_repack
 
         set_ = object.__setattr__  # frozen: normalise in place once
         _int("n_parallel", self.n_parallel, 1, int(_core.max_parallel_sequences()))
