@@ -14,8 +14,8 @@ They alternate, tools first, for --rounds rounds. Reported: the median wall seco
 generated tokens/s of each, and tools' throughput relative to schema's (target >= 0.9x),
 after checking the prompts are identical and every conversation got a call.
 
-    flock /tmp/pg-bench.lock python benchmarks/tools.py --rounds 3 --json benchmarks/results-tools.json
-    python benchmarks/tools.py --conversations 4 --rounds 1          # a smoke run
+    flock /tmp/pg-cpu.lock .venv/bin/python benchmarks/tools.py --rounds 3 --json benchmarks/results-tools.json
+    .venv/bin/python benchmarks/tools.py --conversations 4 --rounds 1          # a smoke run
 """
 
 from __future__ import annotations

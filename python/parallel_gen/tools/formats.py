@@ -82,6 +82,11 @@ class ToolFormat(abc.ABC):
     def detect(self, source: str) -> bool:
         return all(m in source for m in self.markers) and not any(m in source for m in self.excluded)
 
+    @property
+    def start_marker(self) -> Optional[str]:
+        """The text every reply's calls start with (None: a call is the whole reply)."""
+        return None
+
     def new_id(self) -> str:
         """A fresh call id (random, so unique in practice across batches and runs)."""
         if self.id_length is not None:
@@ -167,6 +172,10 @@ class _Marked(ToolFormat):
     @property
     def trigger(self) -> str:
         return "(" + _regex_literal(self.open or self.call_open) + ")"
+
+    @property
+    def start_marker(self) -> Optional[str]:
+        return self.open or self.call_open or None
 
 
 @dataclass(frozen=True)

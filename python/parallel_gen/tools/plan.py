@@ -63,6 +63,24 @@ class ToolPlan:
                              "free)")
         return p.replace(grammar=self.constraint.grammar, grammar_triggers=self.constraint.triggers)
 
+    def streamable(self, text: str) -> int:
+        """How much of ``text``, a reply so far, is surely content, not a call: a stream
+        sends that much as content and holds back the rest until the reply is read. All
+        of it without tools; none where the whole reply may be a call (tool_choice
+        "required" or named, the generic JSON reply, formats without a start marker);
+        under "auto", the text before a call's start marker (or what may begin one)."""
+        r, fmt = self.request, self.format
+        if r is None or fmt is None or r.mode is ChoiceMode.NONE:
+            return len(text)
+        marker = fmt.start_marker if fmt.native and r.mode is ChoiceMode.AUTO else None
+        if marker is None:
+            return 0
+        at = text.find(marker)
+        if at >= 0:
+            return at
+        held = next((k for k in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:k])), 0)
+        return len(text) - held
+
     def read(self, model: "Model", output: Output) -> Output:
         """``output`` with its tool calls and content read (unchanged without tools)."""
         if self.request is None or self.format is None or output.finish_reason == "error":
