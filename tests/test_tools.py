@@ -486,3 +486,17 @@ def test_cli_tools_options(tmp_path, smollm2_path):
                           (["--tool-choice", "required"], "need --tools FILE")):
         r = cli("Hi", *args, "-o", str(tmp_path / "x.jsonl"))
         assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_a_stream_holds_back_only_what_may_start_a_call(smol):
+    """ToolPlan.streamable: how much of a reply so far a stream may send as content."""
+    hermes = ChatTemplate(smol, HERMES)
+    auto = ToolPlan(hermes, tool_request(TOOLS))
+    for text, sent in (("Sure. ", 6), ("Sure. <tool", 6), ("Sure. <tool_call>\n{\"na", 6), ("<", 0),
+                       ("a < b", 5), ("a <tool_cal", 2), ("", 0)):
+        assert auto.streamable(text) == sent, text
+    assert ToolPlan(hermes, None).streamable("<tool_call>") == len("<tool_call>")  # no tools: all of it
+    assert ToolPlan(hermes, tool_request(TOOLS, "none")).streamable("<tool") == 5
+    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        assert ToolPlan(hermes, tool_request(TOOLS, choice)).streamable("Sure.") == 0  # the reply is calls
+    assert ToolPlan(ChatTemplate(smol), tool_request(TOOLS)).streamable("Sure.") == 0  # generic: all JSON

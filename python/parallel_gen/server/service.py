@@ -145,8 +145,9 @@ class Service:
             raise APIError(400, f"this model cannot chat: {self.template_error} (start the server with "
                                 "--chat-template)", param="messages", code="no_chat_template")
         template = self.template
-        try:  # the in-process rule (chat_parallel's): errors name the field
-            request = tool_request(body.tools, body.tool_choice, body.parallel_tool_calls)
+        try:  # the in-process rule (chat_parallel's), errors naming the field; schemas take a while to convert
+            request = await anyio.to_thread.run_sync(tool_request, body.tools, body.tool_choice,
+                                                     body.parallel_tool_calls)
         except (ParamError, ParamTypeError) as e:
             raise invalid_value(e) from None
         try:  # building the tools' grammar and rendering a long conversation take a while: not on the loop
