@@ -133,6 +133,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("stop_token_ids", &SamplingConfig::stop_token_ids)
         .def_readwrite("ignore_eos", &SamplingConfig::ignore_eos)
         .def_readwrite("grammar", &SamplingConfig::grammar)
+        .def_readwrite("grammar_triggers", &SamplingConfig::grammar_triggers)
         .def_readwrite("logit_bias", &SamplingConfig::logit_bias)
         .def_readwrite("logprobs", &SamplingConfig::logprobs)
         .def_readwrite("cache_prompt", &SamplingConfig::cache_prompt)

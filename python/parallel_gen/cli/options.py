@@ -196,8 +196,10 @@ SAMPLING_FLAGS = [
     ("logit_bias", ("--logit-bias",), str, "ID=BIAS", "add BIAS to token ID's logit (repeatable; -inf bans)"),
     ("cache_prompt", ("--no-cache-prompt",), bool, None,
      "decode every prompt whole and keep none of its KV (SamplingParams.cache_prompt=False)"),
+    ("grammar_triggers", ("--grammar-trigger",), str, "REGEX",
+     "the grammar applies only from a match of REGEX on (repeatable)"),
 ]
-_REPEATABLE = {"stop", "stop_token_ids", "choices", "logit_bias"}
+_REPEATABLE = {"stop", "stop_token_ids", "choices", "logit_bias", "grammar_triggers"}
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
