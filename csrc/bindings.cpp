@@ -133,8 +133,10 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("stop_token_ids", &SamplingConfig::stop_token_ids)
         .def_readwrite("ignore_eos", &SamplingConfig::ignore_eos)
         .def_readwrite("grammar", &SamplingConfig::grammar)
+        .def_readwrite("grammar_triggers", &SamplingConfig::grammar_triggers)
         .def_readwrite("logit_bias", &SamplingConfig::logit_bias)
         .def_readwrite("logprobs", &SamplingConfig::logprobs)
+        .def_readwrite("cache_prompt", &SamplingConfig::cache_prompt)
         .def_readwrite("continuations", &SamplingConfig::continuations);
 
     py::class_<EngineConfig>(m, "EngineConfig")
@@ -149,6 +151,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("type_v", &EngineConfig::type_v)
         .def_readwrite("kv_size", &EngineConfig::kv_size)
         .def_readwrite("min_prefix", &EngineConfig::min_prefix)
+        .def_readwrite("prompt_cache", &EngineConfig::prompt_cache)
         .def_readwrite("min_rows", &EngineConfig::min_rows)
         .def_readwrite("verbose", &EngineConfig::verbose);
 
@@ -186,6 +189,11 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("padding_rows", &Counters::padding_rows)
         .def_readonly("prompt_tokens", &Counters::prompt_tokens)
         .def_readonly("prefix_tokens_reused", &Counters::prefix_tokens_reused)
+        .def_readonly("cached_prompt_tokens", &Counters::cached_prompt_tokens)
+        .def_readonly("prompt_cache_hits", &Counters::prompt_cache_hits)
+        .def_readonly("prompt_cache_misses", &Counters::prompt_cache_misses)
+        .def_readonly("prompt_cache_evictions", &Counters::prompt_cache_evictions)
+        .def_readonly("kv_copies", &Counters::kv_copies)
         .def_readonly("generated_tokens", &Counters::generated_tokens)
         .def_readonly("prompt_seconds", &Counters::prompt_seconds)
         .def_readonly("generation_seconds", &Counters::generation_seconds);
@@ -210,6 +218,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("stop_token", &Result::stop_token)
         .def_readonly("error_code", &Result::error_code)
         .def_readonly("error", &Result::error)
+        .def_readonly("n_cached", &Result::n_cached)
         .def_property_readonly("logprobs", [](const Result & r) { return logprob_list(r.logprobs); });
 
     py::class_<StepOutput>(m, "StepOutput")
@@ -238,6 +247,8 @@ PYBIND11_MODULE(_core, m) {
         .def("abort_after_decodes", &Engine::abort_after_decodes)
         .def_property_readonly("n_live", &Engine::n_live)
         .def_property_readonly("kv_tokens", &Engine::kv_tokens)
+        .def_property_readonly("cached_tokens", &Engine::cached_tokens)
+        .def_property_readonly("n_streams", &Engine::n_streams)
         .def_property_readonly("n_waiting", &Engine::n_waiting)
         .def_property_readonly("n_ctx", &Engine::n_ctx)
         .def_property_readonly("n_ctx_seq", &Engine::n_ctx_seq)

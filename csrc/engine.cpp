@@ -4,13 +4,16 @@
 #include <chrono>
 #include <stdexcept>
 #include <thread>
+#include <cstdlib>
+#include <tuple>
 
 #include "logging.hpp"
 
 namespace pg {
 
-// A prompt prefix that several waiting sequences start with: decoded once into a sequence
-// id of its own (n_parallel), then copied into each user's KV when the user is admitted.
+// A prompt prefix that several waiting sequences start with: decoded once into a KV stream
+// no sequence runs in, then copied into each user's KV when the user is admitted. Once its
+// last user is in, the stream keeps it as a prompt cache entry (when the cache is on).
 struct Engine::SharedPrefix {
     std::vector<llama_token> tokens;
     llama_seq_id             seq_id = -1;
@@ -26,6 +29,14 @@ struct Engine::SharedPrefix {
     }
 };
 
+// Where a prompt (or a shared prefix) starts: a free stream, and the KV it starts with.
+struct Engine::Placement {
+    llama_seq_id stream = -1;  // the free stream it goes to; -1: none free
+    llama_seq_id source = -1;  // the stream whose KV it starts from (== stream: in place); -1: none
+    int32_t      reuse  = 0;   // leading tokens whose KV it starts with
+    int32_t      lost   = 0;   // cached tokens of `stream` no other stream holds, dropped by taking it
+};
+
 struct Engine::Entry {
     Sequence *   seq;     // nullptr: a token of the shared prefix, or a padding row
     llama_token  token;
@@ -38,6 +49,21 @@ struct Engine::Entry {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// A KV copy between two streams moves a whole stream (llama.cpp copies streams, not cells),
+// and one that leaves a hole in the live seq ids costs another (close_gaps). Measured on
+// SmolLM2 (2 cores): a stream copy takes 4-14 ms for 512-4096 cells, about what decoding a
+// few prompt tokens takes; prefixes shorter than this are decoded rather than copied.
+constexpr int32_t kCopyTokens = 16;
+
+int32_t common_prefix(const llama_token * a, int32_t na, const std::vector<llama_token> & b, int32_t cap) {
+    const int32_t n = std::min({na, static_cast<int32_t>(b.size()), cap});
+    int32_t       k = 0;
+    while (k < n && a[k] == b[static_cast<size_t>(k)]) {
+        ++k;
+    }
+    return k;
+}
 
 double seconds_since(Clock::time_point t0) {
     return std::chrono::duration<double>(Clock::now() - t0).count();
@@ -61,22 +87,22 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     if (cfg_.n_parallel < 1 || cfg_.n_ctx < 2 || cfg_.n_batch < cfg_.n_parallel) {
         throw std::invalid_argument("engine config: need n_parallel >= 1, n_ctx >= 2, n_batch >= n_parallel");
     }
-    if (batch_invariant() && (cfg_.kv_unified || sharing_prefixes() || cfg_.n_batch < cfg_.min_rows)) {
+    if (batch_invariant() && (cfg_.kv_unified || sharing_prefixes() || caching() || cfg_.n_batch < cfg_.min_rows)) {
         throw std::invalid_argument("engine config: batch-invariant mode needs separate KV streams, no shared "
-                                    "prefix and n_batch >= min_rows");
+                                    "prefix, no prompt cache and n_batch >= min_rows");
     }
     install_log_router();
     LogScope scope(cfg_.verbose);
 
     llama_context_params cp = llama_context_default_params();
-    // One sequence more than slots when prefixes are shared: the shared-prefix sequence.
-    // With separate KV streams it needs its own; in a unified pool its cells are shared
-    // with the sequences using it.
-    // Batch-invariant mode pads steps with dummy rows, each in an empty stream of its own
-    // (free slots first): streams up to min_rows when there are fewer slots.
+    // One stream more than slots when prefixes are shared or prompts cached: a shared
+    // prefix is decoded into a stream no sequence runs in, and when every slot is busy the
+    // cache still keeps one entry (and close_gaps a place to keep one while it moves a
+    // sequence). In a unified pool streams are only seq ids: cells are shared.
+    // Batch-invariant mode (neither) pads steps with dummy rows, each in an empty stream
+    // of its own (free slots first): streams up to min_rows when there are fewer slots.
     const int32_t n_seq = batch_invariant() ? std::max(cfg_.n_parallel, cfg_.min_rows)
-                                            : cfg_.n_parallel + (sharing_prefixes() ? 1 : 0);
-    n_seq_ = n_seq;
+                                            : cfg_.n_parallel + (sharing_prefixes() || caching() ? 1 : 0);
     const int64_t total = cfg_.kv_unified ? (cfg_.kv_size > 0 ? int64_t(cfg_.kv_size)
                                                               : int64_t(cfg_.n_ctx) * cfg_.n_parallel)
                                           : int64_t(cfg_.n_ctx) * n_seq;
@@ -113,7 +139,11 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
                                  std::to_string(n_ctx_seq()) + " < " + std::to_string(cfg_.n_ctx) + ")");
     }
     batch_ = llama_batch_init(n_batch_, 0, 1);
-    slots_.resize(static_cast<size_t>(cfg_.n_parallel));
+    n_seq_ = n_seq;
+    n_swa_ = std::max(0, static_cast<int32_t>(llama_model_n_swa(model_->get())));
+    slots_.resize(static_cast<size_t>(n_seq_));
+    cached_.resize(static_cast<size_t>(n_seq_));
+    cache_used_.resize(static_cast<size_t>(n_seq_));
     ++alive_;
 }
 
@@ -131,7 +161,15 @@ Engine::~Engine() {
 int64_t Engine::kv_tokens() const {
     int64_t total = 0;
     for (int32_t id = 0; id < n_seq_; ++id) {
-        total += llama_memory_seq_pos_max(mem_, id) + 1;
+        total += llama_memory_seq_pos_max(mem_, id) + 1 - static_cast<int64_t>(cached_[static_cast<size_t>(id)].size());
+    }
+    return total;
+}
+
+int64_t Engine::cached_tokens() const {
+    int64_t total = 0;
+    for (const auto & c : cached_) {
+        total += static_cast<int64_t>(c.size());
     }
     return total;
 }
@@ -197,7 +235,7 @@ void Engine::submit(Item item) {
         ready_.push_back(to_result(*s));
         return;
     }
-    if (prefix_ && prefix_->starts(s->tokens)) {
+    if (prefix_ && s->item.params.cache_prompt && prefix_->starts(s->tokens)) {
         s->prefix_user = true;  // prompts fed in one by one keep an active prefix alive
         ++prefix_->users;
     }
@@ -207,32 +245,286 @@ void Engine::submit(Item item) {
 
 int64_t Engine::kv_used_estimate() const {
     int64_t used = prefix_ ? prefix_->n_past : 0;
-    for (const auto & s : slots_) {
-        if (s) {
-            used += s->n_past;
-        }
+    for (size_t id = 0; id < slots_.size(); ++id) {
+        const auto & s = slots_[id];
+        used += s && s->running() ? s->n_past : static_cast<int64_t>(cached_[id].size());
     }
     return used;
 }
 
+// -- the prompt cache ---------------------------------------------------------------------
+
+Engine::Held Engine::held(llama_seq_id id) const {
+    const auto & s = slots_[static_cast<size_t>(id)];
+    if (s && s->running()) {
+        return {s->tokens.data(), s->n_past};
+    }
+    if (prefix_ && prefix_->seq_id == id) {
+        return {prefix_->tokens.data(), prefix_->n_past};
+    }
+    const auto & c = cached_[static_cast<size_t>(id)];
+    return {c.data(), static_cast<int32_t>(c.size())};
+}
+
+// No sequence in it and not the shared prefix's: admission may take it.
+bool Engine::stream_free(llama_seq_id id) const {
+    return !slots_[static_cast<size_t>(id)] && !(prefix_ && prefix_->seq_id == id);
+}
+
+// How many leading tokens of `t` (at most `cap`) stream `id` holds KV for, and can give:
+// a sliding-window layer drops cells that fall out of its window, and the next token needs
+// the last window of them, so a prefix whose window is gone there is worth nothing.
+int32_t Engine::reusable(llama_seq_id id, const std::vector<llama_token> & t, int32_t cap) const {
+    const Held    h = held(id);
+    const int32_t n = common_prefix(h.data, h.n, t, cap);
+    if (n > 0 && n_swa_ > 0) {
+        const llama_pos lo = llama_memory_seq_pos_min(mem_, id);
+        if (lo < 0 || lo > std::max(0, n - n_swa_)) {
+            return 0;
+        }
+    }
+    return n;
+}
+
+// The cached tokens of stream `id` past its first `keep` that no other stream holds: what
+// overwriting it from `keep` on loses.
+int32_t Engine::loss(llama_seq_id id, int32_t keep) const {
+    const auto &  c = cached_[static_cast<size_t>(id)];
+    const int32_t n = static_cast<int32_t>(c.size());
+    int32_t       covered = keep;
+    for (int32_t o = 0; o < n_seq_ && covered < n; ++o) {
+        if (o != id) {
+            const Held h = held(o);
+            covered      = std::max(covered, common_prefix(h.data, h.n, c, n));
+        }
+    }
+    return std::max(0, n - covered);
+}
+
+// loss(id, 0) of every free stream (0 for the others), computed once per decision.
+std::vector<int32_t> Engine::losses() const {
+    std::vector<int32_t> out(static_cast<size_t>(n_seq_), 0);
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        if (stream_free(id)) {
+            out[static_cast<size_t>(id)] = loss(id, 0);
+        }
+    }
+    return out;
+}
+
+// With one KV stream per sequence, live seq ids must be consecutive (see close_gaps). The
+// window [first, first + n) of streams the live sequences (and `extra`, a free stream about
+// to take one) can gather in at least cost, in tokens: a move (a stream copy) per live
+// sequence outside it, and per hole inside it that caches something, a copy to keep that
+// elsewhere (into a free stream out of the window that loses nothing) or the tokens lost.
+Engine::GapPlan Engine::gap_plan(llama_seq_id extra, const std::vector<int32_t> & lost) const {
+    GapPlan plan;
+    if (cfg_.kv_unified) {
+        return plan;
+    }
+    auto live = [&](int32_t id) { return id == extra || slots_[static_cast<size_t>(id)] != nullptr; };
+    int32_t n = 0;
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        n += live(id) ? 1 : 0;
+    }
+    if (n == 0) {
+        return plan;
+    }
+    plan.cost = INT64_MAX;
+    for (int32_t first = 0; first + n <= n_seq_; ++first) {
+        const int32_t last  = first + n;
+        int32_t       spare = 0;  // free streams out of the window that lose nothing
+        bool          ok    = true;
+        for (int32_t id = 0; id < n_seq_; ++id) {
+            const bool inside = id >= first && id < last;
+            if (inside && prefix_ && prefix_->seq_id == id) {
+                ok = false;  // the shared prefix cannot move
+            }
+            spare += !inside && !live(id) && stream_free(id) && lost[static_cast<size_t>(id)] == 0 ? 1 : 0;
+        }
+        if (!ok) {
+            continue;
+        }
+        int64_t cost = 0;
+        for (int32_t id = first; id < last; ++id) {
+            if (!live(id)) {
+                cost += kCopyTokens;  // a live sequence moves in
+                const int32_t l = lost[static_cast<size_t>(id)];
+                if (l > 0) {
+                    cost += spare > 0 ? kCopyTokens : l;
+                    spare -= spare > 0 ? 1 : 0;
+                }
+            }
+        }
+        if (cost < plan.cost) {
+            plan.cost  = cost;
+            plan.first = first;
+            plan.n     = n;
+        }
+    }
+    if (plan.cost == INT64_MAX) {
+        plan = GapPlan{};  // no window without the prefix in it: leave the ids as they are
+    }
+    return plan;
+}
+
+// The free stream to overwrite (never `avoid`): one that loses nothing (empty, or its tokens
+// held by another stream too), else the least recently used entry. A live sequence prefers
+// streams that keep the live ids consecutive; a shared prefix the highest id, out of their way.
+llama_seq_id Engine::victim(llama_seq_id avoid, bool live, const std::vector<int32_t> & lost) const {
+    llama_seq_id best = -1;
+    std::tuple<bool, uint64_t, int64_t, int32_t> best_key{};
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        if (id == avoid || !stream_free(id)) {
+            continue;
+        }
+        const bool unique = lost[static_cast<size_t>(id)] > 0;
+        const std::tuple<bool, uint64_t, int64_t, int32_t> key{
+            unique, unique ? cache_used_[static_cast<size_t>(id)] : 0, live ? gap_plan(id, lost).cost : 0,
+            live ? id : -id};
+        if (best < 0 || key < best_key) {
+            best     = id;
+            best_key = key;
+        }
+    }
+    return best;
+}
+
+// Where a prompt `t` starts, reusing at most `cap` of its tokens: in place in the free stream
+// that holds the longest prefix of it, or copied from whichever stream holds the longest
+// (running sequences' included) into a victim, or from nothing; whichever saves the most
+// decoding, counting in tokens what a copy, moves to keep the live ids consecutive and lost
+// cache entries cost. `reuse`: the cache may be used; else only `prefix_src` (a shared
+// prefix), if >= 0.
+Engine::Placement Engine::place(const std::vector<llama_token> & t, int32_t cap, bool reuse, llama_seq_id prefix_src,
+                                bool live) const {
+    auto source_ok = [&](llama_seq_id id) { return reuse || id == prefix_src; };
+    llama_seq_id src  = prefix_src;  // on a tie the shared prefix, decoded for this very prompt
+    int32_t      best = prefix_src >= 0 ? reusable(prefix_src, t, cap) : 0;
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        if (source_ok(id)) {
+            const int32_t n = reusable(id, t, cap);
+            if (n > best) {
+                best = n;
+                src  = id;
+            }
+        }
+    }
+    const std::vector<int32_t> lost = losses();
+    Placement out;
+    int64_t   out_value = 0;
+    auto consider = [&](llama_seq_id stream, llama_seq_id source, int32_t n, int32_t dropped, int64_t value) {
+        if (out.stream < 0 || value > out_value) {
+            out       = Placement{stream, source, n, dropped};
+            out_value = value;
+        }
+    };
+    const int32_t copy_cost = cfg_.kv_unified ? 1 : kCopyTokens;  // unified: cells gain a seq id
+    const llama_seq_id v = victim(src, live, lost);
+    if (v >= 0) {
+        const int32_t l   = lost[static_cast<size_t>(v)];
+        const int64_t gap = live ? gap_plan(v, lost).cost : 0;
+        consider(v, -1, 0, l, -int64_t(l) - gap);
+        if (src >= 0 && best > 0) {
+            consider(v, src, best, l, int64_t(best) - copy_cost - l - gap);
+        }
+    }
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        if (stream_free(id) && source_ok(id)) {
+            const int32_t n = id == src ? best : reusable(id, t, cap);
+            if (n > 0) {
+                const int32_t l = loss(id, n);
+                consider(id, id, n, l, int64_t(n) - l - (live ? gap_plan(id, lost).cost : 0));
+            }
+        }
+    }
+    return out;
+}
+
+// Makes free stream p.stream hold the KV of the first p.reuse tokens and nothing else.
+// Returns how many it holds: 0 where llama.cpp cannot cut the stream (recurrent memory).
+int32_t Engine::fill(const Placement & p) {
+    const llama_seq_id id = p.stream;
+    int32_t            n  = p.reuse;
+    if (p.lost > 0 && (p.source != id || p.lost > n)) {
+        ++counters_.prompt_cache_evictions;  // in place, evicted when less is reused than lost
+    }
+    if (n == 0) {
+        llama_memory_seq_rm(mem_, id, -1, -1);
+    } else if (p.source != id) {
+        llama_memory_seq_rm(mem_, id, -1, -1);
+        if (cfg_.kv_unified) {
+            llama_memory_seq_cp(mem_, p.source, id, 0, n);  // the cells gain a seq id
+        } else {
+            llama_memory_seq_cp(mem_, p.source, id, -1, -1);  // whole streams only
+        }
+        ++counters_.kv_copies;
+        cache_used_[static_cast<size_t>(p.source)] = ++cache_clock_;
+    }
+    if (n > 0 && !llama_memory_seq_rm(mem_, id, n, -1)) {
+        llama_memory_seq_rm(mem_, id, -1, -1);
+        n = 0;
+    }
+    cached_[static_cast<size_t>(id)].clear();
+    return n;
+}
+
+// Stream `id` (no sequence runs in it any more) keeps the KV of `data[0, n)` for later prompts.
+void Engine::keep_cached(llama_seq_id id, const llama_token * data, int32_t n) {
+    cached_[static_cast<size_t>(id)].assign(data, data + n);
+    cache_used_[static_cast<size_t>(id)] = ++cache_clock_;
+}
+
+// Drops the least recently used cache entry (not in spare_a or spare_b); false if none.
+bool Engine::evict_one(llama_seq_id spare_a, llama_seq_id spare_b) {
+    llama_seq_id oldest = -1;
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        const size_t i = static_cast<size_t>(id);
+        if (id != spare_a && id != spare_b && !cached_[i].empty() && !(prefix_ && prefix_->seq_id == id) &&
+            (oldest < 0 || cache_used_[i] < cache_used_[static_cast<size_t>(oldest)])) {
+            oldest = id;
+        }
+    }
+    if (oldest < 0) {
+        return false;
+    }
+    llama_memory_seq_rm(mem_, oldest, -1, -1);
+    cached_[static_cast<size_t>(oldest)].clear();
+    ++counters_.prompt_cache_evictions;
+    return true;
+}
+
+void Engine::clear_cache() {
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        if (!cached_[static_cast<size_t>(id)].empty()) {
+            llama_memory_seq_rm(mem_, id, -1, -1);
+            cached_[static_cast<size_t>(id)].clear();
+        }
+    }
+}
+
+bool Engine::keeps_kv(const Sequence & s) const {
+    return caching() && s.item.params.cache_prompt;
+}
+
+// -- admission and the shared prefix --------------------------------------------------------
+
 // Picks the prompt prefix that saves the most decoding: the head of the queue shares
 // L tokens with k waiting prompts, saving L * (k - 1) tokens. Each user keeps at least
-// one prompt token of its own, whose logits give its first output token.
+// one prompt token of its own, whose logits give its first output token. A prefix the
+// prompt cache already holds (but for fewer than min_prefix tokens) is not decoded again:
+// the prompts reuse the cached one.
 void Engine::choose_prefix() {
     if (!sharing_prefixes() || prefix_ || prefix_backoff_ || waiting_.size() < 2 ||
-        waiting_.front().get() == no_prefix_head_) {
+        waiting_.front().get() == no_prefix_head_ || !waiting_.front()->item.params.cache_prompt) {
         return;
     }
     const Sequence &     head = *waiting_.front();
     std::vector<int32_t> shares;
     shares.reserve(waiting_.size());
     for (const auto & w : waiting_) {
-        const int32_t cap = std::min(head.n_prompt, w->n_prompt) - 1;
-        int32_t       k   = 0;
-        while (k < cap && head.tokens[k] == w->tokens[k]) {
-            ++k;
-        }
-        shares.push_back(k);
+        const int32_t cap = w->item.params.cache_prompt ? std::min(head.n_prompt, w->n_prompt) - 1 : 0;
+        shares.push_back(common_prefix(head.tokens.data(), head.n_prompt, w->tokens, cap));
     }
     std::vector<int32_t> sorted = shares;
     std::sort(sorted.begin(), sorted.end(), std::greater<int32_t>());
@@ -245,14 +537,29 @@ void Engine::choose_prefix() {
             best_len    = sorted[i];
         }
     }
-    if (best_len == 0) {
+    int32_t cached = 0;
+    if (best_len > 0 && caching()) {
+        for (int32_t id = 0; id < n_seq_; ++id) {
+            cached = std::max(cached, reusable(id, head.tokens, best_len));
+        }
+    }
+    if (best_len - cached < cfg_.min_prefix) {
         no_prefix_head_ = waiting_.front().get();  // nothing to share: don't rescan each step
         return;
     }
+    std::vector<llama_token> tokens(head.tokens.begin(), head.tokens.begin() + best_len);
+    const Placement          p = place(tokens, best_len, caching(), -1, /*live=*/false);
+    if (p.stream < 0) {
+        return;  // every stream is taken
+    }
     prefix_         = std::make_unique<SharedPrefix>();
-    prefix_->tokens.assign(head.tokens.begin(), head.tokens.begin() + best_len);
-    prefix_->seq_id = static_cast<llama_seq_id>(cfg_.n_parallel);
-    llama_memory_seq_rm(mem_, prefix_->seq_id, -1, -1);
+    prefix_->tokens = std::move(tokens);
+    prefix_->seq_id = p.stream;
+    prefix_->n_past = fill(p);
+    if (caching()) {  // the prefix's own lookup; its users count as neither hits nor misses
+        counters_.cached_prompt_tokens += prefix_->n_past;
+        ++(prefix_->n_past > 0 ? counters_.prompt_cache_hits : counters_.prompt_cache_misses);
+    }
     for (size_t i = 0; i < waiting_.size(); ++i) {
         if (shares[i] >= best_len) {
             waiting_[i]->prefix_user = true;
@@ -265,12 +572,21 @@ bool Engine::uses_prefix(const Sequence & s) const {
     return prefix_ && s.prefix_user && s.n_past == 0 && prefix_->starts(s.tokens);
 }
 
-void Engine::drop_prefix() {
+// The prefix is no longer needed for its users. `keep`: its stream keeps what was decoded
+// of it as a prompt cache entry (when the cache is on); else its KV is removed.
+void Engine::drop_prefix(bool keep) {
     if (!prefix_) {
         return;
     }
-    llama_memory_seq_rm(mem_, prefix_->seq_id, -1, -1);
+    const llama_seq_id id = prefix_->seq_id;
+    const int32_t      n  = prefix_->n_past;
+    std::vector<llama_token> tokens = std::move(prefix_->tokens);
     prefix_.reset();
+    if (keep && caching() && n > 0) {
+        keep_cached(id, tokens.data(), n);
+    } else {
+        llama_memory_seq_rm(mem_, id, -1, -1);
+    }
     for (auto & w : waiting_) {
         w->prefix_user = false;
     }
@@ -285,7 +601,7 @@ void Engine::admit() {
         if (!prefix_ || prefix_->users > 0) {
             return;
         }
-        drop_prefix();
+        drop_prefix(/*keep=*/true);
         if (waiting_.empty() || n_live_ >= cfg_.n_parallel) {
             return;
         }
@@ -293,31 +609,42 @@ void Engine::admit() {
 }
 
 void Engine::admit_round() {
-    for (size_t id = 0; id < slots_.size() && !waiting_.empty(); ++id) {
-        if (slots_[id]) {
-            continue;
-        }
+    while (!waiting_.empty() && n_live_ < cfg_.n_parallel) {
         Sequence & s = *waiting_.front();
         const bool user = uses_prefix(s);
         if (user && !prefix_->decoded()) {
             break;  // its prefix is still being decoded: a step or two
         }
-        // A shared pool can be smaller than n_parallel * n_ctx: admit only what fits now,
-        // so sequences wait in the queue instead of thrashing the cache.
-        if (cfg_.kv_unified && n_live_ > 0 &&
-            kv_used_estimate() + static_cast<int64_t>(s.tokens.size()) + 1 > kv_capacity()) {
+        const int32_t   cap = static_cast<int32_t>(s.tokens.size()) - 1;  // logits need a token fed
+        const Placement p   = place(s.tokens, cap, keeps_kv(s), user ? prefix_->seq_id : -1, /*live=*/true);
+        if (p.stream < 0) {
             break;
         }
-        s.seq_id      = static_cast<llama_seq_id>(id);
+        if (cfg_.kv_unified) {
+            // A shared pool can be smaller than n_parallel * n_ctx: cached entries go first
+            // (least recently used first), then admit only what fits now, so sequences wait
+            // in the queue instead of thrashing the cache.
+            const int64_t need = static_cast<int64_t>(s.tokens.size()) + 1 -
+                                 static_cast<int64_t>(cached_[static_cast<size_t>(p.stream)].size()) -
+                                 (p.source >= 0 && p.source != p.stream ? p.reuse : 0);
+            while (kv_used_estimate() + need > kv_capacity() && evict_one(p.stream, p.source)) {
+            }
+            if (n_live_ > 0 && kv_used_estimate() + need > kv_capacity()) {
+                break;
+            }
+        }
+        s.seq_id      = p.stream;
         s.admitted_at = ++admit_clock_;
         s.state       = SeqState::Prefilling;
-        llama_memory_seq_rm(mem_, s.seq_id, -1, -1);  // a slot always starts empty
-        if (user) {
-            // Separate streams: a whole-stream copy, which is why the prefix has a stream
-            // of its own holding nothing else. Unified: the cells just gain a seq id.
-            llama_memory_seq_cp(mem_, prefix_->seq_id, s.seq_id, -1, -1);
-            s.n_past = prefix_->size();
-            counters_.prefix_tokens_reused += prefix_->size();
+        s.n_past      = fill(p);
+        if (user && p.source == prefix_->seq_id) {
+            counters_.prefix_tokens_reused += s.n_past;
+        } else if (keeps_kv(s)) {
+            counters_.cached_prompt_tokens += s.n_past;
+            ++(s.n_past > 0 ? counters_.prompt_cache_hits : counters_.prompt_cache_misses);
+        }
+        if (s.n_cached < 0) {
+            s.n_cached = std::min(s.n_past, s.n_prompt);
         }
         if (s.prefix_user) {
             s.prefix_user = false;
@@ -326,7 +653,7 @@ void Engine::admit_round() {
         if (waiting_.front().get() == no_prefix_head_) {
             no_prefix_head_ = nullptr;  // the address may be reused by a later sequence
         }
-        slots_[id] = std::move(waiting_.front());
+        slots_[static_cast<size_t>(s.seq_id)] = std::move(waiting_.front());
         waiting_.pop_front();
         ++n_live_;
     }
@@ -335,39 +662,65 @@ void Engine::admit_round() {
 // With one KV stream per sequence, llama.cpp puts sequences in one micro-batch only when
 // their ids are consecutive: live ids {0, 2, 5} cost three passes over the weights per
 // step instead of one (measured: 16 sequences ending at alternating times ran ~1.5x
-// slower). When no waiting sequence will fill a freed slot, the highest live sequence
-// moves down into the lowest free slot between the live ones. The move copies its stream
-// cell for cell (llama.cpp does it before the next decode), so its output is unchanged.
+// slower). Whatever admission left, live sequences move into the window of streams where
+// gathering them costs least (gap_plan): each move copies a stream cell for cell (llama.cpp
+// does it before the next decode), so outputs are unchanged. What a hole caches is first
+// copied to a free stream out of the window when one holds less (nothing, or an older entry).
 void Engine::close_gaps() {
-    if (cfg_.kv_unified || !waiting_.empty()) {
-        return;  // one stream: no such constraint; a queue: admission fills the gaps
-    }
-    for (;;) {
-        size_t first = 0;  // live ids span [first, last)
-        while (first < slots_.size() && !slots_[first]) {
-            ++first;
+    for (int32_t round = 0; round < n_seq_; ++round) {  // each round moves one sequence
+        const std::vector<int32_t> lost = losses();
+        const GapPlan              plan = gap_plan(-1, lost);
+        if (plan.first < 0) {
+            return;  // unified KV, nothing live, or nowhere to gather
         }
-        size_t last = slots_.size();
-        while (last > first && !slots_[last - 1]) {
-            --last;
+        const int32_t first = plan.first;
+        const int32_t last  = plan.first + plan.n;
+        llama_seq_id  to    = -1;  // the lowest hole in the window
+        llama_seq_id  from  = -1;  // the live sequence farthest out of it
+        for (int32_t id = first; id < last && to < 0; ++id) {
+            to = slots_[static_cast<size_t>(id)] ? -1 : id;
         }
-        size_t low = first;
-        while (low < last && slots_[low]) {
-            ++low;
+        for (int32_t id = 0; id < n_seq_; ++id) {
+            if (slots_[static_cast<size_t>(id)] && (id < first || id >= last) &&
+                (from < 0 || std::abs(id - first) > std::abs(from - first))) {
+                from = id;
+            }
         }
-        if (low >= last) {
-            return;  // no gap: the live ids are consecutive
+        if (to < 0 || from < 0) {
+            return;  // the live ids are consecutive
         }
-        auto &             s    = slots_[last - 1];
-        const llama_seq_id from = s->seq_id;
-        const llama_seq_id to   = static_cast<llama_seq_id>(low);
+        if (lost[static_cast<size_t>(to)] > 0) {
+            llama_seq_id keep = -1;
+            for (int32_t id = 0; id < n_seq_; ++id) {  // a free stream out of the window
+                const size_t i = static_cast<size_t>(id);
+                if (id != from && (id < first || id >= last) && stream_free(id) &&
+                    (keep < 0 || std::make_pair(lost[i] > 0, cache_used_[i]) <
+                                     std::make_pair(lost[static_cast<size_t>(keep)] > 0,
+                                                    cache_used_[static_cast<size_t>(keep)]))) {
+                    keep = id;
+                }
+            }
+            const size_t k = static_cast<size_t>(keep);
+            if (keep >= 0 && (lost[k] == 0 || cache_used_[k] < cache_used_[static_cast<size_t>(to)])) {
+                counters_.prompt_cache_evictions += lost[k] > 0 ? 1 : 0;
+                llama_memory_seq_rm(mem_, keep, -1, -1);
+                llama_memory_seq_cp(mem_, to, keep, -1, -1);  // queued before the move's copy
+                ++counters_.kv_copies;
+                cached_[k]     = std::move(cached_[static_cast<size_t>(to)]);
+                cache_used_[k] = cache_used_[static_cast<size_t>(to)];
+            } else {
+                ++counters_.prompt_cache_evictions;
+            }
+        }
+        cached_[static_cast<size_t>(to)].clear();
+        auto & s = slots_[static_cast<size_t>(from)];
         llama_memory_seq_rm(mem_, to, -1, -1);
         if (s->n_past > 0) {
             llama_memory_seq_cp(mem_, from, to, -1, -1);
         }
         llama_memory_seq_rm(mem_, from, -1, -1);
-        s->seq_id   = to;
-        slots_[low] = std::move(s);
+        s->seq_id                       = to;
+        slots_[static_cast<size_t>(to)] = std::move(s);
         ++counters_.sequence_moves;
     }
 }
@@ -414,9 +767,8 @@ void Engine::build_batch(std::vector<Entry> & entries) {
     }
     // With one KV stream per sequence, llama.cpp packs a micro-batch only from sequences
     // with consecutive ids, in batch order: ordered by id, the tokens of all running
-    // sequences go through the model together instead of in several passes (the prefix's
-    // id, n_parallel, sorts last).
-    const llama_seq_id prefix_id = static_cast<llama_seq_id>(cfg_.n_parallel);
+    // sequences go through the model together instead of in several passes.
+    const llama_seq_id prefix_id = prefix_ ? prefix_->seq_id : 0;
     std::stable_sort(entries.begin(), entries.end(), [prefix_id](const Entry & a, const Entry & b) {
         return (a.seq ? a.seq->seq_id : prefix_id) < (b.seq ? b.seq->seq_id : prefix_id);
     });
@@ -477,7 +829,7 @@ void Engine::build_padded_rows(std::vector<Entry> & rows) {
     }
     top = std::max(top + 1, cfg_.min_rows);
     for (int32_t id = 0; id < top; ++id) {
-        Sequence * s = id < cfg_.n_parallel ? slots_[static_cast<size_t>(id)].get() : nullptr;
+        Sequence * s = slots_[static_cast<size_t>(id)].get();
         if (s && s->running()) {
             if (s->to_feed() != 1) {
                 throw std::logic_error("batch-invariant step: a sequence with " + std::to_string(s->to_feed()) +
@@ -608,7 +960,9 @@ void Engine::on_decoded(const Entry & e, int32_t out_index) {
 // The failure policy, in one place. llama_decode returned `code` for a view of n_tokens
 // entries starting with `first`:
 //  - anything but 1 is fatal: step() drops every running sequence, reported as aborted.
-//  - 1 (no KV room) for several tokens: retry the same tokens in views half the size.
+//  - 1 (no KV room): first drop the least recently used prompt cache entry and retry the
+//    same tokens (cached KV never costs running work room), one entry per retry;
+//  - 1 with no cache entry left, for several tokens: retry them in views half the size.
 //  - 1 for a single token: free room, in this order, and retry:
 //    1. give up the shared prefix, if one is kept or being decoded: queued work yields to
 //       running work (its users prefill alone later; no new prefix is chosen until a
@@ -623,11 +977,14 @@ Engine::Recovery Engine::recover(int32_t code, size_t n_tokens, const Entry & fi
         return Recovery::Fatal;
     }
     ++counters_.decode_retries;
+    if (evict_one(-1, -1)) {
+        return Recovery::Retry;
+    }
     if (n_tokens > 1) {
         return Recovery::Split;
     }
     if (prefix_) {
-        drop_prefix();
+        drop_prefix(/*keep=*/false);
         prefix_backoff_ = true;
         return Recovery::Retry;
     }
@@ -743,10 +1100,15 @@ void Engine::next_continuation(Sequence * s) {
     s->state = SeqState::Scoring;
 }
 
-// Its KV goes at once, not at the step's end: a retry later in this step may need the room.
+// Its KV becomes a prompt cache entry, or goes at once, not at the step's end: a retry later
+// in this step may need the room (and may evict the entry for it).
 void Engine::finish(Sequence * s, Finish why, Failure failure) {
     if (s->running()) {
-        llama_memory_seq_rm(mem_, s->seq_id, -1, -1);
+        if (why != Finish::Error && keeps_kv(*s)) {
+            keep_cached(s->seq_id, s->tokens.data(), s->n_past);
+        } else {
+            llama_memory_seq_rm(mem_, s->seq_id, -1, -1);
+        }
     }
     s->state  = SeqState::Done;
     s->finish = why;
@@ -767,6 +1129,7 @@ Result Engine::to_result(Sequence & s) const {
     r.stop_token = s.stop_token;
     r.error_code = s.failure.code;
     r.error      = s.failure.message;
+    r.n_cached   = std::max(0, s.n_cached);
     r.logprobs   = s.logprobs;
     if (s.scorer && s.finish != Finish::Error) {
         r.tokens = s.scorer->tokens();
@@ -781,8 +1144,16 @@ Result Engine::to_result(Sequence & s) const {
     return r;
 }
 
-void Engine::free_slot(std::unique_ptr<Sequence> & slot) {
-    llama_memory_seq_rm(mem_, slot->seq_id, -1, -1);
+// A finished sequence's KV was dealt with by finish(); a running one's (cancelled) is kept
+// in the prompt cache when `keep` allows, or removed.
+void Engine::free_slot(std::unique_ptr<Sequence> & slot, bool keep) {
+    if (slot->running()) {
+        if (keep && keeps_kv(*slot)) {
+            keep_cached(slot->seq_id, slot->tokens.data(), slot->n_past);
+        } else {
+            llama_memory_seq_rm(mem_, slot->seq_id, -1, -1);
+        }
+    }
     slot.reset();
     --n_live_;
     prefix_backoff_ = false;  // room returned: a prefix may be worth decoding again
@@ -792,7 +1163,7 @@ void Engine::collect_finished(std::vector<Result> & out) {
     for (auto & slot : slots_) {
         if (slot && slot->state == SeqState::Done) {
             out.push_back(to_result(*slot));
-            free_slot(slot);
+            free_slot(slot, /*keep=*/true);
         }
     }
 }
@@ -843,7 +1214,7 @@ size_t Engine::cancel_request(uint64_t request) {
     }
     for (auto & slot : slots_) {
         if (slot && slot->item.request == request) {
-            free_slot(slot);
+            free_slot(slot, /*keep=*/true);  // what it decoded stays valid KV
             ++dropped;
         }
     }
@@ -852,22 +1223,25 @@ size_t Engine::cancel_request(uint64_t request) {
                  ready_.end());
     dropped += before - ready_.size();
     if (prefix_ && prefix_->users <= 0) {
-        drop_prefix();
+        drop_prefix(/*keep=*/true);
     }
     return dropped;
 }
 
+// Every live sequence ends with `why`, and the prompt cache goes too: after a failed decode
+// nothing llama.cpp holds is trusted.
 void Engine::drop_live(const Failure & why, std::vector<Result> & out) {
-    drop_prefix();
+    drop_prefix(/*keep=*/false);
     for (auto & slot : slots_) {
         if (slot) {
             if (slot->state != SeqState::Done) {
                 finish(slot.get(), Finish::Error, why);
             }
             out.push_back(to_result(*slot));
-            free_slot(slot);
+            free_slot(slot, /*keep=*/false);
         }
     }
+    clear_cache();
 }
 
 StepOutput Engine::step() {

@@ -2,9 +2,12 @@
 // failure policy, sampling and finishing. Python drives it one step() at a time.
 //
 // A sequence's states are drawn in sequence.hpp. A prompt shared by several waiting
-// sequences is a SharedPrefix: decoded once into a sequence id of its own and copied into
-// each user's KV on admission. What happens when llama_decode fails is decided in one
-// function, Engine::recover.
+// sequences is a SharedPrefix: decoded once into a KV stream of its own and copied into
+// each user's KV on admission.
+// KV that outlives a request (the prompt cache): a finished sequence's stream keeps its
+// tokens' KV as a cache entry; a new prompt starts from the longest cached prefix of its
+// token ids (in place, or copied from another stream) and decodes only the rest.
+// What happens when llama_decode fails is decided in one function, Engine::recover.
 #pragma once
 
 #include <atomic>
@@ -32,7 +35,9 @@ struct EngineConfig {
     int32_t type_v     = 1;
     int32_t kv_size    = 0;     // kv_unified only: cells in the shared pool; 0 = n_ctx * n_parallel
     int32_t min_prefix = 16;    // shortest common prompt prefix worth decoding once and copying;
-                                // INT32_MAX: never share (and no KV stream is kept for it)
+                                // INT32_MAX: never share
+    bool    prompt_cache = true; // keep finished sequences' KV for later prompts (requests opt
+                                 // out with SamplingConfig::cache_prompt)
     // > 0: batch-invariant mode. Each prompt chunk is decoded in a call of its own, and
     // every generation step is padded with one-token dummy rows up to this many rows, so a
     // sequence's numbers never depend on what else runs (see Engine::step_invariant).
@@ -49,6 +54,14 @@ struct Counters {
     int64_t padding_rows      = 0;  // dummy rows decoded to keep a step's shape (batch-invariant mode)
     int64_t prompt_tokens     = 0;  // prompt (and recomputed) tokens decoded
     int64_t prefix_tokens_reused = 0; // prompt tokens not decoded: copied from a shared prefix
+    int64_t cached_prompt_tokens = 0; // prompt tokens not decoded: reused from the prompt cache
+    int64_t prompt_cache_hits    = 0; // lookups (a sequence's admission or a shared prefix's
+                                      // start; cache on, opted in) that reused cached KV
+    int64_t prompt_cache_misses  = 0; // lookups that found none to reuse
+    int64_t prompt_cache_evictions = 0; // cache entries whose tokens no other stream holds,
+                                        // dropped (for room, overwritten) or reused in place
+                                        // for fewer tokens than that loses
+    int64_t kv_copies         = 0;  // KV copies between streams to reuse or keep cached KV
     int64_t generated_tokens  = 0;  // tokens sampled
     double  prompt_seconds    = 0;  // decode time, split by token share between prompt...
     double  generation_seconds = 0; // ...and generation tokens of each call
@@ -99,8 +112,12 @@ public:
     Counters counters() const { return counters_; }
     void     reset_counters() { counters_ = Counters{}; }
     int32_t  n_live() const { return n_live_; }
-    // KV positions held by any sequence id (0 when nothing is running): leak checks.
+    // KV positions llama.cpp holds beyond the prompt cache's entries (0 when nothing is
+    // running): leak checks.
     int64_t  kv_tokens() const;
+    // Tokens whose KV the prompt cache keeps for later prompts.
+    int64_t  cached_tokens() const;
+    int32_t  n_streams() const { return n_seq_; }  // seq ids: slots, plus one for prefixes and the cache
     size_t   n_waiting() const { return waiting_.size(); }
     int32_t  n_ctx() const { return cfg_.n_ctx; }
     int32_t  n_ctx_seq() const;     // KV positions one sequence can hold in llama.cpp
@@ -121,15 +138,40 @@ public:
 private:
     struct SharedPrefix;
     struct Entry;
+    struct Placement;
+    struct GapPlan {
+        int64_t cost  = 0;
+        int32_t first = -1;  // the live sequences gather in streams [first, first + n)
+        int32_t n     = 0;
+    };
+    struct Held {
+        const llama_token * data = nullptr;
+        int32_t             n    = 0;
+    };
     enum class Recovery { Split, Retry, Fatal };
 
     // admission and the shared prefix
     void choose_prefix();
     bool uses_prefix(const Sequence & s) const;
-    void drop_prefix();
+    void drop_prefix(bool keep);
     void admit();
     void admit_round();
     void close_gaps();
+    // the prompt cache: where a prompt (or a prefix) starts, and what each stream holds
+    Held         held(llama_seq_id id) const;
+    bool         stream_free(llama_seq_id id) const;
+    int32_t      reusable(llama_seq_id id, const std::vector<llama_token> & t, int32_t cap) const;
+    int32_t      loss(llama_seq_id id, int32_t keep) const;
+    std::vector<int32_t> losses() const;
+    GapPlan      gap_plan(llama_seq_id extra, const std::vector<int32_t> & lost) const;
+    llama_seq_id victim(llama_seq_id avoid, bool live, const std::vector<int32_t> & lost) const;
+    Placement    place(const std::vector<llama_token> & t, int32_t cap, bool reuse, llama_seq_id prefix_src,
+                       bool live) const;
+    int32_t      fill(const Placement & p);
+    void         keep_cached(llama_seq_id id, const llama_token * data, int32_t n);
+    bool         evict_one(llama_seq_id spare_a, llama_seq_id spare_b);
+    void         clear_cache();
+    bool         keeps_kv(const Sequence & s) const;
     // one step's batch
     void build_batch(std::vector<Entry> & entries);
     void step_invariant();
@@ -144,13 +186,14 @@ private:
     void score(Sequence * s, int32_t idx, llama_pos pos);
     void next_continuation(Sequence * s);
     void finish(Sequence * s, Finish why, Failure failure = {});
-    void free_slot(std::unique_ptr<Sequence> & slot);  // KV removed, slot emptied
+    void free_slot(std::unique_ptr<Sequence> & slot, bool keep);  // slot emptied; its KV cached or removed
     void collect_finished(std::vector<Result> & out);
     void collect_deltas(std::vector<StreamDelta> & out);
     void drop_live(const Failure & why, std::vector<Result> & out);
     Result to_result(Sequence & s) const;
     int64_t kv_used_estimate() const;
     bool    sharing_prefixes() const { return cfg_.min_prefix < INT32_MAX; }
+    bool    caching() const { return cfg_.prompt_cache; }
 
     static bool abort_cb(void * data);
 
@@ -161,9 +204,16 @@ private:
     llama_batch                  batch_{};
     std::vector<llama_token_data> candidates_;  // sampling scratch, vocabulary-sized
     int32_t                      n_batch_ = 0;
-    int32_t                      n_seq_   = 0;  // llama.cpp's n_seq_max: slots, prefix, padding streams
 
-    std::vector<std::unique_ptr<Sequence>> slots_;   // index == seq_id
+    int32_t                                n_seq_ = 0;  // KV streams (seq ids): slots, prefix/cache, padding
+    int32_t                                n_swa_ = 0;  // the model's sliding window (0: none)
+    std::vector<std::unique_ptr<Sequence>> slots_;   // index == seq_id, n_seq_ of them; at most
+                                                     // n_parallel hold a sequence
+    // The prompt cache, per stream: the tokens whose KV a stream without a running
+    // sequence keeps at positions [0, n), and when that entry was last filled or reused.
+    std::vector<std::vector<llama_token>>  cached_;
+    std::vector<uint64_t>                  cache_used_;
+    uint64_t                               cache_clock_ = 0;
     std::unique_ptr<SharedPrefix>          prefix_;  // at most one at a time
     // A prefix was given up for KV room: none is chosen again until a sequence leaves its
     // slot, or the same prefix would be decoded and given up every step.

@@ -54,6 +54,8 @@ struct Result {
     llama_token              stop_token  = -1; // the EOG / stop token that ended it, if any
     ErrorCode                error_code  = ErrorCode::None;  // why, when finish == Error
     std::string              error;         // the same for people
+    int32_t                  n_cached    = 0; // prompt tokens whose KV was reused, not decoded
+                                            // (the prompt cache or a shared prefix)
     std::vector<TokenLogprob> logprobs;     // per generated token, if params.logprobs >= 0
     // A scoring sequence (params.continuations) puts every continuation's tokens, end to
     // end, in `tokens` and their logprobs in `logprobs` (no top alternatives).

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <regex>
 #include <stdexcept>
 
 #include "logging.hpp"
@@ -25,6 +26,25 @@ llama_token pick(llama_sampler * s, std::vector<llama_token_data> & buf) {
         throw std::runtime_error("the sampler chain selected no token");
     }
     return arr.data[arr.selected].id;
+}
+
+// A grammar sampler, lazy when there are trigger patterns; null when the grammar does
+// not parse. Throws std::invalid_argument for a pattern std::regex rejects.
+llama_sampler * make_grammar(const llama_vocab * vocab, const std::string & grammar,
+                             const std::vector<std::string> & triggers) {
+    if (triggers.empty()) {
+        return llama_sampler_init_grammar(vocab, grammar.c_str(), "root");
+    }
+    std::vector<const char *> patterns;
+    for (const auto & t : triggers) {
+        patterns.push_back(t.c_str());
+    }
+    try {
+        return llama_sampler_init_grammar_lazy_patterns(vocab, grammar.c_str(), "root", patterns.data(),
+                                                        patterns.size(), nullptr, 0);
+    } catch (const std::regex_error & e) {
+        throw std::invalid_argument(std::string("a grammar trigger is not a valid regex: ") + e.what());
+    }
 }
 
 }  // namespace
@@ -75,7 +95,8 @@ Sampler::Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t 
     }
 
     if (!cfg.grammar.empty()) {
-        grammar_.reset(llama_sampler_init_grammar(vocab, cfg.grammar.c_str(), "root"));
+        lazy_ = !cfg.grammar_triggers.empty();
+        grammar_.reset(make_grammar(vocab, cfg.grammar, cfg.grammar_triggers));
         if (!grammar_) {
             throw std::invalid_argument("the grammar does not parse");
         }
@@ -117,7 +138,18 @@ llama_token Sampler::sample(llama_context * ctx, int32_t idx, std::vector<llama_
             llama_sampler_apply(grammar_.get(), &arr);
             tok = pick(chain_.get(), buf);
         }
-        llama_sampler_accept(grammar_.get(), tok);
+        if (!lazy_) {
+            llama_sampler_accept(grammar_.get(), tok);
+        } else {
+            try {
+                llama_sampler_accept(grammar_.get(), tok);
+            } catch (const std::exception &) {
+                // The token that completed a trigger also carried text after it that the
+                // grammar rejects (llama.cpp replays the whole token): this sequence goes
+                // on unconstrained rather than failing every sequence of the batch.
+                grammar_.reset();
+            }
+        }
     }
     llama_sampler_accept(chain_.get(), tok);
 

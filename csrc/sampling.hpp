@@ -28,8 +28,14 @@ struct SamplingConfig {
     std::vector<int32_t>     stop_token_ids;
     bool     ignore_eos        = false;
     std::string grammar;                             // GBNF; empty: unconstrained
+    // Non-empty: the grammar is lazy. It constrains nothing until one of these regexes
+    // (ECMAScript) matches the generated text, then applies from the match's first
+    // capture group (or the whole match) on; llama.cpp replays the matched text into it.
+    std::vector<std::string> grammar_triggers;
     std::vector<std::pair<int32_t, float>> logit_bias;
     int32_t  logprobs          = -1;                 // -1: off; k >= 0: chosen + top k
+    bool     cache_prompt      = true;  // reuse cached KV for the prompt, and leave this
+                                        // sequence's KV in the prompt cache when it ends
     // Non-empty: a scoring sequence, which samples nothing (the fields above are unused):
     // each continuation (token ids) is teacher-forced after the prompt and its tokens'
     // logprobs are the result (see scoring.hpp).
@@ -53,7 +59,7 @@ public:
     // The chain is [logit bias] -> [penalties] -> top-k -> top-p -> min-p -> temperature
     // -> dist, or [logit bias] -> [penalties] -> greedy at temperature 0. The penalty
     // window is primed with the tail of the prompt, as llama-cpp-python and llama-server
-    // do. Throws std::invalid_argument when the grammar does not parse.
+    // do. Throws std::invalid_argument when the grammar or a trigger pattern does not parse.
     Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t n_ctx,
             const std::vector<llama_token> & prompt);
 
@@ -68,6 +74,7 @@ private:
     int32_t    n_vocab_;
     int32_t    logprobs_;
     bool       plain_greedy_ = false;  // the chain is greedy alone: an argmax of the logits
+    bool       lazy_         = false;  // grammar_ waits for a trigger pattern
 };
 
 // Empty when `grammar` parses for this vocabulary, else llama.cpp's complaint.

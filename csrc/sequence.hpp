@@ -51,6 +51,7 @@ struct Sequence {
     llama_token              stop_token  = -1;
     Failure                  failure;         // why, when finish == Error
     bool                     prefix_user = false; // queued and counted in the shared prefix's users
+    int32_t                  n_cached    = -1;    // prompt tokens reused at its first admission (-1: not yet)
     size_t                   tokens_streamed = 0;  // generated tokens already in a delta
     size_t                   bytes_streamed  = 0;  // text bytes already in a delta
 

@@ -78,10 +78,10 @@ def test_scores_alone_and_among_twenty_texts(gemma3_path):
 def test_padding_rows_are_counted_only_in_the_mode(smollm2_path):
     with pg.Model(smollm2_path, n_parallel=2, n_ctx=128, batch_invariant=True) as m:
         assert m.batch_invariant and not m.share_prefix  # no shared prefix in the mode
-        r = pg.generate_parallel(m, "Hi", max_tokens=5, temperature=0, ignore_eos=True)
-        # 1 prompt: its 4 generation steps (the first token comes from the prefill) each
-        # padded from 1 row to the minimum
-        assert r.stats.padding_rows == 4 * (BATCH_INVARIANT_MIN_ROWS - 1)
+        r = pg.generate_parallel(m, "Hello there, how are you?", max_tokens=5, temperature=0, ignore_eos=True)
+        # 1 prompt: its 4 generation steps (the first token comes from the prefill, a call
+        # of its own) each padded from 1 row to the minimum
+        assert r.stats.prompt_tokens > 1 and r.stats.padding_rows == 4 * (BATCH_INVARIANT_MIN_ROWS - 1)
         assert m.runner.run_on_engine(lambda e: e.kv_tokens) == 0  # the dummy rows leave nothing behind
     with pg.Model(smollm2_path, n_parallel=2, n_ctx=128) as m:
         r = pg.generate_parallel(m, "Hi", max_tokens=5, temperature=0, ignore_eos=True)
@@ -91,6 +91,7 @@ def test_padding_rows_are_counted_only_in_the_mode(smollm2_path):
 def test_the_mode_is_part_of_the_numerics_and_checked(smollm2_path):
     assert pg.ModelConfig(batch_invariant=True).numerics()["batch_invariant"] is True
     assert pg.ModelConfig(batch_invariant=True).share_prefix is False
+    assert pg.ModelConfig(batch_invariant=True).prompt_cache is False
     assert pg.ModelConfig(n_parallel=2, batch_invariant=True).kv_streams == BATCH_INVARIANT_MIN_ROWS
     with pytest.raises(ParamError, match="kv_unified=False") as e:
         pg.ModelConfig(batch_invariant=True, kv_unified=True)

@@ -141,3 +141,42 @@ def test_bad_constraint_types():
         pg.SamplingParams(json_schema=[1])
     with pytest.raises(TypeError, match="logit_bias must be a mapping"):
         pg.SamplingParams(logit_bias=[(1, 2.0)])
+
+
+# -- lazy grammars (grammar_triggers) ------------------------------------------------------
+def test_lazy_grammar_constrains_from_its_trigger_on(smol):
+    prompts = ["1, 2, 3, 4,", "The capital of France is"]
+    free = pg.generate_parallel(smol, prompts, temperature=0, max_tokens=16)
+    assert free[0].text.startswith(" 5, 6, 7")
+    lazy = pg.generate_parallel(smol, prompts, temperature=0, max_tokens=16, grammar='root ::= "6, seven, eight."',
+                                grammar_triggers=["(6)"])
+    assert lazy[0].text == " 5, 6, seven, eight." and lazy[0].finish_reason == "stop"
+    assert lazy[1].text == free[1].text  # never triggered: never constrained
+    eager = pg.generate_parallel(smol, prompts[:1], temperature=0, max_tokens=16, grammar='root ::= "6, seven, eight."')
+    assert eager[0].text == "6, seven, eight."
+
+
+def test_lazy_grammar_failures_stay_with_their_prompt(smol):
+    # " Paris" is one token: the trigger "Par" fires inside it and the grammar rejects the
+    # rest of the token; that sequence goes on unconstrained, the others are unaffected.
+    prompts = ["The capital of France is", "1, 2, 3, 4,"]
+    free = pg.generate_parallel(smol, prompts, temperature=0, max_tokens=12)
+    r = pg.generate_parallel(smol, prompts, temperature=0, max_tokens=12, grammar='root ::= "Parx"',
+                             grammar_triggers=["(Par)"])
+    assert [c.text for c in r] == [c.text for c in free] and all(c.error is None for c in r)
+    # A pattern Python accepts but std::regex does not: that prompt's error.
+    params = [pg.SamplingParams(max_tokens=4, grammar='root ::= "x"', grammar_triggers=["(?<=P)ar"]),
+              pg.SamplingParams(max_tokens=4, temperature=0)]
+    r = pg.generate_parallel(smol, prompts, params)
+    assert r[0].finish_reason == "error" and "not a valid regex" in r[0].error
+    assert r[1].error is None and r[1].text
+
+
+def test_bad_grammar_triggers():
+    with pytest.raises(ValueError, match="grammar_triggers.*need a grammar"):
+        pg.SamplingParams(grammar_triggers=["x"])
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        pg.SamplingParams(grammar='root ::= "x"', grammar_triggers=["(x"])
+    with pytest.raises(TypeError, match="grammar_triggers"):
+        pg.SamplingParams(grammar='root ::= "x"', grammar_triggers=[3])
+    assert pg.SamplingParams(json_schema={"type": "string"}, grammar_triggers="x").grammar_triggers == ("x",)

@@ -1,4 +1,7 @@
-"""Batch invariance: a prompt's greedy output in a batch equals its output alone."""
+"""Batch invariance: a prompt's greedy output in a batch equals its output alone.
+
+The Models here run without the prompt cache: a prompt asked again would start from its
+cached KV, and a prefill cut at another point rounds differently (test_prompt_cache)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ def _batched_vs_alone(model, n_tokens=48):
 
 
 def test_smollm2_batched_equals_alone_exactly(smollm2_path):
-    with pg.Model(smollm2_path, n_parallel=16, n_ctx=256) as m:
+    with pg.Model(smollm2_path, n_parallel=16, n_ctx=256, prompt_cache=False) as m:
         batched, alone = _batched_vs_alone(m)
     same = [b.token_ids == a.token_ids for b, a in zip(batched, alone)]
     assert all(len(b.token_ids) == 48 for b in batched)
@@ -23,7 +26,7 @@ def test_smollm2_batched_equals_alone_exactly(smollm2_path):
 
 
 def test_repeated_batches_are_deterministic(gemma3_path):
-    with pg.Model(gemma3_path, n_parallel=16, n_ctx=256) as m:
+    with pg.Model(gemma3_path, n_parallel=16, n_ctx=256, prompt_cache=False) as m:
         one = pg.generate_parallel(m, PROMPTS_16, max_tokens=32, temperature=0)
         two = pg.generate_parallel(m, PROMPTS_16, max_tokens=32, temperature=0)
     assert [c.token_ids for c in one] == [c.token_ids for c in two]
@@ -34,7 +37,7 @@ def test_gemma3_sequences_are_isolated_and_mostly_invariant(gemma3_path):
     "Batch invariance" section), so exact equality with decoding alone cannot hold for
     every prompt. What must hold: identical prompts in one batch agree exactly (no KV
     cross-talk between sequences), and most prompts still match their solo run."""
-    with pg.Model(gemma3_path, n_parallel=16, n_ctx=256) as m:
+    with pg.Model(gemma3_path, n_parallel=16, n_ctx=256, prompt_cache=False) as m:
         copies = pg.generate_parallel(m, ["Once upon a time"] * 16, max_tokens=32, temperature=0, ignore_eos=True)
         assert len({tuple(c.token_ids) for c in copies}) == 1
         batched, alone = _batched_vs_alone(m, n_tokens=48)
@@ -55,7 +58,7 @@ def _alternating(model, prompts):
 
 
 def test_smollm2_gap_closing_moves_keep_outputs_exact(smollm2_path):
-    with pg.Model(smollm2_path, n_parallel=16, n_ctx=256) as m:
+    with pg.Model(smollm2_path, n_parallel=16, n_ctx=256, prompt_cache=False) as m:
         batched = _alternating(m, PROMPTS_16)
         alone = [pg.generate_parallel(m, p, max_tokens=n, temperature=0, ignore_eos=True)[0]
                  for p, n in zip(PROMPTS_16, _ALTERNATING)]
@@ -69,7 +72,7 @@ def test_smollm2_gap_closing_moves_keep_outputs_exact(smollm2_path):
 def test_gemma3_gap_closing_moves_keep_kv_intact(gemma3_path):
     """Gemma 3 has two KV caches (full and sliding-window): both must move. Copies of one
     prompt agree exactly within a batch, so a moved copy must match the unmoved ones."""
-    with pg.Model(gemma3_path, n_parallel=16, n_ctx=256) as m:
+    with pg.Model(gemma3_path, n_parallel=16, n_ctx=256, prompt_cache=False) as m:
         r = _alternating(m, ["The old lighthouse keeper"] * 16)
         assert r.stats.sequence_moves >= 4, r.stats
         longs = {tuple(c.token_ids) for c in r if len(c.token_ids) == 40}
@@ -84,7 +87,7 @@ def test_gap_closing_moves_sequences_that_reused_a_shared_prefix(smollm2_path):
     """KV that arrived by a prefix copy moves like any other: the long copies agree exactly."""
     prompt = ("Here are the notes of the meeting held on Monday morning about the new library building "
               "and its opening hours. Summary:")
-    with pg.Model(smollm2_path, n_parallel=16, n_ctx=256) as m:
+    with pg.Model(smollm2_path, n_parallel=16, n_ctx=256, prompt_cache=False) as m:
         r = _alternating(m, [prompt] * 16)
         assert m._require_runner().run_on_engine(lambda e: e.kv_tokens) == 0
     assert r.stats.prefix_tokens_reused >= 16 * 16 and r.stats.sequence_moves >= 4, r.stats

@@ -34,7 +34,9 @@ def _agree(got, ref, min_identical):
 def test_shared_prefix_decoded_once(smollm2_path):
     prompts = _prompts() * 2  # 16 prompts, 8 slots: later ones reuse the prefix too
     kw = dict(max_tokens=12, temperature=0, ignore_eos=True)
-    with pg.Model(smollm2_path, n_parallel=8, n_ctx=512) as m:
+    # The queue-time prefix alone: with the prompt cache, the queued 8 would reuse the
+    # first 8's whole prompts instead (test_prompt_cache).
+    with pg.Model(smollm2_path, n_parallel=8, n_ctx=512, prompt_cache=False) as m:
         n_prefix = len(m.tokenize(INSTRUCTION))
         r = pg.generate_parallel(m, prompts, **kw)
         assert r.stats.prefix_tokens_reused >= 16 * (n_prefix - 2)
@@ -44,10 +46,15 @@ def test_shared_prefix_decoded_once(smollm2_path):
         assert got[:8] == got[8:]  # reused by the first and the queued prompts alike
         _agree(got[:8], _alone(m, prompts[:8], **kw), min_identical=5)
         assert [c.token_ids for c in pg.generate_parallel(m, prompts, **kw)] == got  # deterministic
-    with pg.Model(smollm2_path, n_parallel=8, n_ctx=512, share_prefix=False) as m:
+    with pg.Model(smollm2_path, n_parallel=8, n_ctx=512, share_prefix=False, prompt_cache=False) as m:
         off = pg.generate_parallel(m, prompts, **kw)
         assert off.stats.prefix_tokens_reused == 0
         _agree(got, [c.token_ids for c in off], min_identical=10)
+    with pg.Model(smollm2_path, n_parallel=8, n_ctx=512) as m:  # with the cache: decoded once too
+        r = pg.generate_parallel(m, prompts, **kw)
+        assert r.stats.prefix_tokens_reused + r.stats.cached_prompt_tokens >= 16 * (n_prefix - 2)
+        assert r.stats.prompt_tokens - r.stats.prefix_tokens_reused - r.stats.cached_prompt_tokens < n_prefix + 16 * 20
+        _agree([c.token_ids for c in r], got, min_identical=10)
 
 
 def test_two_prefix_groups_interleaved(smol):
@@ -74,7 +81,9 @@ def test_prefix_reuse_in_a_unified_pool(smollm2_path):
 def test_prefix_reuse_on_sliding_window_gemma(gemma3_path):
     prompts = _prompts()[:6]
     kw = dict(max_tokens=10, temperature=0, ignore_eos=True)
-    with pg.Model(gemma3_path, n_parallel=3, n_ctx=512) as m:
+    # The queue-time prefix alone (with the cache the samples reuse other cached prompts,
+    # whose suffixes Gemma computes in other batch shapes: not bitwise equal).
+    with pg.Model(gemma3_path, n_parallel=3, n_ctx=512, prompt_cache=False) as m:
         r = pg.generate_parallel(m, prompts, **kw)
         assert r.stats.prefix_tokens_reused > 0
         # n greedy samples of one prompt share its copied KV: all identical
@@ -83,7 +92,7 @@ def test_prefix_reuse_on_sliding_window_gemma(gemma3_path):
         assert s.outputs[0].token_ids[:3] == r[0].token_ids[:3]
         # the next call, without a shared prefix, is unaffected by the copies
         fresh = pg.generate_parallel(m, ["The sky is"], **kw)[0]
-    with pg.Model(gemma3_path, n_parallel=3, n_ctx=512) as m2:
+    with pg.Model(gemma3_path, n_parallel=3, n_ctx=512, prompt_cache=False) as m2:
         assert pg.generate_parallel(m2, ["The sky is"], **kw)[0].token_ids == fresh.token_ids
 
 

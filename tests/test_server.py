@@ -86,7 +86,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    s = Server(smollm2_path, "--n-parallel", "8", "--max-queue", "64")
+    # Without the prompt cache, as `local`: a prompt decoded from a cached prefix can
+    # round differently, and the two processes' caches hold different things (the cache
+    # has tests of its own below).
+    s = Server(smollm2_path, "--n-parallel", "8", "--max-queue", "64", "--no-prompt-cache")
     yield s
     s.stop()
 
@@ -94,7 +97,7 @@ def server(smollm2_path):
 @pytest.fixture(scope="module")
 def local(smollm2_path):
     """In-process reference: same model file and per-sequence context as the server."""
-    with pg.Model(smollm2_path, n_parallel=8, n_ctx=N_CTX, n_threads=2) as m:
+    with pg.Model(smollm2_path, n_parallel=8, n_ctx=N_CTX, n_threads=2, prompt_cache=False) as m:
         yield m
 
 
@@ -281,6 +284,71 @@ def test_models_health_metrics_and_request_id(server):
                  "parallel_gen_kv_tokens", "parallel_gen_sequences_waiting"):
         assert name in text, name
     assert server.metric("parallel_gen_kv_tokens") == 0  # nothing running now
+
+
+# -- the prompt cache: multi-turn chat reuses earlier turns' KV ----------------------------------
+SYSTEM = "You are a helpful assistant for a hardware store. " * 6
+
+
+@pytest.fixture(scope="module")
+def cached(smollm2_path):
+    s = Server(smollm2_path, "--n-parallel", "2")
+    yield s
+    s.stop()
+
+
+def _cached_tokens(usage):
+    return usage.prompt_tokens_details.cached_tokens
+
+
+def test_multi_turn_chat_reports_cached_tokens_and_metrics(cached):
+    client = cached.client()
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Do you sell hammers?"}]
+    first = client.chat.completions.create(model=ALIAS, messages=messages, max_tokens=8, temperature=0)
+    assert _cached_tokens(first.usage) == 0  # a fresh server holds nothing
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And nails?"}]
+    second = client.chat.completions.create(model=ALIAS, messages=messages, max_tokens=8, temperature=0)
+    cached_2 = _cached_tokens(second.usage)
+    # the whole first turn (system, question, the reply as the model wrote it) at least
+    assert first.usage.prompt_tokens <= cached_2 < second.usage.prompt_tokens
+    # streamed, with the usage chunk: the same field
+    chunks = list(client.chat.completions.create(model=ALIAS, messages=messages, max_tokens=4, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert _cached_tokens(usage) == usage.prompt_tokens - 1  # all of it but the last token
+    # the legacy endpoint, and the per-request opt-out (llama-server's field)
+    prompt = SYSTEM + "Question: what is a wrench?"  # no chat template: shares nothing yet
+    a0 = client.completions.create(model=ALIAS, prompt=prompt, max_tokens=2, temperature=0)
+    a = client.completions.create(model=ALIAS, prompt=prompt, max_tokens=2, temperature=0)
+    assert _cached_tokens(a0.usage) == 0 and _cached_tokens(a.usage) == a.usage.prompt_tokens - 1
+    off = client.completions.create(model=ALIAS, prompt=prompt, max_tokens=2, temperature=0,
+                                    extra_body={"cache_prompt": False})
+    assert _cached_tokens(off.usage) == 0
+    total = sum(_cached_tokens(u) for u in (first.usage, second.usage, usage, a0.usage, a.usage, off.usage))
+    assert cached.metric("parallel_gen_cached_prompt_tokens_total") == total
+    assert cached.metric("parallel_gen_prompt_cache_hits") == 3
+    assert cached.metric("parallel_gen_prompt_cache_misses") == 2  # the opt-out looked nothing up
+    assert cached.metric("parallel_gen_prompt_cache_hit_rate") == 0.6
+    assert cached.metric("parallel_gen_prompt_cache_tokens") == total
+    assert cached.metric("parallel_gen_kv_tokens_cached") > 0
+    assert cached.metric("parallel_gen_kv_tokens") == 0
+    assert cached.metric("parallel_gen_prompt_cache_evictions") is not None
+    r = cached.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "cache_prompt": "no"})
+    _error(r, 400, param="cache_prompt")
+    # the Responses API names it usage.input_tokens_details.cached_tokens: the chat prompt
+    # streamed above, asked again there, is cached whole but its last token
+    resp = client.responses.create(model=ALIAS, input=messages, max_output_tokens=2, temperature=0)
+    assert resp.usage.input_tokens_details.cached_tokens == resp.usage.input_tokens - 1
+
+
+def test_without_the_cache_nothing_is_cached(server):
+    prompt = SYSTEM + "Question: what is a drill?"
+    for _ in range(2):
+        r = server.client().completions.create(model=ALIAS, prompt=prompt, max_tokens=2, temperature=0)
+        assert _cached_tokens(r.usage) == 0
+    assert server.metric("parallel_gen_prompt_cache_hits") == 0
+    assert server.metric("parallel_gen_kv_tokens_cached") == 0
 
 
 # -- every error status has OpenAI's body, and the server keeps serving -------------------------

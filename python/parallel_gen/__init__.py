@@ -43,6 +43,7 @@ _EXPORTS = {
     "Score": "scoring",
     "StreamEvent": "stream",
     "TokenLogprobs": "results",
+    "ToolCall": "results",
     "apply_chat_template": "chat",
     "astream_parallel": "stream",
     "chat_parallel": "chat",

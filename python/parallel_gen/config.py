@@ -90,13 +90,24 @@ class ModelConfig:
     n samples of one prompt, once, and copy its KV to each. Costs one more KV stream when
     kv_unified is False; cutting a prefill there changes numerics slightly."""
 
+    prompt_cache: bool = field(default=True, metadata=_numerics())
+    """Keep the KV of finished prompts (prompt and output) while the Model's KV has room,
+    so a later prompt starting with the same tokens (a conversation's next turn, an
+    agent's next step, a repeated instruction) decodes only what is new. Free streams
+    keep their last sequence's KV; a full pool evicts the least recently used entry
+    before any running sequence waits. Costs one more KV stream when kv_unified is False
+    (shared with share_prefix). Per prompt: SamplingParams.cache_prompt. Numerics: a
+    prefill resumed from a cached prefix is cut there, which changes outputs slightly
+    (as share_prefix does)."""
+
     batch_invariant: bool = field(default=False, metadata=_numerics())
     """A prompt's output (greedy tokens, logprobs, scores) is bit-identical whether it runs
     alone or among any companions, in any slot, arriving at any time (same machine, build,
     model and settings). Each prompt is prefilled in decode calls of its own and every
     generation step is padded to at least BATCH_INVARIANT_MIN_ROWS rows: slower when few
     sequences run or many prompts arrive at once. Needs kv_unified=False; turns
-    share_prefix off (cutting a prefill where companions share it would change numerics)."""
+    share_prefix and prompt_cache off (a prefill cut where companions or earlier prompts
+    share it would change numerics)."""
 
     repack: Optional[bool] = None
     """Let llama.cpp repack the weights for its faster CPU kernels (its "extra buffer
@@ -122,7 +133,7 @@ class ModelConfig:
         if self.n_threads is not None:
             _int("n_threads", self.n_threads, 1)
         _int("n_gpu_layers", self.n_gpu_layers, -1)
-        for name in ("kv_unified", "share_prefix", "batch_invariant", "verbose"):
+        for name in ("kv_unified", "share_prefix", "prompt_cache", "batch_invariant", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamTypeError(f"Model {name} must be a bool, got {getattr(self, name)!r}", name)
         check_repack(self.repack)
@@ -135,6 +146,7 @@ class ModelConfig:
                 raise ParamError(f"Model n_batch={self.n_batch} must be >= {BATCH_INVARIANT_MIN_ROWS} with "
                                  "batch_invariant=True: a generation step is that many rows", "n_batch")
             set_(self, "share_prefix", False)
+            set_(self, "prompt_cache", False)
         if self.flash_attn == "auto":
             set_(self, "flash_attn", None)
         if self.flash_attn not in _FLASH:
@@ -164,12 +176,12 @@ class ModelConfig:
 
     @property
     def kv_streams(self) -> int:
-        """KV streams llama.cpp allocates with separate streams: one per slot, plus one for
-        a shared prefix; in batch-invariant mode at least BATCH_INVARIANT_MIN_ROWS (padding
-        rows each take an empty stream)."""
+        """KV streams llama.cpp allocates with separate streams: one per slot, plus one for a
+        shared prefix and the prompt cache; in batch-invariant mode (neither) at least
+        BATCH_INVARIANT_MIN_ROWS (padding rows each take an empty stream)."""
         if self.batch_invariant:
             return max(self.n_parallel, BATCH_INVARIANT_MIN_ROWS)
-        return self.n_parallel + (1 if self.share_prefix else 0)
+        return self.n_parallel + (1 if self.share_prefix or self.prompt_cache else 0)
 
     def numerics(self) -> Dict[str, Any]:
         """The settings that can change a prompt's output (not capacity: n_parallel, n_ctx,
@@ -191,6 +203,7 @@ class ModelConfig:
         ec.type_v = KV_TYPES[self.type_v]
         ec.kv_size = self.kv_size or 0
         ec.min_prefix = MIN_SHARED_PREFIX if self.share_prefix else 2**31 - 1
+        ec.prompt_cache = self.prompt_cache
         ec.min_rows = BATCH_INVARIANT_MIN_ROWS if self.batch_invariant else 0
         ec.verbose = self.verbose
         return ec

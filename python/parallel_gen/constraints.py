@@ -1,13 +1,14 @@
-"""Output constraints as GBNF grammars: a fixed set of choices, or a JSON schema."""
+"""Output constraints as GBNF grammars: a fixed set of choices, a JSON schema, or a
+grammar assembled from several schemas and hand-written rules (tool calls)."""
 
 from __future__ import annotations
 
+import copy
 import json
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Dict, Mapping, Sequence, Union
 
 
-
-def _literal(text: str) -> str:
+def literal(text: str) -> str:
     """A GBNF string literal matching exactly ``text``."""
     out = []
     for ch in text:
@@ -28,7 +29,7 @@ def _literal(text: str) -> str:
 
 def choices_grammar(choices: Sequence[str]) -> str:
     """A grammar whose only sentences are the given choices."""
-    return "root ::= " + " | ".join(_literal(c) for c in choices) + "\n"
+    return "root ::= " + " | ".join(literal(c) for c in choices) + "\n"
 
 
 def schema_grammar(schema: Union[Mapping[str, Any], str]) -> str:
@@ -47,3 +48,33 @@ def schema_grammar(schema: Union[Mapping[str, Any], str]) -> str:
         return llama_cpp.llama_grammar.json_schema_to_gbnf(text)
     except Exception as e:  # the converter raises assorted types on unsupported schemas
         raise ValueError(f"cannot convert the schema to a grammar: {type(e).__name__}: {e}") from None
+
+
+class GrammarBuilder:
+    """One GBNF grammar made of JSON schemas' rules (llama-cpp-python's converter) and
+    rules written by hand; :meth:`build` gives the text with a ``root`` rule."""
+
+    def __init__(self) -> None:
+        from ._native import llama_cpp  # on use, as above
+
+        self._converter = llama_cpp.llama_grammar.SchemaConverter(prop_order={}, allow_fetch=False, dotall=False,
+                                                                  raw_pattern=False)
+        self._rules: Dict[str, str] = {}
+
+    def schema(self, schema: Mapping[str, Any], name: str) -> str:
+        """The name of a rule matching JSON text valid for ``schema`` (its rules are
+        prefixed with ``name``). Raises ValueError for a schema the converter rejects."""
+        try:
+            resolved = self._converter.resolve_refs(copy.deepcopy(dict(schema)), name)
+            return self._converter.visit(resolved, name)
+        except Exception as e:  # the converter raises assorted types on unsupported schemas
+            raise ValueError(f"cannot convert the schema to a grammar: {type(e).__name__}: {e}") from None
+
+    def rule(self, name: str, body: str) -> str:
+        """Adds ``name ::= body``; returns ``name``."""
+        self._rules[name] = body
+        return name
+
+    def build(self, root: str) -> str:
+        rules = dict(self._rules, root=root)
+        return self._converter.format_grammar() + "\n" + "\n".join(f"{k} ::= {v}" for k, v in rules.items()) + "\n"

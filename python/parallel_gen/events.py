@@ -44,6 +44,8 @@ class SequenceResult:
     error: Optional[str]
     logprobs: Optional[List[RawLogprobs]]
     error_code: Optional[ErrorCode] = None
+    cached_tokens: int = 0
+    """Prompt tokens whose KV was reused (prompt cache or shared prefix), not decoded."""
 
     @property
     def aborted(self) -> bool:
@@ -61,7 +63,7 @@ class SequenceResult:
         return cls(index=int(r.index), sample=int(r.sample), prompt_tokens=int(r.n_prompt),
                    token_ids=list(r.tokens), text=r.text, finish_reason=_FINISH[r.finish],
                    stop_reason=stop_reason, error=r.error or None, logprobs=list(raw) if raw else None,
-                   error_code=ERROR_CODES.get(r.error_code))
+                   error_code=ERROR_CODES.get(r.error_code), cached_tokens=int(r.n_cached))
 
     def to_output(self, token_text: Callable[[int], str]) -> Output:
         """The public Output; ``token_text`` gives a token's text (for logprobs)."""
@@ -112,6 +114,11 @@ class EngineCounters:
     padding_rows: int = 0
     prompt_tokens: int = 0
     prefix_tokens_reused: int = 0
+    cached_prompt_tokens: int = 0
+    prompt_cache_hits: int = 0
+    prompt_cache_misses: int = 0
+    prompt_cache_evictions: int = 0
+    kv_copies: int = 0
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0

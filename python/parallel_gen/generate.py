@@ -259,5 +259,9 @@ def batch_stats(completions: List[Completion], c: EngineCounters, wall: float, c
         padding_rows=int(c.padding_rows),
         prefix_tokens_reused=int(c.prefix_tokens_reused),
         cache_hits=cache_hits,
+        cached_prompt_tokens=int(c.cached_prompt_tokens),
+        prompt_cache_hits=int(c.prompt_cache_hits),
+        prompt_cache_misses=int(c.prompt_cache_misses),
+        prompt_cache_evictions=int(c.prompt_cache_evictions),
     )
 

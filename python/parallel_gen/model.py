@@ -58,7 +58,8 @@ class Model:
         **settings: ModelConfig fields applied on top of ``config``: ``n_parallel``,
             ``n_ctx``, ``n_batch``, ``n_threads``, ``n_gpu_layers``, ``kv_unified``,
             ``flash_attn``, ``type_k``, ``type_v``, ``kv_size``, ``share_prefix``,
-            ``batch_invariant``, ``repack``, ``verbose`` (their meaning and defaults: ModelConfig's docstrings).
+            ``prompt_cache``, ``batch_invariant``, ``repack``, ``verbose`` (their meaning and
+            defaults: ModelConfig's docstrings).
 
     Calls from any number of threads (generate, chat, streams) share the Model: each
     call's sequences join the one batch loop that runs on the Model's engine thread, as
@@ -204,6 +205,7 @@ class Model:
     type_k = property(lambda self: self.config.type_k)
     type_v = property(lambda self: self.config.type_v)
     share_prefix = property(lambda self: self.config.share_prefix)
+    prompt_cache = property(lambda self: self.config.prompt_cache)
     batch_invariant = property(lambda self: self.config.batch_invariant)
     verbose = property(lambda self: self.config.verbose)
 

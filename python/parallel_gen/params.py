@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -119,6 +120,20 @@ class SamplingParams:
     logit_bias: Optional[Mapping[int, float]] = None
     """Added to the logits of the given token ids before sampling (-inf bans a token)."""
 
+    cache_prompt: bool = True
+    """Start from the longest prefix of the prompt whose KV the Model's prompt cache holds
+    (from earlier prompts and their outputs), and leave this prompt's KV there when it
+    ends. False (llama-server's ``cache_prompt: false``): the prompt is decoded whole, on
+    its own, and its KV is dropped when it ends. Without effect when the Model was opened
+    with ``prompt_cache=False``."""
+
+    grammar_triggers: Tuple[str, ...] = ()
+    """Makes the grammar (or json_schema, choices) lazy: it constrains nothing until one
+    of these regular expressions (ECMAScript syntax, searched in the generated text)
+    matches, then applies from the start of the match's first group (or of the whole
+    match) on, as llama.cpp's lazy grammars do. Tool calls with tool_choice "auto" use it:
+    free text, until a call starts."""
+
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once
         _need_int("n", self.n)
@@ -153,9 +168,20 @@ class SamplingParams:
                 raise _bad("seed", self.seed, "must be in [0, 2**32)")
         set_(self, "stop", _as_str_tuple(self.stop, "stop"))
         set_(self, "stop_token_ids", _as_int_tuple(self.stop_token_ids))
-        if not isinstance(self.ignore_eos, bool):
-            raise ParamTypeError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}", "ignore_eos")
+        for name in ("ignore_eos", "cache_prompt"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamTypeError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}", name)
         set_(self, "_gbnf", self._constraint_grammar())
+        set_(self, "grammar_triggers", _as_str_tuple(self.grammar_triggers, "grammar_triggers"))
+        if self.grammar_triggers:
+            if self._gbnf is None:  # type: ignore[attr-defined]
+                raise _bad("grammar_triggers", self.grammar_triggers, "need a grammar, json_schema or choices")
+            for pattern in self.grammar_triggers:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise _bad("grammar_triggers", self.grammar_triggers,
+                               f"{pattern!r} is not a valid regular expression ({e})") from None
         if self.logprobs is not None:
             _need_int("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= 20:
@@ -227,8 +253,10 @@ class SamplingParams:
         c.stop_token_ids = list(self.stop_token_ids)
         c.ignore_eos = self.ignore_eos
         c.grammar = self.compiled_grammar or ""
+        c.grammar_triggers = list(self.grammar_triggers)
         c.logit_bias = sorted(self.logit_bias.items()) if self.logit_bias else []
         c.logprobs = -1 if self.logprobs is None else self.logprobs
+        c.cache_prompt = self.cache_prompt
         return c
 
 

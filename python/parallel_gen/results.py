@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence as _SequenceABC
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, List, Optional, Union, overload
@@ -10,7 +11,28 @@ import numpy as np
 
 from .errors import ErrorCode, Failure
 
-FinishReason = str  # "stop" | "length" | "error"
+FinishReason = str  # "stop" | "length" | "tool_calls" | "error"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call of one of the tools offered (``chat_parallel(..., tools=...)``)."""
+
+    id: str
+    """Unique id (random): the ``tool_call_id`` of the tool's result message."""
+    name: str
+    """The function called."""
+    arguments: str
+    """Its arguments, as JSON object text (as OpenAI's API gives them)."""
+
+    @property
+    def parsed_arguments(self) -> Dict[str, Any]:
+        """The arguments as a dict."""
+        return json.loads(self.arguments)
+
+    def to_openai(self) -> Dict[str, Any]:
+        """The call as OpenAI's API writes it (an assistant message's ``tool_calls`` item)."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 @dataclass(frozen=True)
@@ -44,7 +66,8 @@ class Output:
     """Generated token ids; a final EOG or stop token is included."""
     finish_reason: FinishReason
     """"stop" (end-of-generation token, stop string or stop token), "length" (max_tokens,
-    or the sequence's context is full) or "error" (see ``error``)."""
+    or the sequence's context is full), "tool_calls" (the reply is tool calls, see
+    ``tool_calls``) or "error" (see ``error``)."""
     stop_reason: Union[str, int, None] = None
     """The stop string or the token id that ended it; None otherwise."""
     error: Optional[str] = None
@@ -53,6 +76,13 @@ class Output:
     """Per generated token, when SamplingParams.logprobs is set."""
     error_code: Optional[ErrorCode] = None
     """Why it failed, as a code for programs (see ErrorCode), when finish_reason is "error"."""
+    tool_calls: Optional[List[ToolCall]] = None
+    """With tools offered: the calls of the reply (finish_reason "tool_calls"), else [];
+    a reply cut short ("length") keeps the calls it holds whole. None when no tools were
+    offered."""
+    content: Optional[str] = None
+    """With tools offered: the reply's text besides its calls (``text`` is all of it, as
+    generated). None when no tools were offered."""
 
     @classmethod
     def failed(cls, failure: Failure) -> "Output":
@@ -67,8 +97,11 @@ class Output:
             lps = [TokenLogprobs(t["token_id"], t["token"], t["logprob"], [Logprob(**a) for a in t["top"]])
                    for t in lps]
         code = d.get("error_code")
+        calls = d.get("tool_calls")
+        if calls is not None:
+            calls = [ToolCall(**c) for c in calls]
         return cls(d["text"], list(d["token_ids"]), d["finish_reason"], d["stop_reason"], d["error"], lps,
-                   ErrorCode(code) if code else None)
+                   ErrorCode(code) if code else None, calls, d.get("content"))
 
     @property
     def token_logprobs(self) -> Optional[np.ndarray]:
@@ -127,6 +160,10 @@ class Completion:
         return self.outputs[0].error_code
 
     @property
+    def tool_calls(self) -> Optional[List[ToolCall]]:
+        return self.outputs[0].tool_calls
+
+    @property
     def completion_tokens(self) -> int:
         """Generated tokens over all outputs."""
         return sum(len(o.token_ids) for o in self.outputs)
@@ -179,6 +216,27 @@ class BatchStats:
     samples of one prompt) was decoded once and its KV copied."""
     cache_hits: int = 0
     """Prompts answered from the result cache, without decoding."""
+    cached_prompt_tokens: int = 0
+    """Prompt tokens not decoded because the Model's prompt cache held their KV (from
+    earlier prompts and outputs, this call's or others')."""
+    prompt_cache_hits: int = 0
+    """Lookups in the prompt cache that found KV to start from: one per sequence, or one
+    for a prefix shared by several waiting sequences (which then count neither)."""
+    prompt_cache_misses: int = 0
+    """Lookups (with the prompt cache on) that found nothing to start from."""
+    prompt_cache_evictions: int = 0
+    """Prompt cache entries holding tokens no other KV stream held, dropped for room or
+    overwritten (or reused for fewer tokens than were dropped)."""
+
+    @property
+    def prompt_cache_hit_rate(self) -> float:
+        """prompt_cache_hits / (hits + misses); 0 when nothing was looked up."""
+        return hit_rate(self.prompt_cache_hits, self.prompt_cache_misses)
+
+
+def hit_rate(hits: int, misses: int) -> float:
+    """hits / (hits + misses); 0 when nothing was looked up."""
+    return hits / (hits + misses) if hits + misses else 0.0
 
 
 class BatchResult(_SequenceABC):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -27,6 +28,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Union
 from ._native import _core
 from .events import (Cancelled, Closed, Delta, EngineCounters, EngineEvent, EngineFailed, Fatal, Progress, RequestDone,
                      SequenceDelta, SequenceFinished, SequenceResult, Listener)
+from .results import hit_rate
 
 logger = logging.getLogger("parallel_gen")
 
@@ -120,7 +122,24 @@ class EngineStats:
     sequences share steps."""
     kv_tokens: int = 0
     """KV positions held now, summed over every sequence id (a shared prefix's own and each
-    copy of it): tokens, not cells, since a unified pool lets sequences share cells."""
+    copy of it): tokens, not cells, since a unified pool lets sequences share cells. The
+    prompt cache's entries are not counted: see kv_tokens_cached."""
+    kv_tokens_cached: int = 0
+    """Tokens whose KV the prompt cache holds now (finished prompts kept for later ones)."""
+    cached_prompt_tokens: int = 0
+    """Prompt tokens not decoded since the Model was opened: their KV was in the prompt cache."""
+    prompt_cache_hits: int = 0
+    """Prompt cache lookups that found KV to start from since the Model was opened (see
+    BatchStats.prompt_cache_hits)."""
+    prompt_cache_misses: int = 0
+    """Prompt cache lookups that found nothing to start from."""
+    prompt_cache_evictions: int = 0
+    """Prompt cache entries dropped for room, or overwritten, since the Model was opened."""
+
+    @property
+    def prompt_cache_hit_rate(self) -> float:
+        """prompt_cache_hits / (hits + misses); 0 before any lookup."""
+        return hit_rate(self.prompt_cache_hits, self.prompt_cache_misses)
 
 
 @dataclass(frozen=True)
@@ -129,10 +148,11 @@ class _Snapshot:
 
     queued: int = 0
     busy: int = 0
-    tokens: int = 0
     completed: int = 0
-    decode_calls: int = 0
     kv_tokens: int = 0
+    kv_tokens_cached: int = 0
+    totals: EngineCounters = field(default_factory=EngineCounters)
+    """A copy of the counters since the Model opened."""
 
 
 class EngineRunner:
@@ -196,10 +216,14 @@ class EngineRunner:
 
     def stats(self) -> EngineStats:
         s = self._snapshot
+        t = s.totals
         return EngineStats(active_requests=len(self._requests), queued_prompts=s.queued, slots_busy=s.busy,
-                           n_parallel=self._n_parallel, tokens_generated=s.tokens, requests_completed=s.completed,
-                           uptime_seconds=time.perf_counter() - self._opened, decode_calls=s.decode_calls,
-                           kv_tokens=s.kv_tokens)
+                           n_parallel=self._n_parallel, tokens_generated=int(t.generated_tokens),
+                           requests_completed=s.completed, uptime_seconds=time.perf_counter() - self._opened,
+                           decode_calls=int(t.decode_calls), kv_tokens=s.kv_tokens,
+                           kv_tokens_cached=s.kv_tokens_cached, cached_prompt_tokens=int(t.cached_prompt_tokens),
+                           prompt_cache_hits=int(t.prompt_cache_hits), prompt_cache_misses=int(t.prompt_cache_misses),
+                           prompt_cache_evictions=int(t.prompt_cache_evictions))
 
     def stop(self) -> None:
         """Cancels everything, ends the thread and waits for it. Idempotent."""
@@ -386,10 +410,9 @@ class EngineRunner:
         engine = self._engine
         if engine is None:
             return
-        t = self._totals
         self._snapshot = _Snapshot(queued=engine.n_waiting + sum(len(r.items) for r in self._turns),
-                                   busy=engine.n_live, tokens=int(t.generated_tokens), completed=self._completed,
-                                   decode_calls=int(t.decode_calls), kv_tokens=engine.kv_tokens)
+                                   busy=engine.n_live, completed=self._completed, kv_tokens=engine.kv_tokens,
+                                   kv_tokens_cached=engine.cached_tokens, totals=dataclasses.replace(self._totals))
 
     def _finish(self, req: Request) -> None:
         self._requests.pop(req.id, None)

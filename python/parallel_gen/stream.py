@@ -47,6 +47,9 @@ class StreamEvent:
     ``token_ids``, one each (the events of a prompt together cover its whole output)."""
     error_code: Optional[str] = None
     """On a failed last event: the ErrorCode (see Output.error_code)."""
+    cached_tokens: int = 0
+    """On the last event: prompt tokens whose KV was reused (the Model's prompt cache,
+    or a prefix shared with other prompts) rather than decoded for this sample."""
 
 
 class StreamState:
@@ -83,7 +86,7 @@ class StreamState:
             return StreamEvent(r.index, r.text[sent_bytes:].decode("utf-8", "replace"), r.token_ids[sent_tokens:],
                                True, r.finish_reason, r.sample, r.stop_reason, r.error,
                                public_logprobs(r.token_ids[sent_tokens:], raw, self.model.token_text),
-                               r.error_code)
+                               r.error_code, r.cached_tokens)
         if isinstance(event, RequestDone):
             self.done = True
         return None  # Progress: nothing to show

@@ -8,16 +8,17 @@
                "n_parallel", "n_ctx", "n_batch", "n_threads", "n_gpu_layers", "kv_size")
 # Arguments Python wants as a list of int / a list of str (any length, length 1 included).
 .INT_LIST_ARGS <- c("stop_token_ids")
-.STR_LIST_ARGS <- c("stop", "choices")
+.STR_LIST_ARGS <- c("stop", "choices", "grammar_triggers")
 # Sampling options taken through `...` of pg_generate() and pg_chat() (the others are
 # their named arguments); each is documented there.
 .SAMPLING_DOTS <- c("n", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
                     "frequency_penalty", "presence_penalty", "stop_token_ids", "ignore_eos",
-                    "grammar", "json_schema", "choices", "logprobs", "logit_bias")
+                    "cache_prompt",
+                    "grammar", "json_schema", "choices", "logprobs", "logit_bias", "grammar_triggers")
 # ModelConfig fields taken through `...` of pg_model() (n_parallel and n_ctx are its
 # named arguments); each is documented there.
 .MODEL_DOTS <- c("n_batch", "n_threads", "n_gpu_layers", "kv_unified", "flash_attn", "type_k", "type_v",
-                 "kv_size", "share_prefix", "batch_invariant", "verbose")
+                 "kv_size", "share_prefix", "prompt_cache", "batch_invariant", "verbose")
 
 .is_whole <- function(x) is.numeric(x) & is.finite(x) & x == trunc(x)
 

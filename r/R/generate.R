@@ -14,10 +14,12 @@
 #'   `repeat_penalty`, `repeat_last_n`, `frequency_penalty`, `presence_penalty`,
 #'   `stop_token_ids` (token ids that end a completion), `ignore_eos`, one of `grammar`
 #'   (GBNF text), `json_schema` (JSON text) and `choices` (a character vector: the
-#'   output is one of them), `logprobs` (`0` to `20`: adds the `logprobs` column) and
-#'   `logit_bias` (a numeric vector named by token id, added to those tokens' logits:
-#'   `c("49000" = -Inf)` bans token 49000). An unknown name is an error listing the
-#'   valid ones.
+#'   output is one of them), `grammar_triggers` (regular expressions: the grammar
+#'   applies only from the first match on), `logprobs` (`0` to `20`: adds the
+#'   `logprobs` column), `logit_bias` (a numeric vector named by token id, added to
+#'   those tokens' logits: `c("49000" = -Inf)` bans token 49000) and `cache_prompt`
+#'   (`FALSE`: decode the prompt whole and keep none of its KV in the model's prompt
+#'   cache). An unknown name is an error listing the valid ones.
 #' @param seed `NULL` (fresh randomness on every call) or a whole number in
 #'   `[0, 2^32)`: prompt *i* then uses seed + *i* - 1, so a call with the same seed repeats
 #'   exactly. The seed is used as given: [set.seed()] has no effect on it, and
@@ -85,22 +87,74 @@ pg_generate <- function(model, prompts, max_tokens = 128L, temperature = 0.8, ..
 #' @param system `NULL`, or a system message put first in every conversation that does
 #'   not begin with one (handy for annotation: the instructions once, the texts as a
 #'   character vector).
+#' @param tools `NULL`, or the functions the model may call, OpenAI-style: JSON text
+#'   (`'[{"type": "function", "function": {"name": ..., "description": ...,
+#'   "parameters": {...}}}]'`) or the same as R lists (write JSON arrays, such as a
+#'   schema's `required`, as `list()`: a length-one character vector becomes a string).
+#'   They are offered in every conversation, in the model's own tool-call format.
+#' @param tool_choice `NULL` (`"auto"` with tools: the model answers or calls a tool),
+#'   `"required"` (the reply is tool calls, by grammar), `"none"`, or a tool's name (a
+#'   call of that tool, by grammar).
+#' @param parallel_tool_calls allow several calls in one reply.
 #' @return A data.frame as from [pg_generate()]; `prompt` is the formatted prompt the
-#'   chat template produced.
+#'   chat template produced. With `tools`, `finish_reason` is `"tool_calls"` for a
+#'   reply that calls tools, and two more columns follow: `content` (the reply's text
+#'   besides its calls; `NA` for a failed conversation) and `tool_calls`, a list
+#'   column: per row a data.frame with one row per call, columns `id` (unique),
+#'   `name` and `arguments` (JSON text matching the tool's parameters schema); zero
+#'   rows when the reply has no calls.
 #' @examples
 #' \dontrun{
 #' model <- pg_model(n_parallel = 16)
 #' pg_chat(model, c("I loved this film!", "Worst purchase ever."), temperature = 0,
 #'         system = "Answer with one word: positive or negative.")$text
+#' weather <- '[{"type": "function", "function": {"name": "get_weather",
+#'   "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+#'                  "required": ["city"]}}}]'
+#' out <- pg_chat(model, c("Weather in Paris?", "Weather in Rome?"), tools = weather,
+#'                tool_choice = "required", temperature = 0)
+#' out$tool_calls[[1]]$arguments
 #' }
 #' @export
 pg_chat <- function(model, conversations, max_tokens = 128L, temperature = 0.8, ...,
-                    seed = NULL, stop = NULL, system = NULL, progress = interactive()) {
+                    seed = NULL, stop = NULL, system = NULL, progress = interactive(),
+                    tools = NULL, tool_choice = NULL, parallel_tool_calls = TRUE) {
   model <- .check_model(model)
   convs <- .check_conversations(conversations, system)
   .check_flag(progress, "progress")
+  .check_flag(parallel_tool_calls, "parallel_tool_calls")
   kwargs <- .sampling_kwargs(max_tokens, temperature, seed, stop, list(...))
+  if (!is.null(tools)) {
+    kwargs$tools <- .py_tools(tools)
+    kwargs$parallel_tool_calls <- parallel_tool_calls
+  }
+  if (!is.null(tool_choice)) kwargs$tool_choice <- .py_tool_choice(tool_choice)
   .run("chat_parallel", model, convs, kwargs, progress, NULL)
+}
+
+# Tools as JSON text (parsed by Python's json) or as R lists (converted by reticulate).
+.py_tools <- function(tools) {
+  if (is.character(tools)) {
+    if (length(tools) != 1L || is.na(tools)) {
+      .arg_error(sprintf("`tools` must be one string of JSON or a list, got %s", .describe(tools)))
+    }
+    json <- reticulate::import("json", convert = FALSE)  # Python values as they are: [x] stays a list
+    return(tryCatch(json$loads(tools), error = function(e) {
+      .arg_error(sprintf("`tools` is not valid JSON: %s", conditionMessage(e)))
+    }))
+  }
+  if (!is.list(tools)) .arg_error(sprintf("`tools` must be JSON text or a list, got %s", .describe(tools)))
+  tools
+}
+
+# "auto", "required", "none", or a tool's name -> OpenAI's tool_choice.
+.py_tool_choice <- function(choice) {
+  if (!is.character(choice) || length(choice) != 1L || is.na(choice)) {
+    .arg_error(sprintf("`tool_choice` must be one string (auto, required, none or a tool's name), got %s",
+                       .describe(choice)))
+  }
+  if (choice %in% c("auto", "required", "none")) return(choice)
+  list(type = "function", "function" = list(name = choice))
 }
 
 # The named sampling arguments plus `...` -> Python keyword arguments.
@@ -117,7 +171,9 @@ pg_chat <- function(model, conversations, max_tokens = 128L, temperature = 0.8, 
 #'   `prompt_seconds`, `generation_seconds`, `wall_seconds`,
 #'   `prompt_tokens_per_second`, `generation_tokens_per_second`, `decode_calls`,
 #'   `decode_retries`, `fallback_decodes`, `failed`, `preemptions`, `sequence_moves`,
-#'   `prefix_tokens_reused`, `cache_hits`.
+#'   `prefix_tokens_reused`, `cache_hits`, `cached_prompt_tokens` (prompt tokens whose
+#'   KV came from the model's prompt cache), `prompt_cache_hits`, `prompt_cache_misses`,
+#'   `prompt_cache_evictions`.
 #' @export
 pg_stats <- function(x = NULL) {
   if (is.null(x)) {
@@ -154,6 +210,15 @@ pg_stats <- function(x = NULL) {
     stringsAsFactors = FALSE
   )
   if (!is.null(kwargs$logprobs)) out$logprobs <- lapply(helpers$logprobs(result), .logprob_frame)
+  if (!is.null(kwargs$tools)) {
+    calls <- helpers$tool_calls(result)
+    out$content <- vapply(calls, function(x) as.character(x$content), "")
+    out$content[out$finish_reason == "error"] <- NA_character_
+    out$tool_calls <- lapply(calls, function(x) {
+      data.frame(id = as.character(unlist(x$id)), name = as.character(unlist(x$name)),
+                 arguments = as.character(unlist(x$arguments)), stringsAsFactors = FALSE)
+    })
+  }
   if (any(sample > 1L)) {
     # n > 1 samples per prompt: one row per sample, `index` and `sample` say which.
     out <- cbind(data.frame(index = index, sample = sample), out)

@@ -68,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "weights, and batched-bench's -ngl); -1: all. Needs a GPU build of llama-cpp-python "
                         "(default 0)")
     add_model_flag(p, model_flag("repack"))
+    add_model_flag(p, model_flag("prompt_cache"), "the prompt cache of generate_parallel's Models (default: on)")
     p.add_argument("--repeat", type=_positive, default=3, metavar="R",
                    help="alternating rounds; medians are reported (default 3)")
     p.add_argument("--batched-bench", metavar="PATH",

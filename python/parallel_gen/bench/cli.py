@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     wants_bb = not args.no_batched_bench and any(w in AGAINST_LLAMA_CPP for w in names)
     bb_exe = find_batched_bench(args.batched_bench) if wants_bb else None  # before any model is loaded
     settings = Settings(model_path, args.threads or cpu_threads(), args.flash_attn, args.n_gpu_layers,
-                        args.samples, args.callers, use_extra_bufts(args.repack))
+                        args.samples, args.callers, use_extra_bufts(args.repack),
+                        prompt_cache=args.prompt_cache is not False)
 
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     # One Llama for the loop, its weights shared with every generate_parallel Model. Its
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         "n_parallel_skipped": skipped, "workloads": names, "threads": settings.threads,
         "flash_attn": args.flash_attn, "n_gpu_layers": args.n_gpu_layers, "backends": list(_core.backends()),
         "repeat": args.repeat, "prefix_tokens": args.prefix_tokens, "callers": args.callers, "loop": not args.no_loop,
+        "prompt_cache": settings.prompt_cache,
         "batched_bench": bb_exe, "n_ctx_llama": llm.n_ctx(),
         "n_ctx_per_sequence": {w.name: w.variants[0].n_ctx for w in workloads},
         "sampling": {"temperature": 0.0, "ignore_eos": True, "loop_ignore_eos": "logit_bias -inf on EOG tokens"},

@@ -50,6 +50,8 @@ class Settings:
     callers: int
     repack: bool
     """Weights in llama.cpp's extra buffer types (parallel_gen.repack), everywhere."""
+    prompt_cache: bool = True
+    """Model(prompt_cache=...) of every generate_parallel run."""
 
 
 class Implementation(abc.ABC):
@@ -164,7 +166,8 @@ class _OnModel(Implementation):
         fa = {"auto": "auto", "on": True, "off": False}[s.flash_attn]
         with PeakRSS() as rss:
             model = pg.Model.from_llama(self.llm, n_parallel=n_parallel, n_ctx=variant.n_ctx,
-                                        n_threads=s.threads, flash_attn=fa, repack=s.repack)
+                                        n_threads=s.threads, flash_attn=fa, repack=s.repack,
+                                        prompt_cache=s.prompt_cache)
             try:
                 pg.generate_parallel(model, "Warm-up.", max_tokens=2, temperature=0.0, ignore_eos=True)
                 params = _params(variant, s.samples)

@@ -93,6 +93,9 @@ MODEL_FLAGS = (
     ModelFlag("share_prefix", ("--share-prefix",), "decode a prompt prefix (>= 16 tokens) that several prompts "
                                                    "share once and copy its KV (--no-share-prefix: each prompt "
                                                    "decodes its own)", bool, None),
+    ModelFlag("prompt_cache", ("--prompt-cache",), "keep finished prompts' KV so a later prompt starting with the "
+                                                   "same tokens decodes only the rest (--no-prompt-cache: keep "
+                                                   "none)", bool, None),
     ModelFlag("batch_invariant", ("--batch-invariant",), "a prompt's output never depends on what else is in the "
                                                          "batch: each prompt prefilled alone, generation steps "
                                                          "padded to a fixed minimum of rows (slower; no shared "
@@ -104,7 +107,7 @@ MODEL_FLAGS = (
 )
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 # Flags whose default the help states (the others say theirs in words, or are switches).
-_SHOWN_DEFAULTS = ("n_batch", "flash_attn", "type_k", "type_v", "share_prefix")
+_SHOWN_DEFAULTS = ("n_batch", "flash_attn", "type_k", "type_v", "share_prefix", "prompt_cache")
 
 
 def default_n_parallel(rows: Optional[int]) -> int:
@@ -136,7 +139,7 @@ def add_model_options(p: argparse.ArgumentParser, n_parallel_help: str = JOB_N_P
 
 
 # Switches with a --no- form: their default (None) is a choice of its own, not "off".
-_BOTH_WAYS = ("share_prefix", "repack")
+_BOTH_WAYS = ("share_prefix", "prompt_cache", "repack")
 
 
 def add_model_flag(g: Any, flag: ModelFlag, text: Optional[str] = None) -> None:
@@ -195,8 +198,12 @@ SAMPLING_FLAGS = [
     ("choices", ("--choice",), str, "TEXT", "the output is exactly one of these (repeatable)"),
     ("logprobs", ("--logprobs",), int, "K", "report log-probabilities with the top K alternatives (0-20)"),
     ("logit_bias", ("--logit-bias",), str, "ID=BIAS", "add BIAS to token ID's logit (repeatable; -inf bans)"),
+    ("cache_prompt", ("--no-cache-prompt",), bool, None,
+     "decode every prompt whole and keep none of its KV (SamplingParams.cache_prompt=False)"),
+    ("grammar_triggers", ("--grammar-trigger",), str, "REGEX",
+     "the grammar applies only from a match of REGEX on (repeatable)"),
 ]
-_REPEATABLE = {"stop", "stop_token_ids", "choices", "logit_bias"}
+_REPEATABLE = {"stop", "stop_token_ids", "choices", "logit_bias", "grammar_triggers"}
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -205,7 +212,9 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (defaults: SamplingParams)")
     for field, flags, typ, metavar, text in SAMPLING_FLAGS:
         if typ is bool:
-            g.add_argument(*flags, dest=field, action="store_true", default=None, help=text)
+            negated = getattr(defaults, field) is True  # a --no-... flag turns a default-on field off
+            g.add_argument(*flags, dest=field, action="store_false" if negated else "store_true", default=None,
+                           help=text)
         elif field in _REPEATABLE:
             g.add_argument(*flags, dest=field, type=typ, metavar=metavar, action="append", help=text)
         else:

@@ -18,7 +18,8 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Collection, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Collection, Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, \
+    Union
 
 from ..config import model_config
 from ..iterate import LOOKAHEAD_PER_SLOT, OrderedRequests, check_lookahead
@@ -30,6 +31,9 @@ from .records import carried
 from .sinks import ResumePoint, Sink, WriteMode, open_sink
 from .sizing import RowNeeds, SizedContext, open_sized_model
 from .sources import Columns, InputRow, Source, open_source
+
+if TYPE_CHECKING:
+    from ..tools import ToolRequest
 
 logger = logging.getLogger("parallel_gen")
 
@@ -101,6 +105,8 @@ class RowJob(abc.ABC):
     """What the input's rows are, for "no prompts in FILE"."""
     chat_template: Optional[str] = None
     """The chat template that ``describe``'s conversations are rendered with (None: the model's)."""
+    tools: "Optional[ToolRequest]" = None
+    """Tools offered in those conversations (they lengthen the prompt)."""
     columns: Tuple[str, ...] = ()
     """The columns of every output row after the carried input fields, in order."""
     settings_flags = "settings"
@@ -157,7 +163,7 @@ def open_job_model(job: RowJob, path: Union[PathLike, None], sample: Sequence[In
     default model) with ``model_options``; without their ``n_ctx``, a context sized to
     the ``sample`` rows (``complete``: they are all the work). Close it."""
     model, sized = open_sized_model(path, sample, job.describe, job.chat_template, complete=complete,
-                                    **dict(model_options))
+                                    tools=job.tools, **dict(model_options))
     try:
         job.prepare(model, sized)
     except BaseException:

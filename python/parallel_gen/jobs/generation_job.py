@@ -10,15 +10,16 @@ runs on a file through :func:`~.driver.run_rows` (:func:`run_file_job`, what
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..chat import chat_mode, check_message, conversation
+from ..chat import chat_mode, checked_conversation, conversation
 from ..errors import ErrorCode, Failure
 from ..iterate import OrderedGeneration, Work
 from ..model import Model
 from ..params import SamplingParams, SeedRule
 from ..results import Completion
 from ..templates import ChatTemplate
+from ..tools import ToolPlan, ToolRequest, tool_request
 from .driver import JobSummary, PathLike, RowDone, RowJob, open_file_source, run_rows
 from .formats import InputFormat
 from .overrides import row_params
@@ -46,6 +47,9 @@ class GenerationJob(RowJob):
             message (``system`` or ``chat_template`` imply ``chat``); conversations
             always are.
         cells_are_text: the rows' per-row settings are text to convert (CSV cells).
+        tools: tools offered in every row's conversation (see
+            :func:`~parallel_gen.tools.tool_request`); they imply ``chat``, and the job
+            writes the ``content`` and ``tool_calls`` columns.
 
     A row's fields named like SamplingParams fields override ``params`` for that row;
     one that would need a column the job does not write (n > 1 when the job's n is 1,
@@ -53,20 +57,23 @@ class GenerationJob(RowJob):
     """
 
     noun = "prompts"
-    settings_flags = "--samples / --logprobs"
+    settings_flags = "--samples / --logprobs / --tools"
 
     def __init__(self, params: SamplingParams, *, chat: bool = False, system: Optional[str] = None,
-                 chat_template: Optional[str] = None, cells_are_text: bool = False) -> None:
+                 chat_template: Optional[str] = None, cells_are_text: bool = False,
+                 tools: Optional[ToolRequest] = None) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         self.params = params.replace(seed=SeedRule(params.seed).start)
-        self.chat = chat_mode(chat, system, chat_template)
+        self.chat = chat_mode(chat, system, chat_template) or tools is not None
         self.system = system
         self.chat_template = chat_template
         self.cells_are_text = cells_are_text
-        self.columns = output_columns(self.params)
+        self.tools = tools
+        self.columns = output_columns(self.params, tools is not None)
         self._sized: Optional[SizedContext] = None
-        self._template: Optional[ChatTemplate] = None
+        self._plan: Optional[ToolPlan] = None
+        self._model: Optional[Model] = None
 
     def writes_column(self, name: str) -> bool:
         return name in OUTPUT_COLUMNS or name in OPTIONAL_COLUMNS
@@ -86,9 +93,10 @@ class GenerationJob(RowJob):
 
     def prepare(self, model: Model, sized: Optional[SizedContext]) -> None:
         self._sized = sized
-        self._template = None
+        self._plan = None
+        self._model = model
         if self.chat:
-            self._chat_template(model)  # no usable template: an error before any row
+            self._chat_plan(model)  # no usable template: an error before any row
 
     def row_params(self, row: InputRow) -> Tuple[Optional[SamplingParams], Optional[str]]:
         """The row's SamplingParams (the job's, its own fields applied, its seed), or why
@@ -113,12 +121,11 @@ class GenerationJob(RowJob):
         messages = self._conversation(row)
         if messages is not None:
             try:
-                template = self._chat_template(model)
-                prompt = template.render([check_message(f"{row.where} message {j}", msg)
-                                          for j, msg in enumerate(messages)])
+                plan = self._chat_plan(model)
+                prompt = plan.render(checked_conversation("messages", messages))
+                params = plan.params(plan.template.add_stops(params))
             except (TypeError, ValueError) as e:
                 return Work("", params, Failure(ErrorCode.INVALID_INPUT, f"{row.where}: {e}"))
-            params = template.add_stops(params)
         if self._sized is not None:
             error = self._sized.check(model, prompt, params)
             if error is not None:
@@ -129,6 +136,8 @@ class GenerationJob(RowJob):
         return OrderedGeneration(model, (self.work(model, row) for row in rows), lookahead)
 
     def record(self, row: InputRow, result: Completion) -> RowDone:
+        if self._plan is not None and self._model is not None:
+            result = self._plan.read_completion(self._model, result)
         return RowDone(output_record(row.row, row.fields, result, self.columns), result.prompt_tokens,
                        result.completion_tokens)
 
@@ -139,11 +148,12 @@ class GenerationJob(RowJob):
             return conversation(row.prompt, self.system)
         return None
 
-    def _chat_template(self, model: Model) -> ChatTemplate:
-        """Built on first use: a job of plain prompts needs no template (a base model has none)."""
-        if self._template is None:
-            self._template = ChatTemplate(model, self.chat_template)
-        return self._template
+    def _chat_plan(self, model: Model) -> ToolPlan:
+        """The chat template with the job's tools, built on first use: a job of plain
+        prompts needs no template (a base model has none)."""
+        if self._plan is None:
+            self._plan = ToolPlan(ChatTemplate(model, self.chat_template), self.tools)
+        return self._plan
 
 
 def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike], output: Optional[PathLike], *,
@@ -152,7 +162,8 @@ def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike],
                  chat: bool = False, system: Optional[str] = None, chat_template: Optional[str] = None,
                  progress: Optional[bool] = None, params: Optional[SamplingParams] = None,
                  lookahead: Optional[int] = None, model_options: Optional[Mapping[str, Any]] = None,
-                 **sampling: Any) -> JobSummary:
+                 tools: Optional[Sequence[Mapping[str, Any]]] = None, tool_choice: Any = None,
+                 parallel_tool_calls: bool = True, **sampling: Any) -> JobSummary:
     """Generates for every row of ``input`` and writes one output row per input row.
 
     Args:
@@ -183,11 +194,14 @@ def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike],
             row. Row r gets seed + r unless the row gives its own seed.
         lookahead: most rows in flight (default: 4 per slot).
         model_options: Model keywords (ModelConfig fields) when ``model`` is a path.
+        tools, tool_choice, parallel_tool_calls: tools offered in every row's
+            conversation, as for :func:`parallel_gen.chat_parallel` (tools imply chat).
 
     Each output row holds the input row's fields, then ``row`` (the input row number,
     from 0), ``text``, ``finish_reason``, ``stop_reason``, ``prompt_tokens``,
-    ``completion_tokens``, ``error``; ``samples`` when n > 1; ``logprobs`` ([token,
-    logprob] per generated token) and ``cumulative_logprob`` when logprobs is set. These
+    ``completion_tokens``, ``error``; with tools, ``content`` and ``tool_calls`` (a list
+    of OpenAI-style calls, empty when the reply has none or the row failed); ``samples``
+    when n > 1; ``logprobs`` ([token, logprob] per generated token) and ``cumulative_logprob`` when logprobs is set. These
     columns follow the job's settings, the same in every row (a failed row has null
     logprobs), and a row whose own ``n`` or ``logprobs`` would need a column the job does
     not write is an error row. A bad row (malformed JSON, no prompt, a prompt too long) is
@@ -208,6 +222,7 @@ def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike],
         return run_source_job(model, source, out_path, output_format=output_format, resume=resume,
                               overwrite=overwrite, chat=chat, system=system, chat_template=chat_template,
                               progress=progress, params=params, lookahead=lookahead, model_options=model_options,
+                              tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
                               **sampling)
     finally:
         source.close()
@@ -218,12 +233,14 @@ def run_source_job(model: Union[Model, PathLike, None], source: Source, output: 
                    system: Optional[str] = None, chat_template: Optional[str] = None,
                    progress: Optional[bool] = None, params: Optional[SamplingParams] = None,
                    lookahead: Optional[int] = None, model_options: Optional[Mapping[str, Any]] = None,
-                   **sampling: Any) -> JobSummary:
+                   tools: Optional[Sequence[Mapping[str, Any]]] = None, tool_choice: Any = None,
+                   parallel_tool_calls: bool = True, **sampling: Any) -> JobSummary:
     """run_file_job on an opened :class:`~parallel_gen.jobs.sources.Source` (the CLI's
     prompts from arguments are one); ``output`` None is stdout."""
     t0 = time.perf_counter()
     job = GenerationJob(job_params(params, sampling), chat=chat, system=system, chat_template=chat_template,
-                        cells_are_text=source.format is InputFormat.CSV)
+                        cells_are_text=source.format is InputFormat.CSV,
+                        tools=tool_request(tools, tool_choice, parallel_tool_calls))
     return run_rows(model, source, output, job, output_format=output_format, resume=resume, overwrite=overwrite,
                     progress=progress, lookahead=lookahead, model_options=model_options, t0=t0)
 

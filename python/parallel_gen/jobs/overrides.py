@@ -43,8 +43,9 @@ FROM_TEXT: Dict[str, Callable[[str], Any]] = {
     "n": int, "max_tokens": int, "top_k": int, "repeat_last_n": int, "seed": int, "logprobs": int,
     "temperature": float, "top_p": float, "min_p": float, "repeat_penalty": float,
     "frequency_penalty": float, "presence_penalty": float,
-    "ignore_eos": _bool, "stop": _json_or_text, "choices": _json_or_text, "stop_token_ids": _int_list,
-    "grammar": str, "json_schema": str, "logit_bias": _bias,
+    "ignore_eos": _bool, "cache_prompt": _bool, "stop": _json_or_text, "choices": _json_or_text,
+    "stop_token_ids": _int_list, "grammar": str, "json_schema": str, "logit_bias": _bias,
+    "grammar_triggers": _json_or_text,
 }
 if set(FROM_TEXT) != FIELD_NAMES:  # checked at import: a new field must say how a cell becomes it
     raise RuntimeError(f"SamplingParams fields without a CSV conversion: {sorted(FIELD_NAMES - set(FROM_TEXT))}")
@@ -66,7 +67,7 @@ def row_params(base: SamplingParams, fields: Dict[str, Any], row: int, cells_are
                 value = FROM_TEXT[name](value)
             elif name == "logit_bias":
                 value = _bias(value)
-            elif name in ("stop", "choices", "stop_token_ids") and isinstance(value, list):
+            elif name in ("stop", "choices", "stop_token_ids", "grammar_triggers") and isinstance(value, list):
                 value = tuple(value)
             elif isinstance(value, float) and value.is_integer() and FROM_TEXT[name] is int:
                 value = int(value)  # JSON and Parquet may give 16.0 for 16

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Collection, Dict, Optional, Tuple
 
 from ..params import SamplingParams
-from ..results import Completion
+from ..results import Completion, Output
 
 OUTPUT_COLUMNS = ("row", "text", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "error")
 """Columns every output row has, after the input's own fields."""
@@ -20,7 +20,9 @@ SAMPLES = "samples"
 """Every output of the row (text, finish_reason, stop_reason, completion_tokens, error): when the job's n > 1."""
 LOGPROBS = ("logprobs", "cumulative_logprob")
 """The first output's [token text, logprob] per generated token, and their sum: when the job asks for logprobs."""
-OPTIONAL_COLUMNS = (SAMPLES, *LOGPROBS)
+TOOL_COLUMNS = ("content", "tool_calls")
+"""The first output's text besides its calls, and its calls (OpenAI's shape): when the job offers tools."""
+OPTIONAL_COLUMNS = (SAMPLES, *LOGPROBS, *TOOL_COLUMNS)
 RENAMED_PREFIX = "input_"
 """An input field named like an output column is carried as ``input_<name>``."""
 
@@ -30,9 +32,10 @@ def carried(fields: Dict[str, Any], output_columns: Collection[str] = OUTPUT_COL
     return {(RENAMED_PREFIX + k if k in output_columns else k): v for k, v in fields.items()}
 
 
-def output_columns(params: SamplingParams) -> Tuple[str, ...]:
-    """The columns of a generate job with SamplingParams ``params``, after the input's fields."""
-    return (OUTPUT_COLUMNS + ((SAMPLES,) if params.n > 1 else ())
+def output_columns(params: SamplingParams, tools: bool = False) -> Tuple[str, ...]:
+    """The columns of a generate job with SamplingParams ``params`` (and ``tools`` offered
+    or not), after the input's fields."""
+    return (OUTPUT_COLUMNS + (TOOL_COLUMNS if tools else ()) + ((SAMPLES,) if params.n > 1 else ())
             + (LOGPROBS if params.logprobs is not None else ()))
 
 
@@ -40,14 +43,19 @@ def output_record(row: int, fields: Dict[str, Any], completion: Completion,
                   columns: Collection[str]) -> Dict[str, Any]:
     """One output row with the job's ``columns`` (see :func:`output_columns`): the input
     fields, then ``row``, the first output's text and finish, token counts and error;
+    the first output's content and tool calls ([] when the row failed or made none);
     every output in ``samples``, the first one's logprobs (null where it has none)."""
     rec = carried(fields, columns)
     rec.update(row=row, text=completion.text, finish_reason=completion.finish_reason,
                stop_reason=completion.stop_reason, prompt_tokens=completion.prompt_tokens,
                completion_tokens=completion.completion_tokens, error=_first_error(completion))
+    tools = TOOL_COLUMNS[0] in columns
+    if tools:
+        rec.update(_tool_fields(completion.outputs[0]))
     if SAMPLES in columns:
         rec[SAMPLES] = [{"text": o.text, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
-                         "completion_tokens": len(o.token_ids), "error": o.error} for o in completion.outputs]
+                         "completion_tokens": len(o.token_ids), "error": o.error,
+                         **(_tool_fields(o) if tools else {})} for o in completion.outputs]
     if LOGPROBS[0] in columns:
         first = completion.outputs[0]
         has = first.logprobs is not None
@@ -62,10 +70,14 @@ def arrow_types(columns: Collection[str]) -> Any:
     import pyarrow as pa
 
     text, count = pa.string(), pa.int64()
+    calls = pa.list_(pa.struct([("id", text), ("type", text),
+                                ("function", pa.struct([("name", text), ("arguments", text)]))]))
+    tool_types = [("content", text), ("tool_calls", calls)] if TOOL_COLUMNS[0] in columns else []
     types = {"row": count, "text": text, "finish_reason": text, "stop_reason": text, "prompt_tokens": count,
              "completion_tokens": count, "error": text,
+             TOOL_COLUMNS[0]: text, TOOL_COLUMNS[1]: calls,
              SAMPLES: pa.list_(pa.struct([("text", text), ("finish_reason", text), ("stop_reason", text),
-                                          ("completion_tokens", count), ("error", text)])),
+                                          ("completion_tokens", count), ("error", text), *tool_types])),
              LOGPROBS[0]: pa.list_(pa.struct([("token", text), ("logprob", pa.float64())])),
              LOGPROBS[1]: pa.float64()}
     return pa.schema([(name, types[name]) for name in columns])
@@ -83,6 +95,11 @@ def arrow_values(record: Dict[str, Any]) -> Dict[str, Any]:
         record[LOGPROBS[0]] = [{"token": p[0], "logprob": p[1]} if isinstance(p, (list, tuple)) else p
                                for p in pairs]
     return record
+
+
+def _tool_fields(o: Output) -> Dict[str, Any]:
+    """An output's content and calls (OpenAI's shape, ready for the next turn's messages)."""
+    return {"content": o.content, "tool_calls": [c.to_openai() for c in o.tool_calls or ()]}
 
 
 def _first_error(completion: Completion) -> Optional[str]:

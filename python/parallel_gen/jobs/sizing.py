@@ -12,11 +12,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
+from ..chat import checked_conversation
 from ..config import model_config
 from ..memory import n_ctx_for_work, round_cells
 from ..model import Model
 from ..params import SamplingParams
 from ..templates import ChatTemplate
+from ..tools import ToolPlan, ToolRequest
 
 logger = logging.getLogger("parallel_gen")
 
@@ -61,10 +63,11 @@ class SizedContext:
 
 
 def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequence[Any], describe: Describe,
-                     chat_template: Optional[str], *, complete: bool,
+                     chat_template: Optional[str], *, complete: bool, tools: Optional[ToolRequest] = None,
                      **options: Any) -> Tuple[Model, Optional[SizedContext]]:
     """Opens the model (None: the default one). With ``n_ctx`` in ``options`` as given;
-    else sized to the ``sample`` rows (``complete``: they are all the work)."""
+    else sized to the ``sample`` rows (``complete``: they are all the work), their
+    conversations rendered with ``chat_template`` and ``tools``."""
     if path is None:
         from ..models import default_model_path
 
@@ -76,14 +79,14 @@ def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequenc
 
     def size(model: Model) -> int:
         longest, max_tokens = 0, 1
-        template: Optional[ChatTemplate] = None
+        plan: Optional[ToolPlan] = None
         for row in sample:
             needs = describe(row)
             prompt = needs.prompt
             if needs.conversation is not None:
                 try:
-                    template = template or ChatTemplate(model, chat_template)
-                    prompt = template.render(needs.conversation)
+                    plan = plan or ToolPlan(ChatTemplate(model, chat_template), tools)
+                    prompt = plan.render(checked_conversation("messages", needs.conversation))
                 except (TypeError, ValueError):
                     continue  # the job reports it as the row's error
             if prompt is None:

@@ -30,7 +30,7 @@ from ..runner import EngineStats
 from .errors import APIError, install_handlers
 from .metrics import Metrics
 from .middleware import BodyLimit, OpenRequestLimit, RequestId, add_cors
-from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, Usage
+from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, PromptTokensDetails, Usage
 from .responses_protocol import FIELDS_FROM_CHAT, ResponsesRequest
 from .service import Choice, ClientGone, Call, Service, failed_choice
 from .settings import ServerSettings
@@ -288,4 +288,5 @@ def _choices(call: Call) -> List[Choice]:
 
 def _usage(call: Call) -> Usage:
     p, c = call.usage_prompt_tokens, call.usage_completion_tokens
-    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=call.usage_cached_tokens))

@@ -76,6 +76,7 @@ class _Request(Wire):
     ignore_eos: StrictBool = False
     grammar: Optional[StrictStr] = None
     json_schema: Union[Dict[str, Any], StrictStr, None] = None
+    cache_prompt: StrictBool = True
     # Unknown fields of the request this one was converted from (a Responses request).
     _carried: List[str] = PrivateAttr(default_factory=list)
 
@@ -106,9 +107,31 @@ class TextPart(Wire):
     text: StrictStr
 
 
+class FunctionCallIn(Wire):
+    name: StrictStr
+    arguments: Union[StrictStr, Dict[str, Any]] = "{}"
+
+
+class ToolCallIn(Wire):
+    """A call in an assistant message of the history (checked further by the chat path:
+    its arguments must be a JSON object)."""
+
+    id: Optional[StrictStr] = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"type": "function",
+                               "function": {"name": self.function.name, "arguments": self.function.arguments}}
+        return {"id": self.id, **out} if self.id is not None else out
+
+
 class ChatMessage(Wire):
     role: StrictStr
     content: Union[StrictStr, List[TextPart], None] = None
+    tool_calls: Optional[List[ToolCallIn]] = None
+    tool_call_id: Optional[StrictStr] = None
+    name: Optional[StrictStr] = None
 
     @field_validator("role")
     @classmethod
@@ -128,6 +151,17 @@ class ChatMessage(Wire):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The message as the chat path takes it (:func:`parallel_gen.chat.checked_conversation`)."""
+        out: Dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_dict() for c in self.tool_calls]
+            out["content"] = self.text() if self.content is not None else None
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
 
 class JsonSchemaFormat(Wire):
@@ -150,13 +184,23 @@ class ChatCompletionRequest(_Request):
     logprobs: StrictBool = False
     top_logprobs: Optional[StrictInt] = None
     response_format: Optional[ResponseFormat] = None
+    # Checked by parallel_gen.tools.tool_request, the in-process rule (400s name the field).
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Union[StrictStr, Dict[str, Any], None] = None
+    parallel_tool_calls: StrictBool = True
 
 
 # -- responses ------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+    """Prompt tokens whose KV was reused from the prompt cache (or a shared prefix)."""
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -204,9 +248,27 @@ class ChoiceLogprobs(BaseModel):
     content: Optional[List[TokenLogprob]] = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+    """JSON object text."""
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[List[ToolCallOut]] = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_calls(self, handler: Any) -> Dict[str, Any]:
+        # As OpenAI writes it: tool_calls only in a reply that has calls.
+        return {k: v for k, v in handler(self).items() if k != "tool_calls" or v is not None}
 
 
 class ChatChoice(BaseModel):
@@ -222,9 +284,19 @@ class ChatCompletionResponse(_Envelope):
     usage: Usage
 
 
+class ToolCallDelta(BaseModel):
+    """A streamed call: this server sends each call whole, in one delta."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[List[ToolCallDelta]] = None
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: Any) -> Dict[str, Any]:

@@ -20,13 +20,15 @@ from typing import AsyncIterator, Callable, Dict, List, Optional, Tuple, Union
 import anyio
 from starlette.requests import Request
 
+from ..chat import checked_conversation
 from ..errors import ErrorCode, Failure, ParamError, ParamTypeError
 from ..inputs import PreparedPrompt, prepare_all
 from ..model import Model
 from ..params import SamplingParams, SeedRule
-from ..results import TokenLogprobs
+from ..results import Output, TokenLogprobs, ToolCall
 from ..stream import AsyncStreamIterator, StreamEvent, StreamState
 from ..templates import ChatTemplate
+from ..tools import ToolPlan, tool_request
 from .errors import APIError, failure_error, invalid_value
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -51,6 +53,15 @@ class Choice:
     """Every token's so far, when asked for (each stream event adds its tokens')."""
     event_offset: int = 0
     """Characters of the tokens before the current event's (completions' logprobs offsets)."""
+    token_ids: List[int] = field(default_factory=list)
+    stop_reason: Union[str, int, None] = None
+    tool_calls: Optional[List[ToolCall]] = None
+    """With tools offered, once finished: the reply's calls (see ToolPlan.read)."""
+    content: Optional[str] = None
+    """With tools offered, once finished: the reply's text besides its calls."""
+    streamed: int = 0
+    """Characters of the text already streamed as content (a stream with tools holds back
+    what may be the start of a call)."""
     _offset: int = 0  # characters of every token so far
 
 
@@ -65,10 +76,14 @@ class Call:
     n: int
     prompt_tokens: List[int]
     stream: Optional[AsyncStreamIterator] = None  # created once the request is validated
+    plan: Optional[ToolPlan] = None
+    """A chat call's tools (None without): how its replies are read as tool calls."""
     started: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=lambda: int(time.time()))
     first_token_at: Optional[float] = None
     choices: Dict[int, Choice] = field(default_factory=dict)
+    cached: Dict[int, int] = field(default_factory=dict)
+    """Per prompt: its tokens reused by every sample (the prompt cache, a shared prefix)."""
 
     @property
     def sequences(self) -> int:
@@ -77,6 +92,10 @@ class Call:
     @property
     def usage_prompt_tokens(self) -> int:
         return sum(self.prompt_tokens)
+
+    @property
+    def usage_cached_tokens(self) -> int:
+        return sum(self.cached.values())
 
     @property
     def usage_completion_tokens(self) -> int:
@@ -131,10 +150,19 @@ class Service:
         if self.template is None:
             raise APIError(400, f"this model cannot chat: {self.template_error} (start the server with "
                                 "--chat-template)", param="messages", code="no_chat_template")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         template = self.template
-        try:  # a template may be slow on a long conversation: not on the event loop
-            prompt = await anyio.to_thread.run_sync(template.render, messages)
+        try:  # the in-process rule (chat_parallel's), errors naming the field; schemas take a while to convert
+            request = await anyio.to_thread.run_sync(tool_request, body.tools, body.tool_choice,
+                                                     body.parallel_tool_calls)
+        except (ParamError, ParamTypeError) as e:
+            raise invalid_value(e) from None
+        try:  # building the tools' grammar and rendering a long conversation take a while: not on the loop
+            plan = await anyio.to_thread.run_sync(ToolPlan, template, request)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tools", code="invalid_value") from None
+        try:
+            messages = checked_conversation("messages", [m.to_dict() for m in body.messages])
+            prompt = await anyio.to_thread.run_sync(plan.render, messages)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
         if body.top_logprobs is not None and not body.logprobs:
@@ -153,8 +181,13 @@ class Service:
             schema = fmt.json_schema.schema_
         # A JSON schema becomes a grammar inside SamplingParams: large ones take a while.
         params = await anyio.to_thread.run_sync(self._params, body, max_tokens, logprobs, schema)
-        params = template.add_stops(params)
-        return await self._call(rid, "chat", [prompt], params, body)
+        try:
+            params = plan.params(template.add_stops(params))
+        except ValueError as e:
+            raise APIError(400, str(e), param="tools", code="invalid_value") from None
+        call = await self._call(rid, "chat", [prompt], params, body)
+        call.plan = plan if request is not None else None
+        return call
 
     def _params(self, body: RequestBody, max_tokens: Optional[int], logprobs: Optional[int],
                 response_schema: Optional[dict] = None) -> SamplingParams:
@@ -163,7 +196,7 @@ class Service:
         if body.n > s.max_n:
             raise APIError(400, f"n={body.n}: at most {s.max_n} completions per prompt on this server",
                            param="n", code="invalid_value")
-        kw: Dict[str, object] = {"n": body.n, "ignore_eos": body.ignore_eos}
+        kw: Dict[str, object] = {"n": body.n, "ignore_eos": body.ignore_eos, "cache_prompt": body.cache_prompt}
         # None: until the sequence's context is full, as OpenAI does for chat.
         kw["max_tokens"] = self.model.n_ctx if max_tokens is None else max_tokens
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
@@ -281,10 +314,14 @@ class Service:
                 c = call.choice(ev)
                 c.text.append(ev.text)
                 c.tokens += len(ev.token_ids)
+                c.token_ids.extend(ev.token_ids)
                 if ev.finished:
-                    c.finish_reason = ev.finish_reason
+                    c.finish_reason, c.stop_reason = ev.finish_reason, ev.stop_reason
                     if ev.error is not None:
                         c.failure = Failure(ErrorCode(ev.error_code or ErrorCode.ABORTED), ev.error)
+                    elif call.plan is not None:
+                        self._read_tools(call.plan, c)
+                    call.cached[ev.index] = min(call.cached.get(ev.index, ev.cached_tokens), ev.cached_tokens)
                 if ev.logprobs is not None:  # extended in place: linear in the tokens, not quadratic
                     if c.logprobs is None:
                         c.logprobs = []
@@ -294,6 +331,11 @@ class Service:
                 yield c, ev
         finally:
             await stream.aclose()
+
+    def _read_tools(self, plan: ToolPlan, c: Choice) -> None:
+        """A finished choice read as content and tool calls, as chat_parallel reads an Output."""
+        out = plan.read(self.model, Output("".join(c.text), c.token_ids, c.finish_reason or "stop", c.stop_reason))
+        c.tool_calls, c.content, c.finish_reason = out.tool_calls, out.content, out.finish_reason
 
     async def collect(self, call: Call, request: Request) -> None:
         """Runs the call to the end; raises ClientGone (the work cancelled) if the client leaves."""
@@ -323,6 +365,7 @@ class Service:
         m.requests.labels(call.endpoint, str(status)).inc()
         m.request_latency.labels(call.endpoint).observe(seconds)
         m.prompt_tokens.inc(call.usage_prompt_tokens)
+        m.cached_prompt_tokens.inc(call.usage_cached_tokens)
         m.generation_tokens.inc(call.usage_completion_tokens)
         reasons = Tally(c.finish_reason or "cancelled" for c in call.choices.values())
         for reason, count in reasons.items():

@@ -18,10 +18,10 @@ from ..stream import StreamEvent
 from .errors import APIError
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                        ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionResponse, DeltaMessage,
-                       TokenLogprob, TopLogprob, Usage)
-from .responses_protocol import (ContentPartEvent, ErrorEvent, IncompleteDetails, OutputItemEvent, OutputMessage,
-                                 OutputText, ResponseError, ResponseEvent, ResponseObject, ResponsesRequest,
-                                 ResponseUsage, TextDeltaEvent, TextDoneEvent)
+                       FunctionCall, TokenLogprob, ToolCallDelta, ToolCallOut, TopLogprob, Usage)
+from .responses_protocol import (ContentPartEvent, ErrorEvent, IncompleteDetails, InputTokensDetails, OutputItemEvent,
+                                 OutputMessage, OutputText, ResponseError, ResponseEvent, ResponseObject,
+                                 ResponsesRequest, ResponseUsage, TextDeltaEvent, TextDoneEvent)
 from .service import Choice, Call
 
 DONE = "[DONE]"
@@ -126,9 +126,17 @@ class ChatShape(_ChunkShape):
                          top_logprobs=[TopLogprob(token=a.token, logprob=a.logprob, bytes=list(a.token.encode("utf-8")))
                                        for a in t.top]) for t in logprobs])
 
+    @staticmethod
+    def _message(c: Choice) -> AssistantMessage:
+        if c.tool_calls is None:  # no tools offered
+            return AssistantMessage(content="".join(c.text))
+        calls = [ToolCallOut(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments)) for t in c.tool_calls]
+        # As OpenAI answers: null content in a reply that is only calls.
+        return AssistantMessage(content=c.content or (None if calls else ""), tool_calls=calls or None)
+
     def response(self, call: Call, choices: List[Choice], usage: Usage) -> ChatCompletionResponse:
         return ChatCompletionResponse(id=f"chatcmpl-{call.id}", model=self.model, usage=usage, choices=[
-            ChatChoice(index=c.index, message=AssistantMessage(content="".join(c.text)), logprobs=self._logprobs(c.logprobs),
+            ChatChoice(index=c.index, message=self._message(c), logprobs=self._logprobs(c.logprobs),
                        finish_reason=c.finish_reason) for c in choices])
 
     def chunks(self, call: Call, c: Choice, ev: StreamEvent) -> List[ServerSentEvent]:
@@ -140,15 +148,37 @@ class ChatShape(_ChunkShape):
         out = []
         if len(c.text) == 1:  # this event's text is the choice's first: open with the role alone, as OpenAI does
             out.append(chunk(DeltaMessage(role="assistant", content="")))
-        if ev.text or ev.logprobs:
-            out.append(chunk(DeltaMessage(content=ev.text), logprobs=self._logprobs(ev.logprobs) if ev.logprobs else None))
+        text = ev.text
+        if call.plan is not None:  # with tools: only what is surely not a call, until the reply is read
+            so_far = "".join(c.text)
+            if not ev.finished:
+                upto = max(c.streamed, call.plan.streamable(so_far))
+                text, c.streamed = so_far[c.streamed:upto], upto
+            else:  # read: its calls go in one delta, the content not sent yet now
+                text = "" if c.tool_calls else _unsent(c.content or "", so_far[:c.streamed])
+                c.streamed = len(so_far)
+        if text or ev.logprobs:
+            out.append(chunk(DeltaMessage(content=text), logprobs=self._logprobs(ev.logprobs) if ev.logprobs else None))
+        if ev.finished and c.tool_calls:
+            out.append(chunk(DeltaMessage(tool_calls=[
+                ToolCallDelta(index=k, id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments))
+                for k, t in enumerate(c.tool_calls)])))
         if ev.finished:
-            out.append(chunk(DeltaMessage(), ev.finish_reason))
+            out.append(chunk(DeltaMessage(), c.finish_reason))
         return out
 
     def usage_chunk(self, call: Call, usage: Usage) -> str:
         return ChatCompletionChunk(id=f"chatcmpl-{call.id}", created=int(call.created), model=self.model, choices=[],
                                    usage=usage).model_dump_json()
+
+
+def _unsent(content: str, sent: str) -> str:
+    """What of a reply's final ``content`` a stream has not sent yet, ``sent`` being sent
+    (content is the reply's text, or that text stripped, or an answer read from JSON)."""
+    for prefix in (sent, sent.lstrip()):
+        if content.startswith(prefix):
+            return content[len(prefix):]
+    return content
 
 
 class ResponsesShape(Shape):
@@ -171,7 +201,8 @@ class ResponsesShape(Shape):
             incomplete_details=IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None,
             error=ResponseError(code=error.code or "server_error", message=error.message) if error else None,
             usage=ResponseUsage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                                total_tokens=usage.total_tokens) if usage else None)
+                                total_tokens=usage.total_tokens,
+                                input_tokens_details=_input_details(usage)) if usage else None)
 
     @staticmethod
     def _status(c: Choice) -> str:
@@ -212,3 +243,9 @@ class ResponsesShape(Shape):
     def failed(self, call: Call, err: APIError) -> List[ServerSentEvent]:
         return [self._event(ErrorEvent, "error", code=err.code, message=err.message, param=err.param),
                 self._event(ResponseEvent, "response.failed", response=self._object(call, "failed", [], error=err))]
+
+
+def _input_details(usage: Usage) -> InputTokensDetails:
+    """The Responses API's name for usage.prompt_tokens_details (cached prompt tokens)."""
+    details = usage.prompt_tokens_details
+    return InputTokensDetails(cached_tokens=details.cached_tokens if details else 0)

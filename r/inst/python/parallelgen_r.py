@@ -65,6 +65,19 @@ def logprobs(result):
     return out
 
 
+def tool_calls(result):
+    """Per output (in the order of columns()), its content ("" for None) and its tool
+    calls as flat columns: id, name, arguments (JSON text)."""
+    out = []
+    for c in result:
+        for o in c.outputs:
+            calls = o.tool_calls or ()
+            out.append({"content": _r_str(o.content or ""),
+                        "id": [x.id for x in calls], "name": [x.name for x in calls],
+                        "arguments": [_r_str(x.arguments) for x in calls]})
+    return out
+
+
 def stats(result):
     """result.stats (a BatchStats dataclass) as a dict."""
     return dataclasses.asdict(result.stats)
