@@ -34,8 +34,9 @@ def test_repeated_batches_are_deterministic(gemma3_path):
 
 def test_gemma3_sequences_are_isolated_and_mostly_invariant(gemma3_path):
     """Gemma 3's CPU kernels are not batch-size invariant in llama.cpp (see the README's
-    "Batch invariance" section), so exact equality with decoding alone cannot hold for
-    every prompt. What must hold: identical prompts in one batch agree exactly (no KV
+    "Batch invariance" section), so in the default mode exact equality with decoding
+    alone cannot hold for every prompt (batch_invariant=True makes it hold:
+    test_batch_invariant.py). What must hold: identical prompts in one batch agree exactly (no KV
     cross-talk between sequences), and most prompts still match their solo run."""
     with pg.Model(gemma3_path, n_parallel=16, n_ctx=256, prompt_cache=False) as m:
         copies = pg.generate_parallel(m, ["Once upon a time"] * 16, max_tokens=32, temperature=0, ignore_eos=True)
