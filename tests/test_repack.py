@@ -175,7 +175,9 @@ def test_default_settings_run_four_long_prompts_at_n_parallel_4(request, which):
 @pytest.fixture(scope="module", params=["smollm2_path", "gemma3_path"])
 def no_repack(request):
     path = request.getfixturevalue(request.param)
-    with pg.Model(path, n_parallel=4, n_ctx=256, flash_attn=False, repack=False) as m:
+    # prompt_cache off: the tests compare greedy outputs across calls, and a prefill resumed
+    # from a cached prefix changes Gemma's numerics slightly
+    with pg.Model(path, n_parallel=4, n_ctx=256, flash_attn=False, repack=False, prompt_cache=False) as m:
         yield m
 
 

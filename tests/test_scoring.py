@@ -246,10 +246,10 @@ def test_classify_argument_errors(smol_exact):
         pg.classify(smol_exact, ["t"], ["a"], normalize="max")
     with pytest.raises(ValueError, match="no {text} field"):
         pg.classify(smol_exact, ["t"], ["a"], template="Label:")
-    with pytest.raises(ValueError, match="system= needs chat=True"):
-        pg.classify(smol_exact, ["t"], ["a"], system="be brief")
-    with pytest.raises(ValueError, match="chat_template= needs chat=True"):
-        pg.classify(smol_exact, ["t"], ["a"], chat_template="chatml")
+    # system= and chat_template= imply chat (chat.chat_mode, the one rule every surface uses)
+    implied = pg.classify(smol_exact, ["t"], ["a", "b"], system="be brief")
+    assert implied[0].probs == pg.classify(smol_exact, ["t"], ["a", "b"], chat=True, system="be brief")[0].probs
+    assert implied[0].prompt.startswith("<|im_start|>system\nbe brief")
     with pytest.raises(TypeError, match="template"):
         pg.classify(smol_exact, ["t"], ["a"], template=3)
     with pytest.raises(ValueError, match="not valid Unicode"):

@@ -22,7 +22,7 @@ from .generate import ModelLike, open_model
 from .inputs import prepare, prompt_list
 from .model import Model
 from .progress import make_progress
-from .scoring import ContinuationTokens, JobsFor, Score, ScoringJob, run_scoring, split_boundary
+from .scoring import ContinuationTokens, ScoringPromptsFor, Score, ScoringPrompt, run_scoring, split_boundary
 from .templates import ChatTemplate
 
 Template = Union[str, Callable[[str], str]]
@@ -128,18 +128,18 @@ def classify(model: ModelLike, texts: Union[str, Sequence[str]], labels: Sequenc
     options = classify_options(labels, template=template, chat=chat, system=system, normalize=normalize,
                                chat_template=chat_template)
     bar = make_progress(progress, len(text_list))  # checks progress before the model loads
-    made: List[Classifier] = []  # the Classifier of the Model the jobs were built for
+    made: List[Classifier] = []  # the Classifier of the Model the scoring prompts were built for
 
-    def build(m: Model) -> List[ScoringJob]:
+    def build(m: Model) -> List[ScoringPrompt]:
         made[:] = [Classifier(m, options)]
-        return [made[0].job(t, f"texts[{i}]") for i, t in enumerate(text_list)]
+        return [made[0].scoring_prompt(t, f"texts[{i}]") for i, t in enumerate(text_list)]
 
-    jobs_for = JobsFor(build)
-    with open_model(model, jobs_for.n_ctx) as m, bar as on_step:
-        jobs = jobs_for(m)
+    prompts_for = ScoringPromptsFor(build)
+    with open_model(model, prompts_for.n_ctx) as m, bar as on_step:
+        built = prompts_for(m)
         classifier = made[0]
-        scores = run_scoring(m, jobs, request_id=request_id, on_step=on_step)
-    items = [classifier.result(t, job, s) for t, job, s in zip(text_list, jobs, scores)]
+        scores = run_scoring(m, built, request_id=request_id, on_step=on_step)
+    items = [classifier.result(t, sp, s) for t, sp, s in zip(text_list, built, scores)]
     return Classifications(items, options.labels)
 
 
@@ -174,21 +174,21 @@ def classify_options(labels: Sequence[str], *, template: Optional[Template] = No
 
 class Classifier:
     """classify one text at a time, for callers that stream texts (the classify file job):
-    ``job`` turns a text into its scoring job, ``result`` its Scores into a Classification."""
+    ``scoring_prompt`` turns a text into its ScoringPrompt, ``result`` its Scores into a Classification."""
 
     def __init__(self, model: Model, options: ClassifyOptions) -> None:
         self.options = options
         self._build = (_ChatJobs(model, options.labels, options.system, options.chat_template) if options.chat
                        else _PlainJobs(model, options.labels))
 
-    def job(self, text: str, where: str) -> ScoringJob:
+    def scoring_prompt(self, text: str, where: str) -> ScoringPrompt:
         """The text's prompt and every label's tokens. ValueError (naming ``where``, the
         text's place) when the text cannot be put into a prompt."""
-        return self._build.job(self.options.format(text), where)
+        return self._build.scoring_prompt(self.options.format(text), where)
 
-    def result(self, text: str, job: ScoringJob, scores: List[Score]) -> Classification:
+    def result(self, text: str, sp: ScoringPrompt, scores: List[Score]) -> Classification:
         """The text's Classification from its labels' Scores (in label order)."""
-        return _classification(text, job.prompt, self.options.labels, scores, self.options.normalize)
+        return _classification(text, sp.prompt, self.options.labels, scores, self.options.normalize)
 
 
 def label_probabilities(scores: Sequence[Score], normalize: str = "sum") -> np.ndarray:
@@ -214,11 +214,11 @@ class _PlainJobs:
         self._labels = labels
         self._tokens = ContinuationTokens(model)
 
-    def job(self, prompt: str, where: str) -> ScoringJob:
+    def scoring_prompt(self, prompt: str, where: str) -> ScoringPrompt:
         head = split_boundary(prompt, "")[0]
         ids = [self._tokens.get(split_boundary(prompt, lab)[1], f"label {lab!r} (after the prompt of {where})")
                for lab in self._labels]
-        return ScoringJob(prepare(self._model, head), ids)
+        return ScoringPrompt(prepare(self._model, head), ids)
 
 
 class _ChatJobs:
@@ -241,12 +241,12 @@ class _ChatJobs:
             return model.tokenize(self._template.end_of_turn, add_special=False, parse_special=True)
         return []
 
-    def job(self, user: str, where: str) -> ScoringJob:
+    def scoring_prompt(self, user: str, where: str) -> ScoringPrompt:
         try:
             prompt = self._template.render(conversation(user, self._system))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        return ScoringJob(prepare(self._model, prompt), self._ids)
+        return ScoringPrompt(prepare(self._model, prompt), self._ids)
 
 
 def _label_list(labels: Any) -> List[str]:

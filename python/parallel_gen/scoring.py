@@ -54,7 +54,7 @@ class Score:
 
 
 @dataclass(frozen=True)
-class ScoringJob:
+class ScoringPrompt:
     """One prompt and the continuations to score after it, tokenized (see split_boundary)."""
 
     prepared: PreparedPrompt
@@ -93,28 +93,28 @@ def score(model: ModelLike, prompts: Prompts, continuations: Continuations, *,
     per_prompt = _continuation_lists(continuations, len(texts))
     bar = make_progress(progress, len(texts))  # checks progress before the model loads
 
-    def build(m: Model) -> List[ScoringJob]:
+    def build(m: Model) -> List[ScoringPrompt]:
         tokens = ContinuationTokens(m)
-        jobs = []
+        built = []
         for i, (prompt, conts) in enumerate(zip(texts, per_prompt)):
             ids = [tokens.get(split_boundary(prompt, c)[1], f"continuation {j} ({c!r}) of prompt {i}")
                    for j, c in enumerate(conts)]
-            jobs.append(ScoringJob(prepare(m, split_boundary(prompt, "")[0]), ids))
-        return jobs
+            built.append(ScoringPrompt(prepare(m, split_boundary(prompt, "")[0]), ids))
+        return built
 
-    jobs = JobsFor(build)
-    with open_model(model, jobs.n_ctx) as m, bar as on_step:
-        return run_scoring(m, jobs(m), request_id=request_id, on_step=on_step)
+    scoring_prompts = ScoringPromptsFor(build)
+    with open_model(model, scoring_prompts.n_ctx) as m, bar as on_step:
+        return run_scoring(m, scoring_prompts(m), request_id=request_id, on_step=on_step)
 
 
-class JobsFor(OncePerModel[List[ScoringJob]]):
-    """The scoring jobs of a call, built once per Model; ``n_ctx`` sizes a Model opened
+class ScoringPromptsFor(OncePerModel[List[ScoringPrompt]]):
+    """The scoring prompts of a call, built once per Model; ``n_ctx`` sizes a Model opened
     from a path to them (the longest prompt plus the longest continuation), not 4096."""
 
     def n_ctx(self, model: Model) -> int:
-        jobs = self(model)
-        longest = max((len(j.prepared.tokens) for j in jobs), default=1)
-        longest_cont = max((len(c) for j in jobs for c in j.continuations), default=1)
+        prompts = self(model)
+        longest = max((len(p.prepared.tokens) for p in prompts), default=1)
+        longest_cont = max((len(c) for p in prompts for c in p.continuations), default=1)
         return n_ctx_for_work(longest, longest_cont, complete=True, n_ctx_train=model.n_ctx_train)
 
 
@@ -145,19 +145,19 @@ class ContinuationTokens:
         return ids
 
 
-def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[str] = None,
+def run_scoring(model: Model, prompts: List[ScoringPrompt], *, request_id: Optional[str] = None,
                 on_step: Optional[OnStep] = None) -> List[List[Score]]:
-    """Scores validated jobs on the model's engine, sharing its batch with other callers;
-    ``on_step(jobs done, jobs, None)`` after engine steps (a progress bar)."""
-    out: List[Optional[List[Score]]] = [None] * len(jobs)
+    """Scores validated prompts on the model's engine, sharing its batch with other callers;
+    ``on_step(prompts done, prompts, None)`` after engine steps (a progress bar)."""
+    out: List[Optional[List[Score]]] = [None] * len(prompts)
     items: List[Item] = []
-    for i, job in enumerate(jobs):
-        if not job.continuations:
+    for i, sp in enumerate(prompts):
+        if not sp.continuations:
             out[i] = []
             continue
-        item, failure = scoring_item(model, i, job)
+        item, failure = scoring_item(model, i, sp)
         if item is None:
-            out[i] = failed_scores(job, failure)
+            out[i] = failed_scores(sp, failure)
             continue
         items.append(item)
     with Client(model, request_id) as client:
@@ -165,12 +165,12 @@ def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[st
         while True:
             event = client.next().event
             if isinstance(event, SequenceFinished):
-                out[event.result.index] = job_scores(jobs[event.result.index], event.result)
+                out[event.result.index] = prompt_scores(prompts[event.result.index], event.result)
             elif isinstance(event, Progress) and on_step is not None:
-                on_step(len(jobs) - req.remaining, len(jobs), None)
+                on_step(len(prompts) - req.remaining, len(prompts), None)
             elif isinstance(event, RequestDone):
                 if on_step is not None:
-                    on_step(len(jobs), len(jobs), None)
+                    on_step(len(prompts), len(prompts), None)
                 break
     missing = [i for i, s in enumerate(out) if s is None]
     if missing:
@@ -178,26 +178,26 @@ def run_scoring(model: Model, jobs: List[ScoringJob], *, request_id: Optional[st
     return out  # type: ignore[return-value]
 
 
-def scoring_item(model: Model, index: int, job: ScoringJob) -> Tuple[Optional[Item], Optional[Failure]]:
-    """The engine's scoring sequence of one job (at ``index`` of its request), or why
-    it cannot run. The job must have continuations."""
-    prompt = job.prepared
-    failure = prompt.failure or model.check_tokens(prompt.tokens, job.continuations)
+def scoring_item(model: Model, index: int, sp: ScoringPrompt) -> Tuple[Optional[Item], Optional[Failure]]:
+    """The engine's scoring sequence of one scoring prompt (at ``index`` of its request), or why
+    it cannot run. It must have continuations."""
+    prompt = sp.prepared
+    failure = prompt.failure or model.check_tokens(prompt.tokens, sp.continuations)
     if failure is not None:
         return None, failure
     config = _core.SamplingConfig()
-    config.continuations = job.continuations
+    config.continuations = sp.continuations
     return Item(index, 0, prompt.tokens, config), None
 
 
-def job_scores(job: ScoringJob, r: SequenceResult) -> List[Score]:
+def prompt_scores(sp: ScoringPrompt, r: SequenceResult) -> List[Score]:
     """Splits one scoring sequence's result (continuations end to end) into Scores."""
     if r.error:
-        return failed_scores(job, Failure(r.error_code or ErrorCode.ABORTED, r.error))
+        return failed_scores(sp, Failure(r.error_code or ErrorCode.ABORTED, r.error))
     logprobs = [float(lp) for lp, _ in r.logprobs or []]
     tokens = r.token_ids
     out, at = [], 0
-    for ids in job.continuations:
+    for ids in sp.continuations:
         n = len(ids)
         if tokens[at:at + n] != ids:
             raise GenerationError(f"internal error: the engine scored tokens {tokens[at:at + n]}, not {ids}")
@@ -207,9 +207,9 @@ def job_scores(job: ScoringJob, r: SequenceResult) -> List[Score]:
     return out
 
 
-def failed_scores(job: ScoringJob, failure: Failure) -> List[Score]:
-    """One Score per continuation of ``job``, each NaN with the failure's message and code."""
-    return [Score(math.nan, [], list(ids), failure.message, failure.code) for ids in job.continuations]
+def failed_scores(sp: ScoringPrompt, failure: Failure) -> List[Score]:
+    """One Score per continuation of ``sp``, each NaN with the failure's message and code."""
+    return [Score(math.nan, [], list(ids), failure.message, failure.code) for ids in sp.continuations]
 
 
 def _continuation_lists(continuations: Any, n_prompts: int) -> List[List[str]]:

@@ -137,7 +137,8 @@ class ChatTemplate:
 
     def _render_jinja(self, messages: List[Message], add_generation_prompt: bool,
                       tools: Optional[Sequence[Dict[str, Any]]]) -> str:
-        assert self._jinja is not None
+        if self._jinja is None:
+            raise RuntimeError("this chat template has no Jinja form")
         # The variables llama-cpp-python's Jinja2ChatFormatter passes, so that templates
         # testing for them render as they did there.
         return self._jinja.render(messages=messages, eos_token=self._eos, bos_token=self._bos,

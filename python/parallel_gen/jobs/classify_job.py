@@ -24,7 +24,7 @@ from ..events import SequenceResult
 from ..iterate import OrderedRequests
 from ..model import Model
 from ..runner import Item
-from ..scoring import Score, ScoringJob, job_scores, scoring_item
+from ..scoring import Score, ScoringPrompt, prompt_scores, scoring_item
 from .driver import JobSummary, PathLike, RowDone, RowJob, open_file_source, run_rows
 from .sizing import NOTHING, RowNeeds, SizedContext
 from .sources import Columns, InputRow
@@ -46,9 +46,9 @@ def output_columns(labels: Sequence[str]) -> Tuple[str, ...]:
 
 @dataclass(frozen=True)
 class _Scoring:
-    """One row's scoring job, or why it has none."""
+    """One row's ScoringPrompt, or why it has none."""
 
-    job: Optional[ScoringJob]
+    scoring_prompt: Optional[ScoringPrompt]
     failure: Optional[Failure] = None
 
 
@@ -56,37 +56,37 @@ class _Scoring:
 class _Scored:
     """One row's Scores (one per label), or why it has none."""
 
-    job: Optional[ScoringJob]
+    scoring_prompt: Optional[ScoringPrompt]
     scores: List[Score]
     error: Optional[str]
     prompt_tokens: int = 0
 
 
 class OrderedScoring(OrderedRequests[_Scoring, _Scored]):
-    """Scoring jobs run with bounded look-ahead, their Scores handed back in input order."""
+    """Scoring prompts run with bounded look-ahead, their Scores handed back in input order."""
 
     def __init__(self, model: Model, works: Iterator[_Scoring], lookahead: Optional[int] = None) -> None:
         super().__init__(model, works, lookahead)
-        self._jobs: Dict[int, Optional[ScoringJob]] = {}
+        self._prompts: Dict[int, Optional[ScoringPrompt]] = {}
         self._done: Dict[int, _Scored] = {}
 
     def _start(self, i: int, work: _Scoring) -> Tuple[List[Item], Optional[Failure]]:
-        self._jobs[i] = work.job
-        if work.job is None:
+        self._prompts[i] = work.scoring_prompt
+        if work.scoring_prompt is None:
             return [], work.failure or Failure(ErrorCode.INVALID_INPUT, "nothing to score")
-        item, failure = scoring_item(self.model, i, work.job)
+        item, failure = scoring_item(self.model, i, work.scoring_prompt)
         return ([item] if item is not None else []), failure
 
     def _finished(self, r: SequenceResult) -> None:
-        job = self._jobs[r.index]
-        self._done[r.index] = _Scored(job, job_scores(job, r) if job is not None else [], r.error, r.prompt_tokens)
+        sp = self._prompts[r.index]
+        self._done[r.index] = _Scored(sp, prompt_scores(sp, r) if sp is not None else [], r.error, r.prompt_tokens)
         self.stats.generated_tokens += r.prompt_tokens + len(r.token_ids)  # tokens decoded, for tokens/s
 
     def _failed(self, i: int, failure: Failure) -> None:
-        self._done[i] = _Scored(self._jobs[i], [], failure.message)
+        self._done[i] = _Scored(self._prompts[i], [], failure.message)
 
     def _take(self, i: int) -> _Scored:
-        del self._jobs[i]
+        del self._prompts[i]
         return self._done.pop(i)
 
 
@@ -139,16 +139,16 @@ class ClassifyJob(RowJob):
         if self._classifier is None:
             raise RuntimeError("the classify job was not prepared for its Model")
         try:
-            job = self._classifier.job(row.prompt, row.where)
+            sp = self._classifier.scoring_prompt(row.prompt, row.where)
         except (TypeError, ValueError) as e:
             return _Scoring(None, Failure(ErrorCode.INVALID_INPUT, str(e)))
         if self._sized is not None:
-            longest = max(len(ids) for ids in job.continuations)
-            error = self._sized.check_length(len(job.prepared.tokens), longest,
+            longest = max(len(ids) for ids in sp.continuations)
+            error = self._sized.check_length(len(sp.prepared.tokens), longest,
                                              f"its longest label ({longest} tokens)")
             if error is not None:
                 return _Scoring(None, Failure(ErrorCode.PROMPT_TOO_LONG, f"{row.where}: {error}"))
-        return _Scoring(job)
+        return _Scoring(sp)
 
     def record(self, row: InputRow, result: _Scored) -> RowDone:
         rec = self.carried(row.fields)
@@ -156,8 +156,8 @@ class ClassifyJob(RowJob):
         error: Optional[str] = result.error
         label: Optional[str] = None
         probs: Dict[str, Optional[float]] = dict.fromkeys(labels)
-        if error is None and result.job is not None and self._classifier is not None:
-            c = self._classifier.result(row.prompt or "", result.job, result.scores)
+        if error is None and result.scoring_prompt is not None and self._classifier is not None:
+            c = self._classifier.result(row.prompt or "", result.scoring_prompt, result.scores)
             error, label = c.error, c.label
             if error is None:
                 probs = dict(c.probs)

@@ -128,10 +128,13 @@ def input_rows(batch: pa.Table, columns: Columns) -> Tuple[pa.Table, List[InputR
 
 def actor_model_options() -> Dict[str, Any]:
     """n_threads from the CPUs Ray assigned this actor; every layer on the GPU when it
-    was assigned one (outside a Ray worker: nothing)."""
+    was assigned one (outside a Ray actor, a driver included: nothing)."""
     if not ray.is_initialized():
         return {}
-    resources = ray.get_runtime_context().get_assigned_resources()
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:  # get_assigned_resources asserts in a driver
+        return {}
+    resources = context.get_assigned_resources()
     options: Dict[str, Any] = {"n_threads": max(1, int(resources.get("CPU", 1)))}
     if resources.get("GPU", 0) > 0:
         options["n_gpu_layers"] = -1
