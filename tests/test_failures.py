@@ -41,9 +41,15 @@ def test_tiny_shared_pool_forces_retries_and_still_finishes_everything(smollm2_p
         # the same prompts one at a time on the same pool: never short of room
         alone = [pg.generate_parallel(m, p, max_tokens=60, temperature=0, ignore_eos=True) for p in prompts[:3]]
         assert all(a.stats.decode_retries == 0 for a in alone)
-        # unified KV is not batch-invariant in llama.cpp, so compare the start only
+        # Recovery is deterministic: the same batch on the same pool pauses the same sequences
+        # and gives the same tokens. (Against the prompts alone only the start can be compared,
+        # and not reliably: unified KV and recomputed prefills change numerics, and on some
+        # CPUs a near-tie flips within 8 tokens.)
+        again = pg.generate_parallel(m, prompts, max_tokens=60, temperature=0, ignore_eos=True)
+        assert [c.token_ids for c in again] == [c.token_ids for c in r]
+        assert again.stats.preemptions == s.preemptions
         for a, c in zip(alone, r):
-            assert a[0].token_ids[:8] == c.token_ids[:8]
+            assert a[0].token_ids[0] == c.token_ids[0]  # the prompt's own argmax, before any pause
 
 
 def test_fatal_decode_failure_raises_with_partial_results_and_model_survives(smollm2_path):
