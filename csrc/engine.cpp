@@ -725,22 +725,34 @@ void Engine::close_gaps() {
     }
 }
 
-void Engine::build_batch(std::vector<Entry> & entries) {
+// The running sequences, oldest admission first: the order their prompt chunks are fed in.
+std::vector<Sequence *> Engine::running_by_admission() const {
     std::vector<Sequence *> running;
-    for (auto & s : slots_) {
+    for (const auto & s : slots_) {
         if (s && s->running()) {
             running.push_back(s.get());
         }
     }
     std::sort(running.begin(), running.end(),
               [](Sequence * a, Sequence * b) { return a->admitted_at < b->admitted_at; });
+    return running;
+}
+
+// The entry of a sequence's one token to feed (its last sample, or a one-token prompt
+// or continuation): logits always, since it is the last token fed.
+Engine::Entry Engine::next_token_entry(Sequence * s) {
+    const int32_t p = s->n_past;
+    return {s, s->tokens[p], p, true, p < s->n_prompt || s->scorer != nullptr};
+}
+
+void Engine::build_batch(std::vector<Entry> & entries) {
+    const std::vector<Sequence *> running = running_by_admission();
 
     // Every generating sequence gets its next token in; prompt chunks fill the rest, so a
     // long prompt never stalls the others for its whole prefill.
     for (Sequence * s : running) {
         if (s->to_feed() == 1) {
-            const int32_t p = s->n_past;
-            entries.push_back({s, s->tokens[p], p, true, p < s->n_prompt || s->scorer});
+            entries.push_back(next_token_entry(s));
         }
     }
     if (prefix_ && !prefix_->decoded()) {
@@ -784,14 +796,7 @@ void Engine::build_batch(std::vector<Entry> & entries) {
 // one call of at least min_rows rows, padded with dummy rows in empty streams, every row
 // with logits.
 void Engine::step_invariant() {
-    std::vector<Sequence *> running;
-    for (auto & s : slots_) {
-        if (s && s->running()) {
-            running.push_back(s.get());
-        }
-    }
-    std::sort(running.begin(), running.end(),
-              [](Sequence * a, Sequence * b) { return a->admitted_at < b->admitted_at; });
+    const std::vector<Sequence *> running = running_by_admission();
     // Prompts first, whole: after this every running sequence has one token to feed, so the
     // generation step's seq ids are consecutive (llama.cpp splits a step at a gap).
     std::vector<Entry> chunk;
@@ -835,8 +840,7 @@ void Engine::build_padded_rows(std::vector<Entry> & rows) {
                 throw std::logic_error("batch-invariant step: a sequence with " + std::to_string(s->to_feed()) +
                                        " tokens to feed");
             }
-            const int32_t p = s->n_past;
-            rows.push_back({s, s->tokens[p], p, true, p < s->n_prompt || s->scorer});
+            rows.push_back(next_token_entry(s));
         } else {
             // A free slot, a finished one (its KV already removed) or a padding stream. Its
             // logits are computed and dropped: llama.cpp runs the last layer and the output

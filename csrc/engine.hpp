@@ -173,6 +173,8 @@ private:
     void         clear_cache();
     bool         keeps_kv(const Sequence & s) const;
     // one step's batch
+    std::vector<Sequence *> running_by_admission() const;
+    static Entry next_token_entry(Sequence * s);
     void build_batch(std::vector<Entry> & entries);
     void step_invariant();
     void build_padded_rows(std::vector<Entry> & entries);
