@@ -72,6 +72,7 @@ PYBIND11_MODULE(_core, m) {
     m.def("backends", &backend_names);
     m.def("system_info", [] { return std::string(llama_print_system_info()); });
     m.def("max_parallel_sequences", [] { return llama_max_parallel_sequences(); });
+    m.def("kv_streams", &kv_streams, py::arg("config"));
     m.def("supports_gpu_offload", [] { return llama_supports_gpu_offload(); });
     m.def("engines_alive", &Engine::alive);
 
@@ -196,7 +197,8 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("kv_copies", &Counters::kv_copies)
         .def_readonly("generated_tokens", &Counters::generated_tokens)
         .def_readonly("prompt_seconds", &Counters::prompt_seconds)
-        .def_readonly("generation_seconds", &Counters::generation_seconds);
+        .def_readonly("generation_seconds", &Counters::generation_seconds)
+        .def_readonly("host_seconds", &Counters::host_seconds);
 
     py::class_<StreamDelta>(m, "StreamDelta")
         .def_readonly("request", &StreamDelta::request)

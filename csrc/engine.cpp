@@ -2,6 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <exception>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdexcept>
 #include <thread>
 #include <cstdlib>
@@ -46,6 +50,14 @@ struct Engine::Entry {
     llama_seq_id padding = -1;  // >= 0: a dummy row in this (empty) stream, dropped after the call
 };
 
+// A sequence's token drawn from a decode's logits, before the engine takes it (stops,
+// finishing): drawing runs on several threads, taking on the engine's.
+struct Engine::Draw {
+    llama_token        token = 0;
+    TokenLogprob       logprob;
+    std::exception_ptr error;
+};
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -83,6 +95,14 @@ std::string decode_error_text(int32_t code) {
 
 std::atomic<int32_t> Engine::alive_{0};
 
+int32_t kv_streams(const EngineConfig & cfg) {
+    if (cfg.min_rows > 0) {
+        return std::max(cfg.n_parallel, cfg.min_rows);
+    }
+    const bool extra = cfg.min_prefix < INT32_MAX || cfg.prompt_cache;
+    return std::min(cfg.n_parallel + (extra ? 1 : 0), std::max(cfg.n_parallel, int32_t(llama_max_parallel_sequences())));
+}
+
 Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : model_(std::move(model)), cfg_(cfg) {
     if (cfg_.n_parallel < 1 || cfg_.n_ctx < 2 || cfg_.n_batch < cfg_.n_parallel) {
         throw std::invalid_argument("engine config: need n_parallel >= 1, n_ctx >= 2, n_batch >= n_parallel");
@@ -98,11 +118,11 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     // One stream more than slots when prefixes are shared or prompts cached: a shared
     // prefix is decoded into a stream no sequence runs in, and when every slot is busy the
     // cache still keeps one entry (and close_gaps a place to keep one while it moves a
-    // sequence). In a unified pool streams are only seq ids: cells are shared.
+    // sequence). At llama.cpp's sequence limit there is none: prefixes and the cache use
+    // free slots only. In a unified pool streams are only seq ids: cells are shared.
     // Batch-invariant mode (neither) pads steps with dummy rows, each in an empty stream
     // of its own (free slots first): streams up to min_rows when there are fewer slots.
-    const int32_t n_seq = batch_invariant() ? std::max(cfg_.n_parallel, cfg_.min_rows)
-                                            : cfg_.n_parallel + (sharing_prefixes() || caching() ? 1 : 0);
+    const int32_t n_seq = kv_streams(cfg_);
     const int64_t total = cfg_.kv_unified ? (cfg_.kv_size > 0 ? int64_t(cfg_.kv_size)
                                                               : int64_t(cfg_.n_ctx) * cfg_.n_parallel)
                                           : int64_t(cfg_.n_ctx) * n_seq;
@@ -110,7 +130,9 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
         throw std::invalid_argument("n_ctx * n_parallel is too large");
     }
     int32_t threads = cfg_.n_threads > 0 ? cfg_.n_threads : static_cast<int32_t>(std::thread::hardware_concurrency());
-    threads = std::max(threads, 1);
+    threads    = std::max(threads, 1);
+    n_threads_ = threads;
+    candidates_.resize(static_cast<size_t>(threads));
     cp.n_ctx           = static_cast<uint32_t>(total);
     cp.n_batch         = static_cast<uint32_t>(cfg_.n_batch);
     cp.n_ubatch        = static_cast<uint32_t>(cfg_.n_batch);
@@ -287,27 +309,48 @@ int32_t Engine::reusable(llama_seq_id id, const std::vector<llama_token> & t, in
 }
 
 // The cached tokens of stream `id` past its first `keep` that no other stream holds: what
-// overwriting it from `keep` on loses.
-int32_t Engine::loss(llama_seq_id id, int32_t keep) const {
-    const auto &  c = cached_[static_cast<size_t>(id)];
-    const int32_t n = static_cast<int32_t>(c.size());
-    int32_t       covered = keep;
-    for (int32_t o = 0; o < n_seq_ && covered < n; ++o) {
-        if (o != id) {
-            const Held h = held(o);
-            covered      = std::max(covered, common_prefix(h.data, h.n, c, n));
-        }
-    }
-    return std::max(0, n - covered);
+// overwriting it from `keep` on loses. `lost`: losses(), its tokens no other stream holds.
+int32_t Engine::loss(llama_seq_id id, int32_t keep, const std::vector<int32_t> & lost) const {
+    const int32_t n = static_cast<int32_t>(cached_[static_cast<size_t>(id)].size());
+    return std::max(0, std::min(n - keep, lost[static_cast<size_t>(id)]));
 }
 
-// loss(id, 0) of every free stream (0 for the others), computed once per decision.
+// loss(id, 0) of every free stream (0 for the others), computed once per decision. With
+// every stream's tokens in lexicographic order, the longest prefix a stream shares with any
+// other is the longer of those it shares with its two neighbours: O(n_seq log n_seq) token
+// comparisons instead of one comparison per pair of streams.
 std::vector<int32_t> Engine::losses() const {
     std::vector<int32_t> out(static_cast<size_t>(n_seq_), 0);
+    std::vector<std::pair<Held, llama_seq_id>> order;
+    order.reserve(static_cast<size_t>(n_seq_));
     for (int32_t id = 0; id < n_seq_; ++id) {
-        if (stream_free(id)) {
-            out[static_cast<size_t>(id)] = loss(id, 0);
+        const Held h = held(id);
+        if (h.n > 0) {
+            order.push_back({h, id});
         }
+    }
+    std::sort(order.begin(), order.end(), [](const auto & a, const auto & b) {
+        return std::lexicographical_compare(a.first.data, a.first.data + a.first.n, b.first.data,
+                                            b.first.data + b.first.n);
+    });
+    auto shared = [](const Held & a, const Held & b) {
+        const int32_t n = std::min(a.n, b.n);
+        return static_cast<int32_t>(std::mismatch(a.data, a.data + n, b.data).first - a.data);
+    };
+    for (size_t k = 0; k < order.size(); ++k) {
+        const llama_seq_id id = order[k].second;
+        if (!stream_free(id)) {
+            continue;
+        }
+        const Held & h       = order[k].first;
+        int32_t      covered = 0;
+        if (k > 0) {
+            covered = shared(h, order[k - 1].first);
+        }
+        if (k + 1 < order.size()) {
+            covered = std::max(covered, shared(h, order[k + 1].first));
+        }
+        out[static_cast<size_t>(id)] = h.n - covered;
     }
     return out;
 }
@@ -322,40 +365,43 @@ Engine::GapPlan Engine::gap_plan(llama_seq_id extra, const std::vector<int32_t> 
     if (cfg_.kv_unified) {
         return plan;
     }
-    auto live = [&](int32_t id) { return id == extra || slots_[static_cast<size_t>(id)] != nullptr; };
-    int32_t n = 0;
+    // Every window costs O(1) from prefix sums over the stream ids (admission asks this for
+    // each candidate stream: a scan per window made it O(n_seq^3) per admitted sequence).
+    // holes[i], spares[i], lossy[i]: holes, spare streams and lossy holes among ids < i;
+    // lost_sum[j]: tokens lost by the first j lossy holes, in id order.
+    const size_t n_ids = static_cast<size_t>(n_seq_);
+    std::vector<int32_t> holes(n_ids + 1, 0), spares(n_ids + 1, 0), lossy(n_ids + 1, 0);
+    std::vector<int64_t> lost_sum(1, 0);
     for (int32_t id = 0; id < n_seq_; ++id) {
-        n += live(id) ? 1 : 0;
+        const size_t i    = static_cast<size_t>(id);
+        const bool   hole = id != extra && slots_[i] == nullptr;
+        const bool   lose = hole && lost[i] > 0;
+        holes[i + 1]  = holes[i] + (hole ? 1 : 0);
+        spares[i + 1] = spares[i] + (hole && stream_free(id) && lost[i] == 0 ? 1 : 0);
+        lossy[i + 1]  = lossy[i] + (lose ? 1 : 0);
+        if (lose) {
+            lost_sum.push_back(lost_sum.back() + lost[i]);
+        }
     }
+    const int32_t n = n_seq_ - holes[n_ids];  // live sequences, `extra` included
     if (n == 0) {
         return plan;
     }
+    const llama_seq_id pinned = prefix_ ? prefix_->seq_id : -1;  // the shared prefix cannot move
     plan.cost = INT64_MAX;
     for (int32_t first = 0; first + n <= n_seq_; ++first) {
-        const int32_t last  = first + n;
-        int32_t       spare = 0;  // free streams out of the window that lose nothing
-        bool          ok    = true;
-        for (int32_t id = 0; id < n_seq_; ++id) {
-            const bool inside = id >= first && id < last;
-            if (inside && prefix_ && prefix_->seq_id == id) {
-                ok = false;  // the shared prefix cannot move
-            }
-            spare += !inside && !live(id) && stream_free(id) && lost[static_cast<size_t>(id)] == 0 ? 1 : 0;
-        }
-        if (!ok) {
+        const int32_t last = first + n;
+        if (pinned >= first && pinned < last) {
             continue;
         }
-        int64_t cost = 0;
-        for (int32_t id = first; id < last; ++id) {
-            if (!live(id)) {
-                cost += kCopyTokens;  // a live sequence moves in
-                const int32_t l = lost[static_cast<size_t>(id)];
-                if (l > 0) {
-                    cost += spare > 0 ? kCopyTokens : l;
-                    spare -= spare > 0 ? 1 : 0;
-                }
-            }
-        }
+        const size_t f = static_cast<size_t>(first), l = static_cast<size_t>(last);
+        // a move per hole inside; per lossy hole, a copy into a spare stream outside (lowest
+        // ids first) while there are spares, else its tokens lost
+        const int32_t spare   = spares[n_ids] - (spares[l] - spares[f]);
+        const int32_t a       = lossy[f], b = lossy[l];
+        const int32_t covered = std::min(spare, b - a);
+        const int64_t cost    = int64_t(holes[l] - holes[f] + covered) * kCopyTokens +
+                             (lost_sum[static_cast<size_t>(b)] - lost_sum[static_cast<size_t>(a + covered)]);
         if (cost < plan.cost) {
             plan.cost  = cost;
             plan.first = first;
@@ -433,7 +479,7 @@ Engine::Placement Engine::place(const std::vector<llama_token> & t, int32_t cap,
         if (stream_free(id) && source_ok(id)) {
             const int32_t n = id == src ? best : reusable(id, t, cap);
             if (n > 0) {
-                const int32_t l = loss(id, n);
+                const int32_t l = loss(id, n, lost);
                 consider(id, id, n, l, int64_t(n) - l - (live ? gap_plan(id, lost).cost : 0));
             }
         }
@@ -864,6 +910,7 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
     bool   split = false;
     std::vector<size_t> taken;
     taken.reserve(entries.size());
+    std::vector<Draw> draws;
 
     while (i < entries.size()) {
         taken.clear();
@@ -917,8 +964,10 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
             counters_.prompt_seconds += dt * share;
             counters_.generation_seconds += dt * (1.0 - share);
             counters_.prompt_tokens += n_prompt_tok;
+            draws.assign(taken.size(), Draw{});
+            draw_tokens(entries, taken, draws);
             for (size_t b = 0; b < taken.size(); ++b) {
-                on_decoded(entries[taken[b]], static_cast<int32_t>(b));
+                on_decoded(entries[taken[b]], static_cast<int32_t>(b), &draws[b]);
             }
             i = j;
             continue;
@@ -939,7 +988,7 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
 
 // A decoded token moves its sequence on: KV accounted, and where its logits were asked
 // for, a sampled token (Generating or Done) or a scored one (Scoring or Done).
-void Engine::on_decoded(const Entry & e, int32_t out_index) {
+void Engine::on_decoded(const Entry & e, int32_t out_index, Draw * draw) {
     if (e.padding >= 0) {
         llama_memory_seq_rm(mem_, e.padding, -1, -1);  // the stream is empty again
         ++counters_.padding_rows;
@@ -957,7 +1006,62 @@ void Engine::on_decoded(const Entry & e, int32_t out_index) {
     if (s.scorer) {
         score(&s, out_index, e.pos);
     } else {
-        sample(&s, out_index);
+        take_token(&s, *draw);
+    }
+}
+
+// Whether an entry's logits are sampled: the last token fed of a generating sequence.
+static bool samples(const Sequence * s, bool logits) { return s && logits && !s->scorer; }
+
+// Draws the next token of every sequence sampled from this decode. Each sequence's sampler
+// is its own and the logits are read-only once in output order, so the rows are spread over
+// the decode's own threads (OpenMP's, which llama.cpp's CPU backend uses too: they are idle
+// between two decodes). A sampler's exception is kept for take_token to raise in order.
+void Engine::draw_tokens(const std::vector<Entry> & entries, const std::vector<size_t> & taken,
+                         std::vector<Draw> & draws) {
+    std::vector<int32_t> rows;
+    for (size_t b = 0; b < taken.size(); ++b) {
+        const Entry & e = entries[taken[b]];
+        if (samples(e.seq, e.logits)) {
+            rows.push_back(static_cast<int32_t>(b));
+        }
+    }
+    if (rows.empty()) {
+        return;
+    }
+    llama_get_logits(ctx_);  // puts the outputs in batch order, once, on this thread
+    const int32_t n = static_cast<int32_t>(rows.size());
+    const bool verbose = cfg_.verbose;
+    auto draw = [&](int32_t i, size_t scratch) {
+        const int32_t b = rows[static_cast<size_t>(i)];
+        Sequence *    s = entries[taken[static_cast<size_t>(b)]].seq;
+        Draw &        d = draws[static_cast<size_t>(b)];
+        try {
+            const bool want_lp = s->item.params.logprobs >= 0;
+            d.token = s->sampler->sample(ctx_, b, candidates_[scratch], want_lp ? &d.logprob : nullptr);
+        } catch (...) {
+            d.error = std::current_exception();
+        }
+    };
+#ifdef _OPENMP
+    // A row of work is a pass or two over the vocabulary: worth a thread from two rows on.
+    const int32_t threads = std::min(n_threads_, n);
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+        {
+            LogScope      scope(verbose);  // llama.cpp's messages from this thread are ours too
+            const size_t  me = static_cast<size_t>(omp_get_thread_num());
+#pragma omp for schedule(dynamic, 1)
+            for (int32_t i = 0; i < n; ++i) {
+                draw(i, me);
+            }
+        }
+        return;
+    }
+#endif
+    (void) verbose;
+    for (int32_t i = 0; i < n; ++i) {
+        draw(i, 0);
     }
 }
 
@@ -1030,12 +1134,14 @@ void Engine::pause(Sequence * s) {
     waiting_.push_front(std::move(slots_[static_cast<size_t>(id)]));
 }
 
-void Engine::sample(Sequence * s, int32_t idx) {
-    TokenLogprob      lp;
-    const bool        want_lp = s->item.params.logprobs >= 0;
-    const llama_token tok     = s->sampler->sample(ctx_, idx, candidates_, want_lp ? &lp : nullptr);
-    if (want_lp) {
-        s->logprobs.push_back(std::move(lp));
+// The drawn token joins its sequence: stop tokens, stop strings and lengths end it.
+void Engine::take_token(Sequence * s, Draw & d) {
+    if (d.error) {
+        std::rethrow_exception(d.error);  // as if sampled here: step() fails the batch
+    }
+    const llama_token tok = d.token;
+    if (s->item.params.logprobs >= 0) {
+        s->logprobs.push_back(std::move(d.logprob));
     }
     s->tokens.push_back(tok);
     s->state = SeqState::Generating;
@@ -1248,8 +1354,28 @@ void Engine::drop_live(const Failure & why, std::vector<Result> & out) {
     clear_cache();
 }
 
+namespace {
+
+// Adds the time of a step() spent outside llama_decode to counters.host_seconds.
+class HostTimer {
+public:
+    explicit HostTimer(Counters & c) : c_(c), t0_(Clock::now()), decode0_(decode_seconds()) {}
+    ~HostTimer() { c_.host_seconds += std::max(0.0, seconds_since(t0_) - (decode_seconds() - decode0_)); }
+    HostTimer(const HostTimer &) = delete;
+    HostTimer & operator=(const HostTimer &) = delete;
+
+private:
+    double decode_seconds() const { return c_.prompt_seconds + c_.generation_seconds; }
+    Counters &        c_;
+    Clock::time_point t0_;
+    double            decode0_;
+};
+
+}  // namespace
+
 StepOutput Engine::step() {
     LogScope   scope(cfg_.verbose);
+    HostTimer  timer(counters_);
     StepOutput out;
     out.finished.swap(ready_);
     admit();

@@ -65,7 +65,14 @@ struct Counters {
     int64_t generated_tokens  = 0;  // tokens sampled
     double  prompt_seconds    = 0;  // decode time, split by token share between prompt...
     double  generation_seconds = 0; // ...and generation tokens of each call
+    double  host_seconds      = 0;  // step() time outside llama_decode: admission, sampling,
+                                    // stops, results (what a fast backend waits for)
 };
+
+// KV streams (seq ids) an engine with this configuration asks llama.cpp for: one per slot,
+// plus one for a shared prefix and the prompt cache while llama.cpp's sequence limit leaves
+// room for it; in batch-invariant mode at least min_rows (padding rows take empty streams).
+int32_t kv_streams(const EngineConfig & cfg);
 
 // New output of a streaming sequence since its previous delta.
 struct StreamDelta {
@@ -161,7 +168,7 @@ private:
     Held         held(llama_seq_id id) const;
     bool         stream_free(llama_seq_id id) const;
     int32_t      reusable(llama_seq_id id, const std::vector<llama_token> & t, int32_t cap) const;
-    int32_t      loss(llama_seq_id id, int32_t keep) const;
+    int32_t      loss(llama_seq_id id, int32_t keep, const std::vector<int32_t> & lost) const;
     std::vector<int32_t> losses() const;
     GapPlan      gap_plan(llama_seq_id extra, const std::vector<int32_t> & lost) const;
     llama_seq_id victim(llama_seq_id avoid, bool live, const std::vector<int32_t> & lost) const;
@@ -180,11 +187,14 @@ private:
     void build_padded_rows(std::vector<Entry> & entries);
     void decode_entries(std::vector<Entry> & entries);
     bool entry_running(const Entry & e) const;
-    void on_decoded(const Entry & e, int32_t out_index);
+    struct Draw;
+    void draw_tokens(const std::vector<Entry> & entries, const std::vector<size_t> & taken,
+                     std::vector<Draw> & draws);
+    void on_decoded(const Entry & e, int32_t out_index, Draw * draw);
     Recovery recover(int32_t code, size_t n_tokens, const Entry & first);
     void pause(Sequence * s);
     // outputs of a sequence
-    void sample(Sequence * s, int32_t idx);
+    void take_token(Sequence * s, Draw & d);
     void score(Sequence * s, int32_t idx, llama_pos pos);
     void next_continuation(Sequence * s);
     void finish(Sequence * s, Finish why, Failure failure = {});
@@ -204,7 +214,8 @@ private:
     llama_context *              ctx_ = nullptr;
     llama_memory_t               mem_ = nullptr;
     llama_batch                  batch_{};
-    std::vector<llama_token_data> candidates_;  // sampling scratch, vocabulary-sized
+    std::vector<std::vector<llama_token_data>> candidates_;  // sampling scratch, one per thread
+    int32_t                      n_threads_ = 1;
     int32_t                      n_batch_ = 0;
 
     int32_t                                n_seq_ = 0;  // KV streams (seq ids): slots, prefix/cache, padding

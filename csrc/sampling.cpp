@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <regex>
 #include <stdexcept>
@@ -11,6 +12,11 @@
 
 namespace pg {
 namespace {
+
+std::vector<float> & scratch_heap() {
+    thread_local std::vector<float> heap;
+    return heap;
+}
 
 void fill(std::vector<llama_token_data> & buf, const float * logits, int32_t n_vocab) {
     buf.resize(static_cast<size_t>(n_vocab));
@@ -49,6 +55,65 @@ llama_sampler * make_grammar(const llama_vocab * vocab, const std::string & gram
 
 }  // namespace
 
+llama_token argmax(const float * logits, int32_t n) {
+    // Lane-wise maxima first (the compiler vectorizes this), then the first index holding
+    // the maximum: the same token as llama.cpp's scan, which keeps the first of equals.
+    constexpr int32_t kLanes = 16;
+    float             lane[kLanes];
+    const int32_t     blocked = n / kLanes * kLanes;
+    if (blocked == 0) {
+        llama_token best = 0;
+        for (int32_t t = 1; t < n; ++t) {
+            best = logits[t] > logits[best] ? t : best;
+        }
+        return best;
+    }
+    for (int32_t j = 0; j < kLanes; ++j) {
+        lane[j] = logits[j];
+    }
+    for (int32_t i = kLanes; i < blocked; i += kLanes) {
+        for (int32_t j = 0; j < kLanes; ++j) {
+            lane[j] = logits[i + j] > lane[j] ? logits[i + j] : lane[j];
+        }
+    }
+    float mx = lane[0];
+    for (int32_t j = 1; j < kLanes; ++j) {
+        mx = lane[j] > mx ? lane[j] : mx;
+    }
+    for (int32_t t = blocked; t < n; ++t) {
+        mx = logits[t] > mx ? logits[t] : mx;
+    }
+    for (int32_t t = 0; t < n; ++t) {
+        if (logits[t] == mx) {
+            return t;
+        }
+    }
+    return 0;  // NaN logits: llama.cpp's scan also stays at 0
+}
+
+void prefilter_top_k(const float * logits, int32_t n, int32_t k, std::vector<llama_token_data> & out) {
+    out.clear();
+    k = std::min(k, n);
+    // The k-th largest value: a min-heap of the k best so far; most logits fail the first
+    // comparison, so this is one pass over the vocabulary.
+    std::vector<float> & heap = scratch_heap();
+    heap.assign(logits, logits + k);
+    std::make_heap(heap.begin(), heap.end(), std::greater<float>());
+    for (int32_t t = k; t < n; ++t) {
+        if (logits[t] > heap.front()) {
+            std::pop_heap(heap.begin(), heap.end(), std::greater<float>());
+            heap.back() = logits[t];
+            std::push_heap(heap.begin(), heap.end(), std::greater<float>());
+        }
+    }
+    const float kth = heap.front();
+    for (int32_t t = 0; t < n; ++t) {
+        if (logits[t] >= kth) {
+            out.push_back(llama_token_data{t, logits[t], 0.0f});
+        }
+    }
+}
+
 Sampler::Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t n_ctx,
                  const std::vector<llama_token> & prompt)
     : n_vocab_(llama_vocab_n_tokens(vocab)), logprobs_(cfg.logprobs) {
@@ -82,6 +147,7 @@ Sampler::Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t 
         llama_sampler_chain_add(chain_.get(), llama_sampler_init_greedy());
     } else {
         if (cfg.top_k > 0) {
+            top_k_ = cfg.logit_bias.empty() && !penalize ? cfg.top_k : 0;  // they change logits before it
             llama_sampler_chain_add(chain_.get(), llama_sampler_init_top_k(cfg.top_k));
         }
         if (cfg.top_p < 1.0f) {
@@ -105,8 +171,8 @@ Sampler::Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t 
 
 llama_token Sampler::sample(llama_context * ctx, int32_t idx, std::vector<llama_token_data> & buf,
                             TokenLogprob * logprob_out) {
-    if (!grammar_ && logprobs_ < 0 && !plain_greedy_) {
-        return llama_sampler_sample(chain_.get(), ctx, idx);  // the common case: llama.cpp's own path
+    if (!grammar_ && logprobs_ < 0 && !plain_greedy_ && top_k_ <= 0) {
+        return llama_sampler_sample(chain_.get(), ctx, idx);  // llama.cpp's own path
     }
     const float * logits = llama_get_logits_ith(ctx, idx);
     if (!logits) {
@@ -115,12 +181,13 @@ llama_token Sampler::sample(llama_context * ctx, int32_t idx, std::vector<llama_
     llama_token tok = 0;
     if (plain_greedy_) {
         // llama.cpp's greedy sampler, without first copying the vocabulary into a
-        // candidate array (which takes longer than the scan): the first maximum wins, as there.
-        for (int32_t t = 1; t < n_vocab_; ++t) {
-            if (logits[t] > logits[tok]) {
-                tok = t;
-            }
-        }
+        // candidate array (which takes longer than the scan).
+        tok = argmax(logits, n_vocab_);
+    } else if (top_k_ > 0) {
+        // The chain's top-k keeps the k best whatever else the array holds: hand it those
+        // only, instead of a copy of the whole vocabulary to sort from.
+        prefilter_top_k(logits, n_vocab_, top_k_, buf);
+        tok = pick(chain_.get(), buf);
     } else {
         fill(buf, logits, n_vocab_);
         tok = pick(chain_.get(), buf);

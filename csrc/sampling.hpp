@@ -63,8 +63,10 @@ public:
     Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t n_ctx,
             const std::vector<llama_token> & prompt);
 
-    // Samples (and accepts) the next token from output `idx` of the last decode. `buf`
-    // is scratch space of vocabulary size, shared by all sequences of an engine.
+    // Samples (and accepts) the next token from output `idx` of the last decode. `buf` is
+    // scratch space of up to vocabulary size, one per calling thread. Sequences' samplers
+    // are independent: several may sample at once on different threads, once the decode's
+    // outputs are in order (any llama_get_logits call on one thread first).
     llama_token sample(llama_context * ctx, int32_t idx, std::vector<llama_token_data> & buf,
                        TokenLogprob * logprob_out);
 
@@ -73,9 +75,17 @@ private:
     SamplerPtr grammar_;    // separate: checked against one token first, see sample()
     int32_t    n_vocab_;
     int32_t    logprobs_;
+    int32_t    top_k_        = 0;      // > 0: the chain starts with top-k, see prefilter_top_k
     bool       plain_greedy_ = false;  // the chain is greedy alone: an argmax of the logits
     bool       lazy_         = false;  // grammar_ waits for a trigger pattern
 };
+
+// The first index of the largest logit (llama.cpp's greedy choice), in vectorizable passes.
+llama_token argmax(const float * logits, int32_t n);
+
+// Candidates holding at least the k largest logits (more only on ties at the k-th), in
+// vocabulary order: a top-k sampler that follows chooses among them exactly as among all.
+void prefilter_top_k(const float * logits, int32_t n, int32_t k, std::vector<llama_token_data> & out);
 
 // Empty when `grammar` parses for this vocabulary, else llama.cpp's complaint.
 std::string grammar_error(const llama_vocab * vocab, const std::string & grammar);

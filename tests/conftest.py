@@ -88,3 +88,37 @@ def gemma(gemma3_path):
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# Two greedy runs that cut a prefill differently (cached or shared prefixes, another CPU's
+# kernels) round their logits differently: near-tied tokens may swap. A broken KV reuse
+# derails a prompt from its first token instead. So: the first step's distributions agree
+# within a tolerance, and a run may leave the reference only where the reference's two best
+# tokens were near-tied. Results need logprobs >= 2.
+NEAR_TIE = 0.2
+LOGPROB_TOL = 0.15
+
+
+def agree_up_to_near_ties(got, ref, near_tie: float = NEAR_TIE, tol: float = LOGPROB_TOL) -> int:
+    """``got`` and ``ref``: Completions (or BatchResults) of the same prompts, greedy, with
+    logprobs >= 2. Returns how many are token-identical (for the caller to report, not to
+    hold to a count that depends on the CPU)."""
+    identical = 0
+    for g, r in zip(got, ref, strict=True):
+        glp, rlp = g.outputs[0].logprobs, r.outputs[0].logprobs
+        assert glp and rlp, "agree_up_to_near_ties needs logprobs"
+        mine = {t.token_id: t.logprob for t in glp[0].top}
+        theirs = {t.token_id: t.logprob for t in rlp[0].top}
+        shared = mine.keys() & theirs.keys()
+        assert shared, (g.token_ids, r.token_ids, glp[0].top, rlp[0].top)
+        for t in shared:
+            assert abs(mine[t] - theirs[t]) < tol, (t, mine[t], theirs[t], g.token_ids, r.token_ids)
+        a, b = g.token_ids, r.token_ids
+        d = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if d is None:
+            identical += len(a) == len(b)
+            continue
+        top = rlp[d].top
+        assert len(top) >= 2 and top[0].logprob - top[1].logprob < near_tie, (
+            f"left the reference at step {d} where it led by {top[0].logprob - top[1].logprob:.3f}", a, b)
+    return identical

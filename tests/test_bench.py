@@ -46,7 +46,8 @@ def _rows(doc: dict) -> dict:
 def test_bench_tiny_run_writes_json(tmp_path, smollm2_path):
     doc = _bench(tmp_path, smollm2_path, "--prompts", "2", "--max-tokens", "4", "--n-parallel", "1,2,4",
                  "--workload", "short", "--no-batched-bench")
-    assert "x loop" in doc["_stdout"] and "note: n_parallel 4 skipped" in doc["_stderr"]
+    assert "x loop" in doc["_stdout"] and "host ms/step" in doc["_stdout"]
+    assert "note: n_parallel 4 skipped" in doc["_stderr"]
     assert doc["schema"] == bench.SCHEMA
     cfg = doc["config"]
     assert cfg["prompts"] == 2 and cfg["max_tokens"] == 4 and cfg["threads"] == 1
@@ -64,6 +65,7 @@ def test_bench_tiny_run_writes_json(tmp_path, smollm2_path):
         m = r["median"]
         assert m["completion_tokens"] == 2 * 4 and m["incomplete"] == 0  # ignore_eos: every token
         assert m["wall_s"] > 0 and m["gen_tps"] > 0 and m["prompt_tps"] > 0 and m["peak_rss_mib"] > 0
+        assert 0 < m["host_ms_step"] < 1000 * m["wall_s"] / m["decode_calls"]
         assert m["e2e_tps"] == pytest.approx(m["completion_tokens"] / m["wall_s"])
         assert r["x_loop"] == pytest.approx(m["e2e_tps"] / loop["median"]["e2e_tps"])  # one round
         assert r["x_bb"] is None and len(r["rounds"]) == 1 and r["errors"] == []

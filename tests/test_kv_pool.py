@@ -13,6 +13,7 @@ from typing import List
 import pytest
 
 import parallel_gen as pg
+from conftest import agree_up_to_near_ties
 
 N_CTX = 256
 INSTRUCTION = ("You are a careful annotator. Read the review below and classify its sentiment as positive, "
@@ -56,7 +57,7 @@ def prefix_run(smollm2_path):
         shared = _shared_len(m, prompts[1], prompts[2])
         # the runner collides with the prefix 6 tokens before its end (fewer steps of contention)
         runner_tokens = cap - shared - len(m.tokenize(COUNT)) + 6
-        params = [pg.SamplingParams(max_tokens=runner_tokens, temperature=0, ignore_eos=True)] + \
+        params = [pg.SamplingParams(max_tokens=runner_tokens, temperature=0, ignore_eos=True, logprobs=2)] + \
             [pg.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)] * 2
         yield Run(m, prompts, params, pg.generate_parallel(m, prompts, params))
 
@@ -71,11 +72,11 @@ def test_the_running_sequence_wins_over_a_waiting_prefix(prefix_run):
     assert all(c.finish_reason == "length" and c.error is None for c in r)
     assert r.stats.prefix_tokens_reused > 0  # shared once the runner was done
     _assert_clean(m)
-    alone = [pg.generate_parallel(m, p, q)[0].token_ids for p, q in zip(prompts, params)]
+    alone = [pg.generate_parallel(m, p, q)[0] for p, q in zip(prompts, params)]
     # the users ran with nothing beside them; the runner's batches were split differently
-    # (a unified pool is not batch-invariant), so its start is compared
-    assert [c.token_ids for c in r[1:]] == alone[1:]
-    assert r[0].token_ids[:16] == alone[0][:16]
+    # (a unified pool is not batch-invariant), so it may leave its solo run at a near-tie
+    assert [c.token_ids for c in r[1:]] == [c.token_ids for c in alone[1:]]
+    agree_up_to_near_ties(r[:1], alone[:1])
 
 
 def test_a_running_sequence_is_not_paused_for_a_prefix_nobody_can_use_yet(prefix_run):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import parallel_gen as pg
+from conftest import agree_up_to_near_ties
 from parallel_gen.params import sample_seed
 
 INSTRUCTION = ("You are a careful annotator. Read the review below and classify its sentiment as positive, "
@@ -18,22 +19,14 @@ def _prompts(prefix=INSTRUCTION, reviews=REVIEWS):
 
 
 def _alone(model, prompts, **kw):
-    return [pg.generate_parallel(model, p, **kw)[0].token_ids for p in prompts]
-
-
-def _agree(got, ref, min_identical):
-    """Shared-prefix decoding cuts each prompt's prefill at the prefix boundary, and
-    llama.cpp's CPU kernels are not invariant to how a prefill is cut (see README,
-    "Batch invariance"), so a near-tie can flip a later greedy token. A broken KV copy
-    would derail a prompt from its first token: require the start of every prompt to
-    agree, and most prompts to agree throughout."""
-    assert all(g[:3] == r[:3] for g, r in zip(got, ref)), (got, ref)
-    assert sum(g == r for g, r in zip(got, ref)) >= min_identical, (got, ref)
+    return [pg.generate_parallel(model, p, **kw)[0] for p in prompts]
 
 
 def test_shared_prefix_decoded_once(smollm2_path):
     prompts = _prompts() * 2  # 16 prompts, 8 slots: later ones reuse the prefix too
-    kw = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    # logprobs: shared-prefix decoding cuts each prefill at the prefix boundary, which
+    # rounds differently (see agree_up_to_near_ties)
+    kw = dict(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
     # The queue-time prefix alone: with the prompt cache, the queued 8 would reuse the
     # first 8's whole prompts instead (test_prompt_cache).
     with pg.Model(smollm2_path, n_parallel=8, n_ctx=512, prompt_cache=False) as m:
@@ -44,38 +37,39 @@ def test_shared_prefix_decoded_once(smollm2_path):
         assert r.stats.prompt_tokens - r.stats.prefix_tokens_reused < n_prefix + 16 * 20
         got = [c.token_ids for c in r]
         assert got[:8] == got[8:]  # reused by the first and the queued prompts alike
-        _agree(got[:8], _alone(m, prompts[:8], **kw), min_identical=5)
+        agree_up_to_near_ties(r[:8], _alone(m, prompts[:8], **kw))
         assert [c.token_ids for c in pg.generate_parallel(m, prompts, **kw)] == got  # deterministic
     with pg.Model(smollm2_path, n_parallel=8, n_ctx=512, share_prefix=False, prompt_cache=False) as m:
         off = pg.generate_parallel(m, prompts, **kw)
         assert off.stats.prefix_tokens_reused == 0
-        _agree(got, [c.token_ids for c in off], min_identical=10)
+        agree_up_to_near_ties(r, off)
     with pg.Model(smollm2_path, n_parallel=8, n_ctx=512) as m:  # with the cache: decoded once too
-        r = pg.generate_parallel(m, prompts, **kw)
-        assert r.stats.prefix_tokens_reused + r.stats.cached_prompt_tokens >= 16 * (n_prefix - 2)
-        assert r.stats.prompt_tokens - r.stats.prefix_tokens_reused - r.stats.cached_prompt_tokens < n_prefix + 16 * 20
-        _agree([c.token_ids for c in r], got, min_identical=10)
+        again = pg.generate_parallel(m, prompts, **kw)
+        s = again.stats
+        assert s.prefix_tokens_reused + s.cached_prompt_tokens >= 16 * (n_prefix - 2)
+        assert s.prompt_tokens - s.prefix_tokens_reused - s.cached_prompt_tokens < n_prefix + 16 * 20
+        agree_up_to_near_ties(again, r)
 
 
 def test_two_prefix_groups_interleaved(smol):
     a = _prompts()[:4]
     b = _prompts(prefix="Translate the following English review into French, keeping its tone and meaning. " * 3)[:4]
     prompts = [x for pair in zip(a, b) for x in pair]
-    kw = dict(max_tokens=8, temperature=0, ignore_eos=True)
+    kw = dict(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
     r = pg.generate_parallel(smol, prompts, **kw)
     assert r.stats.prefix_tokens_reused > 0
-    _agree([c.token_ids for c in r], _alone(smol, prompts, **kw), min_identical=6)
+    agree_up_to_near_ties(r, _alone(smol, prompts, **kw))
 
 
 def test_prefix_reuse_in_a_unified_pool(smollm2_path):
     prompts = _prompts()
-    kw = dict(max_tokens=8, temperature=0, ignore_eos=True)
+    kw = dict(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
     with pg.Model(smollm2_path, n_parallel=4, n_ctx=512, kv_unified=True) as m:
         r = pg.generate_parallel(m, prompts, **kw)
         assert r.stats.prefix_tokens_reused > 0 and r.stats.failed == 0
         alone = _alone(m, prompts, **kw)
-    # unified KV is not batch-invariant in llama.cpp: compare the first tokens
-    assert [c.token_ids[:3] for c in r] == [t[:3] for t in alone]
+    # unified KV is not batch-invariant in llama.cpp either
+    agree_up_to_near_ties(r, alone)
 
 
 def test_prefix_reuse_on_sliding_window_gemma(gemma3_path):

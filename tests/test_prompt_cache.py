@@ -16,6 +16,7 @@ import time
 import pytest
 
 import parallel_gen as pg
+from conftest import agree_up_to_near_ties
 
 INSTRUCTION = ("You are a careful annotator. Read the review below and classify its sentiment as positive, "
                "negative or neutral, then explain your choice in one short sentence. ") * 3
@@ -35,17 +36,6 @@ def _engine(model, fn):
 def _kv(model):
     """(KV held beyond the cache, KV the cache holds, live sequences)."""
     return _engine(model, lambda e: (e.kv_tokens, e.cached_tokens, e.n_live))
-
-
-def _agree(got, ref, min_identical):
-    """``got`` and ``ref``: BatchResults of the same prompts, asked with logprobs >= 1."""
-    for g, r in zip(got, ref):
-        first = r.outputs[0].logprobs[0]  # the reference's first token, and what got gives it
-        theirs = {t.token_id: t.logprob for t in g.outputs[0].logprobs[0].top}
-        assert first.token_id in theirs, (g.token_ids, r.token_ids)
-        assert abs(theirs[first.token_id] - first.logprob) < 0.15, (g.token_ids, r.token_ids)
-    identical = sum(g.token_ids == r.token_ids for g, r in zip(got, ref))
-    assert identical >= min_identical, ([g.token_ids for g in got], [r.token_ids for r in ref])
 
 
 def _ids(result):
@@ -79,7 +69,7 @@ def test_a_repeated_instruction_is_decoded_once_across_calls(smollm2_path):
         ref = pg.generate_parallel(off, second, **kw)
         assert ref.stats.cached_prompt_tokens == 0 and ref.stats.prompt_cache_misses == 0
         assert _engine(off, lambda e: e.cached_tokens) == 0
-    _agree(b, ref, min_identical=3)
+    agree_up_to_near_ties(b, ref)
 
 
 def test_misses_on_unrelated_prompts(smollm2_path):
@@ -184,7 +174,7 @@ def test_eviction_under_a_small_shared_pool_before_any_pause(smollm2_path):
     """A unified KV pool (kv_size) full of cached prompts: new prompts that fit once the
     cache is gone run at once, with no pause and no error; the cache yields first."""
     long_prompts = [f"Story {i}: " + "the quick brown fox jumps over the lazy dog. " * 18 for i in range(4)]
-    kw = dict(max_tokens=8, **GREEDY)
+    kw = dict(max_tokens=8, logprobs=2, **GREEDY)
     with pg.Model(smollm2_path, n_parallel=2, n_ctx=256, kv_unified=True, kv_size=512) as m:
         cap = _engine(m, lambda e: e.kv_capacity)
         a = pg.generate_parallel(m, long_prompts[:2], **kw)
@@ -198,7 +188,7 @@ def test_eviction_under_a_small_shared_pool_before_any_pause(smollm2_path):
     with pg.Model(smollm2_path, n_parallel=2, n_ctx=256, kv_unified=True, kv_size=512, prompt_cache=False) as off:
         ref = pg.generate_parallel(off, long_prompts[2:], **kw)
         assert ref.stats.preemptions == 0
-    assert [t[:3] for t in _ids(b)] == [t[:3] for t in _ids(ref)]
+    agree_up_to_near_ties(b, ref)
 
 
 def test_pause_and_recover_with_cached_kv(smollm2_path):
@@ -208,12 +198,14 @@ def test_pause_and_recover_with_cached_kv(smollm2_path):
     with pg.Model(smollm2_path, n_parallel=2, n_ctx=256, kv_unified=True, kv_size=256) as m:
         pg.generate_parallel(m, _prompts(REVIEWS[:1]), max_tokens=8, **GREEDY)
         assert _kv(m)[1] > 0
-        r = pg.generate_parallel(m, prompts, max_tokens=200, **GREEDY)
+        kw = dict(max_tokens=200, logprobs=2, **GREEDY)
+        r = pg.generate_parallel(m, prompts, **kw)
         assert r.stats.failed == 0 and [len(c.token_ids) for c in r] == [200, 200]
         assert r.stats.prompt_cache_evictions >= 1 and r.stats.preemptions >= 1
         assert _kv(m)[0] == 0
-        alone = [pg.generate_parallel(m, p, max_tokens=200, **GREEDY)[0].token_ids for p in prompts]
-    assert [t[:16] for t in _ids(r)] == [t[:16] for t in alone]
+        alone = [pg.generate_parallel(m, p, **kw)[0] for p in prompts]
+    # a paused sequence's prefill is recomputed, cut elsewhere: equal up to near-ties
+    agree_up_to_near_ties(r, alone)
 
 
 def test_cancel_during_a_cached_admission(smollm2_path):
@@ -234,7 +226,7 @@ def test_cancel_during_a_cached_admission(smollm2_path):
             assert m.stats().active_requests == 0
         again = pg.generate_parallel(m, prompts, **kw)
         assert again.stats.failed == 0 and again.stats.prompt_cache_hits == 4
-    _agree(again, ref, min_identical=3)
+    agree_up_to_near_ties(again, ref)
 
 
 def test_n_samples_and_classify_reuse_the_cache(smollm2_path):
@@ -256,9 +248,9 @@ def test_n_samples_and_classify_reuse_the_cache(smollm2_path):
 
 
 def test_greedy_share_identical_to_no_cache(smollm2_path):
-    """The share of greedy outputs from a cached 300-token instruction that equal the
-    outputs without the cache (README reports it): a broken reuse would derail every
-    prompt from its first token."""
+    """Greedy outputs from a cached 300-token instruction leave the outputs without the
+    cache only at near-ties (which tokens are near-tied depends on the CPU's kernels): a
+    broken reuse would derail every prompt from its first token."""
     instruction = INSTRUCTION * 3
     prompts = [f"{instruction}Review: {r} ({i})\nSentiment:" for i in range(2) for r in REVIEWS]
     kw = dict(max_tokens=8, logprobs=2, **GREEDY)
@@ -268,7 +260,7 @@ def test_greedy_share_identical_to_no_cache(smollm2_path):
         assert got.stats.cached_prompt_tokens >= 16 * (len(m.tokenize(instruction)) - 2)
     with pg.Model(smollm2_path, n_parallel=8, n_ctx=512, prompt_cache=False, share_prefix=False) as off:
         ref = pg.generate_parallel(off, prompts, **kw)
-    _agree(got, ref, min_identical=9)
+    agree_up_to_near_ties(got, ref)
 
 
 def test_chat_and_file_jobs_reuse_the_cache(smollm2_path, tmp_path):

@@ -695,7 +695,9 @@ def test_pydantic_ai_agent_invoke_stream_and_structured_output(server):
         assert result.output == want.choices[0].message.content
         assert result.usage.input_tokens == want.usage.prompt_tokens
         with agent.run_stream_sync(CHAT[1]["content"]) as stream:
-            deltas = list(stream.stream_text(delta=True))
+            # debounce_by=None: every delta as it arrives (pydantic-ai groups those within its
+            # 0.1 s window by default, so a fast machine could send the whole answer in one)
+            deltas = list(stream.stream_text(delta=True, debounce_by=None))
         assert "".join(deltas) == want.choices[0].message.content and len(deltas) > 1
         structured = Agent(model, output_type=NativeOutput(City), model_settings=ModelSettings(temperature=0,
                                                                                                 max_tokens=80))

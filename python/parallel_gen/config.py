@@ -177,11 +177,12 @@ class ModelConfig:
     @property
     def kv_streams(self) -> int:
         """KV streams llama.cpp allocates with separate streams: one per slot, plus one for a
-        shared prefix and the prompt cache; in batch-invariant mode (neither) at least
-        BATCH_INVARIANT_MIN_ROWS (padding rows each take an empty stream)."""
-        if self.batch_invariant:
-            return max(self.n_parallel, BATCH_INVARIANT_MIN_ROWS)
-        return self.n_parallel + (1 if self.share_prefix or self.prompt_cache else 0)
+        shared prefix and the prompt cache below llama.cpp's sequence limit; in
+        batch-invariant mode (neither) at least BATCH_INVARIANT_MIN_ROWS (padding rows each
+        take an empty stream). The engine's rule (_core.kv_streams)."""
+        from ._native import _core
+
+        return int(_core.kv_streams(self.to_native(n_ctx=self.n_ctx or 8)))
 
     def numerics(self) -> Dict[str, Any]:
         """The settings that can change a prompt's output (not capacity: n_parallel, n_ctx,

@@ -122,6 +122,7 @@ class EngineCounters:
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
+    host_seconds: float = 0.0
 
     @classmethod
     def from_native(cls, counters: "_core.Counters") -> "EngineCounters":

@@ -263,5 +263,6 @@ def batch_stats(completions: List[Completion], c: EngineCounters, wall: float, c
         prompt_cache_hits=int(c.prompt_cache_hits),
         prompt_cache_misses=int(c.prompt_cache_misses),
         prompt_cache_evictions=int(c.prompt_cache_evictions),
+        host_seconds=c.host_seconds,
     )
 

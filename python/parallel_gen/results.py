@@ -227,6 +227,14 @@ class BatchStats:
     prompt_cache_evictions: int = 0
     """Prompt cache entries holding tokens no other KV stream held, dropped for room or
     overwritten (or reused for fewer tokens than were dropped)."""
+    host_seconds: float = 0.0
+    """Engine time outside llama_decode in the steps of the call: admission, sampling, stop
+    checks, results. Added to every decode step: on a fast GPU it decides throughput."""
+
+    @property
+    def host_ms_per_step(self) -> float:
+        """host_seconds per decode call, in milliseconds; 0 without decode calls."""
+        return 1000.0 * self.host_seconds / self.decode_calls if self.decode_calls else 0.0
 
     @property
     def prompt_cache_hit_rate(self) -> float:

@@ -135,6 +135,8 @@ class EngineStats:
     """Prompt cache lookups that found nothing to start from."""
     prompt_cache_evictions: int = 0
     """Prompt cache entries dropped for room, or overwritten, since the Model was opened."""
+    host_seconds: float = 0.0
+    """Engine time outside llama_decode since the Model was opened (BatchStats.host_seconds)."""
 
     @property
     def prompt_cache_hit_rate(self) -> float:
@@ -223,7 +225,7 @@ class EngineRunner:
                            decode_calls=int(t.decode_calls), kv_tokens=s.kv_tokens,
                            kv_tokens_cached=s.kv_tokens_cached, cached_prompt_tokens=int(t.cached_prompt_tokens),
                            prompt_cache_hits=int(t.prompt_cache_hits), prompt_cache_misses=int(t.prompt_cache_misses),
-                           prompt_cache_evictions=int(t.prompt_cache_evictions))
+                           prompt_cache_evictions=int(t.prompt_cache_evictions), host_seconds=t.host_seconds)
 
     def stop(self) -> None:
         """Cancels everything, ends the thread and waits for it. Idempotent."""

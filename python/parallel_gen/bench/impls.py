@@ -190,6 +190,7 @@ class _OnModel(Implementation):
             rates = dict(gen_tps=st.generation_tokens_per_second or None,
                          prompt_tps=st.prompt_tokens_per_second or None, prompt_s=st.prompt_seconds,
                          gen_s=st.generation_seconds, decode_calls=st.decode_calls,
+                         host_ms_step=st.host_ms_per_step,
                          prefix_tokens_reused=st.prefix_tokens_reused, sequence_moves=st.sequence_moves)
         else:  # concurrent calls share decode steps: their per-call figures overlap
             rates = {}

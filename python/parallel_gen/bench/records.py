@@ -26,6 +26,8 @@ class Measurement:
     incomplete: int = 0
     """Outputs that ended before their max_tokens although the variant expects full length."""
     decode_calls: Optional[int] = None
+    host_ms_step: Optional[float] = None
+    """Engine time outside llama_decode per decode call (BatchStats.host_ms_per_step)."""
     failed: Optional[int] = None
     prefix_tokens_reused: Optional[int] = None
     sequence_moves: Optional[int] = None
@@ -38,7 +40,7 @@ class Measurement:
 
 
 METRICS = ("wall_s", "gen_tps", "prompt_tps", "e2e_tps", "prompt_s", "gen_s", "peak_rss_mib", "prompt_tokens",
-           "completion_tokens", "incomplete", "decode_calls", "prefix_tokens_reused", "sequence_moves",
+           "completion_tokens", "incomplete", "decode_calls", "host_ms_step", "prefix_tokens_reused", "sequence_moves",
            "complete", "passed_check")
 
 

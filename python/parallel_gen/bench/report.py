@@ -118,15 +118,15 @@ def fmt(v: Optional[float], spec: str) -> str:
 
 
 def format_table(rows: List[Row]) -> str:
-    head = ("workload", "variant", "impl", "B", "gen t/s", "prompt t/s", "e2e t/s", "wall s", "peak RSS MiB",
-            "x loop", "x bb")
+    head = ("workload", "variant", "impl", "B", "gen t/s", "prompt t/s", "e2e t/s", "wall s", "host ms/step",
+            "peak RSS MiB", "x loop", "x bb")
     cells = [head]
     for r in rows:
         m = r.median
         cells.append((
             r.workload, r.variant, r.impl, "-" if r.n_parallel is None else str(r.n_parallel),
             fmt(m["gen_tps"], ".1f"), fmt(m["prompt_tps"], ".1f"), fmt(m["e2e_tps"], ".1f"),
-            fmt(m["wall_s"], ".2f"), fmt(m["peak_rss_mib"], ".0f"), fmt(r.x_loop, ".2f"),
+            fmt(m["wall_s"], ".2f"), fmt(m["host_ms_step"], ".1f"), fmt(m["peak_rss_mib"], ".0f"), fmt(r.x_loop, ".2f"),
             fmt(r.x_bb, ".2f") + (" !" if r.errors else ""),
         ))
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
