@@ -64,7 +64,11 @@ def code_blocks(path: Path) -> List[Block]:
 
 
 def markers(path: Path) -> List[int]:
-    return [n + 1 for n, l in enumerate(path.read_text(encoding="utf-8").split("\n")) if MARKER.match(l.strip())]
+    """Lines holding an illustrative marker, outside code blocks (an example of a marker
+    inside a fence is text, not a marker)."""
+    inside = {b.line + k for b in code_blocks(path) for k in range(b.code.count("\n") + 2)}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return [n + 1 for n, l in enumerate(lines) if n + 1 not in inside and MARKER.match(l.strip())]
 
 
 ALL_BLOCKS = [b for f in DOC_FILES for b in code_blocks(f)]
