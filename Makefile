@@ -34,10 +34,13 @@ test-r:
 	fi
 
 # The documentation site (mkdocs.yml, docs/) into $(DOCS_SITE), strict: a warning (a broken
-# link, a page missing from nav, a docstring mkdocstrings cannot read) is an error.
+# link, a page missing from nav, a docstring mkdocstrings cannot read) is an error. The
+# docs extra's packages only (pip install '.[docs]' would rebuild the C++ extension);
+# mkdocstrings reads python/ statically.
 DOCS_SITE ?= build/site
 docs: $(PY)
-	$(PY) -m pip install '.[docs]'
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['docs']))" > $(VENV)/docs-requirements.txt
+	$(PY) -m pip install -r $(VENV)/docs-requirements.txt
 	$(VENV)/bin/mkdocs build --strict -d $(DOCS_SITE)
 
 demo: $(PY)
