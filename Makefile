@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup test test-r demo clean
+.PHONY: setup test test-r demo docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ test-r:
 	else \
 		echo "notice: Rscript not found: skipping the R tests (r/). Install r-base-core r-cran-reticulate r-cran-testthat r-cran-roxygen2 to run them; PG_REQUIRE_R=1 makes this an error."; \
 	fi
+
+# The documentation site (mkdocs.yml, docs/) into $(DOCS_SITE), strict: a warning (a broken
+# link, a page missing from nav, a docstring mkdocstrings cannot read) is an error. The
+# docs extra's packages only (pip install '.[docs]' would rebuild the C++ extension);
+# mkdocstrings reads python/ statically.
+DOCS_SITE ?= build/site
+docs: $(PY)
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['docs']))" > $(VENV)/docs-requirements.txt
+	$(PY) -m pip install -r $(VENV)/docs-requirements.txt
+	$(VENV)/bin/mkdocs build --strict -d $(DOCS_SITE)
 
 demo: $(PY)
 	$(PY) -m pip install .
