@@ -36,9 +36,9 @@ def as_key(name, **limits):
     return {"name": name, "key": KEYS[name], **limits}
 
 
-def http(server, name=None, key=None):
+def http(server, name=None, key=None, timeout=120):
     key = key or KEYS[name]
-    return httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {key}"})
+    return httpx.Client(base_url=server.url, timeout=timeout, headers={"Authorization": f"Bearer {key}"})
 
 
 def ask(c, **kw):
@@ -241,7 +241,7 @@ def _flood_then_one(server, n_parallel):
         # most of their sequences waiting.
         assert _wait(lambda: server.metric("parallel_gen_key_sequences_in_flight", '{key="alice"}') == 200 and
                      server.metric("parallel_gen_sequences_waiting") >= 150)
-        with http(server, "bob") as c:
+        with http(server, "bob", timeout=600) as c:  # first come: behind some 40 of A's (a hang guard)
             r = ask(c, max_tokens=12, ignore_eos=True)
         with lock:
             before = len(finished_a)
@@ -263,6 +263,7 @@ def test_fair_admission_across_keys(smollm2_path, tmp_path, fair):
         before = _flood_then_one(s, 4)
     finally:
         s.stop()
+    print(f"fair={fair}: {before} of A's sequences finished before B's one")
     # Fair: B's sequence takes the next free slot, so it ends after at most the 4 of A's
     # running when it came and the 3 beside it; first come: behind a turn of each of A's
     # 25 requests and the engine's queue.
@@ -323,7 +324,11 @@ def test_redis_result_cache_in_process_and_redis_down(smol, redis_server, caplog
         assert cache.counts.hits == {"memory": 0, "redis": 2}
         pg.generate_parallel(smol, prompts, pg.SamplingParams(max_tokens=8, temperature=0), cache=cache)
         assert cache.counts.hits == {"memory": 2, "redis": 2}
-        assert 0 < redis_server.client.ttl(redis_server.client.keys("parallel_gen:result:*")[0]) <= 600
+        untimed = set(redis_server.client.keys("parallel_gen:result:*"))
+        assert all(redis_server.client.ttl(k) == -1 for k in untimed)  # written by a cache without ttl
+        pg.generate_parallel(smol, ["Hello"], pg.SamplingParams(max_tokens=2, temperature=0), cache=cache)
+        (new,) = set(redis_server.client.keys("parallel_gen:result:*")) - untimed
+        assert 0 < redis_server.client.ttl(new) <= 600
         redis_server.kill()
         caplog.set_level(logging.WARNING, "parallel_gen")
         for _ in range(3):  # uncached, answered, one warning
