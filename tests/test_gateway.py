@@ -9,6 +9,7 @@ import concurrent.futures
 import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -68,7 +69,7 @@ def test_keys_file_is_checked_and_names_what_is_wrong(tmp_path, smollm2_path):
             KeyTable.parse(data)
     # At startup: a clear error naming the field, exit status 2, no traceback.
     path = keys_file(tmp_path / "keys.json", [{**as_key("alice"), "rpm_limit": 3}])
-    env = {**__import__("os").environ, "PYTHONPATH": PYTHON_DIR}
+    env = {**os.environ, "PYTHONPATH": PYTHON_DIR}
     r = subprocess.run([sys.executable, "-m", "parallel_gen", "serve", "-m", str(smollm2_path), "--port", "0",
                         "--api-keys", str(path)], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0 and "rpm_limit" in r.stderr and "Traceback" not in r.stderr, r.stderr

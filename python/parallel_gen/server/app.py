@@ -33,9 +33,9 @@ from .gateway import Gateway
 from .keys import KeyTable
 from .metrics import Metrics
 from .middleware import BodyLimit, OpenRequestLimit, RequestId, add_cors
-from .result_cache import CachePlan, CallCache
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, PromptTokensDetails, Usage
 from .responses_protocol import FIELDS_FROM_CHAT, ResponsesRequest
+from .result_cache import CachePlan, CallCache
 from .service import Choice, ClientGone, Call, Service, failed_choice
 from .settings import ServerSettings
 from .shapes import ChatShape, CompletionShape, ResponsesShape, Shape
@@ -282,17 +282,19 @@ async def _admit(svc: Service, call: Call, request: Request) -> Tuple[Callable[[
         let_key_go = await gateway.admit(key, call.sequences, svc.model.n_parallel)
         if call.stream is not None:
             call.stream.share = gateway.share(key)
-    try:
-        let_call_go = svc.admit(call)
-    except BaseException:
-        let_key_go()
-        raise
-    cache: Optional[CallCache] = request.app.state.result_cache
-    plan = await cache.lookup(call) if cache is not None else None
+    let_call_go: Callable[[], None] = lambda: None  # noqa: E731
 
     def release() -> None:
         let_call_go()
         let_key_go()
+
+    try:
+        let_call_go = svc.admit(call)
+        cache: Optional[CallCache] = request.app.state.result_cache
+        plan = await cache.lookup(call) if cache is not None else None
+    except BaseException:
+        release()
+        raise
 
     return release, plan
 
