@@ -387,3 +387,34 @@ def test_two_servers_share_results_and_limits_through_redis(smollm2_path, tmp_pa
     finally:
         one.stop()
         two.stop()
+
+
+def test_weighted_turns_in_the_runner(smollm2_path):
+    """The runner's turns by Share: with one slot, keys of weight 3 and 1 with work waiting
+    get their sequences admitted 3 to 1, whoever sent more requests (counted in the order
+    sequences finish: with one slot, the order they were admitted)."""
+    from parallel_gen.client import Client
+    from parallel_gen.events import RequestDone, SequenceFinished
+    from parallel_gen.inputs import param_list, prepare_all, prompt_items
+    from parallel_gen.runner import Share
+
+    def items(m, n, max_tokens):
+        texts = [f"Item {i}:" for i in range(n)]
+        params = param_list(pg.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), {}, n)
+        return [it for i, (p, s) in enumerate(zip(prepare_all(m, texts), params))
+                for it in prompt_items(m, i, p, s)[0]]
+
+    with pg.Model(smollm2_path, n_parallel=1, n_ctx=256, n_threads=2) as m, Client(m) as c:
+        blocker = c.submit(items(m, 1, 60))  # holds the slot while the others queue up
+        heavy = c.submit(items(m, 12, 2), share=Share("heavy", 3))
+        light = [c.submit(items(m, 4, 2), share=Share("light", 1)) for _ in range(3)]  # more requests
+        order, done = [], 0
+        while done < 5:
+            ev = c.next()
+            if isinstance(ev.event, SequenceFinished) and ev.request is not blocker:
+                order.append("heavy" if ev.request is heavy else "light")
+            elif isinstance(ev.event, RequestDone):
+                done += 1
+    assert len(order) == 24
+    assert order[:8].count("heavy") == 6, order  # 3 to 1 while both wait
+    assert order[-6:].count("light") == 6, order  # light's rest, once heavy has none
