@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 import diskcache
 
+from .cache_redis import CacheCounts, RedisStore, is_redis_url
 from .results import Completion
 
 if TYPE_CHECKING:
@@ -54,12 +55,32 @@ class ResultCache:
     ``path``: a directory for the diskcache database. A corrupted database is moved
     aside (renamed ``<path>.corrupt-<time>``) and a fresh one started; an unreadable entry
     counts as a miss.
+
+    Or a Redis URL (``redis://host:6379/0``, ``rediss://``, ``unix://``): entries shared by
+    every process using that Redis, kept ``ttl`` seconds (None: until Redis evicts them),
+    with the last ``memory_entries`` also in this process (see :mod:`.cache_redis`). A
+    Redis that is down or slow makes lookups misses, never errors.
     """
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Union[str, "os.PathLike[str]"], ttl: Optional[float] = None,
+                 memory_entries: int = 1024) -> None:
         self._fingerprints: Dict[str, str] = {}
+        self._remote: Optional["RedisStore"] = None
+        if is_redis_url(path):
+            self.path = Path()
+            self.url: Optional[str] = str(path)
+            self._remote = RedisStore(str(path), ttl=ttl, memory_entries=memory_entries)
+            return
+        if ttl is not None:
+            raise ValueError("ResultCache ttl= is for a Redis cache; a directory cache keeps entries until removed")
+        self.url = None
+        self.path = Path(path)
         self._db = self._open()
+
+    @property
+    def counts(self) -> Optional["CacheCounts"]:
+        """Lookups by level of a Redis cache (None for a directory cache)."""
+        return self._remote.counts if self._remote is not None else None
 
     def _open(self) -> diskcache.Cache:
         try:
@@ -73,7 +94,10 @@ class ResultCache:
             return diskcache.Cache(str(self.path))
 
     def close(self) -> None:
-        self._db.close()
+        if self._remote is not None:
+            self._remote.close()
+        else:
+            self._db.close()
 
     def __enter__(self) -> "ResultCache":
         return self
@@ -82,7 +106,7 @@ class ResultCache:
         self.close()
 
     def __len__(self) -> int:
-        return len(self._db)
+        return len(self._remote) if self._remote is not None else len(self._db)
 
     def key(self, model: "Model", prompt: str, params: "SamplingParams") -> str:
         fp = self._fingerprints.get(model.path)
@@ -100,16 +124,21 @@ class ResultCache:
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def get(self, key: str) -> Optional[Completion]:
+        store = self._remote if self._remote is not None else self._db
         try:
-            raw = self._db.get(key)
+            raw = store.get(key)
             return None if raw is None else Completion.from_dict(json.loads(raw))
         except Exception as e:  # a damaged entry: a miss, and drop it
-            logger.warning("result cache %s: unreadable entry dropped (%s)", self.path, e)
-            self._db.delete(key)
+            logger.warning("result cache %s: unreadable entry dropped (%s)", self.url or self.path, e)
+            store.delete(key)
             return None
 
     def put(self, key: str, completion: Completion) -> None:
-        self._db.set(key, json.dumps(completion.to_dict()))
+        raw = json.dumps(completion.to_dict())
+        if self._remote is not None:
+            self._remote.put(key, raw)
+        else:
+            self._db.set(key, raw)
 
 
 def open_cache(cache: Union[None, str, "os.PathLike[str]", ResultCache]) -> Optional[ResultCache]:

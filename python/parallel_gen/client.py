@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional
 from ._native import _core
 from .errors import EngineFailedError, GenerationError, ModelClosedError, RequestCancelledError
 from .events import Cancelled, Closed, EngineEvent, EngineFailed, Fatal, RequestDone
-from .runner import EngineRunner, Item, Request
+from .runner import EngineRunner, Item, Request, Share
 
 # Waiting for an event wakes this often, so a thread blocked in next() sees Ctrl-C.
 _POLL_SECONDS = 0.1
@@ -80,10 +80,10 @@ class _Base:
         """Requests submitted and not ended."""
         return len(self._open)
 
-    def _new(self, items: Iterable[Item], stream: bool, ticks: bool, sink: Any) -> Request:
+    def _new(self, items: Iterable[Item], stream: bool, ticks: bool, sink: Any, share: Optional[Share]) -> Request:
         self._submitted += 1
         name = self.name if self._submitted == 1 else f"{self.name}/{self._submitted}"
-        req = Request(name, collections.deque(items), sink, stream=stream, ticks=ticks)
+        req = Request(name, collections.deque(items), sink, stream=stream, ticks=ticks, share=share)
         self._open[req.id] = req
         return req
 
@@ -107,14 +107,16 @@ class Client(_Base):
         super().__init__(model, name)
         self._queue: "queue.SimpleQueue[Routed]" = queue.SimpleQueue()
 
-    def submit(self, items: Iterable[Item], *, stream: bool = False, ticks: bool = False) -> Request:
+    def submit(self, items: Iterable[Item], *, stream: bool = False, ticks: bool = False,
+               share: Optional[Share] = None) -> Request:
         """Queues one request of ``items``; ``stream``: deltas as tokens arrive; ``ticks``:
-        a Progress event after every engine step (progress bars)."""
+        a Progress event after every engine step (progress bars); ``share``: its group for
+        fair turns (the server's API key)."""
         # An idle OpenMP team left on this thread (say by a llama_cpp.Llama used here) would
         # slow the engine thread's own: free it (see csrc/bindings.cpp).
         _core.release_caller_openmp_threads()
         holder: List[Request] = []
-        req = self._new(items, stream, ticks, lambda event: self._queue.put(Routed(holder[0], event)))
+        req = self._new(items, stream, ticks, lambda event: self._queue.put(Routed(holder[0], event)), share)
         holder.append(req)
         self._runner.submit(req)
         return req
@@ -159,7 +161,8 @@ class AsyncClient(_Base):
         super().__init__(model, name)
         self._queue: Optional["asyncio.Queue[Routed]"] = None
 
-    def submit(self, items: Iterable[Item], *, stream: bool = False, ticks: bool = False) -> Request:
+    def submit(self, items: Iterable[Item], *, stream: bool = False, ticks: bool = False,
+               share: Optional[Share] = None) -> Request:
         loop = asyncio.get_running_loop()
         if self._queue is None:
             self._queue = asyncio.Queue()
@@ -173,7 +176,7 @@ class AsyncClient(_Base):
                 pass
 
         _core.release_caller_openmp_threads()
-        req = self._new(items, stream, ticks, sink)
+        req = self._new(items, stream, ticks, sink, share)
         holder.append(req)
         self._runner.submit(req)
         return req

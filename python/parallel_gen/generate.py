@@ -46,7 +46,8 @@ def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None,
         progress: a tqdm bar on stderr (finished prompts, generated tokens/s); None shows
             it only when stderr is a terminal and tqdm is installed.
         request_id: a name for this call in log lines (default: a random id).
-        cache: a directory (or a :class:`ResultCache`) caching the results of
+        cache: a directory, a Redis URL (``redis://host:6379/0``, shared by every process
+            using it) or a :class:`ResultCache`, caching the results of
             deterministic prompts (greedy, or an explicit seed): a repeated prompt with the
             same parameters on the same model file is answered without decoding.
         **overrides: any SamplingParams field, applied on top of ``params``.

@@ -10,6 +10,12 @@ Fairness: requests feed the engine's queue round-robin, one sequence at a time, 
 queue is kept short (two sequences per slot). A caller submitting 10,000 prompts
 therefore cannot push another caller's 4 prompts behind all of its own: they join the
 batch as soon as slots free, in turn with the big request's.
+
+Requests may carry a :class:`Share` (the server's API key name and weight): turns then go
+to groups first (weighted, stride scheduling), so one key sending many requests gets its
+weight's share of the slots, not one turn per request; and the engine's queue, which is
+first come first served, holds only what the free slots take now, so another key's
+sequence is never behind a queue of this one's.
 """
 
 from __future__ import annotations
@@ -54,6 +60,14 @@ class Item:
         return native
 
 
+@dataclass(frozen=True)
+class Share:
+    """Whose sequences these are, for fair turns across groups (see the module doc)."""
+
+    group: str
+    weight: int = 1
+
+
 @dataclass(eq=False)
 class Request:
     """One call's sequences on their way through the engine."""
@@ -64,6 +78,7 @@ class Request:
     stream: bool = False
     ticks: bool = False
     """Send a Progress event after every engine step."""
+    share: Optional[Share] = None
     id: int = field(default_factory=lambda: next(_ids))
     remaining: int = 0  # sequences not finished yet (queued here or in the engine)
     started: float = field(default_factory=time.perf_counter)
@@ -176,6 +191,8 @@ class EngineRunner:
         self._commands: "queue.SimpleQueue[_Command]" = queue.SimpleQueue()
         self._requests: Dict[int, Request] = {}
         self._turns: Deque[Request] = collections.deque()  # requests with items to feed
+        self._passes: Dict[str, float] = {}  # per Share group: its place in the weighted turns
+        self._vtime = 0.0  # the pass of the group served last
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
         self._stopped = False
@@ -361,13 +378,39 @@ class EngineRunner:
         self._engine.cancel_request(req.id)  # type: ignore[union-attr]
 
     def _feed(self) -> None:
-        """Round-robin over requests, one sequence each, until the engine's queue is full."""
+        """Round-robin over requests (over Share groups first), one sequence each, until the
+        engine's queue is full."""
         engine = self._engine
-        while self._turns and engine.n_waiting < self._feed_target:  # type: ignore[union-attr]
-            req = self._turns.popleft()
+        shared = any(r.share is not None for r in self._turns)
+        while self._turns:
+            if shared:  # only what free slots take now (see the module doc)
+                if engine.n_waiting >= self._n_parallel - engine.n_live:  # type: ignore[union-attr]
+                    break
+                req = self._next_shared()
+            elif engine.n_waiting < self._feed_target:  # type: ignore[union-attr]
+                req = self._turns.popleft()
+            else:
+                break
             engine.submit(req.items.popleft().to_native(req.id, req.stream))  # type: ignore[union-attr]
             if req.items:
                 self._turns.append(req)
+
+    def _next_shared(self) -> Request:
+        """The next request by weighted turns across groups (stride scheduling: a group's pass
+        grows by 1/weight per sequence; the smallest pass goes next; a group that was idle
+        starts at the current pass, so it gets no burst for the time it waited for nothing).
+        Within a group, its requests take turns in order. Requests without a Share form one
+        group of weight 1."""
+        first: Dict[str, Request] = {}
+        for r in self._turns:
+            g = r.share.group if r.share is not None else ""
+            first.setdefault(g, r)
+        group = min(first, key=lambda g: max(self._passes.get(g, 0.0), self._vtime))
+        req = first[group]
+        self._turns.remove(req)
+        self._vtime = max(self._passes.get(group, 0.0), self._vtime)
+        self._passes[group] = self._vtime + 1.0 / (req.share.weight if req.share is not None else 1)
+        return req
 
     def _step(self) -> None:
         engine = self._engine

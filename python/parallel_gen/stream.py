@@ -20,7 +20,7 @@ from .inputs import Params, PreparedPrompt, Prompts, check_params_against, param
 from .model import Model
 from .params import SamplingParams
 from .results import TokenLogprobs
-from .runner import Item
+from .runner import Item, Share
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,8 @@ class AsyncStreamIterator(AsyncIterator[StreamEvent]):
         self._owned = owned
         self._client = AsyncClient(state.model, request_id)
         self._started = False
+        self.share: Optional[Share] = None
+        """Set before the first iteration: the group whose fair turns these sequences take."""
 
     def __aiter__(self) -> "AsyncStreamIterator":
         return self
@@ -156,7 +158,7 @@ class AsyncStreamIterator(AsyncIterator[StreamEvent]):
         st = self._state
         if not self._started:
             self._started = True  # submitted on first use, inside the running loop
-            self._client.submit(st.items, stream=True)
+            self._client.submit(st.items, stream=True, share=self.share)
         while not st.ready:
             if st.done:
                 await self.aclose()

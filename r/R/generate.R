@@ -28,6 +28,10 @@
 #'   string is not included in the text).
 #' @param progress show a progress bar (on stderr) while generating, when the Python
 #'   package tqdm is installed (a missing tqdm is said once per session).
+#' @param cache `NULL` (no result cache), a directory, or a Redis URL
+#'   (`"redis://host:6379/0"`, shared by every process using it): deterministic prompts
+#'   (greedy, or with a `seed`) answered before are answered from it without decoding
+#'   (`pg_stats()$cache_hits` counts them).
 #' @return A data.frame with one row per prompt, in prompt order:
 #'   \describe{
 #'     \item{prompt}{the prompt.}
@@ -63,11 +67,12 @@
 #' }
 #' @export
 pg_generate <- function(model, prompts, max_tokens = 128L, temperature = 0.8, ...,
-                        seed = NULL, stop = NULL, progress = interactive()) {
+                        seed = NULL, stop = NULL, progress = interactive(), cache = NULL) {
   model <- .check_model(model)
   prompts <- .check_strings(prompts, "prompts")
   .check_flag(progress, "progress")
   kwargs <- .sampling_kwargs(max_tokens, temperature, seed, stop, list(...))
+  if (!is.null(cache)) kwargs$cache <- .check_string(cache, "cache")
   .run("generate_parallel", model, as.list(prompts), kwargs, progress, prompts)
 }
 

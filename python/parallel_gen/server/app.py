@@ -10,28 +10,32 @@ ids, limits and CORS.
 from __future__ import annotations
 
 import enum
-import hmac
 import logging
 import os
 import threading
 import time
 import weakref
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Union
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple, Union
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from ..cache import ResultCache
+from ..cache_redis import is_redis_url
 from ..errors import GenerationError
 from ..model import Model
 from ..runner import EngineStats
 from .errors import APIError, install_handlers
+from .gateway import Gateway
+from .keys import KeyTable
 from .metrics import Metrics
 from .middleware import BodyLimit, OpenRequestLimit, RequestId, add_cors
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, PromptTokensDetails, Usage
 from .responses_protocol import FIELDS_FROM_CHAT, ResponsesRequest
+from .result_cache import CachePlan, CallCache
 from .service import Choice, ClientGone, Call, Service, failed_choice
 from .settings import ServerSettings
 from .shapes import ChatShape, CompletionShape, ResponsesShape, Shape
@@ -94,10 +98,26 @@ def create_app(model: ModelSource, *, close_model: Optional[bool] = None, **sett
         return None if m is None or m.closed else m.stats()
 
     metrics = Metrics(stats)
+    gateway: Optional[Gateway] = None
+    if config.api_keys is not None or config.api_key is not None:
+        keys = config.api_keys if config.api_keys is not None else KeyTable.single(config.api_key)  # type: ignore
+        gateway = Gateway(keys, metrics.registry, max_queue=config.max_queue, retry_after=config.retry_after,
+                          fair=config.fair_admission,
+                          redis_url=config.result_cache if is_redis_url(config.result_cache) else None)
 
     def install(m: Model) -> None:
         holder["model"] = m
-        life.service = Service(m, config, metrics)
+        service = Service(m, config, metrics)
+        if gateway is not None:
+            # Each key has its own queue bound (Gateway.admit): the server's is their sum, so
+            # it never refuses a key that is within its own.
+            def bound() -> None:
+                service.capacity = m.n_parallel + config.max_queue * len(gateway.table.keys)  # type: ignore
+            bound()
+            gateway.on_reload = bound
+        if config.result_cache is not None:
+            app.state.result_cache = CallCache(ResultCache(config.result_cache), m, metrics.registry)
+        life.service = service
         life.phase = Phase.READY
         logger.info("serving %s as %s: n_parallel=%d, n_ctx=%d, max_queue=%d", m.path, ", ".join(map(repr, names())),
                     m.n_parallel, m.n_ctx, config.max_queue)
@@ -127,6 +147,10 @@ def create_app(model: ModelSource, *, close_model: Optional[bool] = None, **sett
             threading.Thread(target=load, name="parallel_gen-load", daemon=True).start()
         yield
         life.shutting_down()
+        if app.state.result_cache is not None:
+            app.state.result_cache.close()
+        if gateway is not None:
+            gateway.close()
         m = holder.get("model")
         if owns and m is not None:
             m.close()  # cancels whatever is still running
@@ -134,26 +158,22 @@ def create_app(model: ModelSource, *, close_model: Optional[bool] = None, **sett
     app = FastAPI(title="parallel_gen", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lifecycle = life
     app.state.metrics = metrics
+    app.state.gateway = gateway
+    app.state.result_cache = None  # a CallCache once the model is loaded, with --result-cache
     install_handlers(app, metrics)
     app.add_middleware(BodyLimit, max_body=config.max_body)
     app.add_middleware(OpenRequestLimit, limit=config.max_open_requests)
     if config.allowed_origins:
         # Outside the limits and the key check: a preflight carries no key and must be answered.
         add_cors(app, config.allowed_origins)
-        if "*" in config.allowed_origins and config.api_key is None:
+        if "*" in config.allowed_origins and gateway is None:
             logger.warning("CORS allows every origin and there is no API key: any web page a user of this "
                            "machine opens can use this server")
     app.add_middleware(RequestId)
 
     def check_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, given = auth.partition(" ")
-        # compare_digest: the time taken must not tell how much of a guess was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), config.api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+        if gateway is not None:
+            gateway.authenticate(request)
 
     def unknown_model(name: str) -> APIError:
         return APIError(404, f"model {name!r} does not exist; this server serves {', '.join(map(repr, names()))}",
@@ -226,9 +246,9 @@ def _include_usage(body: Any) -> bool:
 async def _respond(svc: Service, call: Call, request: Request, stream: bool, shape: Shape) -> Any:
     logger.info("request %s: %s, %d prompts x n=%d, %s", call.id, call.endpoint, len(call.prompts), call.n,
                 "streaming" if stream else "whole")
-    release = svc.admit(call)  # 429 here, before any byte of the response
+    release, plan = await _admit(svc, call, request)  # 429 here, before any byte of the response
     if stream:
-        events = _sse(svc, call, shape, release)
+        events = _sse(svc, call, shape, release, request, plan)
         # A client that leaves before the first event means the generator never starts, and
         # so never reaches its `finally`: release the admission when it is collected too.
         weakref.finalize(events, release)
@@ -249,10 +269,50 @@ async def _respond(svc: Service, call: Call, request: Request, stream: bool, sha
         raise APIError(500, f"the engine failed: {e}; the server keeps serving", code="engine_failure") from None
     finally:
         release()
-        svc.finish(call, status)
+        _finish(svc, call, status, request, plan)
 
 
-async def _sse(svc: Service, call: Call, shape: Shape, release: Callable[[], None]) -> AsyncIterator[ServerSentEvent]:
+async def _admit(svc: Service, call: Call, request: Request) -> Tuple[Callable[[], None], Optional[CachePlan]]:
+    """Admission: the caller's key's limits and queue (a keyed server), the server's queue,
+    then the result cache (a call it answers whole never reaches the engine)."""
+    gateway: Optional[Gateway] = request.app.state.gateway
+    key = getattr(request.state, "api_key", None)
+    let_key_go: Callable[[], None] = lambda: None  # noqa: E731
+    if gateway is not None and key is not None:
+        let_key_go = await gateway.admit(key, call.sequences, svc.model.n_parallel)
+        if call.stream is not None:
+            call.stream.share = gateway.share(key)
+    let_call_go: Callable[[], None] = lambda: None  # noqa: E731
+
+    def release() -> None:
+        let_call_go()
+        let_key_go()
+
+    try:
+        let_call_go = svc.admit(call)
+        cache: Optional[CallCache] = request.app.state.result_cache
+        plan = await cache.lookup(call) if cache is not None else None
+    except BaseException:
+        release()
+        raise
+
+    return release, plan
+
+
+def _finish(svc: Service, call: Call, status: int, request: Request, plan: Optional[CachePlan]) -> None:
+    svc.finish(call, status)
+    cache: Optional[CallCache] = request.app.state.result_cache
+    if status == 200 and cache is not None:
+        cache.store(call, plan)
+    gateway: Optional[Gateway] = request.app.state.gateway
+    key = getattr(request.state, "api_key", None)
+    if gateway is not None and key is not None:
+        wait = call.first_token_at - call.started if call.first_token_at is not None else None
+        gateway.finished(key, call.usage_prompt_tokens, call.usage_completion_tokens, wait)
+
+
+async def _sse(svc: Service, call: Call, shape: Shape, release: Callable[[], None], request: Request,
+               plan: Optional[CachePlan]) -> AsyncIterator[ServerSentEvent]:
     status = 200
     try:
         for event in shape.opening(call):
@@ -279,7 +339,7 @@ async def _sse(svc: Service, call: Call, shape: Shape, release: Callable[[], Non
         raise
     finally:
         release()
-        svc.finish(call, status)
+        _finish(svc, call, status, request, plan)
 
 
 def _choices(call: Call) -> List[Choice]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Any, Optional
 
@@ -42,6 +43,16 @@ def add_parser(sub: Any) -> None:
     k.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (visible in ps: prefer "
                                                     "--api-key-file or PARALLEL_GEN_API_KEY)")
     k.add_argument("--api-key-file", metavar="FILE", help="read the API key from FILE (first line)")
+    k.add_argument("--api-keys", metavar="FILE",
+                   help="several keys with names and limits, JSON: {\"keys\": [{\"name\": ..., \"key\" or "
+                        "\"sha256\": ..., \"rpm\", \"tpm\", \"max_concurrent\", \"weight\": ...}]}; each key "
+                        "has its own queue of --max-queue; reloaded on SIGHUP")
+    s.add_argument("--no-fair-admission", dest="fair_admission", action="store_false",
+                   help="with --api-keys: admit waiting sequences in turns across requests, not across keys")
+    s.add_argument("--result-cache", metavar="DIR_OR_URL",
+                   help="answer repeated deterministic (greedy or seeded) requests from a result cache: a "
+                        "directory, or redis://host:port/db (shared by servers; also holds the keys' rpm/tpm "
+                        "counters)")
     s.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, seconds to let running requests finish before cancelling (default: 10)")
     add_chat_template_options(s, implies_chat=False)
@@ -82,17 +93,21 @@ def run(args: argparse.Namespace) -> int:
     path = args.model or default_model_path()
     if not os.path.exists(path):
         raise FileNotFoundError(2, "model file not found", path)
-    key = _api_key(args)
+    key = None if args.api_keys else _api_key(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: reachable from other machines%s", args.host,
-                       "" if key else ", with no API key (--api-key-file)")
+                       "" if key or args.api_keys else ", with no API key (--api-key-file)")
     app = create_app(lambda: Model(path, **kwargs), served_model_names=args.served_model_name,
                      strict_model_name=args.strict_model_name, allowed_origins=args.allowed_origins,
                      max_queue=args.max_queue,
                      max_n=args.max_n, max_prompts=args.max_prompts, max_body=args.max_body,
                      max_open_requests=args.max_open_requests,
-                     api_key=key, chat_template=chat_template_arg(args), shutdown_grace=args.grace)
+                     api_key=key, api_keys=args.api_keys, fair_admission=args.fair_admission,
+                     result_cache=args.result_cache, chat_template=chat_template_arg(args), shutdown_grace=args.grace)
     life = app.state.lifecycle
+    if args.api_keys:
+        # Reads the file again without stopping: requests in flight keep their admission.
+        signal.signal(signal.SIGHUP, lambda *_: app.state.gateway.reload())
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
                             # a little longer than the streams' grace, so they end first
                             timeout_graceful_shutdown=args.grace + 1, access_log=bool(args.verbose))

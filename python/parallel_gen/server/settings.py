@@ -44,7 +44,20 @@ class ServerSettings:
     """Largest request body in bytes; a larger one gets 413 before it is parsed."""
 
     api_key: Optional[str] = None
-    """When set, every route but ``/health`` needs ``Authorization: Bearer <key>``."""
+    """When set, every route but ``/health`` needs ``Authorization: Bearer <key>`` (or
+    ``X-Api-Key: <key>``)."""
+
+    api_keys: Optional[str] = None
+    """A keys file (see :mod:`.keys`): several keys, each with a name and its own limits,
+    queue bound and share of the slots; reloaded on SIGHUP. Exclusive with api_key."""
+
+    fair_admission: bool = True
+    """With several keys: waiting sequences go to free slots in weighted turns across keys
+    (off: in turns across requests, whoever sent them)."""
+
+    result_cache: Optional[str] = None
+    """A result cache for deterministic calls: a directory, or a Redis URL (which then
+    also holds the keys' rpm/tpm counters, shared by every server using it)."""
 
     chat_template: Optional[str] = None
     """Chat template for a model without one (Jinja text or a llama.cpp built-in name)."""
@@ -75,8 +88,15 @@ class ServerSettings:
                     or not all(isinstance(v, str) and v for v in value):
                 raise TypeError(f"ServerSettings.{name}={value!r}: must be a list of non-empty str")
             object.__setattr__(self, name, tuple(dict.fromkeys(value)))
-        if not isinstance(self.strict_model_name, bool):
-            raise TypeError(f"ServerSettings.strict_model_name={self.strict_model_name!r}: must be a bool")
+        if self.api_key is not None and self.api_keys is not None:
+            raise ValueError("ServerSettings: give api_key or api_keys, not both")
+        for name in ("api_keys", "result_cache"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TypeError(f"ServerSettings.{name}={value!r}: must be a non-empty str (or None)")
+        if not isinstance(self.strict_model_name, bool) or not isinstance(self.fair_admission, bool):
+            raise TypeError(f"ServerSettings.strict_model_name={self.strict_model_name!r}, fair_admission="
+                            f"{self.fair_admission!r}: must be bools")
         for origin in self.allowed_origins:
             if origin != "*" and not _ORIGIN.match(origin):
                 raise ValueError(f"ServerSettings.allowed_origins: {origin!r} is not an origin: scheme://host[:port] "

@@ -206,3 +206,33 @@ test_that("pg_use_python(): checks the Python in use and explains what is missin
   expect_match(conditionMessage(e), "pg_use_python(virtualenv = ", fixed = TRUE)
   expect_match(conditionMessage(e), "reticulate::use_virtualenv(", fixed = TRUE)
 })
+
+test_that("cache = a directory or a Redis URL answers repeated greedy prompts without decoding", {
+  m <- test_model()
+  dir <- tempfile("pg-cache-")
+  first <- pg_generate(m, prompts[1:2], max_tokens = 6, temperature = 0, progress = FALSE, cache = dir)
+  expect_identical(pg_stats()$cache_hits, 0L)
+  again <- pg_generate(m, prompts[1:2], max_tokens = 6, temperature = 0, progress = FALSE, cache = dir)
+  expect_identical(pg_stats()$cache_hits, 2L)
+  expect_identical(again$text, first$text)
+  expect_error(pg_generate(m, prompts[1], cache = c("a", "b")), class = "pg_error")
+
+  # A real redis-server on a free loopback port (.ci/run installs it).
+  exe <- Sys.which("redis-server")
+  expect_true(nzchar(exe), info = "redis-server is missing: apt-get install redis-server")
+  socket <- reticulate::import("socket")
+  s <- socket$socket()
+  s$bind(reticulate::tuple("127.0.0.1", 0L))
+  port <- s$getsockname()[[2L]]
+  s$close()
+  pidfile <- tempfile("redis-pid-")
+  system2(exe, c("--port", port, "--bind", "127.0.0.1", "--save", "''", "--appendonly", "no",
+                 "--daemonize", "yes", "--pidfile", pidfile), stdout = FALSE)
+  on.exit(tools::pskill(as.integer(readLines(pidfile))), add = TRUE)
+  url <- sprintf("redis://127.0.0.1:%d/0", as.integer(port))
+  for (i in 1:100) if (file.exists(pidfile) && length(readLines(pidfile, warn = FALSE))) break else Sys.sleep(0.05)
+  first <- pg_generate(m, prompts[3], max_tokens = 6, temperature = 0, progress = FALSE, cache = url)
+  again <- pg_generate(m, prompts[3], max_tokens = 6, temperature = 0, progress = FALSE, cache = url)
+  expect_identical(pg_stats()$cache_hits, 1L)
+  expect_identical(again$text, first$text)
+})
