@@ -197,12 +197,14 @@ def _models(models: Any) -> Dict[str, ModelSpec]:
         items = [(str(k), v) for k, v in models.items()]
     else:
         seq = [models] if isinstance(models, (str, os.PathLike, Model, tuple)) else list(models)
+        for i, m in enumerate(seq):
+            _check_spec(f"models[{i}]", m)
         items = [(model_name(m), m) for m in seq]
     if not items:
         raise ParamError("models is empty: give at least one", "models")
     out: Dict[str, ModelSpec] = {}
     for name, spec in items:
-        _check_spec(name, spec)
+        _check_spec(f"model {name!r}", spec)
         if name in out:
             raise ParamError(f"two models are named {name!r}: give models as a mapping name -> model", "models")
         out[name] = spec
@@ -226,7 +228,7 @@ def _check_spec(name: str, spec: Any) -> None:
     if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], (str, os.PathLike)) \
             and isinstance(spec[1], ModelConfig):
         return
-    raise ParamTypeError(f"model {name!r} must be a path, a Model or a (path, ModelConfig) pair, "
+    raise ParamTypeError(f"{name} must be a path, a Model or a (path, ModelConfig) pair, "
                          f"got {type(spec).__name__}", "models")
 
 
