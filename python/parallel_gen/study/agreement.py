@@ -194,7 +194,7 @@ def agreement(codings: Any, gold: Any = None, labels: Optional[Sequence[str]] = 
     if len(table.coders) < 2 and table.gold is None:
         raise ParamError(f"one coder ({table.coders[0]!r}) and no gold: nothing to agree with "
                          "(Krippendorff's alpha needs two coders or more)", "codings")
-    metrics = _sklearn()
+    metrics = require_sklearn()
     with warnings.catch_warnings():  # an undefined kappa is reported as NaN (null), not warned about
         warnings.simplefilter("ignore")
         return _compute(table, level, ci, seed, n_boot, metrics)
@@ -362,7 +362,7 @@ def _labels(labels: Optional[Sequence[str]], gold: Optional[List[str]], coded: I
         return out
 
 
-def _sklearn() -> Any:
+def require_sklearn() -> Any:
     try:
         from sklearn import metrics
     except ImportError:

@@ -134,14 +134,14 @@ def compare(models: Any, texts: Union[str, Sequence[str]], labels: Sequence[str]
     """
     from ..classify import classify_options as check_classify
     from ..inputs import prompt_list
-    from .agreement import _sklearn, check_gold
+    from .agreement import require_sklearn, check_gold
 
     text_list = prompt_list(texts)
     label_list = check_classify(labels).labels
     bad = set(classify_options) - {"chat", "system", "normalize", "chat_template"}
     if bad:
         raise ParamTypeError(f"compare() got unexpected argument(s) {sorted(bad)}", sorted(bad)[0])
-    variants = _templates(templates)
+    variants = template_variants(templates)
     for name, t in variants.items():
         try:
             check_classify(label_list, template=t, **classify_options)
@@ -151,7 +151,7 @@ def compare(models: Any, texts: Union[str, Sequence[str]], labels: Sequence[str]
     coders = [Coder(m if templates is None else f"{m}/{t}", m, t) for m in specs for t in variants]
     gold_list = None if gold is None else check_gold(gold, label_list, len(text_list))
     if gold_list is not None or len(coders) >= 2:
-        _sklearn()  # agreement needs it: say so before any work
+        require_sklearn()  # agreement needs it: say so before any work
     codings: List[Coding] = []
     for model_name, spec in specs.items():
         with _open(spec, model_options, text_list, label_list, variants, classify_options) as m:
@@ -176,7 +176,7 @@ def _codings(model: "Model", coder: Coder, texts: List[str], labels: List[str], 
             for i, c in enumerate(result)]
 
 
-def _templates(templates: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+def template_variants(templates: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     if templates is None:
         return {DEFAULT_TEMPLATE_NAME: None}
     if not isinstance(templates, Mapping):

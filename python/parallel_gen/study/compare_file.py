@@ -19,7 +19,7 @@ from ..jobs.classify_job import classify_job, probability_column, text_columns
 from ..jobs.driver import JobInterrupted, JobSummary, PathLike, check_options, run_rows
 from ..jobs.formats import JobInputError
 from ..jobs.sources import open_source
-from .compare import Coder, _templates, model_name
+from .compare import Coder, template_variants, model_name
 from .record import Recorder, RunRecord
 
 PARTS_SUFFIX = ".parts"
@@ -59,12 +59,12 @@ def compare_file(models: Sequence[PathLike], input: PathLike, output: PathLike, 
             ``resume`` / ``overwrite``), before any model opens.
         JobInterrupted: Ctrl-C; parts written are kept (resume continues them).
     """
-    from .agreement import _sklearn
+    from .agreement import require_sklearn
 
     out = os.fspath(output)
     check_options(progress, lookahead, resume, overwrite)
     options = dict(chat=chat, system=system, normalize=normalize, chat_template=chat_template)
-    variants = _templates(templates)
+    variants = template_variants(templates)
     jobs = {name: classify_job(labels, template=t, **options) for name, t in variants.items()}
     label_list = next(iter(jobs.values())).options.labels
     names = list(model_names) if model_names is not None else [model_name(m) for m in models]
@@ -73,7 +73,7 @@ def compare_file(models: Sequence[PathLike], input: PathLike, output: PathLike, 
     coders = [Coder(m if templates is None else f"{m}/{t}", m, t) for m in names for t in variants]
     texts, gold = _read_input(input, input_format, text_column, gold_column, label_list)
     if gold is not None or len(coders) >= 2:
-        _sklearn()
+        require_sklearn()
     parts = parts_dir(out)
     if overwrite:
         shutil.rmtree(parts, ignore_errors=True)
