@@ -5,8 +5,9 @@ job: study/compare_file.py)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .options import (ExitStatus, add_chat_options, add_model_options, add_progress_option, chat_template_arg,
                       model_options, read_arg_file)
@@ -31,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lab = p.add_mutually_exclusive_group(required=True)
     lab.add_argument("--labels", metavar="A,B,...", help="the labels, comma separated")
     lab.add_argument("--labels-file", metavar="FILE", help="the labels, one per line")
-    p.add_argument("--models", nargs="+", metavar="GGUF", required=True, help="the models (GGUF files)")
+    p.add_argument("--models", nargs="+", metavar="[NAME=]GGUF", required=True,
+                   help="the models (GGUF files), each optionally named: smol=SmolLM2.gguf (default name: the file's)")
     p.add_argument("--template", action="append", default=[], metavar="NAME=TEXT",
                    help="a prompt variant ({text}, {labels}) (repeatable; default: classify's own)")
     p.add_argument("--template-file", action="append", default=[], metavar="NAME=FILE",
@@ -89,6 +91,20 @@ def write_agreement(args: argparse.Namespace, agreement: object) -> None:
         agreement.plot(args.plot)  # type: ignore[attr-defined]
 
 
+def models_arg(models: List[str]) -> Tuple[List[str], List[str]]:
+    """(names, paths) of --models [NAME=]PATH ...: a name has no path separator; the default is the file's name."""
+    from ..study.compare import model_name
+
+    names, paths = [], []
+    for m in models:
+        name, sep, path = m.partition("=")
+        if not sep or not name or "/" in name or os.sep in name:
+            name, path = model_name(m), m
+        names.append(name)
+        paths.append(path)
+    return names, paths
+
+
 def ci_arg(args: argparse.Namespace) -> Optional[float]:
     return None if args.ci == 0 else args.ci
 
@@ -103,13 +119,14 @@ def run(args: argparse.Namespace) -> int:
 
     _, _, labels = labels_arg(args)
     options = model_options(args, None)
+    names, paths = models_arg(args.models)
     try:
-        summary = compare_file(args.models, args.file, args.output, labels, templates=templates_arg(args),
+        summary = compare_file(paths, args.file, args.output, labels, templates=templates_arg(args),
                                text_column=args.text_column, gold_column=args.gold_column,
                                input_format=args.input_format, chat=args.chat, system=args.system,
                                normalize=args.normalize, chat_template=chat_template_arg(args), resume=args.resume,
                                overwrite=args.overwrite, progress=args.progress, lookahead=args.lookahead,
-                               model_options=options)
+                               model_options=options, model_names=names)
     except JobInterrupted:
         print("parallel-gen compare: interrupted; the coders' parts written are kept", file=sys.stderr)
         print(f"continue with: {resume_command(args.argv)}", file=sys.stderr)

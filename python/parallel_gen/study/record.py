@@ -3,8 +3,9 @@ produced it (software and its build, machine, model files and their SHA-256, set
 arguments, command line, input hash), one segment per run (a resume appends one), and
 the SHA-256 of the output when the last segment ended. :class:`RunRecord` reads it.
 
-A resumed job whose input's hash differs from the recorded one is refused: its rows
-would mix two inputs.
+A resumed job whose input's hash differs from the recorded one is refused (its rows
+would mix two inputs), unless the recorded input is a prefix of it: rows appended to a
+text, JSONL or CSV input since.
 """
 
 from __future__ import annotations
@@ -173,6 +174,21 @@ class RunRecord:
         return bool(out.get("path")) and os.path.isfile(out["path"]) and sha256_file(out["path"]) == out.get("sha256")
 
 
+def _appended(path: str, size: int, sha256: str) -> bool:
+    """Whether the file's first ``size`` bytes have SHA-256 ``sha256``: rows were appended
+    to the recorded input (a text, JSONL or CSV file grown since), which resuming allows."""
+    h = hashlib.sha256()
+    left = size
+    with open(path, "rb") as f:
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                return False
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest() == sha256
+
+
 class Recorder:
     """Writes a job's record: :meth:`start` before any row (it refuses a resume against a
     changed input), :meth:`model` when a model is open, :meth:`end` after the run."""
@@ -203,16 +219,18 @@ class Recorder:
                 record = RunRecord.read(path)
             except (OSError, ValueError, TypeError):
                 record = None  # unreadable: a new one
-            if record is not None:
-                old = (record.input or {}).get("sha256")
-                new = (input_info or {}).get("sha256")
-                if old is not None and new is not None and old != new:
-                    raise JobInputError(f"--resume: {input} changed since the job started (its SHA-256 is "
-                                        f"{new[:12]}..., the run record {path} has {old[:12]}...): the output "
-                                        "would mix two inputs (--overwrite starts again)")
+            if record is not None and record.input and input_info:
+                old, new = record.input, input_info
+                if old["sha256"] != new["sha256"] and not _appended(new["path"], old["bytes"], old["sha256"]):
+                    raise JobInputError(f"--resume: {input} is not the input of the run record {path} (SHA-256 "
+                                        f"{new['sha256'][:12]}... for {old['sha256'][:12]}..., nor that input with "
+                                        "rows appended): it changed since the job started, or the output is that "
+                                        "of another input; resuming would mix two inputs (--overwrite starts again)")
+                record.input = input_info  # what this segment reads (the same, or with rows appended)
         if record is None:
             record = RunRecord(kind, environment(), list(sys.argv), input_info, json_ready(dict(arguments)))
         record.segments.append({"started": _now(), "ended": None, "command": list(sys.argv),
+                                "input_sha256": (input_info or {}).get("sha256"),
                                 "rows_before": rows_before, "written": 0, "failed": 0, "interrupted": False,
                                 "error": None})
         rec = cls(output, record)

@@ -33,11 +33,12 @@ def text_report(a: "Agreement") -> str:
         for s in a.gold:
             lines += ["", f"  {s.coder}: per class (P / R / F1 / support) and confusion (rows gold, columns coder)"]
             lw = max(len(lab) for lab in a.labels)
+            cw = max(4, min(lw, 12))  # confusion columns: the labels, cut at 12 characters
             lines.append(f"    {'':<{lw}}  {'P':>5} {'R':>5} {'F1':>5} {'sup':>4}   " +
-                         " ".join(f"{lab[:6]:>6}" for lab in a.labels))
+                         " ".join(f"{lab[:cw]:>{cw}}" for lab in a.labels))
             for c, row in zip(s.per_class, s.confusion):
                 lines.append(f"    {c.label:<{lw}}  {_num(c.precision)} {_num(c.recall)} {_num(c.f1)} {c.support:>4}   "
-                             + " ".join(f"{v:>6}" for v in row))
+                             + " ".join(f"{v:>{cw}}" for v in row))
     if a.pairs:
         lines += ["", "between coders:", f"  {'coder A':<{width}}  {'coder B':<{width}}  {'n':>4}  agree  kappa"]
         for p in a.pairs:
@@ -99,7 +100,7 @@ def plot_agreement(a: "Agreement", path: Optional[str] = None) -> Any:
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, _num(m[i, j]).strip(), ha="center", va="center", fontsize=8)
-        short = [c if len(c) <= 18 else c[:17] + "…" for c in a.coders]
+        short = [c if len(c) <= 22 else c[:9] + "…" + c[-12:] for c in a.coders]  # the end tells templates apart
         ax.set_xticks(range(n), short, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(n), short, fontsize=8)
         title = "Cohen's kappa between coders"
