@@ -51,6 +51,7 @@ pg_compare <- function(models, texts, labels, gold = NULL, templates = NULL, cha
   options <- Filter(Negate(is.null), list(n_ctx = n_ctx, n_parallel = n_parallel, n_threads = n_threads))
   options <- lapply(options, as.integer)
   kwargs <- c(list(templates = templates, chat = chat, level = level, ci = ci, seed = as.integer(seed),
+                   n_boot = as.integer(n_boot),
                    model_options = if (length(options)) options else NULL),
               list(normalize = .check_choice(normalize, c("sum", "mean"), "normalize")),
               if (!is.null(system)) list(system = system),

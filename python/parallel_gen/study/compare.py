@@ -104,7 +104,8 @@ class Comparison:
 
 def compare(models: Any, texts: Union[str, Sequence[str]], labels: Sequence[str], gold: Optional[Sequence[str]] = None,
             templates: Optional[Mapping[str, Any]] = None, *, model_options: Optional[Mapping[str, Any]] = None,
-            level: str = "nominal", ci: Optional[float] = 0.95, seed: int = 0, progress: Optional[bool] = None,
+            level: str = "nominal", ci: Optional[float] = 0.95, seed: int = 0, n_boot: int = 1000,
+            progress: Optional[bool] = None,
             **classify_options: Any) -> Comparison:
     """Classifies ``texts`` with every model x template and compares the codings.
 
@@ -119,7 +120,7 @@ def compare(models: Any, texts: Union[str, Sequence[str]], labels: Sequence[str]
         templates: name -> template (as ``classify``'s ``template``); default: one,
             named "default", classify's own.
         model_options: ModelConfig fields for models given as paths.
-        level, ci, seed: :func:`parallel_gen.agreement`'s.
+        level, ci, seed, n_boot: :func:`parallel_gen.agreement`'s.
         progress: a progress bar per classify call.
         **classify_options: ``chat``, ``system``, ``normalize``, ``chat_template``, as for
             :func:`parallel_gen.classify`.
@@ -163,7 +164,7 @@ def compare(models: Any, texts: Union[str, Sequence[str]], labels: Sequence[str]
         from .agreement import agreement as agree
 
         result = Comparison(text_list, label_list, coders, codings, gold_list, None)
-        agreement = agree(result, labels=label_list, level=level, ci=ci, seed=seed)
+        agreement = agree(result, labels=label_list, level=level, ci=ci, seed=seed, n_boot=n_boot)
     return Comparison(text_list, label_list, coders, codings, gold_list, agreement)
 
 
