@@ -15,8 +15,10 @@ import pytest
 import parallel_gen as pg
 from parallel_gen.study.alpha import krippendorff_alpha
 
-krippendorff = pytest.importorskip("krippendorff", reason="pip install 'parallel_gen[test]'")
-metrics = pytest.importorskip("sklearn.metrics", reason="pip install 'parallel_gen[annotate]'")
+from conftest import import_extra
+
+krippendorff = import_extra("krippendorff", "test")  # GPL-3.0: a test-only reference, never a dependency
+metrics = import_extra("sklearn.metrics", "annotate")
 
 LEVELS = ("nominal", "ordinal", "interval")
 
@@ -177,7 +179,7 @@ def test_long_tables_mappings_and_data_frames_give_the_same_agreement():
     by_rows = pg.agreement(rows, "truth", labels=labels).to_dict()
     by_item = pg.agreement(rows, {f"t{i}": g for i, g in enumerate(gold)}, labels=labels).to_dict()
     assert by_mapping == by_rows == by_item
-    pd = pytest.importorskip("pandas")
+    pd = import_extra("pandas", "test")  # pulled in by the test extra (ray[data])
     frame = pd.DataFrame(rows).rename(columns={"item": "doc", "coder": "annotator", "label": "code"})
     assert pg.agreement(frame, "truth", labels=labels, item="doc", coder="annotator", label="code").to_dict() == by_rows
 
@@ -201,6 +203,7 @@ def test_a_single_class_gives_nan_kappa_and_alpha_reported_as_null():
 
 
 def test_to_dict_tables_report_and_plot(tmp_path):
+    import_extra("matplotlib", "plot")
     gold, codings, labels = random_study(np.random.default_rng(2))
     a = pg.agreement(codings, gold, labels=labels)
     d = json.loads(json.dumps(a.to_dict(), allow_nan=False))

@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 
 import parallel_gen as pg
-from test_jobs import PYTHON_DIR, read_jsonl
+from conftest import import_extra
+from test_jobs import PYTHON_DIR
 
-pytest.importorskip("sklearn", reason="pip install 'parallel_gen[annotate]'")
+import_extra("sklearn", "annotate")
 
 DATA = Path(__file__).parent / "data" / "reviews_gold.csv"
 LABELS = ["positive", "negative", "neutral"]
