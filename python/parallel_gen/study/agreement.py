@@ -281,8 +281,7 @@ def check_gold(gold: Any, labels: Sequence[str], n_items: int) -> List[str]:
     """``gold`` (a sequence of labels in item order) checked against ``labels`` and the
     number of items; the labels as str."""
     items: List[Hashable] = list(range(n_items))
-    values = _gold_list(gold, None, items)
-    assert values is not None
+    values = _gold_list(gold, None, items) or []
     for i, g in enumerate(values):
         if g not in labels:
             raise ParamError(f"gold label {g!r} (item {i}) is not one of the labels {list(labels)}", "gold")

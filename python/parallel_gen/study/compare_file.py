@@ -84,7 +84,8 @@ def compare_file(models: Sequence[PathLike], input: PathLike, output: PathLike, 
     arguments = {"labels": label_list, "templates": variants, "models": [os.fspath(m) for m in models],
                  "coders": coders, "text_column": text_column, "gold_column": gold_column, **options}
     record = Recorder.start("compare", out, os.fspath(input), arguments, resume)
-    assert record is not None
+    if record is None:  # a file output always has one
+        raise RuntimeError(f"no run record for {out}")
     done: List[Optional[JobSummary]] = []
     try:
         for i, coder in enumerate(coders):
