@@ -12,6 +12,7 @@ The site itself is built with ``mkdocs build --strict`` by ``make docs`` (.ci/ru
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -79,6 +80,8 @@ PY_BLOCKS = [b for b in ALL_BLOCKS if b.lang in ("python", "py")]
 def test_python_block_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if block.illustrative is not None:
         pytest.skip(f"illustrative ({block.where}): {block.illustrative}")
+    # the data files the tests ship, at the paths the docs name from the repository's root
+    shutil.copytree(ROOT / "tests" / "data", tmp_path / "tests" / "data")
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__docs__", "pg": pg}
     exec(compile(block.code, block.where, "exec"), namespace)

@@ -268,6 +268,11 @@ def test_parquet_round_trip_and_resume(smol, tmp_path):
     s = run_file_job(smol, first, out, max_tokens=2, temperature=0)
     assert (s.rows, s.written, s.failed) == (6, 6, 0)
     assert not os.path.exists(str(out) + JOURNAL_SUFFIX)
+    # Another file is not the input the run record names: refused (rows appended to a text,
+    # JSONL or CSV input are fine, test_compare.py); without a record the row checks apply.
+    with pytest.raises(JobInputError, match="changed since the job started"):
+        run_file_job(smol, src, out, max_tokens=2, temperature=0, resume=True)
+    os.remove(str(out) + ".run.json")
     # The whole input, resumed: the first 6 rows are kept, the other 4 generated.
     s = run_file_job(smol, src, out, max_tokens=2, temperature=0, resume=True)
     assert (s.rows, s.written, s.skipped) == (10, 4, 6)

@@ -154,6 +154,8 @@ class ClassifyOptions:
     system: Optional[str]
     normalize: str
     chat_template: Optional[str]
+    template: Optional[Template] = None
+    """The template as given (None: the default), for run records."""
 
 
 def classify_options(labels: Sequence[str], *, template: Optional[Template] = None, chat: bool = False,
@@ -169,7 +171,7 @@ def classify_options(labels: Sequence[str], *, template: Optional[Template] = No
         raise ParamError(f"normalize={normalize!r}: must be one of {', '.join(map(repr, NORMALIZE))}", "normalize")
     chat = chat_mode(chat, system, chat_template)
     fmt = _formatter(template, DEFAULT_CHAT_TEMPLATE if chat else DEFAULT_TEMPLATE, label_list)
-    return ClassifyOptions(label_list, fmt, chat, system, normalize, chat_template)
+    return ClassifyOptions(label_list, fmt, chat, system, normalize, chat_template, template)
 
 
 class Classifier:

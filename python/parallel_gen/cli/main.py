@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, List, Optional
 
-from . import classify, demo, generate, info, install_model
+from . import agreement, classify, compare, demo, generate, info, install_model
 from .options import EXIT_STATUS_HELP, ExitStatus
 
 
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parallel-gen", description="Batched text generation with llama.cpp",
                                 epilog=EXIT_STATUS_HELP)
     sub = p.add_subparsers(dest="command", required=True)
-    for name, command in (("generate", generate), ("classify", classify), ("demo", demo),
+    for name, command in (("generate", generate), ("classify", classify), ("compare", compare),
+                          ("agreement", agreement), ("demo", demo),
                           ("install-model", install_model), ("info", info)):
         c = sub.add_parser(name, help=command.HELP, description=command.DESCRIPTION, epilog=command.EPILOG)
         command.add_arguments(c)

@@ -95,6 +95,7 @@ class ClassifyJob(RowJob):
 
     noun = "texts"
     settings_flags = "--labels"
+    kind = "classify"
 
     def __init__(self, options: ClassifyOptions) -> None:
         self.options = options
@@ -107,6 +108,11 @@ class ClassifyJob(RowJob):
 
     def writes_column(self, name: str) -> bool:
         return name in self.columns or name.startswith(PROBABILITY_PREFIX)
+
+    def arguments(self) -> Dict[str, Any]:
+        o = self.options
+        return {"labels": o.labels, "template": o.template, "chat": o.chat, "system": o.system,
+                "normalize": o.normalize, "chat_template": o.chat_template}
 
     def arrow_schema(self) -> Any:
         import pyarrow as pa

@@ -25,6 +25,7 @@ from ..config import model_config
 from ..iterate import LOOKAHEAD_PER_SLOT, OrderedRequests, check_lookahead
 from ..model import Model
 from ..progress import make_progress
+from ..study.record import Recorder
 from .formats import STDIN, JobInputError, input_format_for, output_format_for
 from .progress import job_progress
 from .records import carried
@@ -111,6 +112,12 @@ class RowJob(abc.ABC):
     """The columns of every output row after the carried input fields, in order."""
     settings_flags = "settings"
     """The options that decide :attr:`columns`, for the message of a resume that does not match."""
+    kind = "rows"
+    """The job's name in its run record (OUTPUT.run.json)."""
+
+    def arguments(self) -> Dict[str, Any]:
+        """The job's settings, for its run record."""
+        return {}
 
     def carried(self, fields: Dict[str, Any]) -> Dict[str, Any]:
         """The input fields as they appear in this job's output row (one named like a
@@ -186,9 +193,27 @@ def run_rows(model: Union[Model, PathLike, None], source: Source, output: Option
     source.rows = itertools.chain([first], source.rows)
     sink, point = open_sink(output, output_format_for(output, output_format), _mode(resume, overwrite), job)
     try:
-        return _run(model, source, sink, point, job, progress, lookahead, dict(model_options or {}), t0)
-    finally:
+        # The run record (OUTPUT.run.json) of a file output; it refuses a resume on a changed input.
+        record = Recorder.start(job.kind, sink.path, source.name, job.arguments(), resume, point.rows_done)
+    except BaseException:
         sink.close()
+        raise
+    try:
+        summary = _run(model, source, sink, point, job, progress, lookahead, dict(model_options or {}), t0, record)
+    except JobInterrupted as e:
+        sink.close()
+        if record is not None:
+            record.end(e.summary.rows, e.summary.written, e.summary.failed, interrupted=True)
+        raise
+    except BaseException as e:
+        sink.close()
+        if record is not None:
+            record.end(point.rows_done, 0, 0, error=f"{type(e).__name__}: {e}")
+        raise
+    sink.close()
+    if record is not None:
+        record.end(summary.rows, summary.written, summary.failed)
+    return summary
 
 
 def open_file_source(input: Optional[PathLike], output: Optional[PathLike], input_format: str,
@@ -221,15 +246,20 @@ def _mode(resume: bool, overwrite: bool) -> WriteMode:
 
 
 def _run(model: Union[Model, PathLike, None], source: Source, sink: Sink, point: ResumePoint, job: RowJob,
-         progress: Optional[bool], lookahead: Optional[int], model_options: Dict[str, Any], t0: float) -> JobSummary:
+         progress: Optional[bool], lookahead: Optional[int], model_options: Dict[str, Any], t0: float,
+         record: Optional[Recorder] = None) -> JobSummary:
     rows = _skip_done(source, sink, point, job)
     if isinstance(model, Model):
         job.prepare(model, None)
+        if record is not None:
+            record.model(model)
         return _drive(model, rows, sink, point, job, source.total, progress, lookahead, t0)
     sample_size = lookahead or LOOKAHEAD_PER_SLOT * model_config(None, model_options).n_parallel
     sample, rows = _peek(rows, sample_size)
     m = open_job_model(job, model, sample, complete=len(sample) < sample_size, model_options=model_options)
     try:
+        if record is not None:
+            record.model(m)
         return _drive(m, rows, sink, point, job, source.total, progress, lookahead, t0)
     finally:
         m.close()

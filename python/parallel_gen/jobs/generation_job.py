@@ -58,6 +58,7 @@ class GenerationJob(RowJob):
 
     noun = "prompts"
     settings_flags = "--samples / --logprobs / --tools"
+    kind = "generate"
 
     def __init__(self, params: SamplingParams, *, chat: bool = False, system: Optional[str] = None,
                  chat_template: Optional[str] = None, cells_are_text: bool = False,
@@ -77,6 +78,10 @@ class GenerationJob(RowJob):
 
     def writes_column(self, name: str) -> bool:
         return name in OUTPUT_COLUMNS or name in OPTIONAL_COLUMNS
+
+    def arguments(self) -> Dict[str, Any]:
+        return {"params": self.params, "chat": self.chat, "system": self.system, "chat_template": self.chat_template,
+                "tools": self.tools}
 
     def arrow_schema(self) -> Any:
         return arrow_types(self.columns)

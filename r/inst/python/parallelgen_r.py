@@ -98,3 +98,35 @@ def classifications(result):
         "error": ["" if c.error is None else _r_str(c.error) for c in result],
         "probs": [result.probs[:, j].tolist() for j in range(len(result.labels))],
     }
+
+
+def _column(values):
+    return [_r_str(v) if isinstance(v, str) else v for v in values]
+
+
+def _frame(records, columns=None):
+    """Records as {column: list}; None stays None (NA in R)."""
+    columns = columns or (list(records[0]) if records else [])
+    return {c: _column([r.get(c) for r in records]) for c in columns}
+
+
+def agreement_result(a):
+    """An Agreement as one table per section (each {column: list}), its report and itself."""
+    return {"tables": {name: _frame(rows) for name, rows in a.tables().items()}, "report": _r_str(a.report()),
+            "labels": list(a.labels), "coders": list(a.coders), "py": a}
+
+
+def codings_records(items, coders, labels, gold=None):
+    """Long-table columns from R as records for parallel_gen.agreement ("" is a missing label)."""
+    rows = []
+    for i, (item, coder, label) in enumerate(zip(items, coders, labels)):
+        row = {"item": item, "coder": coder, "label": None if label in ("", None) else label}
+        if gold is not None:
+            row["gold"] = None if gold[i] in ("", None) else gold[i]
+        rows.append(row)
+    return rows
+
+
+def comparison_result(c):
+    """A Comparison's long table as columns, and its agreement (None without one)."""
+    return {"codings": _frame(c.rows()), "agreement": None if c.agreement is None else agreement_result(c.agreement)}
