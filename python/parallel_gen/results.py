@@ -228,6 +228,17 @@ class BatchStats:
     """Prompt cache entries holding tokens no other KV stream held, dropped for room or
     overwritten (or reused for fewer tokens than were dropped)."""
 
+    host_cache_hits: int = 0
+    """Of prompt_cache_hits, those restored from the host tier (``ModelConfig.cache_ram``):
+    KV saved to host memory when its stream was needed for another prompt. The others
+    started from KV still in a stream."""
+    host_cached_tokens: int = 0
+    """Of cached_prompt_tokens, those restored from the host tier."""
+    host_cache_saves: int = 0
+    """Prompt cache entries saved to the host tier before their KV stream was reused."""
+    host_cache_evictions: int = 0
+    """Host tier entries dropped (least recently used first) to stay within cache_ram."""
+
     @property
     def prompt_cache_hit_rate(self) -> float:
         """prompt_cache_hits / (hits + misses); 0 when nothing was looked up."""
