@@ -494,6 +494,9 @@ Engine::Placement Engine::place(const std::vector<llama_token> & t, int32_t cap,
 int32_t Engine::fill(const Placement & p) {
     const llama_seq_id id = p.stream;
     int32_t            n  = p.reuse;
+    if (p.host >= 0) {
+        host_->touch(p.host);  // the most recent: the spill below makes room elsewhere
+    }
     if (p.lost > 0) {
         spill(id);  // what only this stream holds goes to host memory first
     }
@@ -610,10 +613,13 @@ void Engine::spill(llama_seq_id id) {
 // the prompt decoded instead).
 int32_t Engine::restore(llama_seq_id id, const HostHit & hit) {
     const auto        t0 = Clock::now();
-    const HostEntry & e  = *host_->get(hit.id);
+    const HostEntry * e  = host_->get(hit.id);  // gone if the spill before it needed its room
     llama_memory_seq_rm(mem_, id, -1, -1);
     int32_t n = hit.n;
-    if (llama_state_seq_set_data_ext(ctx_, e.state.data(), e.state.size(), id, LLAMA_STATE_SEQ_FLAGS_NONE) == 0) {
+    if (!e) {
+        n = 0;
+    } else if (llama_state_seq_set_data_ext(ctx_, e->state.data(), e->state.size(), id,
+                                            LLAMA_STATE_SEQ_FLAGS_NONE) == 0) {
         take_log_errors();  // llama.cpp said why in its log; the prompt is decoded instead
         llama_memory_seq_rm(mem_, id, -1, -1);
         host_->erase(hit.id);
