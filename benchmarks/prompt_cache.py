@@ -310,7 +310,7 @@ def bench_crossover(args: argparse.Namespace, model: str) -> List[dict]:
             prompts = [m.detokenize(m.tokenize(t)[:length]) for t in texts]
 
             def counters():
-                return m._require_runner().run_on_engine(lambda e: e.counters())
+                return m.stats()
 
             for rnd in range(1, args.rounds + 1):
                 c0 = counters()
@@ -332,8 +332,7 @@ def bench_crossover(args: argparse.Namespace, model: str) -> List[dict]:
                                  restore_ms=1e3 * (c2.host_restore_seconds - c1.host_restore_seconds),
                                  restore_ms_per_1k=1e6 * (c2.host_restore_seconds - c1.host_restore_seconds)
                                  / max(1, again.host_cached_tokens),
-                                 bytes_per_token=m._require_runner().run_on_engine(lambda e: e.host_bytes)
-                                 / max(1, m._require_runner().run_on_engine(lambda e: e.host_tokens))))
+                                 bytes_per_token=c2.host_cache_bytes / max(1, c2.host_tokens_cached)))
                 log(f"(d) {length} tokens, round {rnd}: {runs[-1]}")
     return runs
 

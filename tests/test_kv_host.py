@@ -236,3 +236,20 @@ def test_cancel_during_a_restore(smollm2_path):
         got = {t.token_id: t.logprob for t in again[0].outputs[0].logprobs[0].top}
         assert abs(got[ref_top.token_id] - ref_top.logprob) < 0.15
         assert _engine(m, lambda e: e.kv_tokens) == 0
+
+
+def test_a_restore_whose_entry_the_victims_save_pushes_out(smollm2_path):
+    """A tier that holds one session (4 MiB, ~130 tokens each): restoring session 0 needs a
+    stream whose own session must be saved first, which takes the only room. The prompt is
+    decoded instead: no crash, no wrong KV, the budget kept."""
+    with pg.Model(smollm2_path, n_parallel=1, n_ctx=512, cache_ram=4) as m:
+        first, _ = _spilled(m)  # session 0 in host memory, 1 and 2 in the streams
+        assert m.stats().host_cache_entries == 1
+        r = _run(m, _follow_up(m, first))
+        assert r.stats.failed == 0 and r.stats.host_cache_hits == 0 and r.stats.cached_prompt_tokens == 0
+        st = m.stats()
+        assert st.host_cache_entries == 1 and st.host_cache_bytes <= 4 * MIB and st.host_cache_evictions >= 1
+        alone = pg.generate_parallel(m, _follow_up(m, first), max_tokens=12, logprobs=2, cache_prompt=False,
+                                     **GREEDY)
+        assert _ids(r) == _ids(alone)
+        assert _engine(m, lambda e: e.kv_tokens) == 0

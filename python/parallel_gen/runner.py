@@ -149,6 +149,12 @@ class EngineStats:
     """Entries in the host tier now."""
     host_tokens_cached: int = 0
     """Tokens whose KV the host tier holds now."""
+    host_saved_tokens: int = 0
+    """Tokens the host tier's saves held, since the Model was opened."""
+    host_save_seconds: float = 0.0
+    """Time spent saving KV state to the host tier, since the Model was opened."""
+    host_restore_seconds: float = 0.0
+    """Time spent restoring KV state from the host tier, since the Model was opened."""
 
     @property
     def prompt_cache_hit_rate(self) -> float:
@@ -244,7 +250,9 @@ class EngineRunner:
                            host_cache_hits=int(t.host_cache_hits), host_cached_tokens=int(t.host_cached_tokens),
                            host_cache_saves=int(t.host_cache_saves),
                            host_cache_evictions=int(t.host_cache_evictions), host_cache_bytes=s.host_bytes,
-                           host_cache_entries=s.host_entries, host_tokens_cached=s.host_tokens)
+                           host_cache_entries=s.host_entries, host_tokens_cached=s.host_tokens,
+                           host_saved_tokens=int(t.host_saved_tokens), host_save_seconds=t.host_save_seconds,
+                           host_restore_seconds=t.host_restore_seconds)
 
     def stop(self) -> None:
         """Cancels everything, ends the thread and waits for it. Idempotent."""
