@@ -27,10 +27,10 @@ namespace kv_cost {
 // few prompt tokens takes; prefixes shorter than this are decoded rather than copied.
 constexpr int32_t kCopyTokens = 16;
 // Restoring n tokens from host memory: a fixed part (a stream cleared, a state parsed and
-// its cells found) and a part per token (a memcpy of the token's K and V rows per layer).
-// Measured on SmolLM2-135M (2 cores, f16 KV, 23 KB per token): ~0.9 ms + ~4 us per token,
-// against ~0.45 ms per prompt token decoded in a batch: the fixed part is ~2 tokens and
-// each restored token costs ~1/100 of decoding one (benchmarks/prompt_cache.py --crossover).
+// its cells found) and a part per token (a copy of the token's K and V rows per layer:
+// 23 KB for SmolLM2-135M), against ~3-4 ms per prompt token decoded on this 2-core CPU
+// (benchmarks/prompt_cache.py --only crossover gives both): the fixed part is charged as a
+// few tokens, and each restored token as 1/64 of decoding one, well above what was measured.
 constexpr int32_t kRestoreTokens   = 4;
 constexpr int32_t kRestorePerToken = 64;  // one token of decoding per this many restored
 inline int64_t copy(bool unified) { return unified ? 1 : kCopyTokens; }  // unified: cells gain a seq id
