@@ -19,9 +19,23 @@ a shared machine's load hits them all:
 (c) ``noreuse``: ``parallel-gen bench --workload short,ragged`` with and without
     ``--no-prompt-cache``: workloads where nothing is reused, to show the cache costs them
     nothing beyond the machine's spread.
+(d) ``crossover``: in-process, the host tier's cost (ModelConfig.cache_ram): a session of
+    L prompt tokens is pushed out of its KV stream (saved to host memory) and restored for
+    its next turn; save and restore time per 1,000 tokens beside decoding them.
 
     benchmarks/build_batched_bench.sh llama-batched-bench llama-server   # for (a)
     flock /tmp/pg-cpu.lock python benchmarks/prompt_cache.py --rounds 3 --json benchmarks/results-prompt-cache.json
+
+More sessions than slots (the host tier, issue 32): (a) with --slots below --sessions;
+--preamble gives each session ~200 tokens of its own after the shared system prompt,
+--system-policies sizes that prompt (8: ~150 tokens, 16: ~300); --host-tier adds
+``serve --cache-ram 0`` (the build before the tier) beside the default:
+
+    flock /tmp/pg-cpu.lock python benchmarks/prompt_cache.py --only chat --rounds 1 --host-tier \
+        --sessions 12 --turns 3 --slots 4 --preamble --system-policies 8
+    flock /tmp/pg-cpu.lock python benchmarks/prompt_cache.py --only chat --rounds 1 --host-tier \
+        --sessions 16 --turns 4 --slots 4
+    flock /tmp/pg-cpu.lock python benchmarks/prompt_cache.py --only crossover
 
 Flash attention off everywhere (it changes numerics and speed: compare like with like).
 """
@@ -51,9 +65,21 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from serve import Process  # noqa: E402  (a server subprocess, ready once it answers)
 
-SYSTEM = ("You are the support assistant of a small bookshop. Answer in a friendly, precise way. "
-          + " ".join(f"Policy {i}: orders of category {i} ship within {i % 5 + 1} days; returns of category {i} "
-                     f"are accepted for {10 + i} days with a receipt." for i in range(16)))
+def system_prompt(policies: int = 16) -> str:
+    """~19 tokens per policy (SmolLM2): 16 give ~300 tokens, 8 ~150."""
+    return ("You are the support assistant of a small bookshop. Answer in a friendly, precise way. "
+            + " ".join(f"Policy {i}: orders of category {i} ship within {i % 5 + 1} days; returns of category {i} "
+                       f"are accepted for {10 + i} days with a receipt." for i in range(policies)))
+
+
+def preamble(sid: int) -> str:
+    """A session's own ~200 tokens (SmolLM2), different from its first words on."""
+    return (f"Customer {sid} account history. "
+            + " ".join(f"On day {3 * k + sid} customer {sid} ordered book {97 * sid + 13 * k} "
+                       f"(shelf {chr(65 + (sid + k) % 26)}{k})." for k in range(10)) + " ")
+
+
+SYSTEM = system_prompt()
 CANNED = ("Thank you for your question. I have checked our records and everything looks in order; "
           "let me know if there is anything else I can help you with today.")
 REVIEWS = ["Great.", "Awful.", "Loved it!", "Too slow.", "Fine.", "Meh.", "Superb!", "Broken.",
@@ -84,13 +110,16 @@ class ChatRun:
     cached_tokens: int = 0
 
 
-async def chat_sessions(url: str, sessions: int, turns: int, reply_tokens: int, impl: str, rnd: int) -> ChatRun:
+async def chat_sessions(url: str, args: argparse.Namespace, impl: str, rnd: int) -> ChatRun:
+    sessions, turns, reply_tokens = args.sessions, args.turns, args.reply_tokens
     run = ChatRun(impl, rnd, 0.0)
+    system = system_prompt(args.system_policies)
     async with httpx.AsyncClient(base_url=url, timeout=900) as client:
         async def session(sid: int) -> None:
-            messages = [{"role": "system", "content": SYSTEM}]
+            messages = [{"role": "system", "content": system}]
             for t in range(turns):
-                messages.append({"role": "user", "content": f"Customer {sid}, message {t}: can you check the "
+                own = preamble(sid) if args.preamble and t == 0 else ""
+                messages.append({"role": "user", "content": f"{own}Customer {sid}, message {t}: can you check the "
                                                             f"status of my order number {1000 * sid + 17 * t}?"})
                 body = {"messages": messages, "max_tokens": reply_tokens, "temperature": 0, "ignore_eos": True}
                 t0 = time.perf_counter()
@@ -113,13 +142,18 @@ async def chat_sessions(url: str, sessions: int, turns: int, reply_tokens: int, 
 def bench_chat(args: argparse.Namespace, model: str) -> List[ChatRun]:
     url = f"http://127.0.0.1:{args.port}"
     n_ctx = 2048  # per slot: the last turn's prompt is ~800 tokens
+    slots = args.slots or args.sessions
     ours = [sys.executable, "-m", "parallel_gen", "serve", "-m", model, "--port", str(args.port),
-            "--n-parallel", str(args.sessions), "--n-ctx", str(n_ctx), "--threads", str(args.threads),
+            "--n-parallel", str(slots), "--n-ctx", str(n_ctx), "--threads", str(args.threads),
             "--flash-attn", "off"]
-    impls = [("serve (cache)", ours, "/health"), ("serve (no cache)", ours + ["--no-prompt-cache"], "/health")]
+    impls = [("serve (cache)", ours, "/health")]
+    if args.host_tier:  # the build before the host tier: the same server with --cache-ram 0
+        impls.append(("serve (cache_ram 0)", ours + ["--cache-ram", "0"], "/health"))
+    else:
+        impls.append(("serve (no cache)", ours + ["--no-prompt-cache"], "/health"))
     if Path(args.llama_server).is_file():
         impls.append(("llama-server", [args.llama_server, "-m", model, "--port", str(args.port), "--host",
-                                       "127.0.0.1", "-np", str(args.sessions), "-c", str(n_ctx * args.sessions),
+                                       "127.0.0.1", "-np", str(slots), "-c", str(n_ctx * slots),
                                        "-t", str(args.threads), "-tb", str(args.threads), "-fa", "off",
                                        "--no-webui", "--log-disable"], "/health"))
     else:
@@ -131,7 +165,7 @@ def bench_chat(args: argparse.Namespace, model: str) -> List[ChatRun]:
         for name, cmd, ready in order:
             proc = Process(cmd, url, ready)
             try:
-                run = asyncio.run(chat_sessions(url, args.sessions, args.turns, args.reply_tokens, name, rnd))
+                run = asyncio.run(chat_sessions(url, args, name, rnd))
             finally:
                 proc.stop()
             runs.append(run)
@@ -141,7 +175,8 @@ def bench_chat(args: argparse.Namespace, model: str) -> List[ChatRun]:
 
 
 def report_chat(runs: List[ChatRun]) -> List[str]:
-    out = ["| implementation | wall (median) | x no cache | x llama-server | turn p50 | turn p95 | "
+    base = "serve (cache_ram 0)" if any(r.impl == "serve (cache_ram 0)" for r in runs) else "serve (no cache)"
+    out = [f"| implementation | wall (median) | x {base[7:-1]} | x llama-server | turn p50 | turn p95 | "
            "last turn p50 | cached / prompt tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     by = {(r.impl, r.round): r for r in runs}
     rounds = sorted({r.round for r in runs})
@@ -153,7 +188,7 @@ def report_chat(runs: List[ChatRun]) -> List[str]:
             return f"{statistics.median(xs):.2f}" if xs else ""
 
         last = max(mine[0].turn_by_index)
-        out.append(f"| {impl} | {statistics.median(r.wall_s for r in mine):.1f} s | {ratio('serve (no cache)')} | "
+        out.append(f"| {impl} | {statistics.median(r.wall_s for r in mine):.1f} s | {ratio(base)} | "
                    f"{ratio('llama-server')} | {statistics.median(pct(r.turn_s, 0.5) for r in mine):.2f} s | "
                    f"{statistics.median(pct(r.turn_s, 0.95) for r in mine):.2f} s | "
                    f"{statistics.median(pct(r.turn_by_index[last], 0.5) for r in mine):.2f} s | "
@@ -260,6 +295,64 @@ def report_repeat(runs: List[dict]) -> List[str]:
     ]
 
 
+# -- (d) the host tier's save and restore against decoding -----------------------------------------
+def bench_crossover(args: argparse.Namespace, model: str) -> List[dict]:
+    """One slot (two KV streams): session A of L tokens, then B and C push it out of the
+    streams (A is saved to host memory), then A's next turn restores it. Save and restore
+    times come from the engine's counters; decoding from A's own first prefill."""
+    runs = []
+    for length in args.crossover_tokens:
+        n_ctx = max(512, 2 * length + 64)
+        with pg.Model(model, n_parallel=1, n_ctx=n_ctx, n_threads=args.threads, flash_attn=False,
+                      cache_ram=4096) as m:
+            pg.generate_parallel(m, "Warm-up.", max_tokens=2, temperature=0)
+            texts = [f"Session {k}: " + f"topic {k} matters because of reason {k} and more. " * 400 for k in "ABC"]
+            prompts = [m.detokenize(m.tokenize(t)[:length]) for t in texts]
+
+            def counters():
+                return m.stats()
+
+            for rnd in range(1, args.rounds + 1):
+                c0 = counters()
+                first = pg.generate_parallel(m, f"{prompts[0]} ({rnd})", max_tokens=2, temperature=0,
+                                             cache_prompt=False).stats
+                for p in prompts:
+                    pg.generate_parallel(m, p, max_tokens=2, temperature=0)
+                for p in prompts[1:]:  # A leaves the streams
+                    pg.generate_parallel(m, p + " again", max_tokens=2, temperature=0)
+                c1 = counters()
+                again = pg.generate_parallel(m, prompts[0] + " Next turn:", max_tokens=2, temperature=0).stats
+                c2 = counters()
+                saved = c1.host_saved_tokens - c0.host_saved_tokens
+                runs.append(dict(tokens=length, round=rnd,
+                                 decode_ms_per_1k=1e6 * first.prompt_seconds / max(1, first.prompt_tokens),
+                                 save_ms_per_1k=1e6 * (c1.host_save_seconds - c0.host_save_seconds) / max(1, saved),
+                                 saves=c1.host_cache_saves - c0.host_cache_saves,
+                                 restored=again.host_cached_tokens,
+                                 restore_ms=1e3 * (c2.host_restore_seconds - c1.host_restore_seconds),
+                                 restore_ms_per_1k=1e6 * (c2.host_restore_seconds - c1.host_restore_seconds)
+                                 / max(1, again.host_cached_tokens),
+                                 bytes_per_token=c2.host_cache_bytes / max(1, c2.host_tokens_cached)))
+                log(f"(d) {length} tokens, round {rnd}: {runs[-1]}")
+    return runs
+
+
+def report_crossover(runs: List[dict]) -> List[str]:
+    out = ["| session tokens | decode ms / 1k tokens | save ms / 1k | restore ms / 1k | restore ms | "
+           "decode / restore | host bytes / token |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for length in dict.fromkeys(r["tokens"] for r in runs):
+        mine = [r for r in runs if r["tokens"] == length]
+
+        def med(key: str) -> float:
+            return statistics.median(r[key] for r in mine)
+
+        out.append(f"| {length} | {med('decode_ms_per_1k'):.0f} | {med('save_ms_per_1k'):.1f} | "
+                   f"{med('restore_ms_per_1k'):.1f} | {med('restore_ms'):.2f} | "
+                   f"{med('decode_ms_per_1k') / max(1e-9, med('restore_ms_per_1k')):.0f} | "
+                   f"{med('bytes_per_token'):.0f} |")
+    return out
+
+
 # -- (c) workloads without reuse -------------------------------------------------------------------
 def bench_noreuse(args: argparse.Namespace, model: str) -> List[dict]:
     runs = []
@@ -297,13 +390,21 @@ def report_noreuse(runs: List[dict]) -> List[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--only", action="append", choices=["chat", "calls", "repeat", "noreuse"],
+    ap.add_argument("--only", action="append", choices=["chat", "calls", "repeat", "noreuse", "crossover"],
                     help="run only these parts (repeatable; default: all)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sessions", type=int, default=4, help="(a) concurrent chat sessions = slots")
     ap.add_argument("--turns", type=int, default=6, help="(a) turns per session")
     ap.add_argument("--reply-tokens", type=int, default=32, help="(a) tokens generated per turn")
+    ap.add_argument("--slots", type=int, default=0, help="(a) slots of each server (default: --sessions)")
+    ap.add_argument("--preamble", action="store_true", help="(a) each session's own ~200 tokens in its first turn")
+    ap.add_argument("--system-policies", type=int, default=16, help="(a) system prompt size (16: ~300 tokens)")
+    ap.add_argument("--host-tier", action="store_true",
+                    help="(a) compare with serve --cache-ram 0 (the build before the host tier) instead of "
+                         "--no-prompt-cache")
+    ap.add_argument("--crossover-tokens", type=int, nargs="+", default=[64, 256, 1024, 2048],
+                    help="(d) session lengths")
     ap.add_argument("--calls", type=int, default=8, help="(b) calls")
     ap.add_argument("--prompts", type=int, default=16, help="(b) prompts per call = slots")
     ap.add_argument("--max-tokens", type=int, default=4, help="(b) tokens generated per prompt")
@@ -332,6 +433,11 @@ def main() -> None:
         results["repeat"] = runs
         report += ["(b') one prompt, then a second call whose one prompt repeats its instruction:",
                    *report_repeat(runs), ""]
+    if "crossover" in parts:
+        runs = bench_crossover(args, model)
+        results["crossover"] = runs
+        report += ["(d) the host tier: save / restore against decoding, per 1,000 tokens:",
+                   *report_crossover(runs), ""]
     if "noreuse" in parts:
         runs = bench_noreuse(args, model)
         results["noreuse"] = runs

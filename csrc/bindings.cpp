@@ -7,6 +7,7 @@
 
 #include "ggml-backend.h"
 #include "engine.hpp"
+#include "kv_host.hpp"
 #include "logging.hpp"
 #include "model.hpp"
 #include "sampling.hpp"
@@ -153,6 +154,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("kv_size", &EngineConfig::kv_size)
         .def_readwrite("min_prefix", &EngineConfig::min_prefix)
         .def_readwrite("prompt_cache", &EngineConfig::prompt_cache)
+        .def_readwrite("cache_ram", &EngineConfig::cache_ram)
         .def_readwrite("min_rows", &EngineConfig::min_rows)
         .def_readwrite("verbose", &EngineConfig::verbose);
 
@@ -195,6 +197,14 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("prompt_cache_misses", &Counters::prompt_cache_misses)
         .def_readonly("prompt_cache_evictions", &Counters::prompt_cache_evictions)
         .def_readonly("kv_copies", &Counters::kv_copies)
+        .def_readonly("host_cache_hits", &Counters::host_cache_hits)
+        .def_readonly("host_cached_tokens", &Counters::host_cached_tokens)
+        .def_readonly("host_cache_saves", &Counters::host_cache_saves)
+        .def_readonly("host_saved_tokens", &Counters::host_saved_tokens)
+        .def_readonly("host_cache_evictions", &Counters::host_cache_evictions)
+        .def_readonly("host_restore_failures", &Counters::host_restore_failures)
+        .def_readonly("host_save_seconds", &Counters::host_save_seconds)
+        .def_readonly("host_restore_seconds", &Counters::host_restore_seconds)
         .def_readonly("generated_tokens", &Counters::generated_tokens)
         .def_readonly("prompt_seconds", &Counters::prompt_seconds)
         .def_readonly("generation_seconds", &Counters::generation_seconds)
@@ -256,7 +266,52 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("n_ctx_seq", &Engine::n_ctx_seq)
         .def_property_readonly("kv_capacity", &Engine::kv_capacity)
         .def_property_readonly("n_batch", &Engine::n_batch)
-        .def_property_readonly("n_parallel", &Engine::n_parallel);
+        .def_property_readonly("n_parallel", &Engine::n_parallel)
+        .def_property_readonly("host_bytes", &Engine::host_bytes)
+        .def_property_readonly("host_budget", &Engine::host_budget)
+        .def_property_readonly("host_entries", &Engine::host_entries)
+        .def_property_readonly("host_tokens", &Engine::host_tokens)
+        .def_property_readonly("kv_fingerprint", &Engine::kv_fingerprint)
+        .def("export_host",
+             [](const Engine & e) {
+                 py::list out;
+                 for (const auto & b : e.export_host()) {
+                     out.append(py::bytes(b));
+                 }
+                 return out;
+             })
+        .def("import_host", [](Engine & e, py::bytes b) { return e.import_host(std::string(b)); }, py::arg("entry"));
+
+    // The host tier's bookkeeping alone (opaque states): budget, LRU, prefix-awareness and
+    // the block index are tested on exact token layouts.
+    py::class_<HostCache>(m, "HostCache")
+        .def(py::init<size_t, int32_t>(), py::arg("budget_bytes"), py::arg("block") = 32)
+        .def("put",
+             [](HostCache & h, std::vector<HostToken> tokens, py::bytes state) {
+                 HostEntry   e;
+                 std::string st(state);
+                 e.tokens = std::move(tokens);
+                 e.state.assign(st.begin(), st.end());
+                 switch (h.put(std::move(e))) {
+                     case HostCache::Put::Stored: return "stored";
+                     case HostCache::Put::Held: return "held";
+                     default: return "too_large";
+                 }
+             },
+             py::arg("tokens"), py::arg("state"))
+        .def("longest",
+             [](const HostCache & h, const std::vector<HostToken> & t, int32_t cap) {
+                 const HostMatch m = h.longest(t.data(), static_cast<int32_t>(t.size()), cap);
+                 return py::make_tuple(m.id, m.n);
+             },
+             py::arg("tokens"), py::arg("cap") = INT32_MAX)
+        .def("tokens", [](const HostCache & h, int64_t id) { return h.get(id) ? h.get(id)->tokens : std::vector<HostToken>{}; })
+        .def("touch", &HostCache::touch)
+        .def("ids", &HostCache::ids)
+        .def_property_readonly("bytes", &HostCache::bytes)
+        .def_property_readonly("budget", &HostCache::budget)
+        .def_property_readonly("evictions", &HostCache::evictions)
+        .def("__len__", &HostCache::size);
 
     // Exposed so the stop-string and UTF-8 logic can be tested on exact byte splits.
     py::class_<TextAssembler>(m, "TextAssembler")

@@ -39,6 +39,7 @@ struct Engine::Placement {
     llama_seq_id source = -1;  // the stream whose KV it starts from (== stream: in place); -1: none
     int32_t      reuse  = 0;   // leading tokens whose KV it starts with
     int32_t      lost   = 0;   // cached tokens of `stream` no other stream holds, dropped by taking it
+    int64_t      host   = -1;  // >= 0: the host tier's entry it is restored from (source is -1)
 };
 
 struct Engine::Entry {
@@ -61,12 +62,7 @@ struct Engine::Draw {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-// A KV copy between two streams moves a whole stream (llama.cpp copies streams, not cells),
-// and one that leaves a hole in the live seq ids costs another (close_gaps). Measured on
-// SmolLM2 (2 cores): a stream copy takes 4-14 ms for 512-4096 cells, about what decoding a
-// few prompt tokens takes; prefixes shorter than this are decoded rather than copied.
-constexpr int32_t kCopyTokens = 16;
+using kv_cost::kCopyTokens;
 
 int32_t common_prefix(const llama_token * a, int32_t na, const std::vector<llama_token> & b, int32_t cap) {
     const int32_t n = std::min({na, static_cast<int32_t>(b.size()), cap});
@@ -166,6 +162,22 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     slots_.resize(static_cast<size_t>(n_seq_));
     cached_.resize(static_cast<size_t>(n_seq_));
     cache_used_.resize(static_cast<size_t>(n_seq_));
+    copy_pending_.resize(static_cast<size_t>(n_seq_));
+    if (caching() && cfg_.cache_ram > 0) {
+        host_ = std::make_unique<HostCache>(static_cast<size_t>(cfg_.cache_ram));
+    }
+    // KV state restores only into a context laid out as the one it came from (llama.cpp
+    // checks layers, types and stream count itself; this also ties it to the weights).
+    char desc[256] = {0};
+    llama_model_desc(model_->get(), desc, sizeof(desc));
+    fingerprint_ = std::string(desc) + "|params=" + std::to_string(llama_model_n_params(model_->get())) +
+                   "|bytes=" + std::to_string(llama_model_size(model_->get())) +
+                   "|layers=" + std::to_string(llama_model_n_layer(model_->get())) +
+                   "|embd=" + std::to_string(llama_model_n_embd(model_->get())) +
+                   "|vocab=" + std::to_string(model_->n_vocab()) + "|swa=" + std::to_string(n_swa_) +
+                   "|type_k=" + std::to_string(cfg_.type_k) + "|type_v=" + std::to_string(cfg_.type_v) +
+                   "|unified=" + std::to_string(cfg_.kv_unified) + "|streams=" + std::to_string(n_seq_) +
+                   "|n_ctx_seq=" + std::to_string(n_ctx_seq()) + "|flash_attn=" + std::to_string(cfg_.flash_attn);
     ++alive_;
 }
 
@@ -194,6 +206,37 @@ int64_t Engine::cached_tokens() const {
         total += static_cast<int64_t>(c.size());
     }
     return total;
+}
+
+int64_t Engine::host_tokens() const {
+    int64_t total = 0;
+    if (host_) {
+        for (int64_t id : host_->ids()) {
+            total += static_cast<int64_t>(host_->get(id)->tokens.size());
+        }
+    }
+    return total;
+}
+
+std::vector<std::string> Engine::export_host() const {
+    std::vector<std::string> out;
+    if (host_) {
+        for (int64_t id : host_->ids()) {
+            out.push_back(HostCache::pack(*host_->get(id), fingerprint_));
+        }
+    }
+    return out;
+}
+
+bool Engine::import_host(const std::string & bytes) {
+    HostEntry e;
+    if (!host_ || !HostCache::unpack(bytes, fingerprint_, e)) {
+        return false;
+    }
+    const int64_t evicted = host_->evictions();
+    const bool    ok      = host_->put(std::move(e)) != HostCache::Put::TooLarge;
+    counters_.host_cache_evictions += host_->evictions() - evicted;
+    return ok;
 }
 
 int32_t Engine::n_ctx_seq() const { return static_cast<int32_t>(llama_n_ctx_seq(ctx_)); }
@@ -459,20 +502,25 @@ Engine::Placement Engine::place(const std::vector<llama_token> & t, int32_t cap,
     const std::vector<int32_t> lost = losses();
     Placement out;
     int64_t   out_value = 0;
-    auto consider = [&](llama_seq_id stream, llama_seq_id source, int32_t n, int32_t dropped, int64_t value) {
+    auto consider = [&](llama_seq_id stream, llama_seq_id source, int32_t n, int32_t dropped, int64_t value,
+                        int64_t host = -1) {
         if (out.stream < 0 || value > out_value) {
-            out       = Placement{stream, source, n, dropped};
+            out       = Placement{stream, source, n, dropped, host};
             out_value = value;
         }
     };
-    const int32_t copy_cost = cfg_.kv_unified ? 1 : kCopyTokens;  // unified: cells gain a seq id
     const llama_seq_id v = victim(src, live, lost);
     if (v >= 0) {
         const int32_t l   = lost[static_cast<size_t>(v)];
         const int64_t gap = live ? gap_plan(v, lost).cost : 0;
         consider(v, -1, 0, l, -int64_t(l) - gap);
         if (src >= 0 && best > 0) {
-            consider(v, src, best, l, int64_t(best) - copy_cost - l - gap);
+            consider(v, src, best, l, int64_t(best) - kv_cost::copy(cfg_.kv_unified) - l - gap);
+        }
+        // From host memory: into the victim, unless a queued copy still reads or writes it.
+        const HostHit h = reuse && !copy_pending_[static_cast<size_t>(v)] ? host_lookup(t, cap) : HostHit{};
+        if (h.n > best) {
+            consider(v, -1, h.n, l, int64_t(h.n) - kv_cost::restore(h.n) - l - gap, h.id);
         }
     }
     for (int32_t id = 0; id < n_seq_; ++id) {
@@ -492,17 +540,25 @@ Engine::Placement Engine::place(const std::vector<llama_token> & t, int32_t cap,
 int32_t Engine::fill(const Placement & p) {
     const llama_seq_id id = p.stream;
     int32_t            n  = p.reuse;
+    if (p.host >= 0) {
+        host_->touch(p.host);  // the most recent: the spill below makes room elsewhere
+    }
+    if (p.lost > 0) {
+        spill(id);  // what only this stream holds goes to host memory first
+    }
     if (p.lost > 0 && (p.source != id || p.lost > n)) {
         ++counters_.prompt_cache_evictions;  // in place, evicted when less is reused than lost
     }
-    if (n == 0) {
+    if (p.host >= 0) {
+        n = restore(id, HostHit{p.host, n});
+    } else if (n == 0) {
         llama_memory_seq_rm(mem_, id, -1, -1);
     } else if (p.source != id) {
         llama_memory_seq_rm(mem_, id, -1, -1);
         if (cfg_.kv_unified) {
             llama_memory_seq_cp(mem_, p.source, id, 0, n);  // the cells gain a seq id
         } else {
-            llama_memory_seq_cp(mem_, p.source, id, -1, -1);  // whole streams only
+            copy_stream(p.source, id);  // whole streams only
         }
         ++counters_.kv_copies;
         cache_used_[static_cast<size_t>(p.source)] = ++cache_clock_;
@@ -534,6 +590,7 @@ bool Engine::evict_one(llama_seq_id spare_a, llama_seq_id spare_b) {
     if (oldest < 0) {
         return false;
     }
+    spill(oldest);
     llama_memory_seq_rm(mem_, oldest, -1, -1);
     cached_[static_cast<size_t>(oldest)].clear();
     ++counters_.prompt_cache_evictions;
@@ -547,6 +604,87 @@ void Engine::clear_cache() {
             cached_[static_cast<size_t>(id)].clear();
         }
     }
+}
+
+// -- the host tier ---------------------------------------------------------------------------
+
+// The host entry holding the longest prefix of `t` (at most `cap` tokens) that a stream can
+// start from: with a sliding window, one whose cells of the last window before it were kept.
+Engine::HostHit Engine::host_lookup(const std::vector<llama_token> & t, int32_t cap) const {
+    if (!host_) {
+        return {};
+    }
+    const HostMatch m = host_->longest(t.data(), static_cast<int32_t>(t.size()), cap);
+    if (m.id < 0 || (n_swa_ > 0 && host_->get(m.id)->pos_min > std::max(0, m.n - n_swa_))) {
+        return {};
+    }
+    return {m.id, m.n};
+}
+
+// Free stream `id`'s cache entry is about to be dropped or overwritten: its tokens and KV
+// state go to host memory (unless held there already, or too short to be worth a restore).
+void Engine::spill(llama_seq_id id) {
+    const size_t   i = static_cast<size_t>(id);
+    const auto &   c = cached_[i];
+    const int32_t  n = static_cast<int32_t>(c.size());
+    if (!host_ || n < host_->block() || copy_pending_[i]) {
+        return;
+    }
+    const HostMatch m = host_->longest(c.data(), n, n);
+    if (m.id >= 0 && m.n == n) {
+        host_->touch(m.id);
+        return;
+    }
+    const auto t0 = Clock::now();
+    HostEntry  e;
+    e.state.resize(llama_state_seq_get_size_ext(ctx_, id, LLAMA_STATE_SEQ_FLAGS_NONE));
+    const size_t got = e.state.empty() ? 0
+                       : llama_state_seq_get_data_ext(ctx_, e.state.data(), e.state.size(), id,
+                                                      LLAMA_STATE_SEQ_FLAGS_NONE);
+    if (got == e.state.size() && got > 0) {
+        e.tokens  = c;
+        e.pos_min = std::max(0, static_cast<int32_t>(llama_memory_seq_pos_min(mem_, id)));
+        const int64_t evicted = host_->evictions();
+        if (host_->put(std::move(e)) == HostCache::Put::Stored) {
+            ++counters_.host_cache_saves;
+            counters_.host_saved_tokens += n;
+        }
+        counters_.host_cache_evictions += host_->evictions() - evicted;
+    }
+    counters_.host_save_seconds += seconds_since(t0);
+}
+
+// Free stream `id` gets the KV of host entry hit.id, cut to its first hit.n tokens by the
+// caller. Returns hit.n, or 0 where llama.cpp refused the state (the entry is dropped and
+// the prompt decoded instead).
+int32_t Engine::restore(llama_seq_id id, const HostHit & hit) {
+    const auto        t0 = Clock::now();
+    const HostEntry * e  = host_->get(hit.id);  // gone if the spill before it needed its room
+    llama_memory_seq_rm(mem_, id, -1, -1);
+    int32_t n = hit.n;
+    if (!e) {
+        n = 0;
+    } else if (llama_state_seq_set_data_ext(ctx_, e->state.data(), e->state.size(), id,
+                                            LLAMA_STATE_SEQ_FLAGS_NONE) == 0) {
+        take_log_errors();  // llama.cpp said why in its log; the prompt is decoded instead
+        llama_memory_seq_rm(mem_, id, -1, -1);
+        host_->erase(hit.id);
+        ++counters_.host_restore_failures;
+        n = 0;
+    } else {
+        host_->touch(hit.id);
+        ++counters_.host_cache_hits;
+        counters_.host_cached_tokens += n;
+    }
+    counters_.host_restore_seconds += seconds_since(t0);
+    return n;
+}
+
+// A whole-stream copy, queued by llama.cpp until the next decode.
+void Engine::copy_stream(llama_seq_id src, llama_seq_id dst) {
+    llama_memory_seq_cp(mem_, src, dst, -1, -1);
+    copy_pending_[static_cast<size_t>(src)] = 1;
+    copy_pending_[static_cast<size_t>(dst)] = 1;
 }
 
 bool Engine::keeps_kv(const Sequence & s) const {
@@ -588,6 +726,7 @@ void Engine::choose_prefix() {
         for (int32_t id = 0; id < n_seq_; ++id) {
             cached = std::max(cached, reusable(id, head.tokens, best_len));
         }
+        cached = std::max(cached, host_lookup(head.tokens, best_len).n);
     }
     if (best_len - cached < cfg_.min_prefix) {
         no_prefix_head_ = waiting_.front().get();  // nothing to share: don't rescan each step
@@ -748,13 +887,17 @@ void Engine::close_gaps() {
             }
             const size_t k = static_cast<size_t>(keep);
             if (keep >= 0 && (lost[k] == 0 || cache_used_[k] < cache_used_[static_cast<size_t>(to)])) {
-                counters_.prompt_cache_evictions += lost[k] > 0 ? 1 : 0;
+                if (lost[k] > 0) {
+                    spill(keep);
+                    ++counters_.prompt_cache_evictions;
+                }
                 llama_memory_seq_rm(mem_, keep, -1, -1);
-                llama_memory_seq_cp(mem_, to, keep, -1, -1);  // queued before the move's copy
+                copy_stream(to, keep);  // queued before the move's copy
                 ++counters_.kv_copies;
                 cached_[k]     = std::move(cached_[static_cast<size_t>(to)]);
                 cache_used_[k] = cache_used_[static_cast<size_t>(to)];
             } else {
+                spill(to);
                 ++counters_.prompt_cache_evictions;
             }
         }
@@ -762,7 +905,7 @@ void Engine::close_gaps() {
         auto & s = slots_[static_cast<size_t>(from)];
         llama_memory_seq_rm(mem_, to, -1, -1);
         if (s->n_past > 0) {
-            llama_memory_seq_cp(mem_, from, to, -1, -1);
+            copy_stream(from, to);
         }
         llama_memory_seq_rm(mem_, from, -1, -1);
         s->seq_id                       = to;
@@ -958,6 +1101,7 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
         abort_now_.store(false);
 
         if (ret == 0) {
+            std::fill(copy_pending_.begin(), copy_pending_.end(), 0);  // llama.cpp made the copies first
             ++counters_.decode_calls;
             counters_.fallback_decodes += split ? 1 : 0;
             const double share = static_cast<double>(n_prompt_tok) / batch_.n_tokens;

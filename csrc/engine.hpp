@@ -7,6 +7,8 @@
 // KV that outlives a request (the prompt cache): a finished sequence's stream keeps its
 // tokens' KV as a cache entry; a new prompt starts from the longest cached prefix of its
 // token ids (in place, or copied from another stream) and decodes only the rest.
+// With a host tier (cache_ram > 0, kv_host.hpp) an entry about to be overwritten is saved to
+// host memory first, and a prompt whose longest cached prefix lives there is restored.
 // What happens when llama_decode fails is decided in one function, Engine::recover.
 #pragma once
 
@@ -17,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "kv_host.hpp"
 #include "llama.h"
 #include "model.hpp"
 #include "request.hpp"
@@ -38,6 +41,7 @@ struct EngineConfig {
                                 // INT32_MAX: never share
     bool    prompt_cache = true; // keep finished sequences' KV for later prompts (requests opt
                                  // out with SamplingConfig::cache_prompt)
+    int64_t cache_ram  = 0;      // bytes of host memory for the prompt cache's host tier; 0: none
     // > 0: batch-invariant mode. Each prompt chunk is decoded in a call of its own, and
     // every generation step is padded with one-token dummy rows up to this many rows, so a
     // sequence's numbers never depend on what else runs (see Engine::step_invariant).
@@ -62,6 +66,15 @@ struct Counters {
                                         // dropped (for room, overwritten) or reused in place
                                         // for fewer tokens than that loses
     int64_t kv_copies         = 0;  // KV copies between streams to reuse or keep cached KV
+    // The host tier (a subset of the prompt cache's hits and tokens above).
+    int64_t host_cache_hits      = 0;  // lookups that restored KV from host memory
+    int64_t host_cached_tokens   = 0;  // prompt tokens not decoded: restored from host memory
+    int64_t host_cache_saves     = 0;  // stream entries saved to host memory before being dropped
+    int64_t host_saved_tokens    = 0;  // tokens those saves hold
+    int64_t host_cache_evictions = 0;  // host entries dropped for room (least recently used)
+    int64_t host_restore_failures = 0; // restores llama.cpp refused (the prompt was decoded instead)
+    double  host_save_seconds    = 0;  // time spent saving and restoring KV state
+    double  host_restore_seconds = 0;
     int64_t generated_tokens  = 0;  // tokens sampled
     double  prompt_seconds    = 0;  // decode time, split by token share between prompt...
     double  generation_seconds = 0; // ...and generation tokens of each call
@@ -122,8 +135,20 @@ public:
     // KV positions llama.cpp holds beyond the prompt cache's entries (0 when nothing is
     // running): leak checks.
     int64_t  kv_tokens() const;
-    // Tokens whose KV the prompt cache keeps for later prompts.
+    // Tokens whose KV the prompt cache keeps for later prompts (KV streams only).
     int64_t  cached_tokens() const;
+    // The host tier: bytes held (state and tokens), its budget, entries, tokens held.
+    int64_t  host_bytes() const { return host_ ? static_cast<int64_t>(host_->bytes()) : 0; }
+    int64_t  host_budget() const { return host_ ? static_cast<int64_t>(host_->budget()) : 0; }
+    int64_t  host_entries() const { return host_ ? static_cast<int64_t>(host_->size()) : 0; }
+    int64_t  host_tokens() const;
+    // The host tier's entries as bytes tagged with this engine's KV configuration, least
+    // recently used first, and back: an entry of another configuration (model, KV types,
+    // layout) is refused (false), as is one the budget cannot take. Moves a tier between
+    // engines (a Model reopened, or a disk tier).
+    std::vector<std::string> export_host() const;
+    bool                     import_host(const std::string & bytes);
+    const std::string &      kv_fingerprint() const { return fingerprint_; }
     int32_t  n_streams() const { return n_seq_; }  // seq ids: slots, plus one for prefixes and the cache
     size_t   n_waiting() const { return waiting_.size(); }
     int32_t  n_ctx() const { return cfg_.n_ctx; }
@@ -150,6 +175,10 @@ private:
         int64_t cost  = 0;
         int32_t first = -1;  // the live sequences gather in streams [first, first + n)
         int32_t n     = 0;
+    };
+    struct HostHit {
+        int64_t id = -1;  // host entry; -1: none
+        int32_t n  = 0;   // leading tokens it restores
     };
     struct Held {
         const llama_token * data = nullptr;
@@ -178,6 +207,11 @@ private:
     void         keep_cached(llama_seq_id id, const llama_token * data, int32_t n);
     bool         evict_one(llama_seq_id spare_a, llama_seq_id spare_b);
     void         clear_cache();
+    // the host tier
+    HostHit      host_lookup(const std::vector<llama_token> & t, int32_t cap) const;
+    void         spill(llama_seq_id id);
+    int32_t      restore(llama_seq_id id, const HostHit & hit);
+    void         copy_stream(llama_seq_id src, llama_seq_id dst);
     bool         keeps_kv(const Sequence & s) const;
     // one step's batch
     std::vector<Sequence *> running_by_admission() const;
@@ -227,6 +261,12 @@ private:
     std::vector<std::vector<llama_token>>  cached_;
     std::vector<uint64_t>                  cache_used_;
     uint64_t                               cache_clock_ = 0;
+    std::unique_ptr<HostCache>             host_;         // the host tier; null: off
+    std::string                            fingerprint_;  // what KV state from this context belongs to
+    // Streams a cross-stream copy is queued for (source or destination): llama.cpp copies
+    // the buffers at the next decode, so until then their state is neither saved nor
+    // overwritten by a restore.
+    std::vector<uint8_t>                   copy_pending_;
     std::unique_ptr<SharedPrefix>          prefix_;  // at most one at a time
     // A prefix was given up for KV room: none is chosen again until a sequence leaves its
     // slot, or the same prefix would be decoded and given up every step.

@@ -154,7 +154,7 @@ def test_lru_eviction_across_streams(smollm2_path):
     topics = ["Astronomy", "Cooking", "Gardening", "Sailing"]  # nothing shared from the first token on
     prompts = [f"{t}: " + f"{t.lower()} is a subject worth studying in detail. " * 8 for t in topics]
     kw = dict(max_tokens=2, **GREEDY)
-    with pg.Model(smollm2_path, n_parallel=2, n_ctx=256) as m:
+    with pg.Model(smollm2_path, n_parallel=2, n_ctx=256, cache_ram=0) as m:  # streams only (test_kv_host)
         assert _engine(m, lambda e: e.n_streams) == 3
 
         def cached(p):

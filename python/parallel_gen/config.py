@@ -43,6 +43,9 @@ def _numerics() -> Dict[str, Any]:
     return {"numerics": True}
 
 
+MAX_CACHE_RAM_MIB = 2**30
+"""ModelConfig.cache_ram's upper bound (a petabyte: the budget is a byte count in C++)."""
+
 @dataclass(frozen=True)
 class ModelConfig:
     """How a Model runs: its slots, context, batch, threads and KV cache (validated on creation)."""
@@ -100,6 +103,15 @@ class ModelConfig:
     prefill resumed from a cached prefix is cut there, which changes outputs slightly
     (as share_prefix does)."""
 
+    cache_ram: int = field(default=8192, metadata=_numerics())
+    """MiB of host memory for the prompt cache's second tier (llama-server's --cache-ram;
+    0: none). When a KV stream holding a cache entry is needed for another prompt, its
+    tokens and KV state are saved to host memory first, and a later prompt whose longest
+    cached prefix lives there is restored into a free stream instead of decoded: with more
+    conversations than slots each keeps its KV between turns. Least recently used entries
+    go first; an entry a longer one contains is not stored twice. Only with prompt_cache;
+    the memory is taken as entries are saved, never beyond this."""
+
     batch_invariant: bool = field(default=False, metadata=_numerics())
     """A prompt's output (greedy tokens, logprobs, scores) is bit-identical whether it runs
     alone or among any companions, in any slot, arriving at any time (same machine, build,
@@ -133,6 +145,7 @@ class ModelConfig:
         if self.n_threads is not None:
             _int("n_threads", self.n_threads, 1)
         _int("n_gpu_layers", self.n_gpu_layers, -1)
+        _int("cache_ram", self.cache_ram, 0, MAX_CACHE_RAM_MIB)
         for name in ("kv_unified", "share_prefix", "prompt_cache", "batch_invariant", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise ParamTypeError(f"Model {name} must be a bool, got {getattr(self, name)!r}", name)
@@ -147,6 +160,8 @@ class ModelConfig:
                                  "batch_invariant=True: a generation step is that many rows", "n_batch")
             set_(self, "share_prefix", False)
             set_(self, "prompt_cache", False)
+        if not self.prompt_cache:
+            set_(self, "cache_ram", 0)  # the host tier is the prompt cache's: nothing to keep
         if self.flash_attn == "auto":
             set_(self, "flash_attn", None)
         if self.flash_attn not in _FLASH:
@@ -205,6 +220,7 @@ class ModelConfig:
         ec.kv_size = self.kv_size or 0
         ec.min_prefix = MIN_SHARED_PREFIX if self.share_prefix else 2**31 - 1
         ec.prompt_cache = self.prompt_cache
+        ec.cache_ram = self.cache_ram * 2**20
         ec.min_rows = BATCH_INVARIANT_MIN_ROWS if self.batch_invariant else 0
         ec.verbose = self.verbose
         return ec

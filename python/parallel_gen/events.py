@@ -119,6 +119,14 @@ class EngineCounters:
     prompt_cache_misses: int = 0
     prompt_cache_evictions: int = 0
     kv_copies: int = 0
+    host_cache_hits: int = 0
+    host_cached_tokens: int = 0
+    host_cache_saves: int = 0
+    host_saved_tokens: int = 0
+    host_cache_evictions: int = 0
+    host_restore_failures: int = 0
+    host_save_seconds: float = 0.0
+    host_restore_seconds: float = 0.0
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0

@@ -265,5 +265,9 @@ def batch_stats(completions: List[Completion], c: EngineCounters, wall: float, c
         prompt_cache_misses=int(c.prompt_cache_misses),
         prompt_cache_evictions=int(c.prompt_cache_evictions),
         host_seconds=c.host_seconds,
+        host_cache_hits=int(c.host_cache_hits),
+        host_cached_tokens=int(c.host_cached_tokens),
+        host_cache_saves=int(c.host_cache_saves),
+        host_cache_evictions=int(c.host_cache_evictions),
     )
 

@@ -231,6 +231,17 @@ class BatchStats:
     """Engine time outside llama_decode in the steps of the call: admission, sampling, stop
     checks, results. Added to every decode step: on a fast GPU it decides throughput."""
 
+    host_cache_hits: int = 0
+    """Of prompt_cache_hits, those restored from the host tier (``ModelConfig.cache_ram``):
+    KV saved to host memory when its stream was needed for another prompt. The others
+    started from KV still in a stream."""
+    host_cached_tokens: int = 0
+    """Of cached_prompt_tokens, those restored from the host tier."""
+    host_cache_saves: int = 0
+    """Prompt cache entries saved to the host tier before their KV stream was reused."""
+    host_cache_evictions: int = 0
+    """Host tier entries dropped (least recently used first) to stay within cache_ram."""
+
     @property
     def host_ms_per_step(self) -> float:
         """host_seconds per decode call, in milliseconds; 0 without decode calls."""

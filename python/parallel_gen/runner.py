@@ -152,6 +152,26 @@ class EngineStats:
     """Prompt cache entries dropped for room, or overwritten, since the Model was opened."""
     host_seconds: float = 0.0
     """Engine time outside llama_decode since the Model was opened (BatchStats.host_seconds)."""
+    host_cache_hits: int = 0
+    """Of prompt_cache_hits, those restored from the host tier (ModelConfig.cache_ram)."""
+    host_cached_tokens: int = 0
+    """Of cached_prompt_tokens, those restored from the host tier."""
+    host_cache_saves: int = 0
+    """Entries saved to the host tier before their KV stream was reused."""
+    host_cache_evictions: int = 0
+    """Host tier entries dropped to stay within cache_ram."""
+    host_cache_bytes: int = 0
+    """Host memory the host tier holds now (KV state and tokens; at most cache_ram MiB)."""
+    host_cache_entries: int = 0
+    """Entries in the host tier now."""
+    host_tokens_cached: int = 0
+    """Tokens whose KV the host tier holds now."""
+    host_saved_tokens: int = 0
+    """Tokens the host tier's saves held, since the Model was opened."""
+    host_save_seconds: float = 0.0
+    """Time spent saving KV state to the host tier, since the Model was opened."""
+    host_restore_seconds: float = 0.0
+    """Time spent restoring KV state from the host tier, since the Model was opened."""
 
     @property
     def prompt_cache_hit_rate(self) -> float:
@@ -168,6 +188,9 @@ class _Snapshot:
     completed: int = 0
     kv_tokens: int = 0
     kv_tokens_cached: int = 0
+    host_bytes: int = 0
+    host_entries: int = 0
+    host_tokens: int = 0
     totals: EngineCounters = field(default_factory=EngineCounters)
     """A copy of the counters since the Model opened."""
 
@@ -242,7 +265,14 @@ class EngineRunner:
                            decode_calls=int(t.decode_calls), kv_tokens=s.kv_tokens,
                            kv_tokens_cached=s.kv_tokens_cached, cached_prompt_tokens=int(t.cached_prompt_tokens),
                            prompt_cache_hits=int(t.prompt_cache_hits), prompt_cache_misses=int(t.prompt_cache_misses),
-                           prompt_cache_evictions=int(t.prompt_cache_evictions), host_seconds=t.host_seconds)
+                           prompt_cache_evictions=int(t.prompt_cache_evictions),
+                           host_cache_hits=int(t.host_cache_hits), host_cached_tokens=int(t.host_cached_tokens),
+                           host_cache_saves=int(t.host_cache_saves),
+                           host_cache_evictions=int(t.host_cache_evictions), host_cache_bytes=s.host_bytes,
+                           host_cache_entries=s.host_entries, host_tokens_cached=s.host_tokens,
+                           host_saved_tokens=int(t.host_saved_tokens), host_save_seconds=t.host_save_seconds,
+                           host_restore_seconds=t.host_restore_seconds,
+                           host_seconds=t.host_seconds)
 
     def stop(self) -> None:
         """Cancels everything, ends the thread and waits for it. Idempotent."""
@@ -457,7 +487,9 @@ class EngineRunner:
             return
         self._snapshot = _Snapshot(queued=engine.n_waiting + sum(len(r.items) for r in self._turns),
                                    busy=engine.n_live, completed=self._completed, kv_tokens=engine.kv_tokens,
-                                   kv_tokens_cached=engine.cached_tokens, totals=dataclasses.replace(self._totals))
+                                   kv_tokens_cached=engine.cached_tokens, host_bytes=engine.host_bytes,
+                                   host_entries=engine.host_entries, host_tokens=engine.host_tokens,
+                                   totals=dataclasses.replace(self._totals))
 
     def _finish(self, req: Request) -> None:
         self._requests.pop(req.id, None)

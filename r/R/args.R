@@ -5,7 +5,8 @@
 
 # Arguments Python wants as int: whole doubles (5, 1e3) are accepted and converted.
 .INT_ARGS <- c("n", "max_tokens", "top_k", "repeat_last_n", "seed", "logprobs",
-               "n_parallel", "n_ctx", "n_batch", "n_threads", "n_gpu_layers", "kv_size")
+               "n_parallel", "n_ctx", "n_batch", "n_threads", "n_gpu_layers", "kv_size",
+               "cache_ram")
 # Arguments Python wants as a list of int / a list of str (any length, length 1 included).
 .INT_LIST_ARGS <- c("stop_token_ids")
 .STR_LIST_ARGS <- c("stop", "choices", "grammar_triggers")
@@ -18,7 +19,7 @@
 # ModelConfig fields taken through `...` of pg_model() (n_parallel and n_ctx are its
 # named arguments); each is documented there.
 .MODEL_DOTS <- c("n_batch", "n_threads", "n_gpu_layers", "kv_unified", "flash_attn", "type_k", "type_v",
-                 "kv_size", "share_prefix", "prompt_cache", "batch_invariant", "verbose")
+                 "kv_size", "share_prefix", "prompt_cache", "cache_ram", "batch_invariant", "verbose")
 
 .is_whole <- function(x) is.numeric(x) & is.finite(x) & x == trunc(x)
 

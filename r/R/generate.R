@@ -178,7 +178,9 @@ pg_chat <- function(model, conversations, max_tokens = 128L, temperature = 0.8, 
 #'   `decode_retries`, `fallback_decodes`, `failed`, `preemptions`, `sequence_moves`,
 #'   `prefix_tokens_reused`, `cache_hits`, `cached_prompt_tokens` (prompt tokens whose
 #'   KV came from the model's prompt cache), `prompt_cache_hits`, `prompt_cache_misses`,
-#'   `prompt_cache_evictions`, `host_seconds` (engine time outside llama.cpp's decode calls:
+#'   `prompt_cache_evictions`, `host_cache_hits` and `host_cached_tokens` (the part of the
+#'   hits and tokens restored from host memory, `cache_ram`), `host_cache_saves`,
+#'   `host_cache_evictions`, `host_seconds` (engine time outside llama.cpp's decode calls:
 #'   admission, sampling, stop checks).
 #' @export
 pg_stats <- function(x = NULL) {

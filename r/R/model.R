@@ -14,7 +14,8 @@
 #' @param ... the other fields of Python's `parallel_gen.ModelConfig`: `n_batch`,
 #'   `n_threads`, `n_gpu_layers`, `kv_unified`, `flash_attn`, `type_k`, `type_v`,
 #'   `kv_size`, `share_prefix`, `prompt_cache` (`FALSE`: keep no finished prompt's KV
-#'   for later prompts), `batch_invariant` (`TRUE`: a prompt's output never depends on
+#'   for later prompts), `cache_ram` (MiB of host memory keeping prompt cache entries
+#'   whose KV stream is needed for another prompt; 0: none), `batch_invariant` (`TRUE`: a prompt's output never depends on
 #'   what else runs), `verbose`; each left out keeps `ModelConfig`'s default.
 #'   Whole doubles are accepted where an integer is needed.
 #' @return A model of class `pg_model`. `model$n_ctx`, `model$n_parallel`,

@@ -96,6 +96,9 @@ MODEL_FLAGS = (
     ModelFlag("prompt_cache", ("--prompt-cache",), "keep finished prompts' KV so a later prompt starting with the "
                                                    "same tokens decodes only the rest (--no-prompt-cache: keep "
                                                    "none)", bool, None),
+    ModelFlag("cache_ram", ("--cache-ram",), "MiB of host memory that keeps prompt cache entries whose KV stream "
+                                             "is needed for another prompt, restored when a later prompt "
+                                             "starts with them (0: none)", int, "MIB"),
     ModelFlag("batch_invariant", ("--batch-invariant",), "a prompt's output never depends on what else is in the "
                                                          "batch: each prompt prefilled alone, generation steps "
                                                          "padded to a fixed minimum of rows (slower; no shared "
@@ -107,7 +110,7 @@ MODEL_FLAGS = (
 )
 _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 # Flags whose default the help states (the others say theirs in words, or are switches).
-_SHOWN_DEFAULTS = ("n_batch", "flash_attn", "type_k", "type_v", "share_prefix", "prompt_cache")
+_SHOWN_DEFAULTS = ("n_batch", "flash_attn", "type_k", "type_v", "share_prefix", "prompt_cache", "cache_ram")
 
 
 def default_n_parallel(rows: Optional[int]) -> int:

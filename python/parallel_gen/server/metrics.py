@@ -31,6 +31,16 @@ _ENGINE_GAUGES = (
     ("prompt_cache_evictions", "prompt_cache_evictions", "Prompt cache entries dropped for room or overwritten"),
     ("prompt_cache_tokens", "cached_prompt_tokens", "Prompt tokens not decoded because their KV was in the "
                                                     "prompt cache, since the Model opened"),
+    # The prompt cache's hits split by tier: a KV stream's (hits - host hits) or host memory's.
+    ("host_cache_hits", "host_cache_hits", "Prompt cache hits restored from the host-memory tier"),
+    ("host_cache_tokens", "host_cached_tokens", "Prompt tokens restored from the host-memory tier"),
+    ("host_cache_saves", "host_cache_saves", "Prompt cache entries saved to host memory before their KV "
+                                             "stream was reused"),
+    ("host_cache_evictions", "host_cache_evictions", "Host-memory tier entries dropped to stay within "
+                                                     "cache_ram"),
+    ("host_cache_bytes", "host_cache_bytes", "Bytes the host-memory tier holds now (at most cache_ram MiB)"),
+    ("host_cache_entries", "host_cache_entries", "Entries in the host-memory tier now"),
+    ("host_cache_tokens_held", "host_tokens_cached", "Tokens whose KV the host-memory tier holds now"),
 )
 
 
