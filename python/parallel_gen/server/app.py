@@ -226,7 +226,10 @@ def _include_usage(body: Any) -> bool:
 async def _respond(svc: Service, call: Call, request: Request, stream: bool, shape: Shape) -> Any:
     logger.info("request %s: %s, %d prompts x n=%d, %s", call.id, call.endpoint, len(call.prompts), call.n,
                 "streaming" if stream else "whole")
-    release = svc.admit(call)  # 429 here, before any byte of the response
+    # Admitted (429 otherwise) before the call was built: released however the call ends.
+    if call.admission is None:
+        raise RuntimeError(f"request {call.id}: its call was never admitted")
+    release = call.admission.release
     if stream:
         events = _sse(svc, call, shape, release)
         # A client that leaves before the first event means the generator never starts, and
