@@ -217,14 +217,17 @@ def _tool_calls(where: str, calls: Any) -> List[Dict[str, Any]]:
         if "id" in call and call["id"] is not None and not isinstance(call["id"], str):
             raise TypeError(f"{at}['id'] must be a str, got {type(call['id']).__name__}")
         args = fn.get("arguments", "{}")
-        if isinstance(args, Mapping):
-            args = json.dumps(dict(args), ensure_ascii=False)
-        if not isinstance(args, str):
-            raise TypeError(f"{at}['function']['arguments'] must be JSON text (or a dict), got {type(args).__name__}")
-        try:
+        try:  # RecursionError: nested deeper than the interpreter's limit, a client's error too
+            if isinstance(args, Mapping):
+                args = json.dumps(dict(args), ensure_ascii=False)
+            if not isinstance(args, str):
+                raise TypeError(f"{at}['function']['arguments'] must be JSON text (or a dict), "
+                                f"got {type(args).__name__}")
             parsed = json.loads(args)
-        except ValueError as e:
-            raise ValueError(f"{at}['function']['arguments'] is not valid JSON ({e}): {args[:80]!r}") from None
+        except (ValueError, RecursionError) as e:
+            shown = repr(args[:80]) if isinstance(args, str) else "a dict"  # (repr of a deep dict fails too)
+            raise ValueError(f"{at}['function']['arguments'] is not valid JSON ({type(e).__name__}: {e}): "
+                             f"{shown}") from None
         if not isinstance(parsed, dict):
             raise ValueError(f"{at}['function']['arguments'] must be a JSON object, got {args[:80]!r}")
         entry: Dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": args}}

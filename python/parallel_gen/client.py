@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import queue
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional
@@ -160,6 +161,7 @@ class AsyncClient(_Base):
     def __init__(self, model: Any, name: Optional[str] = None) -> None:
         super().__init__(model, name)
         self._queue: Optional["asyncio.Queue[Routed]"] = None
+        self._cancels: Dict[int, threading.Event] = {}  # requests being cancelled by aclose()
 
     def submit(self, items: Iterable[Item], *, stream: bool = False, ticks: bool = False,
                share: Optional[Share] = None) -> Request:
@@ -187,15 +189,20 @@ class AsyncClient(_Base):
         return self._route(await self._queue.get())
 
     async def aclose(self) -> None:
-        """Cancels every request still in flight; returns once their KV is freed."""
-        requests, self._open = list(self._open.values()), {}
+        """Cancels every request still in flight; returns once their KV is freed (an aclose
+        running meanwhile, say from another task, waits for the same cancels)."""
+        for req in list(self._open.values()):
+            if req.id not in self._cancels:
+                try:
+                    self._cancels[req.id] = self._runner.cancel(req)
+                except RuntimeError:  # the Model was closed meanwhile: nothing left
+                    self._open.pop(req.id, None)
         loop = asyncio.get_running_loop()
-        for req in requests:
-            try:
-                done = self._runner.cancel(req)
-            except RuntimeError:  # the Model was closed meanwhile
-                continue
+        for rid, done in list(self._cancels.items()):
+            # A request leaves _open only once its cancel is done: until then it is in flight.
             await loop.run_in_executor(None, done.wait)
+            self._cancels.pop(rid, None)
+            self._open.pop(rid, None)
 
     def close_soon(self) -> None:
         requests, self._open = list(self._open.values()), {}

@@ -4,8 +4,13 @@ grammar assembled from several schemas and hand-written rules (tool calls)."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from typing import Any, Dict, Mapping, Sequence, Union
+
+
+SCHEMA_CACHE_SIZE = 256
+"""Distinct JSON schemas whose grammar is remembered (least recently used dropped)."""
 
 
 def literal(text: str) -> str:
@@ -37,10 +42,21 @@ def schema_grammar(schema: Union[Mapping[str, Any], str]) -> str:
 
     Raises ValueError for text that is not JSON or a schema the converter rejects.
     """
-    text = schema if isinstance(schema, str) else json.dumps(schema)
+    try:
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"not JSON-serialisable: {type(e).__name__}: {e}") from None
+    return _text_grammar(text)
+
+
+@functools.lru_cache(maxsize=SCHEMA_CACHE_SIZE)
+def _text_grammar(text: str) -> str:
+    """The conversion itself, remembered per distinct schema text: a large schema takes
+    milliseconds, and a server request or a file job applies the same one to every prompt
+    or row (a ValueError is not remembered: it is raised again)."""
     try:
         json.loads(text)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise ValueError(f"not valid JSON: {e}") from None
     from ._native import llama_cpp  # on use: the CLI's options load no llama.cpp
 
@@ -48,6 +64,11 @@ def schema_grammar(schema: Union[Mapping[str, Any], str]) -> str:
         return llama_cpp.llama_grammar.json_schema_to_gbnf(text)
     except Exception as e:  # the converter raises assorted types on unsupported schemas
         raise ValueError(f"cannot convert the schema to a grammar: {type(e).__name__}: {e}") from None
+
+
+def schema_conversions() -> int:
+    """How many schema -> grammar conversions have run in this process (cache misses)."""
+    return _text_grammar.cache_info().misses
 
 
 class GrammarBuilder:

@@ -126,6 +126,9 @@ class CompletionGather:
         self._outputs: dict = {}
         self._prompt_tokens: dict = {}
         self._missing: dict = {}
+        self.reused_kv: Set[int] = set()
+        """Prompts whose prefill started from KV decoded before (the prompt cache, a shared
+        prefix): their outputs may differ slightly from a whole prefill's (see cacheable_result)."""
         self.n_done = 0
         self.generated_tokens = 0
 
@@ -138,6 +141,8 @@ class CompletionGather:
     def add(self, r: SequenceResult) -> None:
         self._outputs[r.index][r.sample] = r.to_output(self.model.token_text)
         self._prompt_tokens[r.index] = r.prompt_tokens
+        if r.sample == 0 and r.cached_tokens > 0:  # (later samples share sample 0's prefill)
+            self.reused_kv.add(r.index)
         self.generated_tokens += len(r.token_ids)
         self._missing[r.index] -= 1
         self.n_done += self._missing[r.index] == 0
@@ -221,7 +226,8 @@ def run_batch(model: Model, prompts: List[PreparedPrompt], params: List[Sampling
                               completions)
     if cache is not None:
         for i, c in enumerate(completions):
-            if keys[i] is not None and i not in hits and cacheable_result(model, c, params[i]):
+            if (keys[i] is not None and i not in hits and i not in gather.reused_kv
+                    and cacheable_result(model, c, params[i])):
                 cache.put(keys[i], c)
     stats = batch_stats(completions, req.counters, time.perf_counter() - t0, cache_hits=len(hits))
     logger.info("request %s: done, %d tokens in %.2f s", client.name, stats.completion_tokens, stats.wall_seconds)
@@ -231,7 +237,9 @@ def run_batch(model: Model, prompts: List[PreparedPrompt], params: List[Sampling
 def cacheable_result(model: Model, c: Completion, params: SamplingParams) -> bool:
     """Whether a completion is a function of the prompt, the params and the numerics alone:
     not an error, and not cut off by this Model's context (n_ctx is capacity, not part of
-    the cache key, so an output the context ended would be wrong under a larger one)."""
+    the cache key, so an output the context ended would be wrong under a larger one).
+    The caller also leaves out a prefill that reused KV (CompletionGather.reused_kv): it
+    depends on what ran before, so the result cache keeps only whole prefills' outputs."""
     for o in c.outputs:
         if o.finish_reason == "error":
             return False

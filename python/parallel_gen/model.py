@@ -6,6 +6,7 @@ import ctypes
 import logging
 import os
 import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 from ._native import _core, llama_cpp
@@ -27,6 +28,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 _KV_TYPE_NAMES = {v: k for k, v in KV_TYPES.items()}
 DEFAULT_N_CTX = 4096
 """A Model opened without n_ctx gets min(training context, this), capped by memory."""
+CHECKED_PARAMS_KEPT = 512
+"""Distinct parameter sets (grammar, stop tokens, logit bias) whose check a Model remembers."""
 
 
 def _check_path(path: Any) -> str:
@@ -95,7 +98,8 @@ class Model:
         self.path = path  # what n_ctx() may read: the path and the weights, no context yet
         self._handle, repacked = cls._load(path, cfg)
         self._token_texts = {}
-        self._checked = {}
+        self._checked = OrderedDict()
+        self._checked_lock = threading.Lock()
         sized = n_ctx(self)
         if isinstance(sized, bool) or not isinstance(sized, int) or sized < 8:
             raise ParamError(f"sized n_ctx={sized!r}: must be an int >= 8", "n_ctx")
@@ -155,7 +159,10 @@ class Model:
         self._owner = owner  # a llama_cpp.Llama whose weights we borrow: keep it alive
         self._lock = threading.Lock()
         self._token_texts: Dict[int, str] = {}
-        self._checked: Dict[Any, Optional[ParamError]] = {}
+        # Bounded (least recently used dropped): a long-running server sees endless
+        # distinct grammars and logit biases.
+        self._checked: "OrderedDict[Any, Optional[ParamError]]" = OrderedDict()
+        self._checked_lock = threading.Lock()
         self._engine: Optional[_core.Engine] = None
         self._runner: Optional[EngineRunner] = None
         cell_bytes = kv_cell_bytes(handle.metadata(), config.type_k, config.type_v)
@@ -336,9 +343,16 @@ class Model:
         when nothing is. Remembered: the rows of a job mostly repeat their params."""
         key = (params.compiled_grammar, params.stop_token_ids, tuple(sorted((params.logit_bias or {}).items())),
                params.grammar is not None, params.json_schema is not None)
-        if key not in self._checked:
-            self._checked[key] = self._params_problem(params)
-        return self._checked[key]
+        with self._checked_lock:
+            if key in self._checked:
+                self._checked.move_to_end(key)
+                return self._checked[key]
+        problem = self._params_problem(params)  # outside the lock: a grammar check takes a while
+        with self._checked_lock:
+            self._checked[key] = problem
+            while len(self._checked) > CHECKED_PARAMS_KEPT:
+                self._checked.popitem(last=False)
+        return problem
 
     def _params_problem(self, p: "SamplingParams") -> Optional[ParamError]:
         n_vocab = self.n_vocab

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import numbers
@@ -14,6 +15,10 @@ from .constraints import choices_grammar, schema_grammar
 from .errors import ParamError, ParamTypeError
 
 _UINT32 = 2**32
+_CONSTRAINT_FIELDS = frozenset(("grammar", "json_schema", "choices"))
+# The SamplingParams a replace() copies from, while it runs: its compiled grammar is
+# reused when the constraint fields are the very same objects (no conversion again).
+_REPLACING: "contextvars.ContextVar[Optional[SamplingParams]]" = contextvars.ContextVar("_REPLACING", default=None)
 
 
 def _is_int(v: Any) -> bool:
@@ -197,6 +202,9 @@ class SamplingParams:
             set_(self, "seed", int(self.seed))
 
     def _constraint_grammar(self) -> Optional[str]:
+        source = _REPLACING.get()
+        if source is not None and all(getattr(self, f) is getattr(source, f) for f in _CONSTRAINT_FIELDS):
+            return source._gbnf  # type: ignore[attr-defined]
         given = [f for f in ("grammar", "json_schema", "choices") if getattr(self, f) is not None]
         if len(given) > 1:
             raise ParamError(f"SamplingParams: give at most one of grammar, json_schema and choices, got {given}",
@@ -230,9 +238,14 @@ class SamplingParams:
         return self._gbnf  # type: ignore[attr-defined]
 
     def replace(self, **changes: Any) -> "SamplingParams":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again; the grammar is converted
+        again only when grammar, json_schema or choices change)."""
         check_field_names(changes, "SamplingParams field")
-        return dataclasses.replace(self, **changes)
+        token = _REPLACING.set(self)
+        try:
+            return dataclasses.replace(self, **changes)
+        finally:
+            _REPLACING.reset(token)
 
     def to_native(self, seed: int) -> "_core.SamplingConfig":
         """The engine's sampling configuration of one sample, seeded with ``seed``."""

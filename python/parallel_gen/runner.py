@@ -307,6 +307,15 @@ class EngineRunner:
             self._serve_broken()
         finally:
             self._engine = None  # frees the context on this thread, as soon as the loop ends
+            # stop_soon() takes no lock (it runs from __del__): a command sent just before it
+            # may sit behind its _Stop. Answer those; the lock makes later sends raise instead.
+            with self._start_lock:
+                self._stopped = True
+                while True:
+                    try:
+                        self._refuse(self._commands.get_nowait(), Closed(), "this Model is closed")
+                    except queue.Empty:
+                        break
 
     def _loop(self) -> None:
         engine = self._engine
@@ -347,16 +356,22 @@ class EngineRunner:
         """Answers every command at once, so nobody waits on a broken runner, until stop()."""
         while True:
             command = self._commands.get()
-            if isinstance(command, _Submit):
-                self._tell(command.request, EngineFailed(self._failure or "failed"))
-            elif isinstance(command, _Cancel):
-                if command.done is not None:
-                    command.done.set()
-            elif isinstance(command, _Call):
-                command.box.append(RuntimeError(f"the engine thread failed: {self._failure}"))
-                command.done.set()
-            elif isinstance(command, _Stop):
+            if isinstance(command, _Stop):
                 return
+            self._refuse(command, EngineFailed(self._failure or "failed"),
+                         f"the engine thread failed: {self._failure}")
+
+    def _refuse(self, command: _Command, event: EngineEvent, why: str) -> None:
+        """Answers a command that will not run, so that nobody waits on it: a submitted
+        request gets ``event``, a cancel is done at once, a call raises RuntimeError(why)."""
+        if isinstance(command, _Submit):
+            self._tell(command.request, event)
+        elif isinstance(command, _Cancel):
+            if command.done is not None:
+                command.done.set()
+        elif isinstance(command, _Call):
+            command.box.append(RuntimeError(why))
+            command.done.set()
 
     @staticmethod
     def _tell(req: Request, event: EngineEvent) -> None:

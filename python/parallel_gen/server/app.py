@@ -275,21 +275,24 @@ async def _respond(svc: Service, call: Call, request: Request, stream: bool, sha
 async def _admit(svc: Service, call: Call, request: Request) -> Tuple[Callable[[], None], Optional[CachePlan]]:
     """Admission: the caller's key's limits and queue (a keyed server), the server's queue,
     then the result cache (a call it answers whole never reaches the engine)."""
-    gateway: Optional[Gateway] = request.app.state.gateway
-    key = getattr(request.state, "api_key", None)
+    # The server's queue bound was held before the call was built (Service.admit: a refused
+    # request costs no rendering or tokenizing); released however the call ends.
+    if call.admission is None:
+        raise RuntimeError(f"request {call.id}: its call was never admitted")
+    let_call_go: Callable[[], None] = call.admission.release
     let_key_go: Callable[[], None] = lambda: None  # noqa: E731
-    if gateway is not None and key is not None:
-        let_key_go = await gateway.admit(key, call.sequences, svc.model.n_parallel)
-        if call.stream is not None:
-            call.stream.share = gateway.share(key)
-    let_call_go: Callable[[], None] = lambda: None  # noqa: E731
 
     def release() -> None:
         let_call_go()
         let_key_go()
 
+    gateway: Optional[Gateway] = request.app.state.gateway
+    key = getattr(request.state, "api_key", None)
     try:
-        let_call_go = svc.admit(call)
+        if gateway is not None and key is not None:
+            let_key_go = await gateway.admit(key, call.sequences, svc.model.n_parallel)
+            if call.stream is not None:
+                call.stream.share = gateway.share(key)
         cache: Optional[CallCache] = request.app.state.result_cache
         plan = await cache.lookup(call) if cache is not None else None
     except BaseException:

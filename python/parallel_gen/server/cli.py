@@ -6,8 +6,9 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from ..cli.options import (ExitStatus, add_chat_template_options, add_model_options, chat_template_arg,
                            default_n_parallel, model_options)
@@ -21,7 +22,9 @@ def add_parser(sub: Any) -> None:
                        description="Serve a model over HTTP: /v1/completions, /v1/chat/completions, /v1/responses, "
                                    "/v1/models (also without /v1), /health, /metrics. Every client's prompts share "
                                    "the Model's one batch.")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind, or several separated by commas, as llama-server takes them "
+                        "(e.g. 127.0.0.1,::1; default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     s.add_argument("--served-model-name", "--model-alias", nargs="+", metavar="NAME", default=[],
                    help="the model's names, listed by /v1/models; answers carry the first (default: the file's stem)")
@@ -94,9 +97,15 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(path):
         raise FileNotFoundError(2, "model file not found", path)
     key = None if args.api_keys else _api_key(args)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("serving on %s: reachable from other machines%s", args.host,
-                       "" if key or args.api_keys else ", with no API key (--api-key-file)")
+    hosts = [h.strip() for h in args.host.split(",")]
+    if not all(hosts):
+        raise ValueError(f"--host {args.host!r}: an empty address in the list")
+    for host in hosts:
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning("serving on %s: reachable from other machines%s", host,
+                           "" if key or args.api_keys else ", with no API key (--api-key-file)")
+    # Several addresses: uvicorn binds one, so bind them all here (one port for all).
+    sockets = bind_all(hosts, args.port) if len(hosts) > 1 else None
     app = create_app(lambda: Model(path, **kwargs), served_model_names=args.served_model_name,
                      strict_model_name=args.strict_model_name, allowed_origins=args.allowed_origins,
                      max_queue=args.max_queue,
@@ -108,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.api_keys:
         # Reads the file again without stopping: requests in flight keep their admission.
         signal.signal(signal.SIGHUP, lambda *_: app.state.gateway.reload())
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+    config = uvicorn.Config(app, host=hosts[0], port=args.port, log_level="info" if args.verbose else "warning",
                             # a little longer than the streams' grace, so they end first
                             timeout_graceful_shutdown=args.grace + 1, access_log=bool(args.verbose))
     server = LifecycleServer(config, life)
@@ -119,8 +128,34 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     life.on_load_error = load_failed
-    server.run()
+    server.run(sockets=sockets)
     if failed:
         print(f"parallel-gen serve: error: the model failed to load: {failed[0]}", file=sys.stderr)
         return ExitStatus.FAILED
     return ExitStatus.OK
+
+
+def bind_all(hosts: List[str], port: int) -> List[socket.socket]:
+    """Listening sockets on every address of ``hosts`` and one port (port 0: the one the
+    first address gets). OSError names the address that cannot be bound."""
+    sockets: List[socket.socket] = []
+    try:
+        for host in hosts:
+            try:
+                info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+                sock = socket.socket(info[0], socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if info[0] == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # ::1 beside 127.0.0.1
+                sock.bind(info[4][:2] if info[0] == socket.AF_INET else info[4])
+            except OSError as e:
+                raise OSError(e.errno, f"--host {host}: cannot bind port {port}: {e.strerror or e}") from None
+            port = sock.getsockname()[1]
+            sock.listen(2048)
+            sock.set_inheritable(True)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets

@@ -173,6 +173,8 @@ class JsonSchemaFormat(Wire):
 class ResponseFormat(Wire):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: Optional[JsonSchemaFormat] = None
+    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
+    """llama-server's inline schema of a ``json_object`` reply (OpenAI's has none)."""
 
 
 class ChatCompletionRequest(_Request):
@@ -226,6 +228,8 @@ class _Envelope(BaseModel):
     object: str
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: Optional[str] = None
+    """The model file and every setting that changes its outputs (OpenAI's field, nullable)."""
 
 
 class CompletionResponse(_Envelope):

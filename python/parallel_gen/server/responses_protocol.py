@@ -80,6 +80,7 @@ def _refuse(message: str) -> Any:
     return check
 
 
+_NO_TOOLS = "not supported on /v1/responses: send tools to /v1/chat/completions"
 _NOTHING_KEPT = "this server keeps nothing between requests; send the whole conversation in input"
 
 
@@ -99,11 +100,23 @@ class ResponsesRequest(Wire):
     background: Optional[StrictBool] = None
     previous_response_id: Optional[StrictStr] = None
     conversation: Optional[Any] = None
+    tools: Optional[List[Any]] = None
+    tool_choice: Optional[Any] = None
 
     _no_store = field_validator("store")(_refuse(f"not supported: {_NOTHING_KEPT}, with store false or unset"))
     _no_background = field_validator("background")(_refuse("not supported: stream the response instead"))
     _no_previous = field_validator("previous_response_id")(_refuse(f"not supported: {_NOTHING_KEPT}"))
     _no_conversation = field_validator("conversation")(_refuse(f"not supported: {_NOTHING_KEPT}"))
+    # Refused, not dropped: a request with tools must not get a plain message it did not ask
+    # for. (Tool calls are served by /v1/chat/completions.)
+    _no_tools = field_validator("tools")(_refuse(_NO_TOOLS))
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: Any) -> Any:
+        if value not in (None, "none", "auto"):  # what a request without tools may say
+            raise ValueError(_NO_TOOLS)
+        return value
 
     def to_chat(self) -> ChatCompletionRequest:
         """The same request as a chat completion: ``instructions`` a system message first."""

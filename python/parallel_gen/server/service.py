@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
+import os
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Dict, List, Optional, Tuple, Union
+from typing import AsyncIterator, Dict, List, Optional, Tuple, Union
 
 import anyio
 from starlette.requests import Request
 
+from ..cache import model_fingerprint
 from ..chat import checked_conversation
 from ..errors import ErrorCode, Failure, ParamError, ParamTypeError
 from ..inputs import PreparedPrompt, prepare_all
@@ -62,7 +66,27 @@ class Choice:
     streamed: int = 0
     """Characters of the text already streamed as content (a stream with tools holds back
     what may be the start of a call)."""
+    pending: str = ""
+    """The text after the streamed part, while it may still stream (see hold_back)."""
+    holding: bool = False
+    """A call may have started: nothing more streams as content until the reply is read."""
     _offset: int = 0  # characters of every token so far
+
+    def hold_back(self, plan: ToolPlan, text: str) -> str:
+        """Of ``text``, this event's, what streams now as content: what is surely not a
+        call. Only the unsent tail is looked at (a marker's possible start), so a stream
+        costs time linear in its length."""
+        if self.holding:
+            return ""
+        pending = self.pending + text
+        upto, self.holding = plan.stream_split(pending)
+        out, self.pending = pending[:upto], ("" if self.holding else pending[upto:])
+        self.streamed += upto
+        return out
+
+    def sent_text(self) -> str:
+        """The text streamed as content so far."""
+        return "".join(self.text)[:self.streamed]
 
 
 @dataclass
@@ -78,6 +102,10 @@ class Call:
     stream: Optional[AsyncStreamIterator] = None  # created once the request is validated
     plan: Optional[ToolPlan] = None
     """A chat call's tools (None without): how its replies are read as tool calls."""
+    admission: Optional["Admission"] = None
+    """Its hold on the queue bound, taken before any costly work (see Service.admit)."""
+    fingerprint: Optional[str] = None
+    """The answers' system_fingerprint (see Service.fingerprint)."""
     started: float = field(default_factory=time.perf_counter)
     created: int = field(default_factory=lambda: int(time.time()))
     first_token_at: Optional[float] = None
@@ -110,6 +138,33 @@ class Call:
         return c
 
 
+class Admission:
+    """A request's hold on ``sequences`` of the server's queue bound, from before its call
+    is built (so a refused request costs no rendering, tokenizing or grammar work) until
+    :meth:`release`."""
+
+    def __init__(self, service: "Service", sequences: int) -> None:
+        self.service = service
+        self.sequences = sequences
+        self.running = False  # a token came: counted as running, no longer waiting
+        self.released = False
+        service.in_flight += sequences
+        service.metrics.requests_waiting.inc()
+
+    def started(self) -> None:
+        if not self.running and not self.released:
+            self.running = True
+            self.service.metrics.requests_waiting.dec()
+            self.service.metrics.requests_running.inc()
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.service.in_flight -= self.sequences
+        (self.service.metrics.requests_running if self.running else self.service.metrics.requests_waiting).dec()
+
+
 class ClientGone(Exception):
     """The client closed its connection before the response was ready."""
 
@@ -123,6 +178,7 @@ class Service:
         self.metrics = metrics
         self.in_flight = 0  # sequences of admitted calls not finished yet (event loop only)
         self.capacity = model.n_parallel + settings.max_queue
+        self.fingerprint = system_fingerprint(model)
         self.template: Optional[ChatTemplate] = None
         self.template_error: Optional[str] = None
         try:
@@ -143,14 +199,30 @@ class Service:
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
             raise APIError(400, "prompt=[]: give at least one prompt", param="prompt", code="invalid_value")
-        params = await anyio.to_thread.run_sync(self._params, body, body.max_tokens, body.logprobs)
-        return await self._call(rid, "completions", prompts, params, body)
+        admission = self.admit(self._sequences(len(prompts), body.n))
+        try:
+            params = await anyio.to_thread.run_sync(self._params, body, body.max_tokens, body.logprobs)
+            call = await self._call(rid, "completions", prompts, params, body)
+        except BaseException:
+            admission.release()
+            raise
+        call.admission = admission
+        return call
 
     async def chat_call(self, rid: str, body: ChatCompletionRequest) -> Call:
         if self.template is None:
             raise APIError(400, f"this model cannot chat: {self.template_error} (start the server with "
                                 "--chat-template)", param="messages", code="no_chat_template")
-        template = self.template
+        admission = self.admit(self._sequences(1, body.n))
+        try:
+            call = await self._chat_call(rid, body, self.template)
+        except BaseException:
+            admission.release()
+            raise
+        call.admission = admission
+        return call
+
+    async def _chat_call(self, rid: str, body: ChatCompletionRequest, template: ChatTemplate) -> Call:
         try:  # the in-process rule (chat_parallel's), errors naming the field; schemas take a while to convert
             request = await anyio.to_thread.run_sync(tool_request, body.tools, body.tool_choice,
                                                      body.parallel_tool_calls)
@@ -160,9 +232,8 @@ class Service:
             plan = await anyio.to_thread.run_sync(ToolPlan, template, request)
         except ValueError as e:
             raise APIError(400, str(e), param="tools", code="invalid_value") from None
-        try:
-            messages = checked_conversation("messages", [m.to_dict() for m in body.messages])
-            prompt = await anyio.to_thread.run_sync(plan.render, messages)
+        try:  # a history's tool-call arguments are parsed here: that too can take a while
+            prompt = await anyio.to_thread.run_sync(_render, plan, [m.to_dict() for m in body.messages])
         except (ValueError, TypeError) as e:
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
         if body.top_logprobs is not None and not body.logprobs:
@@ -173,29 +244,44 @@ class Service:
         schema = None
         fmt = body.response_format
         if fmt is not None and fmt.type == "json_object":
-            schema = {"type": "object"}
+            schema = fmt.schema_ if fmt.schema_ is not None else {"type": "object"}
         elif fmt is not None and fmt.type == "json_schema":
             if fmt.json_schema is None:
                 raise APIError(400, "response_format.json_schema is required when type is 'json_schema'",
                                param="response_format.json_schema", code="missing_field")
             schema = fmt.json_schema.schema_
         # A JSON schema becomes a grammar inside SamplingParams: large ones take a while.
-        params = await anyio.to_thread.run_sync(self._params, body, max_tokens, logprobs, schema)
-        try:
-            params = plan.params(template.add_stops(params))
-        except ValueError as e:
-            raise APIError(400, str(e), param="tools", code="invalid_value") from None
+        params = await anyio.to_thread.run_sync(self._chat_params, body, max_tokens, logprobs, schema, plan, template)
         call = await self._call(rid, "chat", [prompt], params, body)
         call.plan = plan if request is not None else None
         return call
 
+    def _chat_params(self, body: ChatCompletionRequest, max_tokens: Optional[int], logprobs: Optional[int],
+                     schema: Optional[dict], plan: ToolPlan, template: ChatTemplate) -> SamplingParams:
+        params = self._params(body, max_tokens, logprobs, schema)
+        try:
+            return plan.params(template.add_stops(params))
+        except ValueError as e:
+            raise APIError(400, str(e), param="tools", code="invalid_value") from None
+
+    def _sequences(self, prompts: int, n: int) -> int:
+        """The sequences a request asks for, refused (400) when no server state could hold them."""
+        s = self.settings
+        if n > s.max_n:
+            raise APIError(400, f"n={n}: at most {s.max_n} completions per prompt on this server",
+                           param="n", code="invalid_value")
+        if prompts > s.max_prompts:
+            raise APIError(400, f"prompt: {prompts} prompts in one request; this server takes at most "
+                                f"{s.max_prompts}", param="prompt", code="invalid_value")
+        if prompts * n > self.capacity:
+            raise APIError(400, f"{prompts} prompts x n={n} = {prompts * n} sequences: more "
+                                f"than this server ever holds ({self.capacity}); split the request",
+                           param="n", code="invalid_value")
+        return prompts * n
+
     def _params(self, body: RequestBody, max_tokens: Optional[int], logprobs: Optional[int],
                 response_schema: Optional[dict] = None) -> SamplingParams:
         """The request's SamplingParams: fields it sets, SamplingParams' defaults for the rest."""
-        s = self.settings
-        if body.n > s.max_n:
-            raise APIError(400, f"n={body.n}: at most {s.max_n} completions per prompt on this server",
-                           param="n", code="invalid_value")
         kw: Dict[str, object] = {"n": body.n, "ignore_eos": body.ignore_eos, "cache_prompt": body.cache_prompt}
         # None: until the sequence's context is full, as OpenAI does for chat.
         kw["max_tokens"] = self.model.n_ctx if max_tokens is None else max_tokens
@@ -230,30 +316,23 @@ class Service:
             raise invalid_value(e) from None
 
     async def _call(self, rid: str, endpoint: str, prompts: List[str], base: SamplingParams, body: RequestBody) -> Call:
-        s = self.settings
-        if len(prompts) > s.max_prompts:
-            raise APIError(400, f"prompt: {len(prompts)} prompts in one request; this server takes at most "
-                                f"{s.max_prompts}", param="prompt", code="invalid_value")
-        if len(prompts) * base.n > self.capacity:
-            raise APIError(400, f"{len(prompts)} prompts x n={base.n} = {len(prompts) * base.n} sequences: more "
-                                f"than this server ever holds ({self.capacity}); split the request",
-                           param="n", code="invalid_value")
         ignored = body.ignored_fields()
         if ignored:
             logger.info("request %s: ignoring unsupported fields %s", rid, ", ".join(ignored))
-        # As generate_parallel does with one seed for a call: prompt i uses seed + i.
-        rule = SeedRule(base.seed)
-        params = [rule.apply(base, i) for i in range(len(prompts))]
-        # Tokenizing, the engine's checks and the grammar check can take a while: off the loop.
-        prepared, state = await anyio.to_thread.run_sync(self._prepare, endpoint, prompts, params)
-        call = Call(rid, endpoint, prompts, params, base.n, [len(p.tokens) for p in prepared])
+        # Seeding every prompt's params, tokenizing, the engine's checks and the grammar
+        # check can take a while (256 prompts...): off the loop.
+        prepared, params, state = await anyio.to_thread.run_sync(self._prepare, endpoint, prompts, base)
+        call = Call(rid, endpoint, prompts, params, base.n, [len(p.tokens) for p in prepared],
+                    fingerprint=self.fingerprint)
         call.stream = AsyncStreamIterator(state, request_id=rid)
         return call
 
-    def _prepare(self, endpoint: str, prompts: List[str], params: List[SamplingParams]
-                 ) -> Tuple[List[PreparedPrompt], StreamState]:
+    def _prepare(self, endpoint: str, prompts: List[str], base: SamplingParams
+                 ) -> Tuple[List[PreparedPrompt], List[SamplingParams], StreamState]:
         """The prompts tokenized once, refused with the engine's own rule when one cannot
-        run, and the stream's state (which checks the params against the model)."""
+        run, their params, and the stream's state (which checks the params against the model)."""
+        rule = SeedRule(base.seed)  # as generate_parallel does with one seed for a call: prompt i uses seed + i
+        params = [rule.apply(base, i) for i in range(len(prompts))]
         prepared = prepare_all(self.model, prompts)
         for i, p in enumerate(prepared):
             failure = p.failure or self.model.check_tokens(p.tokens)
@@ -267,36 +346,21 @@ class Service:
                     failure = Failure(failure.code, f"{name} is empty: it has no tokens")
                 raise failure_error(failure, param=name)
         try:
-            return prepared, StreamState(self.model, prepared, params)
+            return prepared, params, StreamState(self.model, prepared, params)
         except (ParamError, ParamTypeError) as e:  # what only the model can check: token ids, grammars
             raise invalid_value(e) from None
 
 
     # -- running ------------------------------------------------------------------------
-    def admit(self, call: Call) -> Callable[[], None]:
-        """Holds the call's sequences against the queue bound (429 when they do not fit);
-        returns the function that lets them go, to be called once the call has ended."""
-        if self.in_flight + call.sequences > self.capacity:
+    def admit(self, sequences: int) -> Admission:
+        """Holds ``sequences`` against the queue bound (429 when they do not fit), before
+        the request's costly work; the caller releases the Admission once the call has ended."""
+        if self.in_flight + sequences > self.capacity:
             waiting = max(0, self.in_flight - self.model.n_parallel)
             raise APIError(429, f"the server is busy: {waiting} sequences are waiting for a slot (limit "
                                 f"{self.settings.max_queue}); retry later", code="queue_full",
                            headers={"Retry-After": str(self.settings.retry_after)})
-        self.in_flight += call.sequences
-        self.metrics.requests_waiting.inc()
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            self.in_flight -= call.sequences
-            if call.first_token_at is None:
-                self.metrics.requests_waiting.dec()
-            else:
-                self.metrics.requests_running.dec()
-
-        return release
+        return Admission(self, sequences)
 
     async def events(self, call: Call) -> AsyncIterator[Tuple[Choice, StreamEvent]]:
         """The call's stream events with their choices; the stream is closed (the engine's
@@ -308,8 +372,8 @@ class Service:
             async for ev in stream:
                 if call.first_token_at is None and ev.token_ids:
                     call.first_token_at = time.perf_counter()
-                    self.metrics.requests_waiting.dec()
-                    self.metrics.requests_running.inc()
+                    if call.admission is not None:
+                        call.admission.started()
                     self.metrics.time_to_first_token.labels(call.endpoint).observe(call.first_token_at - call.started)
                 c = call.choice(ev)
                 c.text.append(ev.text)
@@ -319,8 +383,8 @@ class Service:
                     c.finish_reason, c.stop_reason = ev.finish_reason, ev.stop_reason
                     if ev.error is not None:
                         c.failure = Failure(ErrorCode(ev.error_code or ErrorCode.ABORTED), ev.error)
-                    elif call.plan is not None:
-                        self._read_tools(call.plan, c)
+                    elif call.plan is not None:  # parsing and detokenizing a long reply: off the loop
+                        await anyio.to_thread.run_sync(self._read_tools, call.plan, c)
                     call.cached[ev.index] = min(call.cached.get(ev.index, ev.cached_tokens), ev.cached_tokens)
                 if ev.logprobs is not None:  # extended in place: linear in the tokens, not quadratic
                     if c.logprobs is None:
@@ -374,6 +438,21 @@ class Service:
                     call.id, call.endpoint, status, len(call.prompts), call.n, call.usage_prompt_tokens,
                     call.usage_completion_tokens, seconds,
                     " ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "-")
+
+
+def system_fingerprint(model: Model) -> str:
+    """What OpenAI's system_fingerprint says: it changes when the answers to the same
+    request may (another model file, a setting that changes numerics, another version)."""
+    from .. import __version__
+
+    weights = model_fingerprint(model.path) if os.path.isfile(model.path) else model.path  # (a borrowed Llama's)
+    recipe = json.dumps({"version": __version__, "model": weights,
+                         "numerics": model.numerics()}, sort_keys=True, default=repr)
+    return "fp_" + hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+def _render(plan: ToolPlan, messages: List[dict]) -> str:
+    return plan.render(checked_conversation("messages", messages))
 
 
 def failed_choice(c: Choice) -> APIError:

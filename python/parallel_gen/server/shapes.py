@@ -96,7 +96,7 @@ class CompletionShape(_ChunkShape):
         return out
 
     def response(self, call: Call, choices: List[Choice], usage: Usage) -> CompletionResponse:
-        return CompletionResponse(id=f"cmpl-{call.id}", model=self.model, usage=usage, choices=[
+        return CompletionResponse(id=f"cmpl-{call.id}", system_fingerprint=call.fingerprint, model=self.model, usage=usage, choices=[
             CompletionChoice(index=c.index, text="".join(c.text), logprobs=self._logprobs(c.logprobs),
                              finish_reason=c.finish_reason) for c in choices])
 
@@ -108,11 +108,11 @@ class CompletionShape(_ChunkShape):
             logprobs = self._logprobs(ev.logprobs, c.event_offset)
         choice = CompletionChoice(index=c.index, text=ev.text, finish_reason=ev.finish_reason if ev.finished else None,
                                   logprobs=logprobs)
-        return [sse(CompletionResponse(id=f"cmpl-{call.id}", created=int(call.created), model=self.model,
+        return [sse(CompletionResponse(id=f"cmpl-{call.id}", system_fingerprint=call.fingerprint, created=int(call.created), model=self.model,
                                        choices=[choice]).model_dump_json())]
 
     def usage_chunk(self, call: Call, usage: Usage) -> str:
-        return CompletionResponse(id=f"cmpl-{call.id}", created=int(call.created), model=self.model, choices=[],
+        return CompletionResponse(id=f"cmpl-{call.id}", system_fingerprint=call.fingerprint, created=int(call.created), model=self.model, choices=[],
                                   usage=usage).model_dump_json()
 
 
@@ -135,14 +135,14 @@ class ChatShape(_ChunkShape):
         return AssistantMessage(content=c.content or (None if calls else ""), tool_calls=calls or None)
 
     def response(self, call: Call, choices: List[Choice], usage: Usage) -> ChatCompletionResponse:
-        return ChatCompletionResponse(id=f"chatcmpl-{call.id}", model=self.model, usage=usage, choices=[
+        return ChatCompletionResponse(id=f"chatcmpl-{call.id}", system_fingerprint=call.fingerprint, model=self.model, usage=usage, choices=[
             ChatChoice(index=c.index, message=self._message(c), logprobs=self._logprobs(c.logprobs),
                        finish_reason=c.finish_reason) for c in choices])
 
     def chunks(self, call: Call, c: Choice, ev: StreamEvent) -> List[ServerSentEvent]:
         def chunk(delta: DeltaMessage, finish: Optional[str] = None,
                   logprobs: Optional[ChoiceLogprobs] = None) -> ServerSentEvent:
-            return sse(ChatCompletionChunk(id=f"chatcmpl-{call.id}", created=int(call.created), model=self.model, choices=[
+            return sse(ChatCompletionChunk(id=f"chatcmpl-{call.id}", system_fingerprint=call.fingerprint, created=int(call.created), model=self.model, choices=[
                 ChatChunkChoice(index=c.index, delta=delta, finish_reason=finish, logprobs=logprobs)]).model_dump_json())
 
         out = []
@@ -150,13 +150,10 @@ class ChatShape(_ChunkShape):
             out.append(chunk(DeltaMessage(role="assistant", content="")))
         text = ev.text
         if call.plan is not None:  # with tools: only what is surely not a call, until the reply is read
-            so_far = "".join(c.text)
             if not ev.finished:
-                upto = max(c.streamed, call.plan.streamable(so_far))
-                text, c.streamed = so_far[c.streamed:upto], upto
+                text = c.hold_back(call.plan, ev.text)
             else:  # read: its calls go in one delta, the content not sent yet now
-                text = "" if c.tool_calls else _unsent(c.content or "", so_far[:c.streamed])
-                c.streamed = len(so_far)
+                text = "" if c.tool_calls else _unsent(c.content or "", c.sent_text())
         if text or ev.logprobs:
             out.append(chunk(DeltaMessage(content=text), logprobs=self._logprobs(ev.logprobs) if ev.logprobs else None))
         if ev.finished and c.tool_calls:
@@ -168,7 +165,7 @@ class ChatShape(_ChunkShape):
         return out
 
     def usage_chunk(self, call: Call, usage: Usage) -> str:
-        return ChatCompletionChunk(id=f"chatcmpl-{call.id}", created=int(call.created), model=self.model, choices=[],
+        return ChatCompletionChunk(id=f"chatcmpl-{call.id}", system_fingerprint=call.fingerprint, created=int(call.created), model=self.model, choices=[],
                                    usage=usage).model_dump_json()
 
 

@@ -32,4 +32,5 @@ class LifecycleServer(uvicorn.Server):
         for server in self.servers:
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
+                host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
                 print(f"parallel-gen serve: listening on http://{host}:{port}", file=sys.stderr, flush=True)

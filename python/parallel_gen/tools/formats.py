@@ -26,6 +26,9 @@ from .spec import ChoiceMode, Tool, ToolRequest
 
 _ID_CHARS = string.ascii_letters + string.digits
 _DECODER = json.JSONDecoder()
+# What reading model-written JSON raises: bad or cut text, and nesting deeper than the
+# interpreter's recursion limit (which the parsers, promising never to raise, must catch too).
+_JSON_ERRORS = (ValueError, RecursionError)
 # Whitespace the grammar allows between the parts of a call (bounded: a model cannot
 # spend its tokens on it).
 _WS = "[ \\t\\n]{0,4}"
@@ -98,7 +101,7 @@ class ToolFormat(abc.ABC):
         named tool; lazy, from the start of a call on, for "auto"; None for "none"."""
         if request.mode is ChoiceMode.NONE:
             return None
-        grammar = self.calls_grammar(request.callable_tools, request.parallel and self.multi)
+        grammar = self.calls_grammar(request.callable_tools, request.many and self.multi)
         return Constraint(grammar, (self.trigger,) if request.mode is ChoiceMode.AUTO else ())
 
     @property
@@ -134,12 +137,12 @@ def _json_at(text: str, pos: int) -> Tuple[Any, int]:
 
 def _arguments(value: Any) -> Optional[str]:
     """Arguments as JSON object text: an object, or text holding one; None otherwise."""
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, str):
             value = json.loads(value)
-        except ValueError:
-            return None
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
+        return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
+    except _JSON_ERRORS:
+        return None
 
 
 def _reply(text: str, start: int, end: int, calls: List[ParsedCall], complete: bool) -> ParsedReply:
@@ -254,7 +257,7 @@ class JsonCalls(_Marked):
                 at = _skip_ws(text, pos)
                 if text.startswith(self.close, at):
                     pos = at + len(self.close)
-        except ValueError:  # cut short or not JSON
+        except _JSON_ERRORS:  # cut short or not JSON
             complete = False
         calls = [c for c in (self._call(v) for v in items) if c is not None]
         return _reply(text, start, pos, calls, complete and len(calls) == len(items))
@@ -272,7 +275,7 @@ def _parses(text: str, pos: int) -> bool:
     try:
         _json_at(text, pos)
         return True
-    except ValueError:
+    except _JSON_ERRORS:
         return False
 
 
@@ -317,7 +320,7 @@ class NamedCalls(_Marked):
                 name = name[:name.index(self.id_marker)].strip()
             try:
                 value, pos = _json_at(text, end + len(name_end))
-            except ValueError:
+            except _JSON_ERRORS:
                 complete = False
                 break
             args = _arguments(value)
@@ -403,7 +406,7 @@ def _xml_value(raw: str) -> Any:
     """A parameter value: JSON when it reads as JSON (numbers, objects, ...), else text."""
     try:
         value = json.loads(raw)
-    except ValueError:
+    except _JSON_ERRORS:
         return raw
     return value if not isinstance(value, str) else raw
 
@@ -430,7 +433,7 @@ class GenericJson(ToolFormat):
         listing = json.dumps([{"name": t.name, "description": t.description, "parameters": t.parameters}
                               for t in request.tools], ensure_ascii=False, indent=2)
         call = '{"tool_calls": [{"name": <tool name>, "arguments": <arguments object>}' + \
-               (", ..." if request.parallel else "") + "]}"
+               (", ..." if request.many else "") + "]}"
         if request.mode is ChoiceMode.NAMED:
             ask = f'Call the tool "{request.name}": reply with only a JSON object {call}.'
         elif request.mode is ChoiceMode.REQUIRED:
@@ -442,7 +445,7 @@ class GenericJson(ToolFormat):
 
     def constraint(self, request: ToolRequest) -> Optional[Constraint]:
         if request.mode is ChoiceMode.AUTO:  # the whole reply is JSON: calls or an answer
-            return Constraint(self._grammar(request.tools, request.parallel, may_answer=True))
+            return Constraint(self._grammar(request.tools, request.many, may_answer=True))
         return super().constraint(request)
 
     def calls_grammar(self, tools: Sequence[Tool], many: bool) -> str:
@@ -467,8 +470,11 @@ class GenericJson(ToolFormat):
     def parse(self, text: str) -> ParsedReply:
         try:
             value, end = _json_at(text, 0)
-        except ValueError:
+        except _JSON_ERRORS:
             started = text.lstrip().startswith("{")
+            calls = self._calls_before_cut(text) if started else []
+            if calls:  # cut short after whole calls: those (the caller knows it was cut)
+                return ParsedReply("", calls, True, False)
             return ParsedReply(text.strip(), [], started, not started)
         if not isinstance(value, dict) or text[end:].strip():
             return ParsedReply(text.strip(), [], False, True)
@@ -477,12 +483,36 @@ class GenericJson(ToolFormat):
         items = value.get("tool_calls")
         if not isinstance(items, list):
             return ParsedReply(text.strip(), [], False, True)
-        calls = [ParsedCall(c["name"], a) for c in items
-                 if isinstance(c, dict) and isinstance(c.get("name"), str)
-                 and (a := _arguments(c.get("arguments", {}))) is not None]
+        calls = self._calls(items)
         return ParsedReply("", calls, True, bool(calls) and len(calls) == len(items))
 
+    @staticmethod
+    def _calls(items: List[Any]) -> List[ParsedCall]:
+        return [ParsedCall(c["name"], a) for c in items
+                if isinstance(c, dict) and isinstance(c.get("name"), str)
+                and (a := _arguments(c.get("arguments", {}))) is not None]
 
+    def _calls_before_cut(self, text: str) -> List[ParsedCall]:
+        """The calls a reply cut short had written whole (``{"tool_calls": [call, call, ...``)."""
+        m = _CALLS_OPEN.match(text)
+        if m is None:
+            return []
+        items, pos = [], m.end()
+        try:
+            while True:
+                value, pos = _json_at(text, pos)
+                items.append(value)
+                pos = _skip_ws(text, pos)
+                if not text.startswith(",", pos):
+                    break
+                pos += 1
+        except _JSON_ERRORS:
+            pass
+        calls = self._calls(items)
+        return calls if len(calls) == len(items) else []
+
+
+_CALLS_OPEN = re.compile(r'\s*\{\s*"tool_calls"\s*:\s*\[')
 GENERIC = GenericJson()
 
 # First match wins: a family whose markers another family's templates also hold comes first.

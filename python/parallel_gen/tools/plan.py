@@ -5,7 +5,7 @@ read back as text and typed tool calls. chat_parallel, the file job and the serv
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ..results import BatchResult, Completion, Output, ToolCall
 from .formats import Constraint, ToolFormat
@@ -69,17 +69,22 @@ class ToolPlan:
         of it without tools; none where the whole reply may be a call (tool_choice
         "required" or named, the generic JSON reply, formats without a start marker);
         under "auto", the text before a call's start marker (or what may begin one)."""
+        return self.stream_split(text)[0]
+
+    def stream_split(self, text: str) -> "Tuple[int, bool]":
+        """:meth:`streamable`, and whether nothing after it will ever stream (a call
+        started, or the whole reply may be one): a stream then stops looking."""
         r, fmt = self.request, self.format
         if r is None or fmt is None or r.mode is ChoiceMode.NONE:
-            return len(text)
+            return len(text), False
         marker = fmt.start_marker if fmt.native and r.mode is ChoiceMode.AUTO else None
         if marker is None:
-            return 0
+            return 0, True
         at = text.find(marker)
         if at >= 0:
-            return at
+            return at, True
         held = next((k for k in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:k])), 0)
-        return len(text) - held
+        return len(text) - held, False
 
     def read(self, model: "Model", output: Output) -> Output:
         """``output`` with its tool calls and content read (unchanged without tools)."""
@@ -132,7 +137,7 @@ def _reply_text(model: "Model", output: Output) -> str:
     if isinstance(output.stop_reason, int) and ids and ids[-1] == output.stop_reason:
         ids = ids[:-1]  # the stop token that ended it
     special = model.detokenize(ids, render_special=True)
-    if special == model.detokenize(ids):
+    if special == output.text or special == model.detokenize(ids):  # (the first: one detokenize, mostly)
         return output.text
     if isinstance(output.stop_reason, str) and output.stop_reason in special:
         special = special[:special.index(output.stop_reason)]

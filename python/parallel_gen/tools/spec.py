@@ -55,6 +55,12 @@ class ToolRequest:
     """Several calls in one reply (where the model's format allows it)."""
 
     @property
+    def many(self) -> bool:
+        """A reply may hold several calls: parallel calls allowed, and no tool named (a
+        named choice is one call, after which the reply ends)."""
+        return self.parallel and self.mode is not ChoiceMode.NAMED
+
+    @property
     def callable_tools(self) -> Tuple[Tool, ...]:
         """The tools a reply may call."""
         if self.mode is ChoiceMode.NAMED:
