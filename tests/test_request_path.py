@@ -158,7 +158,8 @@ def test_numerics_leave_capacity_out(smollm2_path):
         assert pg.generate_parallel(a, ["Water boils at"], max_tokens=12, temperature=0).texts == \
             pg.generate_parallel(b, ["Water boils at"], max_tokens=12, temperature=0).texts
     assert set(pg.ModelConfig().numerics()) == {"n_batch", "n_gpu_layers", "kv_unified", "flash_attn", "type_k",
-                                                "type_v", "kv_size", "share_prefix", "prompt_cache", "batch_invariant"}
+                                                "type_v", "kv_size", "share_prefix", "prompt_cache", "cache_ram",
+                                                "batch_invariant"}
 
 
 # -- bug 7: a Model's engine is freed by close(), whatever still refers to it --------------
