@@ -42,14 +42,18 @@ def smol(smollm2_path):
         yield m
 
 
-def classify_cli(*args, background=False, timeout=300):
-    """`parallel-gen classify ARGS` in a subprocess: its result, or (background) the running process."""
-    command = [sys.executable, "-m", "parallel_gen", "classify", *map(str, args)]
+def parallel_gen_cli(command, *args, background=False, timeout=300):
+    """`parallel-gen COMMAND ARGS` in a subprocess: its result, or (background) the running process."""
+    argv = [sys.executable, "-m", "parallel_gen", command, *map(str, args)]
     env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
     if background:
-        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=env)
-    return subprocess.run(command, input="", capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(argv, input="", capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def classify_cli(*args, background=False, timeout=300):
+    return parallel_gen_cli("classify", *args, background=background, timeout=timeout)
 
 
 def read_csv(path):

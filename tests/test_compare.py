@@ -15,8 +15,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import pytest
 
 import parallel_gen as pg
 from conftest import import_extra
-from test_jobs import PYTHON_DIR
+from test_classify_cli import parallel_gen_cli as cli, read_csv  # `parallel-gen COMMAND ...`
 
 import_extra("sklearn", "annotate")
 
@@ -115,20 +113,6 @@ def test_bad_compare_arguments_fail_before_any_model_opens(kwargs, error, messag
 
 
 # -- the command line ----------------------------------------------------------------------------
-def cli(command, *args, background=False, timeout=300):
-    argv = [sys.executable, "-m", "parallel_gen", command, *map(str, args)]
-    env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
-    if background:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env)
-    return subprocess.run(argv, input="", capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def read_csv(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
 def test_cli_compare_killed_mid_way_resumes_to_the_uninterrupted_result_with_its_run_record(
         smol1, smollm2_path, tmp_path):
     src, out = tmp_path / "reviews.csv", tmp_path / "codings.csv"
