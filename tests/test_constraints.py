@@ -31,6 +31,30 @@ def test_json_schema_16_prompts_all_parse_and_validate(smol):
     assert len({c.text for c in r}) > 1  # sampled, not one canned answer
 
 
+def test_json_strings_never_hold_raw_control_characters(smol):
+    """JSON forbids an unescaped U+0000-U+001F inside a string; llama-cpp-python's schema
+    converter allowed it (a sampled newline in a string gave text json.loads rejects).
+    Every token holding a control character is pushed up by 100: the grammar alone keeps
+    them out, in a schema and in a grammar built from schemas (the tool-call path)."""
+    from parallel_gen.constraints import GrammarBuilder
+
+    bias = {t: 100.0 for t in range(smol.n_vocab)
+            if any(ord(ch) < 0x20 for ch in smol.detokenize([t]))}
+    assert len(bias) > 10  # newlines, tabs, runs of them
+    schema = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 20}},
+              "required": ["note"], "additionalProperties": False}
+    built = GrammarBuilder()
+    built_root = built.schema(schema, "note")
+    params = [pg.SamplingParams(json_schema=schema, max_tokens=40, temperature=0.8, seed=s, logit_bias=bias)
+              for s in range(3)]
+    params.append(pg.SamplingParams(grammar=built.build(built_root), max_tokens=40, temperature=0, logit_bias=bias))
+    r = pg.generate_parallel(smol, ["Write a short note as JSON:"] * 4, params)
+    for c in r:
+        assert not any(ord(ch) < 0x20 for ch in c.text), repr(c.text)
+        assert c.finish_reason == "stop", (c.finish_reason, c.text)
+        assert isinstance(json.loads(c.text)["note"], str)
+
+
 def test_choices_always_hit_a_choice(smol):
     labels = ["positive", "negative", "neutral"]
     reviews = ["I loved it!", "Awful.", "It exists.", "Best day ever", "Never again", "Meh"] * 2

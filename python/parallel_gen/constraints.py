@@ -12,6 +12,13 @@ from typing import Any, Dict, Mapping, Sequence, Union
 SCHEMA_CACHE_SIZE = 256
 """Distinct JSON schemas whose grammar is remembered (least recently used dropped)."""
 
+# llama-cpp-python 0.3.36's converter lets a JSON string hold raw control characters
+# (its `char` rule is `[^"\\]`), so a sampled newline inside a string gives text that
+# json.loads rejects. JSON forbids U+0000-U+001F unescaped; llama.cpp's own converter
+# excludes them (and DEL), and so do we, by replacing that one rule where it is emitted.
+_LOOSE_CHAR = r'char ::= [^"\\] | '
+_STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | '
+
 
 def literal(text: str) -> str:
     """A GBNF string literal matching exactly ``text``."""
@@ -61,9 +68,16 @@ def _text_grammar(text: str) -> str:
     from ._native import llama_cpp  # on use: the CLI's options load no llama.cpp
 
     try:
-        return llama_cpp.llama_grammar.json_schema_to_gbnf(text)
+        return strict_strings(llama_cpp.llama_grammar.json_schema_to_gbnf(text))
     except Exception as e:  # the converter raises assorted types on unsupported schemas
         raise ValueError(f"cannot convert the schema to a grammar: {type(e).__name__}: {e}") from None
+
+
+def strict_strings(grammar: str) -> str:
+    """``grammar`` (the converter's output) with JSON strings that cannot hold raw
+    control characters."""
+    return "\n".join(_STRICT_CHAR + line[len(_LOOSE_CHAR):] if line.startswith(_LOOSE_CHAR) else line
+                     for line in grammar.split("\n"))
 
 
 def schema_conversions() -> int:
@@ -98,4 +112,5 @@ class GrammarBuilder:
 
     def build(self, root: str) -> str:
         rules = dict(self._rules, root=root)
-        return self._converter.format_grammar() + "\n" + "\n".join(f"{k} ::= {v}" for k, v in rules.items()) + "\n"
+        body = "\n".join(f"{k} ::= {v}" for k, v in rules.items())
+        return strict_strings(self._converter.format_grammar()) + "\n" + body + "\n"
