@@ -3,6 +3,11 @@ for the build under test against an older build, side by side in one run.
 
     python benchmarks/host_step.py --baseline-site /tmp/pg-old -o benchmarks/results-host-step.json
 
+--backend-sampling: instead of an older build, the same build with
+ModelConfig.backend_sampling off (baseline) against on (new), side by side:
+
+    python benchmarks/host_step.py --backend-sampling -o benchmarks/results-backend-sampling.json
+
 --baseline-site: a folder holding another parallel_gen build (``pip install --no-deps
 --target DIR .`` from an older checkout, with a ``llama_cpp`` link beside it to the same
 llama-cpp-python), put first on the path of the baseline's runs. Each case runs in a fresh
@@ -39,6 +44,7 @@ import json, sys, time
 import parallel_gen as pg
 from parallel_gen import models
 which, n, sampled, threads, tokens = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
+extra = json.loads(sys.argv[6])  # more ModelConfig settings
 path = models.smollm2_path() if which == "smollm2" else models.gemma3_path()
 prompts = [f"Story {i}: once upon a time" for i in range(n)]
 kw = dict(max_tokens=tokens, ignore_eos=True, temperature=0.8 if sampled else 0.0)
@@ -46,7 +52,7 @@ if sampled:
     kw.update(top_p=0.95, seed=1)
 out = {"build": pg.__file__}
 try:
-    with pg.Model(path, n_parallel=n, n_ctx=64, n_threads=threads, flash_attn=False) as m:
+    with pg.Model(path, n_parallel=n, n_ctx=64, n_threads=threads, flash_attn=False, **extra) as m:
         pg.generate_parallel(m, prompts[:4], **kw)
         t0 = time.perf_counter()
         r = pg.generate_parallel(m, prompts, **kw)
@@ -55,18 +61,21 @@ try:
     decode = s.prompt_seconds + s.generation_seconds
     out.update(wall_s=wall, decode_s=decode, decode_calls=s.decode_calls, completion_tokens=s.completion_tokens,
                host_ms_step=1000 * (wall - decode) / s.decode_calls, e2e_tps=s.completion_tokens / wall,
-               engine_host_ms_step=getattr(s, "host_ms_per_step", None), failed=s.failed)
+               engine_host_ms_step=getattr(s, "host_ms_per_step", None), failed=s.failed,
+               backend_sampled_tokens=getattr(s, "backend_sampled_tokens", None))
 except Exception as e:  # the old build cannot load n_parallel 256: a row, not a crash
     out["error"] = f"{type(e).__name__}: {e}"
 print("RESULT " + json.dumps(out))
 """
 
 
-def run_case(site: Optional[str], model: str, n: int, sampled: bool, threads: int, tokens: int) -> Dict[str, Any]:
+def run_case(site: Optional[str], model: str, n: int, sampled: bool, threads: int, tokens: int,
+             settings: Dict[str, Any]) -> Dict[str, Any]:
     env = dict(os.environ)
     if site:
         env["PYTHONPATH"] = site + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", CHILD, model, str(n), "1" if sampled else "0", str(threads), str(tokens)],
+    p = subprocess.run([sys.executable, "-c", CHILD, model, str(n), "1" if sampled else "0", str(threads), str(tokens),
+                        json.dumps(settings)],
                        capture_output=True, text=True, env=env, timeout=1800)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -77,6 +86,8 @@ def run_case(site: Optional[str], model: str, n: int, sampled: bool, threads: in
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline-site", help="folder with the baseline build of parallel_gen")
+    ap.add_argument("--backend-sampling", action="store_true",
+                    help="compare backend_sampling off (baseline) and on (new) in this build")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--only", help="comma-separated n_parallel values to run (default: all)")
@@ -88,10 +99,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if only and n not in only:
             continue
         row: Dict[str, Any] = dict(model=model, n_parallel=n, sampling="temperature 0.8, top_p 0.95" if sampled else "greedy")
-        for name, site in (("baseline", args.baseline_site), ("new", None)):
-            if name == "baseline" and not site:
-                continue
-            row[name] = run_case(site, model, n, sampled, args.threads, args.tokens)
+        if args.backend_sampling:
+            runs = [("baseline", None, {"backend_sampling": False}), ("new", None, {"backend_sampling": True})]
+        else:
+            runs = [("new", None, {})] if not args.baseline_site else [("baseline", args.baseline_site, {}),
+                                                                      ("new", None, {})]
+        for name, site, settings in runs:
+            row[name] = run_case(site, model, n, sampled, args.threads, args.tokens, settings)
         b, nw = row.get("baseline", {}), row["new"]
         if "host_ms_step" in b and "host_ms_step" in nw:
             row["host_speedup"] = b["host_ms_step"] / nw["host_ms_step"]

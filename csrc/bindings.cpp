@@ -156,6 +156,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("prompt_cache", &EngineConfig::prompt_cache)
         .def_readwrite("cache_ram", &EngineConfig::cache_ram)
         .def_readwrite("min_rows", &EngineConfig::min_rows)
+        .def_readwrite("backend_sampling", &EngineConfig::backend_sampling)
         .def_readwrite("verbose", &EngineConfig::verbose);
 
     py::enum_<Finish>(m, "Finish").value("stop", Finish::Stop).value("length", Finish::Length).value("error", Finish::Error);
@@ -206,6 +207,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readonly("host_save_seconds", &Counters::host_save_seconds)
         .def_readonly("host_restore_seconds", &Counters::host_restore_seconds)
         .def_readonly("generated_tokens", &Counters::generated_tokens)
+        .def_readonly("backend_sampled_tokens", &Counters::backend_sampled_tokens)
         .def_readonly("prompt_seconds", &Counters::prompt_seconds)
         .def_readonly("generation_seconds", &Counters::generation_seconds)
         .def_readonly("host_seconds", &Counters::host_seconds);

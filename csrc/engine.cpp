@@ -103,6 +103,9 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     if (cfg_.n_parallel < 1 || cfg_.n_ctx < 2 || cfg_.n_batch < cfg_.n_parallel) {
         throw std::invalid_argument("engine config: need n_parallel >= 1, n_ctx >= 2, n_batch >= n_parallel");
     }
+    if (batch_invariant() && cfg_.backend_sampling) {
+        throw std::invalid_argument("engine config: batch-invariant mode samples on the host (no backend sampling)");
+    }
     if (batch_invariant() && (cfg_.kv_unified || sharing_prefixes() || caching() || cfg_.n_batch < cfg_.min_rows)) {
         throw std::invalid_argument("engine config: batch-invariant mode needs separate KV streams, no shared "
                                     "prefix, no prompt cache and n_batch >= min_rows");
@@ -140,6 +143,11 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     cp.type_v          = static_cast<ggml_type>(cfg_.type_v);
     cp.kv_unified      = cfg_.kv_unified;
     cp.no_perf         = true;
+    if (cfg_.backend_sampling) {
+        // A sampling sequence has one output per decode (its last token fed): backend
+        // samplers then keep one set of inputs each instead of one per possible output.
+        cp.n_outputs_max_per_seq = 1;
+    }
     cp.abort_callback      = &Engine::abort_cb;
     cp.abort_callback_data = this;
 
@@ -163,6 +171,7 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     cached_.resize(static_cast<size_t>(n_seq_));
     cache_used_.resize(static_cast<size_t>(n_seq_));
     copy_pending_.resize(static_cast<size_t>(n_seq_));
+    backend_bound_.resize(static_cast<size_t>(n_seq_));
     if (caching() && cfg_.cache_ram > 0) {
         host_ = std::make_unique<HostCache>(static_cast<size_t>(cfg_.cache_ram));
     }
@@ -290,7 +299,8 @@ void Engine::submit(Item item) {
     }
     if (!why && !s->scorer) {
         try {
-            s->sampler = std::make_unique<Sampler>(model_->vocab(), s->item.params, cfg_.n_ctx, s->tokens);
+            s->sampler = std::make_unique<Sampler>(model_->vocab(), s->item.params, cfg_.n_ctx, s->tokens,
+                                                   cfg_.backend_sampling);
         } catch (const std::exception & e) {
             why = {ErrorCode::InvalidParam, std::string("could not build the sampler: ") + e.what()};
         }
@@ -1095,6 +1105,7 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
         if (abort_countdown_ > 0 && --abort_countdown_ == 0) {
             abort_now_.store(true);
         }
+        bind_backend_samplers();
         const auto    t0  = Clock::now();
         const int32_t ret = llama_decode(ctx_, batch_);
         const double  dt  = seconds_since(t0);
@@ -1166,9 +1177,22 @@ void Engine::draw_tokens(const std::vector<Entry> & entries, const std::vector<s
     std::vector<int32_t> rows;
     for (size_t b = 0; b < taken.size(); ++b) {
         const Entry & e = entries[taken[b]];
-        if (samples(e.seq, e.logits)) {
-            rows.push_back(static_cast<int32_t>(b));
+        if (!samples(e.seq, e.logits)) {
+            continue;
         }
+        if (e.seq->sampler->backend_chain()) {
+            // Sampled in the graph: only the token id to read (on this thread: the read
+            // puts llama.cpp's outputs in order).
+            Draw & d = draws[b];
+            d.token  = e.seq->sampler->take_backend_token(ctx_, static_cast<int32_t>(b));
+            if (d.token == LLAMA_TOKEN_NULL) {
+                d.error = std::make_exception_ptr(std::runtime_error("backend sampling gave no token"));
+            } else {
+                ++counters_.backend_sampled_tokens;
+            }
+            continue;
+        }
+        rows.push_back(static_cast<int32_t>(b));
     }
     if (rows.empty()) {
         return;
@@ -1206,6 +1230,38 @@ void Engine::draw_tokens(const std::vector<Entry> & entries, const std::vector<s
     (void) verbose;
     for (int32_t i = 0; i < n; ++i) {
         draw(i, 0);
+    }
+}
+
+// Attaches each running sequence's backend sampler chain to its stream, and detaches what
+// a stream no longer runs (finished, paused, moved), before a decode: llama.cpp applies the
+// attached chains in the graph, and only a decode reads them (a freed chain is detached
+// before the next one). Attaching changes the graph, so llama.cpp reserves it again: this
+// happens at admissions and exits, not every step.
+void Engine::bind_backend_samplers() {
+    if (!cfg_.backend_sampling) {
+        return;
+    }
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        const size_t i = static_cast<size_t>(id);
+        Sequence *   s = slots_[i] && slots_[i]->running() && slots_[i]->sampler ? slots_[i].get() : nullptr;
+        llama_sampler * chain  = s ? s->sampler->backend_chain() : nullptr;
+        const uint64_t  serial = chain ? s->sampler->serial() : 0;
+        if (backend_bound_[i] == serial) {
+            continue;
+        }
+        if (backend_bound_[i] != 0) {
+            llama_set_sampler(ctx_, id, nullptr);
+            backend_bound_[i] = 0;
+        }
+        if (chain) {
+            if (llama_set_sampler(ctx_, id, s->sampler->chain_to_attach())) {
+                backend_bound_[i] = serial;
+            } else {
+                s->sampler->drop_backend();  // this backend lacks an op: the host samples it
+                take_log_errors();
+            }
+        }
     }
 }
 

@@ -46,6 +46,9 @@ struct EngineConfig {
     // every generation step is padded with one-token dummy rows up to this many rows, so a
     // sequence's numbers never depend on what else runs (see Engine::step_invariant).
     int32_t min_rows   = 0;
+    // Sequences whose sampler chain has a backend form sample in llama.cpp's graph (its
+    // backend sampling API): only token ids come back, no logits to read for them.
+    bool    backend_sampling = false;
     bool    verbose    = false;
 };
 
@@ -76,6 +79,7 @@ struct Counters {
     double  host_save_seconds    = 0;  // time spent saving and restoring KV state
     double  host_restore_seconds = 0;
     int64_t generated_tokens  = 0;  // tokens sampled
+    int64_t backend_sampled_tokens = 0;  // of which sampled in the graph (backend sampling)
     double  prompt_seconds    = 0;  // decode time, split by token share between prompt...
     double  generation_seconds = 0; // ...and generation tokens of each call
     double  host_seconds      = 0;  // step() time outside llama_decode: admission, sampling,
@@ -229,6 +233,7 @@ private:
     void pause(Sequence * s);
     // outputs of a sequence
     void take_token(Sequence * s, Draw & d);
+    void bind_backend_samplers();
     void score(Sequence * s, int32_t idx, llama_pos pos);
     void next_continuation(Sequence * s);
     void finish(Sequence * s, Finish why, Failure failure = {});
@@ -267,6 +272,9 @@ private:
     // the buffers at the next decode, so until then their state is neither saved nor
     // overwritten by a restore.
     std::vector<uint8_t>                   copy_pending_;
+    // Per stream: the serial of the Sampler whose chain is attached to it in llama.cpp
+    // (backend sampling), 0 for none. Synced before every decode (bind_backend_samplers).
+    std::vector<uint64_t>                  backend_bound_;
     std::unique_ptr<SharedPrefix>          prefix_;  // at most one at a time
     // A prefix was given up for KV room: none is chosen again until a sequence leaves its
     // slot, or the same prefix would be decoded and given up every step.

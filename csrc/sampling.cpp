@@ -1,6 +1,7 @@
 #include "sampling.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -115,8 +116,10 @@ void prefilter_top_k(const float * logits, int32_t n, int32_t k, std::vector<lla
 }
 
 Sampler::Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t n_ctx,
-                 const std::vector<llama_token> & prompt)
+                 const std::vector<llama_token> & prompt, bool backend)
     : n_vocab_(llama_vocab_n_tokens(vocab)), logprobs_(cfg.logprobs) {
+    static std::atomic<uint64_t> serials{0};
+    serial_ = ++serials;
     llama_sampler_chain_params cp = llama_sampler_chain_default_params();
     cp.no_perf = true;
     chain_.reset(llama_sampler_chain_init(cp));
@@ -159,6 +162,8 @@ Sampler::Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t 
         llama_sampler_chain_add(chain_.get(), llama_sampler_init_temp(cfg.temperature));
         llama_sampler_chain_add(chain_.get(), llama_sampler_init_dist(cfg.seed));
     }
+
+    backend_ = backend && cfg.grammar.empty() && cfg.logprobs < 0 && cfg.logit_bias.empty() && !penalize;
 
     if (!cfg.grammar.empty()) {
         lazy_ = !cfg.grammar_triggers.empty();
@@ -241,6 +246,22 @@ llama_token Sampler::sample(llama_context * ctx, int32_t idx, std::vector<llama_
         for (auto & e : top) {
             e.second -= lse;
         }
+    }
+    return tok;
+}
+
+llama_sampler * Sampler::chain_to_attach() {
+    if (attached_) {
+        chain_.reset(llama_sampler_clone(chain_.get()));
+    }
+    attached_ = true;
+    return chain_.get();
+}
+
+llama_token Sampler::take_backend_token(llama_context * ctx, int32_t idx) {
+    const llama_token tok = llama_get_sampled_token_ith(ctx, idx);
+    if (tok != LLAMA_TOKEN_NULL) {
+        llama_sampler_accept(chain_.get(), tok);  // the dist sampler's draws advance here
     }
     return tok;
 }

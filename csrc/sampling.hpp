@@ -60,8 +60,28 @@ public:
     // -> dist, or [logit bias] -> [penalties] -> greedy at temperature 0. The penalty
     // window is primed with the tail of the prompt, as llama-cpp-python and llama-server
     // do. Throws std::invalid_argument when the grammar or a trigger pattern does not parse.
+    // `backend`: the engine samples in llama.cpp's graph where this chain allows it
+    // (see backend_chain).
     Sampler(const llama_vocab * vocab, const SamplingConfig & cfg, int32_t n_ctx,
-            const std::vector<llama_token> & prompt);
+            const std::vector<llama_token> & prompt, bool backend = false);
+
+    // The chain to attach to this sequence's stream for backend sampling (llama_set_sampler),
+    // or null: only chains of greedy / top-k / top-p / min-p / temperature / dist have a
+    // backend form; a grammar, logprobs (raw logits), logit bias or penalties keep a
+    // sequence on the host path, in the same batch.
+    llama_sampler * backend_chain() const { return backend_ ? chain_.get() : nullptr; }
+    // The chain to attach now: llama.cpp initializes a chain for the graph once, so one
+    // attached before (the sequence moved to another stream) is replaced by a clone of
+    // itself first (its state, e.g. the draw's random generator, goes along).
+    llama_sampler * chain_to_attach();
+    // llama.cpp would not take the chain (a backend without the ops): sample on the host.
+    void            drop_backend() { backend_ = false; }
+    // A number no other Sampler of this process has: a stream's attached chain is known
+    // by it (a new chain may reuse a freed one's address).
+    uint64_t        serial() const { return serial_; }
+    // The token llama.cpp sampled in the graph for output `idx`, accepted into the chain;
+    // LLAMA_TOKEN_NULL when there is none. Not thread-safe (llama.cpp reorders outputs).
+    llama_token     take_backend_token(llama_context * ctx, int32_t idx);
 
     // Samples (and accepts) the next token from output `idx` of the last decode. `buf` is
     // scratch space of up to vocabulary size, one per calling thread. Sequences' samplers
@@ -78,6 +98,9 @@ private:
     int32_t    top_k_        = 0;      // > 0: the chain starts with top-k, see prefilter_top_k
     bool       plain_greedy_ = false;  // the chain is greedy alone: an argmax of the logits
     bool       lazy_         = false;  // grammar_ waits for a trigger pattern
+    bool       backend_      = false;  // chain_ runs in the graph (backend_chain)
+    bool       attached_     = false;  // chain_ was attached once (chain_to_attach)
+    uint64_t   serial_       = 0;
 };
 
 // The first index of the largest logit (llama.cpp's greedy choice), in vectorizable passes.

@@ -121,6 +121,16 @@ class ModelConfig:
     share_prefix and prompt_cache off (a prefill cut where companions or earlier prompts
     share it would change numerics)."""
 
+    backend_sampling: Optional[bool] = field(default=None, metadata=_numerics())
+    """Sample in llama.cpp's graph (its backend sampling API) where a prompt's sampler chain
+    has a backend form (greedy, top_k, top_p, min_p, temperature, seeded draw): only token
+    ids come back from the device, no logits for the host to read and sample. Prompts with
+    a grammar, logprobs, logit_bias or penalties sample on the host in the same batch. None
+    (auto): on when layers are offloaded to a GPU (n_gpu_layers != 0 and a GPU build), off
+    on a CPU, where it was measured slower (docs/performance.md). It changes numerics: a
+    seeded draw takes other random numbers than the host's (reproducible per seed and
+    setting); greedy picks the same token up to exact ties. Not with batch_invariant."""
+
     repack: Optional[bool] = None
     """Let llama.cpp repack the weights for its faster CPU kernels (its "extra buffer
     types"; False is llama.cpp's --no-repack). None: off when llama.cpp was built with AMX
@@ -150,7 +160,13 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ParamTypeError(f"Model {name} must be a bool, got {getattr(self, name)!r}", name)
         check_repack(self.repack)
+        if self.backend_sampling not in (None, True, False):
+            raise ParamTypeError(f"Model backend_sampling must be True, False or None (auto), got "
+                                 f"{self.backend_sampling!r}", "backend_sampling")
         if self.batch_invariant:
+            if self.backend_sampling:
+                raise ParamError("Model backend_sampling=True cannot go with batch_invariant=True: the invariant "
+                                 "mode samples on the host", "backend_sampling")
             if self.kv_unified:
                 raise ParamError("Model batch_invariant=True needs kv_unified=False: in a shared KV pool a "
                                  "sequence's attention depends on where its companions' cells are",
@@ -190,6 +206,17 @@ class ModelConfig:
         return self.n_threads if self.n_threads is not None else cpu_threads()
 
     @property
+    def samples_on_backend(self) -> bool:
+        """backend_sampling with auto resolved: on where layers run on a GPU build."""
+        if self.backend_sampling is not None:
+            return self.backend_sampling
+        if self.batch_invariant or self.n_gpu_layers == 0:
+            return False
+        from ._native import llama_cpp
+
+        return bool(llama_cpp.llama_supports_gpu_offload())
+
+    @property
     def kv_streams(self) -> int:
         """KV streams llama.cpp allocates with separate streams: one per slot, plus one for a
         shared prefix and the prompt cache below llama.cpp's sequence limit; in
@@ -222,6 +249,7 @@ class ModelConfig:
         ec.prompt_cache = self.prompt_cache
         ec.cache_ram = self.cache_ram * 2**20
         ec.min_rows = BATCH_INVARIANT_MIN_ROWS if self.batch_invariant else 0
+        ec.backend_sampling = self.samples_on_backend
         ec.verbose = self.verbose
         return ec
 

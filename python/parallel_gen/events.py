@@ -128,6 +128,7 @@ class EngineCounters:
     host_save_seconds: float = 0.0
     host_restore_seconds: float = 0.0
     generated_tokens: int = 0
+    backend_sampled_tokens: int = 0
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
     host_seconds: float = 0.0

@@ -273,6 +273,7 @@ def batch_stats(completions: List[Completion], c: EngineCounters, wall: float, c
         prompt_cache_misses=int(c.prompt_cache_misses),
         prompt_cache_evictions=int(c.prompt_cache_evictions),
         host_seconds=c.host_seconds,
+        backend_sampled_tokens=int(c.backend_sampled_tokens),
         host_cache_hits=int(c.host_cache_hits),
         host_cached_tokens=int(c.host_cached_tokens),
         host_cache_saves=int(c.host_cache_saves),

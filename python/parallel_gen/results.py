@@ -231,6 +231,10 @@ class BatchStats:
     """Engine time outside llama_decode in the steps of the call: admission, sampling, stop
     checks, results. Added to every decode step: on a fast GPU it decides throughput."""
 
+    backend_sampled_tokens: int = 0
+    """Generated tokens sampled in llama.cpp's graph (``ModelConfig.backend_sampling``)
+    rather than on the host."""
+
     host_cache_hits: int = 0
     """Of prompt_cache_hits, those restored from the host tier (``ModelConfig.cache_ram``):
     KV saved to host memory when its stream was needed for another prompt. The others

@@ -74,7 +74,7 @@ class ModelFlag:
     """For a flag whose words stand for values (--flash-attn on): word -> field value."""
 
 
-FLASH_ATTN = {"auto": None, "on": True, "off": False}
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
 # One flag per ModelConfig field (test_cli holds them equal), in --help's order.
 MODEL_FLAGS = (
@@ -87,7 +87,7 @@ MODEL_FLAGS = (
     ModelFlag("n_gpu_layers", ("--n-gpu-layers",), "layers offloaded to a GPU (-1: all; needs a GPU build)"),
     ModelFlag("kv_unified", ("--kv-unified",), "one KV buffer shared by all sequences", bool, None),
     ModelFlag("kv_size", ("--kv-size",), "cells of the shared KV pool (with --kv-unified)"),
-    ModelFlag("flash_attn", ("--flash-attn",), "flash attention", None, None, FLASH_ATTN),
+    ModelFlag("flash_attn", ("--flash-attn",), "flash attention", None, None, AUTO_ON_OFF),
     ModelFlag("type_k", ("--type-k",), "KV cache type of K", str, "TYPE"),
     ModelFlag("type_v", ("--type-v",), "KV cache type of V", str, "TYPE"),
     ModelFlag("share_prefix", ("--share-prefix",), "decode a prompt prefix (>= 16 tokens) that several prompts "
@@ -103,6 +103,9 @@ MODEL_FLAGS = (
                                                          "batch: each prompt prefilled alone, generation steps "
                                                          "padded to a fixed minimum of rows (slower; no shared "
                                                          "prefix)", bool, None),
+    ModelFlag("backend_sampling", ("--backend-sampling",), "sample in llama.cpp's graph where a prompt's sampler "
+                                                           "chain allows it (default: auto, on with GPU layers)",
+              None, None, AUTO_ON_OFF),
     ModelFlag("repack", ("--repack",), "repack the weights for llama.cpp's faster CPU kernels (its extra buffer "
                                        "types; default: off when llama.cpp was built with AMX kernels, which "
                                        "crash on recent Intel Xeons, else on)", bool, None),
