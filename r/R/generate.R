@@ -181,7 +181,8 @@ pg_chat <- function(model, conversations, max_tokens = 128L, temperature = 0.8, 
 #'   `prompt_cache_evictions`, `host_cache_hits` and `host_cached_tokens` (the part of the
 #'   hits and tokens restored from host memory, `cache_ram`), `host_cache_saves`,
 #'   `host_cache_evictions`, `host_seconds` (engine time outside llama.cpp's decode calls:
-#'   admission, sampling, stop checks).
+#'   admission, sampling, stop checks), `backend_sampled_tokens` (tokens sampled in
+#'   llama.cpp's graph, `backend_sampling`).
 #' @export
 pg_stats <- function(x = NULL) {
   if (is.null(x)) {
