@@ -191,6 +191,7 @@ def test_restore_refused_for_another_configuration(smollm2_path, reference):
         r = _run(m, follow)
         assert r.stats.host_cache_hits == 0 and r.stats.cached_prompt_tokens == 0
         assert m.stats().host_cache_entries == len(bad) - 1  # the one tried is dropped
+        assert m.stats().host_restore_failures == 1
         assert r.stats.failed == 0 and _ids(r) == _ids(pg.generate_parallel(m, follow, max_tokens=12, logprobs=2,
                                                                              cache_prompt=False, **GREEDY))
 

@@ -339,6 +339,8 @@ def test_multi_turn_chat_reports_cached_tokens_and_metrics(cached):
     assert cached.metric("parallel_gen_host_cache_saves") >= cached.metric("parallel_gen_host_cache_entries") >= 1
     assert 0 < cached.metric("parallel_gen_host_cache_bytes") <= 8192 * 2**20
     assert cached.metric("parallel_gen_host_cache_evictions") == 0
+    assert cached.metric("parallel_gen_host_cache_restore_failures") == 0
+    assert cached.metric("parallel_gen_backend_sampled_tokens") == 0  # off on a CPU (auto)
     r = cached.http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "cache_prompt": "no"})
     _error(r, 400, param="cache_prompt")
     # the Responses API names it usage.input_tokens_details.cached_tokens: the chat prompt

@@ -172,6 +172,11 @@ class EngineStats:
     """Time spent saving KV state to the host tier, since the Model was opened."""
     host_restore_seconds: float = 0.0
     """Time spent restoring KV state from the host tier, since the Model was opened."""
+    host_restore_failures: int = 0
+    """Restores llama.cpp refused since the Model was opened (the entry was dropped and the
+    prompt decoded instead: a correct answer, at the cost of a decode)."""
+    backend_sampled_tokens: int = 0
+    """Tokens sampled in llama.cpp's graph since the Model was opened (backend_sampling)."""
 
     @property
     def prompt_cache_hit_rate(self) -> float:
@@ -272,7 +277,8 @@ class EngineRunner:
                            host_cache_entries=s.host_entries, host_tokens_cached=s.host_tokens,
                            host_saved_tokens=int(t.host_saved_tokens), host_save_seconds=t.host_save_seconds,
                            host_restore_seconds=t.host_restore_seconds,
-                           host_seconds=t.host_seconds)
+                           host_restore_failures=int(t.host_restore_failures),
+                           backend_sampled_tokens=int(t.backend_sampled_tokens), host_seconds=t.host_seconds)
 
     def stop(self) -> None:
         """Cancels everything, ends the thread and waits for it. Idempotent."""

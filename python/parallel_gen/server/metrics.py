@@ -41,6 +41,10 @@ _ENGINE_GAUGES = (
     ("host_cache_bytes", "host_cache_bytes", "Bytes the host-memory tier holds now (at most cache_ram MiB)"),
     ("host_cache_entries", "host_cache_entries", "Entries in the host-memory tier now"),
     ("host_cache_tokens_held", "host_tokens_cached", "Tokens whose KV the host-memory tier holds now"),
+    ("host_cache_restore_failures", "host_restore_failures", "Host-memory restores llama.cpp refused (the prompt "
+                                                             "was decoded instead)"),
+    ("backend_sampled_tokens", "backend_sampled_tokens", "Tokens sampled in llama.cpp's graph (backend "
+                                                         "sampling) since the Model opened"),
 )
 
 
