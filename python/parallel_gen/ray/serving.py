@@ -44,10 +44,9 @@ from .serve_types import REPLICA_HEADER, ForwardedRequest, ResponseStart, known_
 
 logger = logging.getLogger("parallel_gen")
 
-ROUTERS = {"affinity": "parallel_gen.ray.serve_router.AffinityRouter",
-           "default": "ray.serve._private.request_router.pow_2_router.PowerOfTwoChoicesRequestRouter"}
-"""``router=`` of :func:`serve`: this package's affinity router, or Serve's default
-(power of two choices: the shorter queue of two random replicas), for comparison."""
+ROUTERS = ("affinity", "default")
+"""``router=`` of :func:`serve`: this package's affinity router (:class:`.serve_router.AffinityRouter`),
+or Serve's default (power of two choices: the shorter queue of two random replicas), for comparison."""
 
 MODEL_DEPLOYMENT = "Model"
 
@@ -292,10 +291,16 @@ def serve(model: Union[str, "os.PathLike[str]", None] = None, *, address: Option
     cpus, gpus = actor_resources(options)
     options.pop("n_threads", None)
     n_parallel = int(options.get("n_parallel", ModelConfig.n_parallel))
+    routing: Dict[str, Any] = {}  # Serve's default router
     if router == "affinity":
         from .routing import AffinityPolicy
 
         AffinityPolicy(**dict(router_options or {}))  # bad router options fail here
+        routing["request_router_config"] = RequestRouterConfig(
+            request_router_class="parallel_gen.ray.serve_router.AffinityRouter",
+            request_router_kwargs=dict(router_options or {}))
+    elif router_options:
+        raise ValueError("router_options are the affinity router's: not for router='default'")
     scaling: Dict[str, Any] = {"num_replicas": replicas}
     most = replicas
     if min_replicas is not None or max_replicas is not None:
@@ -317,10 +322,7 @@ def serve(model: Union[str, "os.PathLike[str]", None] = None, *, address: Option
         model_deployment = ray_serve.deployment(ModelReplica).options(
             name=MODEL_DEPLOYMENT, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
             # Past its slots and queue a replica refuses, and the router tries the next choice.
-            max_ongoing_requests=n_parallel + config.max_queue,
-            request_router_config=RequestRouterConfig(request_router_class=ROUTERS[router],
-                                                      request_router_kwargs=dict(router_options or {})),
-            **scaling)
+            max_ongoing_requests=n_parallel + config.max_queue, **routing, **scaling)
         ingress = ray_serve.deployment(Ingress).options(
             name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=config.max_open_requests)
         app = ingress.bind(model_deployment.bind(path, options, {k: v for k, v in settings.items()}),
