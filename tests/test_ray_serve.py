@@ -12,9 +12,12 @@ The routing policy itself is tested without Ray in test_ray_routing.py.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -43,6 +46,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_cli_serves_on_ray_until_sigterm(smollm2_path):
+    """``parallel-gen serve --ray``: its own local cluster (first in the module, before the
+    module's), one replica, answers with its replica named; SIGTERM stops it and its cluster."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.Popen([sys.executable, "-m", "parallel_gen", "serve", "--ray", "--model", str(smollm2_path),
+                          "--replicas", "1", "--threads", "1", "--n-parallel", "2", "--n-ctx", "512", "--port",
+                          str(port), "--api-key", KEY], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):  # until it answers (0.5 s apart), or it exits
+            assert p.poll() is None, p.stderr.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        r = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=60,
+                       json={"messages": user("Hi"), "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1 and r.headers["x-replica-id"]
+        p.send_signal(signal.SIGTERM)
+        p.wait(90)  # it stops (its exit status is Ray's: its driver handles SIGTERM itself)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/health", timeout=5)  # and its cluster with it
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 @pytest.fixture(scope="module")

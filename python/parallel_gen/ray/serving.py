@@ -339,18 +339,10 @@ def serve(model: Union[str, "os.PathLike[str]", None] = None, *, address: Option
 
 def serve_until_stopped(app: RayServeApp) -> None:
     """Blocks until Ctrl-C or SIGTERM, then shuts the app down."""
-    import signal
-
-    stop = {"now": False}
-
-    def on_signal(*_: Any) -> None:
-        stop["now"] = True
-
-    signal.signal(signal.SIGTERM, on_signal)
     try:
-        while not stop["now"]:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, SystemExit):  # SIGTERM: Ray's driver handler raises SystemExit
         pass
     finally:
         app.shutdown()
