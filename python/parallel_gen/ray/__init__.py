@@ -10,6 +10,8 @@ pool of Ray actors that each hold one Model.
 - :func:`run_ray_job`: Parquet or JSONL files in and out (``parallel-gen generate --ray``).
 - :class:`BatchClassifier`, :func:`classify` and :func:`run_ray_classify_job`: label
   probabilities, the rows of ``parallel-gen classify`` (``--ray``).
+- :func:`serve`: the OpenAI server on Ray Serve, sessions routed to the replica holding
+  their KV (``parallel-gen serve --ray``; needs ``pip install 'parallel_gen[rayserve]'``).
 
 The model file must be readable at the same path on every node; the default model is
 found on each node, which installs it with ``parallel-gen install-model``.
@@ -29,4 +31,16 @@ from .dataset import generate
 from .files import RayJobError, RayJobSummary, run_ray_classify_job, run_ray_job
 
 __all__ = ["BatchClassifier", "BatchGenerator", "BatchRunner", "RayJobError", "RayJobSummary", "classify",
-           "generate", "run_ray_classify_job", "run_ray_job"]
+           "generate", "run_ray_classify_job", "run_ray_job", "serve"]
+
+
+def __getattr__(name: str):
+    # Lazy: Ray Serve (and the server's extra) only for those who serve.
+    if name == "serve":
+        try:
+            from .serving import serve
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(f"parallel_gen.ray.serve needs Ray Serve and the server extra: "
+                              f"pip install 'parallel_gen[rayserve]' ({e})") from e
+        return serve
+    raise AttributeError(f"module 'parallel_gen.ray' has no attribute {name!r}")

@@ -141,6 +141,14 @@ def actor_model_options() -> Dict[str, Any]:
     return options
 
 
+def actor_resources(model_options: Mapping[str, Any]) -> Tuple[int, int]:
+    """(CPUs, GPUs) Ray reserves for an actor holding one Model with these options: its
+    threads (``n_threads``, default 1), and one GPU when ``n_gpu_layers`` offloads layers.
+    Inside the actor, :func:`actor_model_options` turns them back into Model options."""
+    threads = model_options.get("n_threads")
+    return (1 if threads is None else int(threads)), (1 if model_options.get("n_gpu_layers") else 0)
+
+
 def _fields_hash(fields: Dict[str, Any]) -> int:
     text = json.dumps(fields, sort_keys=True, default=str, ensure_ascii=False)
     return zlib.crc32(text.encode("utf-8"))

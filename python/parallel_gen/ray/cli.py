@@ -36,6 +36,7 @@ def _on_ray(args: argparse.Namespace, run: Callable[..., Any]) -> int:
     the job ended as messages and exit status. ``run(**pool)`` runs the job."""
     from ..jobs.formats import JobInputError
     from . import RayJobError
+    from .batch import actor_resources
 
     command = f"parallel-gen {args.command}"
     if args.prompts or args.file in (None, "-") or args.output in (None, "-"):
@@ -50,10 +51,10 @@ def _on_ray(args: argparse.Namespace, run: Callable[..., Any]) -> int:
         if value is not None and value < 1:
             raise JobInputError(f"{flag} {value}: must be >= 1")
     options = model_options(args, None)
-    threads = options.pop("n_threads", 1)  # each actor's threads are the CPUs Ray gives it
+    threads, gpus = actor_resources(options)
+    options.pop("n_threads", None)  # each actor's threads are the CPUs Ray gives it
     if args.n_parallel is None:
         options.pop("n_parallel")  # the actors' Models: ModelConfig's default
-    gpus = 1 if options.get("n_gpu_layers") else 0  # --n-gpu-layers asks Ray for a GPU per actor
     try:
         summary = run(address=args.ray or None, input=args.file, output=args.output, model=args.model,
                       input_format=args.input_format, output_format=args.output_format, overwrite=args.overwrite,

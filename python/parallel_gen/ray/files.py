@@ -193,17 +193,26 @@ def _input_format(path: str, given: str) -> InputFormat:
 def _cluster(address: Optional[str], cpus: float, gpus: float) -> Iterator[None]:
     """Connects to ``address``, or starts a local cluster with the actors' CPUs plus one
     for the read and write tasks (an actor pool holding every CPU starves them)."""
-    if ray.is_initialized():
+    if not join_cluster(address, cpus, gpus):
         yield
         return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=int(cpus) + 1, num_gpus=gpus or None, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def join_cluster(address: Optional[str], cpus: float, gpus: float) -> bool:
+    """Connects to ``address``, or starts a local cluster with ``cpus`` plus one (for the
+    tasks beside the actors: an actor pool holding every CPU starves them). False when
+    this process was already connected (the caller then leaves the cluster as it is)."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=int(cpus) + 1, num_gpus=gpus or None, include_dashboard=False, log_to_driver=False)
+    return True
 
 
 def _count(output: str, fmt: OutputFormat) -> "tuple[int, int]":

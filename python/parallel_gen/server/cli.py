@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from ..cli.options import (ExitStatus, add_chat_template_options, add_model_options, chat_template_arg,
                            default_n_parallel, model_options)
@@ -58,6 +58,21 @@ def add_parser(sub: Any) -> None:
                         "counters)")
     s.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, seconds to let running requests finish before cancelling (default: 10)")
+    r = s.add_argument_group("Ray Serve", "serve on a Ray cluster: N model replicas behind one ingress that "
+                                          "routes each session to the replica holding its KV (needs "
+                                          "pip install 'parallel_gen[rayserve]')")
+    r.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of one process")
+    r.add_argument("--address", metavar="ADDR", help="Ray cluster to join (auto, ray://host:10001; default: "
+                                                     "start a local one)")
+    r.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="model replicas, each with --threads CPUs (default: 1; with autoscaling: the initial count)")
+    r.add_argument("--min-replicas", type=int, metavar="N", help="autoscaling: fewest replicas")
+    r.add_argument("--max-replicas", type=int, metavar="N", help="autoscaling: most replicas")
+    r.add_argument("--target-ongoing-requests", type=float, metavar="N",
+                   help="autoscaling: requests per replica to aim for (default: --n-parallel)")
+    r.add_argument("--router", choices=("affinity", "default"), default="affinity",
+                   help="affinity: sessions and prompt prefixes to the replica holding their KV; default: "
+                        "Ray Serve's power of two choices (default: affinity)")
     add_chat_template_options(s, implies_chat=False)
     add_model_options(s, f"sequences decoded together, shared by all clients (default: {default_n_parallel(None)})")
     s.set_defaults(func=run)
@@ -77,7 +92,40 @@ def _api_key(args: argparse.Namespace) -> Optional[str]:
     return args.api_key or os.environ.get("PARALLEL_GEN_API_KEY") or None
 
 
+def _settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The ServerSettings fields the options give."""
+    return dict(served_model_names=args.served_model_name, strict_model_name=args.strict_model_name,
+                allowed_origins=args.allowed_origins, max_queue=args.max_queue, max_n=args.max_n,
+                max_prompts=args.max_prompts, max_body=args.max_body, max_open_requests=args.max_open_requests,
+                api_key=None if args.api_keys else _api_key(args), api_keys=args.api_keys,
+                fair_admission=args.fair_admission, result_cache=args.result_cache,
+                chat_template=chat_template_arg(args), shutdown_grace=args.grace)
+
+
+def run_on_ray(args: argparse.Namespace) -> int:
+    """``serve --ray``: deploys on Ray Serve and blocks until Ctrl-C or SIGTERM."""
+    try:
+        from ..ray import serve
+        from ..ray.serving import serve_until_stopped
+    except ImportError as e:
+        raise ImportError(f"parallel-gen serve --ray needs Ray Serve: pip install 'parallel_gen[rayserve]' ({e})")
+    if "," in args.host:
+        raise ValueError(f"--host {args.host}: --ray serves on one address (Serve's HTTP proxy)")
+    app = serve(args.model, address=args.address, replicas=args.replicas, min_replicas=args.min_replicas,
+                max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
+                router=args.router, host=args.host, port=args.port, model_options=model_options(args, None),
+                **_settings(args))
+    print(f"parallel-gen serve: serving on Ray Serve at {app.url} (Ctrl-C stops)", file=sys.stderr)
+    serve_until_stopped(app)
+    return ExitStatus.OK
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.ray:
+        return run_on_ray(args)
+    for flag in ("address", "min_replicas", "max_replicas", "target_ongoing_requests"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} is for --ray")
     try:
         import uvicorn
 
@@ -96,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     path = args.model or default_model_path()
     if not os.path.exists(path):
         raise FileNotFoundError(2, "model file not found", path)
-    key = None if args.api_keys else _api_key(args)
+    settings = _settings(args)
+    key = settings["api_key"]
     hosts = [h.strip() for h in args.host.split(",")]
     if not all(hosts):
         raise ValueError(f"--host {args.host!r}: an empty address in the list")
@@ -106,13 +155,7 @@ def run(args: argparse.Namespace) -> int:
                            "" if key or args.api_keys else ", with no API key (--api-key-file)")
     # Several addresses: uvicorn binds one, so bind them all here (one port for all).
     sockets = bind_all(hosts, args.port) if len(hosts) > 1 else None
-    app = create_app(lambda: Model(path, **kwargs), served_model_names=args.served_model_name,
-                     strict_model_name=args.strict_model_name, allowed_origins=args.allowed_origins,
-                     max_queue=args.max_queue,
-                     max_n=args.max_n, max_prompts=args.max_prompts, max_body=args.max_body,
-                     max_open_requests=args.max_open_requests,
-                     api_key=key, api_keys=args.api_keys, fair_admission=args.fair_admission,
-                     result_cache=args.result_cache, chat_template=chat_template_arg(args), shutdown_grace=args.grace)
+    app = create_app(lambda: Model(path, **kwargs), **settings)
     life = app.state.lifecycle
     if args.api_keys:
         # Reads the file again without stopping: requests in flight keep their admission.
