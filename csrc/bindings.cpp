@@ -297,6 +297,7 @@ PYBIND11_MODULE(_core, m) {
         .def("counters", &Engine::counters)
         .def("reset_counters", &Engine::reset_counters)
         .def("abort_after_decodes", &Engine::abort_after_decodes)
+        .def("check_streams", &Engine::check_streams)
         .def_property_readonly("n_live", &Engine::n_live)
         .def_property_readonly("kv_tokens", &Engine::kv_tokens)
         .def_property_readonly("cached_tokens", &Engine::cached_tokens)

@@ -339,6 +339,29 @@ int32_t Engine::reusable(llama_seq_id id, const std::vector<llama_token> & t, in
     return n;
 }
 
+std::string Engine::check_streams() {
+    sync_streams();
+    std::string why = streams_.check();
+    int32_t     live = 0;
+    for (int32_t id = 0; id < n_seq_ && why.empty(); ++id) {
+        const Sequence * s = streams_.seq(id);
+        live += s ? 1 : 0;
+        const Held a = held(id), b = streams_.held(id);
+        if (s && s->seq_id != id) {
+            why = "stream " + std::to_string(id) + " holds the sequence of seq id " + std::to_string(s->seq_id);
+        } else if (a.n != b.n || !std::equal(a.data, a.data + a.n, b.data)) {
+            why = "stream " + std::to_string(id) + ": the table holds other tokens than the engine reads";
+        }
+    }
+    if (why.empty() && live != n_live_) {
+        why = std::to_string(live) + " streams hold a sequence, " + std::to_string(n_live_) + " live";
+    }
+    if (why.empty() && streams_.prefix() != (prefix_ ? prefix_->seq_id : -1)) {
+        why = "the prefix's stream differs";
+    }
+    return why;
+}
+
 // The cached tokens of stream `id` past its first `keep` that no other stream holds: what
 // overwriting it from `keep` on loses.
 int32_t Engine::loss(llama_seq_id id, int32_t keep) const {

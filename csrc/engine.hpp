@@ -172,6 +172,10 @@ public:
     // Test hook: make the n-th llama_decode from now abort through llama.cpp's own abort
     // callback (it then returns 2), to exercise the fatal-failure path for real.
     void abort_after_decodes(int32_t n) { abort_countdown_ = n; }
+    // Test hook: empty when the stream table agrees with itself (index, losses, listings)
+    // and with the engine (each sequence in the stream of its seq id, the live count, the
+    // prefix's stream, the tokens KV is reused by); else what disagrees. Between steps.
+    std::string check_streams();
 
 private:
     struct SharedPrefix;

@@ -357,3 +357,37 @@ def test_place_choice_takes_the_option_worth_most_first_on_ties():
     assert c([dict(in_place, gap=16), {"kv_from": "in_place", "reuse": 40}]) == 1
     assert c([in_place, dict(in_place)]) == 0  # equal worth: the first
     assert c([]) == -1
+
+
+# -- the table inside a running engine --------------------------------------------------
+
+
+def test_the_engines_table_stays_consistent_while_it_runs(smollm2_path):
+    """Shared prefixes, cache hits, more prompts than slots, n samples and cancellations on a
+    real model: checked between steps, while sequences run, and after."""
+    import threading
+
+    import parallel_gen as pg
+
+    base = "You are a careful annotator. Classify the sentiment of the review below. " * 2
+    prompts = [f"{base}Review: {r}" for r in ("I loved it.", "Terrible.", "Fine I guess.", "Best pizza!")] * 3
+    prompts += [f"Unrelated prompt number {i}." for i in range(6)]
+    with pg.Model(smollm2_path, n_parallel=4, n_ctx=256) as m:
+        engine = m._require_runner().run_on_engine
+        results, checks = [], []
+
+        def work():
+            results.append(pg.generate_parallel(m, prompts, max_tokens=6, temperature=0, ignore_eos=True))
+            results.append(pg.generate_parallel(m, prompts[:3], n=3, max_tokens=4, temperature=0.7, seed=1))
+
+        t = threading.Thread(target=work)
+        t.start()
+        while t.is_alive():
+            checks.append(engine(lambda e: (e.check_streams(), e.n_live)))
+        t.join()
+        checks.append(engine(lambda e: (e.check_streams(), e.n_live)))
+        assert [why for why, _ in checks if why] == []
+        assert sum(1 for _, live in checks if live > 0) >= 3  # some checks saw sequences running
+        assert results[0].stats.failed == 0 and results[0].stats.cached_prompt_tokens > 0
+        assert results[0].stats.prefix_tokens_reused + results[0].stats.cached_prompt_tokens > 0
+        assert m.stats().kv_tokens_cached > 0
