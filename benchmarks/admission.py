@@ -13,7 +13,8 @@ share a system prompt (1 token each): every stream then keeps a cache entry. The
 call sends 2n new prompts with the same system prompt and 2 tokens each: every admission
 chooses among n cached entries and running sequences (which stream holds the longest
 prefix, what taking each stream loses, which one to overwrite), and half the admissions
-happen while others run. Reported: the engine's time outside llama_decode in that call
+happen while others run. The host tier is off (cache_ram=0): its saves of overwritten entries
+would dominate the time, and are not placement. Reported: the engine's time outside llama_decode in that call
 (BatchStats.host_seconds) per admitted sequence, and the call's wall time.
 """
 
@@ -36,7 +37,9 @@ system = "You are a careful assistant. Answer in one short sentence, and never a
 first = [f"{system}Question {i}: what is {i} plus {i}?" for i in range(n)]
 second = [f"{system}Question {i}: what is {i} times {i + 1}?" for i in range(2 * n)]
 out = {"build": pg.__file__}
-with pg.Model(models.smollm2_path(), n_parallel=n, n_ctx=128, n_threads=threads, flash_attn=False) as m:
+# cache_ram=0: no host tier, whose saves (a stream's KV copied out per overwritten entry) would
+# swamp the placement work measured here
+with pg.Model(models.smollm2_path(), n_parallel=n, n_ctx=128, n_threads=threads, flash_attn=False, cache_ram=0) as m:
     pg.generate_parallel(m, first, max_tokens=1, temperature=0.0)
     t0 = time.perf_counter()
     r = pg.generate_parallel(m, second, max_tokens=2, temperature=0.0, ignore_eos=True)
