@@ -69,18 +69,23 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def run_case(site: Optional[str], model: str, n: int, sampled: bool, threads: int, tokens: int,
-             settings: Dict[str, Any]) -> Dict[str, Any]:
+def run_child(child: str, args: List[str], site: Optional[str]) -> Dict[str, Any]:
+    """Runs `child` (Python printing one ``RESULT {json}`` line) in a fresh process, the build
+    in folder `site` (the baseline) first on its path; an error row if it printed none."""
     env = dict(os.environ)
     if site:
         env["PYTHONPATH"] = site + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", CHILD, model, str(n), "1" if sampled else "0", str(threads), str(tokens),
-                        json.dumps(settings)],
-                       capture_output=True, text=True, env=env, timeout=1800)
+    p = subprocess.run([sys.executable, "-c", child, *args], capture_output=True, text=True, env=env, timeout=1800)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     return {"error": (p.stderr or p.stdout)[-500:]}
+
+
+def run_case(site: Optional[str], model: str, n: int, sampled: bool, threads: int, tokens: int,
+             settings: Dict[str, Any]) -> Dict[str, Any]:
+    return run_child(CHILD, [model, str(n), "1" if sampled else "0", str(threads), str(tokens), json.dumps(settings)],
+                     site)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

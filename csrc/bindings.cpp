@@ -10,7 +10,9 @@
 #include "kv_host.hpp"
 #include "logging.hpp"
 #include "model.hpp"
+#include "placement.hpp"
 #include "sampling.hpp"
+#include "streams.hpp"
 #include "text.hpp"
 
 namespace py = pybind11;
@@ -60,6 +62,42 @@ py::list logprob_list(const std::vector<TokenLogprob> & logprobs) {
         out.append(py::make_tuple(lp.logprob, py::cast(lp.top)));
     }
     return out;
+}
+
+// The engine's stream table with sequences made from token lists: its placement questions
+// (longest prefix, losses, victims, LRU) are tested on exact layouts, without a model.
+struct TestStreams {
+    explicit TestStreams(int32_t n) : table(n) {}
+    StreamTable              table;
+    std::vector<StreamToken> prefix;  // the prefix's tokens live with their owner, as in the engine
+
+    Sequence & seq(int32_t id) {
+        Sequence * s = table.seq(id);
+        if (!s) {
+            throw py::value_error("stream " + std::to_string(id) + " holds no sequence");
+        }
+        return *s;
+    }
+};
+
+KvFrom kv_from(const std::string & name) {
+    if (name == "nothing") return KvFrom::Nothing;
+    if (name == "in_place") return KvFrom::InPlace;
+    if (name == "copy") return KvFrom::Copy;
+    if (name == "host") return KvFrom::Host;
+    throw py::value_error("kv source: nothing, in_place, copy or host, not '" + name + "'");
+}
+
+PlaceOption place_option(const py::dict & d) {
+    PlaceOption o;
+    o.stream = d.contains("stream") ? d["stream"].cast<int32_t>() : 0;
+    o.from   = kv_from(d.contains("kv_from") ? d["kv_from"].cast<std::string>() : "nothing");
+    o.source = d.contains("source") ? d["source"].cast<int32_t>() : -1;
+    o.reuse  = d.contains("reuse") ? d["reuse"].cast<int32_t>() : 0;
+    o.lost   = d.contains("lost") ? d["lost"].cast<int32_t>() : 0;
+    o.gap    = d.contains("gap") ? d["gap"].cast<int64_t>() : 0;
+    o.host   = d.contains("host") ? d["host"].cast<int64_t>() : -1;
+    return o;
 }
 
 }  // namespace
@@ -259,6 +297,7 @@ PYBIND11_MODULE(_core, m) {
         .def("counters", &Engine::counters)
         .def("reset_counters", &Engine::reset_counters)
         .def("abort_after_decodes", &Engine::abort_after_decodes)
+        .def("check_streams", &Engine::check_streams)
         .def_property_readonly("n_live", &Engine::n_live)
         .def_property_readonly("kv_tokens", &Engine::kv_tokens)
         .def_property_readonly("cached_tokens", &Engine::cached_tokens)
@@ -314,6 +353,101 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("budget", &HostCache::budget)
         .def_property_readonly("evictions", &HostCache::evictions)
         .def("__len__", &HostCache::size);
+
+    // The stream table and the placement cost model alone (tests).
+    py::class_<TestStreams>(m, "StreamTable")
+        .def(py::init<int32_t>(), py::arg("n_streams"))
+        .def("__len__", [](const TestStreams & t) { return t.table.size(); })
+        .def("occupy",
+             [](TestStreams & t, int32_t id, std::vector<StreamToken> tokens, int32_t n_past) {
+                 if (n_past < 0 || n_past > static_cast<int32_t>(tokens.size())) {
+                     throw py::value_error("n_past outside the tokens");
+                 }
+                 auto s    = std::make_unique<Sequence>();
+                 s->tokens = std::move(tokens);
+                 s->n_past = n_past;
+                 s->seq_id = id;
+                 s->state  = SeqState::Prefilling;
+                 t.table.occupy(id, std::move(s));
+             },
+             py::arg("id"), py::arg("tokens"), py::arg("n_past"))
+        .def("decode",  // a running sequence's KV grows by `tokens` (the index sees it at sync())
+             [](TestStreams & t, int32_t id, const std::vector<StreamToken> & tokens) {
+                 Sequence & s = t.seq(id);
+                 s.tokens.resize(static_cast<size_t>(s.n_past));
+                 s.tokens.insert(s.tokens.end(), tokens.begin(), tokens.end());
+                 s.n_past = static_cast<int32_t>(s.tokens.size());
+             })
+        .def("finish",  // as Engine::finish: the stream keeps the sequence's KV as an entry, or none
+             [](TestStreams & t, int32_t id, bool keep) {
+                 Sequence & s = t.seq(id);
+                 if (keep) {
+                     t.table.keep(id, s.tokens.data(), s.n_past);
+                 }
+                 s.state = SeqState::Done;
+             },
+             py::arg("id"), py::arg("keep") = true)
+        .def("release", [](TestStreams & t, int32_t id) { t.table.release(id); })
+        .def("move_seq", [](TestStreams & t, int32_t from, int32_t to) {
+            t.table.move_seq(from, to);
+            t.seq(to).seq_id = to;
+        })
+        .def("set_prefix",
+             [](TestStreams & t, int32_t id, std::vector<StreamToken> tokens, int32_t n) {
+                 t.prefix = std::move(tokens);
+                 t.table.set_prefix(id, t.prefix.data(), n);
+             })
+        .def("prefix_decoded", [](TestStreams & t, int32_t n) { t.table.prefix_decoded(n); })
+        .def("clear_prefix", [](TestStreams & t) { t.table.clear_prefix(); })
+        .def_property_readonly("prefix", [](const TestStreams & t) { return t.table.prefix(); })
+        .def("keep", [](TestStreams & t, int32_t id, const std::vector<StreamToken> & tokens) {
+            t.table.keep(id, tokens.data(), static_cast<int32_t>(tokens.size()));
+        })
+        .def("drop", [](TestStreams & t, int32_t id) { t.table.drop(id); })
+        .def("move_entry", [](TestStreams & t, int32_t from, int32_t to) { t.table.move_entry(from, to); })
+        .def("touch", [](TestStreams & t, int32_t id) { t.table.touch(id); })
+        .def("sync", [](TestStreams & t) { t.table.sync(); })
+        .def("entry", [](const TestStreams & t, int32_t id) { return t.table.entry(id); })
+        .def("held",
+             [](const TestStreams & t, int32_t id) {
+                 const Held h = t.table.held(id);
+                 return std::vector<StreamToken>(h.data, h.data + h.n);
+             })
+        .def("is_free", [](const TestStreams & t, int32_t id) { return t.table.is_free(id); })
+        .def("lost", [](const TestStreams & t, int32_t id) { return t.table.lost(id); })
+        .def("last_used", [](const TestStreams & t, int32_t id) { return t.table.last_used(id); })
+        .def_property_readonly("cached_tokens", [](const TestStreams & t) { return t.table.cached_tokens(); })
+        .def("oldest_entry", [](const TestStreams & t, int32_t a, int32_t b) { return t.table.oldest_entry(a, b); },
+             py::arg("spare_a") = -1, py::arg("spare_b") = -1)
+        .def("victim",
+             [](const TestStreams & t, int32_t avoid, int32_t lo, int32_t hi, bool low) {
+                 return t.table.victim(avoid, lo, hi, low);
+             },
+             py::arg("avoid") = -1, py::arg("lo") = -1, py::arg("hi") = -1, py::arg("low") = true)
+        .def("longest",
+             [](const TestStreams & t, const std::vector<StreamToken> & q, int32_t cap, bool free_only) {
+                 const StreamMatch m = t.table.longest(q.data(), static_cast<int32_t>(q.size()), cap, free_only,
+                                                       [](int32_t, int32_t) { return true; });
+                 return py::make_tuple(m.id, m.n);
+             },
+             py::arg("tokens"), py::arg("cap") = INT32_MAX, py::arg("free_only") = false)
+        .def("check", [](const TestStreams & t) { return t.table.check(); });
+
+    m.def("place_value", [](const py::dict & option, bool unified) { return place_value(place_option(option), unified); },
+          py::arg("option"), py::arg("unified") = false);
+    m.def("place_choice",  // the index of the option admission takes
+          [](const py::list & options, bool unified) {
+              PlaceChoice c(unified);
+              int64_t     chosen = -1;
+              for (size_t i = 0; i < options.size(); ++i) {
+                  PlaceOption o = place_option(options[i].cast<py::dict>());
+                  o.stream      = static_cast<int32_t>(i);  // tells the chosen one apart
+                  c.consider(o);
+                  chosen = c.best().stream;
+              }
+              return chosen;
+          },
+          py::arg("options"), py::arg("unified") = false);
 
     // Exposed so the stop-string and UTF-8 logic can be tested on exact byte splits.
     py::class_<TextAssembler>(m, "TextAssembler")

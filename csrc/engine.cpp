@@ -33,15 +33,6 @@ struct Engine::SharedPrefix {
     }
 };
 
-// Where a prompt (or a shared prefix) starts: a free stream, and the KV it starts with.
-struct Engine::Placement {
-    llama_seq_id stream = -1;  // the free stream it goes to; -1: none free
-    llama_seq_id source = -1;  // the stream whose KV it starts from (== stream: in place); -1: none
-    int32_t      reuse  = 0;   // leading tokens whose KV it starts with
-    int32_t      lost   = 0;   // cached tokens of `stream` no other stream holds, dropped by taking it
-    int64_t      host   = -1;  // >= 0: the host tier's entry it is restored from (source is -1)
-};
-
 struct Engine::Entry {
     Sequence *   seq;     // nullptr: a token of the shared prefix, or a padding row
     llama_token  token;
@@ -167,11 +158,7 @@ Engine::Engine(std::shared_ptr<ModelHandle> model, const EngineConfig & cfg) : m
     batch_ = llama_batch_init(n_batch_, 0, 1);
     n_seq_ = n_seq;
     n_swa_ = std::max(0, static_cast<int32_t>(llama_model_n_swa(model_->get())));
-    slots_.resize(static_cast<size_t>(n_seq_));
-    cached_.resize(static_cast<size_t>(n_seq_));
-    cache_used_.resize(static_cast<size_t>(n_seq_));
-    copy_pending_.resize(static_cast<size_t>(n_seq_));
-    backend_bound_.resize(static_cast<size_t>(n_seq_));
+    streams_.resize(n_seq_);
     if (caching() && cfg_.cache_ram > 0) {
         host_ = std::make_unique<HostCache>(static_cast<size_t>(cfg_.cache_ram));
     }
@@ -204,18 +191,12 @@ Engine::~Engine() {
 int64_t Engine::kv_tokens() const {
     int64_t total = 0;
     for (int32_t id = 0; id < n_seq_; ++id) {
-        total += llama_memory_seq_pos_max(mem_, id) + 1 - static_cast<int64_t>(cached_[static_cast<size_t>(id)].size());
+        total += llama_memory_seq_pos_max(mem_, id) + 1 - static_cast<int64_t>(streams_.entry(id).size());
     }
     return total;
 }
 
-int64_t Engine::cached_tokens() const {
-    int64_t total = 0;
-    for (const auto & c : cached_) {
-        total += static_cast<int64_t>(c.size());
-    }
-    return total;
-}
+int64_t Engine::cached_tokens() const { return streams_.cached_tokens(); }
 
 int64_t Engine::host_tokens() const {
     int64_t total = 0;
@@ -320,30 +301,27 @@ void Engine::submit(Item item) {
 
 int64_t Engine::kv_used_estimate() const {
     int64_t used = prefix_ ? prefix_->n_past : 0;
-    for (size_t id = 0; id < slots_.size(); ++id) {
-        const auto & s = slots_[id];
-        used += s && s->running() ? s->n_past : static_cast<int64_t>(cached_[id].size());
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        const Sequence * s = streams_.seq(id);
+        used += s && s->running() ? s->n_past : static_cast<int64_t>(streams_.entry(id).size());
     }
     return used;
 }
 
 // -- the prompt cache ---------------------------------------------------------------------
 
-Engine::Held Engine::held(llama_seq_id id) const {
-    const auto & s = slots_[static_cast<size_t>(id)];
+// What stream `id` holds now (the table's index may lag a running sequence by a step: it is
+// a hint, this is what KV is reused by).
+Held Engine::held(llama_seq_id id) const {
+    const Sequence * s = streams_.seq(id);
     if (s && s->running()) {
         return {s->tokens.data(), s->n_past};
     }
     if (prefix_ && prefix_->seq_id == id) {
         return {prefix_->tokens.data(), prefix_->n_past};
     }
-    const auto & c = cached_[static_cast<size_t>(id)];
+    const auto & c = streams_.entry(id);
     return {c.data(), static_cast<int32_t>(c.size())};
-}
-
-// No sequence in it and not the shared prefix's: admission may take it.
-bool Engine::stream_free(llama_seq_id id) const {
-    return !slots_[static_cast<size_t>(id)] && !(prefix_ && prefix_->seq_id == id);
 }
 
 // How many leading tokens of `t` (at most `cap`) stream `id` holds KV for, and can give:
@@ -361,65 +339,78 @@ int32_t Engine::reusable(llama_seq_id id, const std::vector<llama_token> & t, in
     return n;
 }
 
-// The cached tokens of stream `id` past its first `keep` that no other stream holds: what
-// overwriting it from `keep` on loses. `lost`: losses(), its tokens no other stream holds.
-int32_t Engine::loss(llama_seq_id id, int32_t keep, const std::vector<int32_t> & lost) const {
-    const int32_t n = static_cast<int32_t>(cached_[static_cast<size_t>(id)].size());
-    return std::max(0, std::min(n - keep, lost[static_cast<size_t>(id)]));
+std::string Engine::check_streams() {
+    sync_streams();
+    std::string why = streams_.check();
+    int32_t     live = 0;
+    for (int32_t id = 0; id < n_seq_ && why.empty(); ++id) {
+        const Sequence * s = streams_.seq(id);
+        live += s ? 1 : 0;
+        const Held a = held(id), b = streams_.held(id);
+        if (s && s->seq_id != id) {
+            why = "stream " + std::to_string(id) + " holds the sequence of seq id " + std::to_string(s->seq_id);
+        } else if (a.n != b.n || !std::equal(a.data, a.data + a.n, b.data)) {
+            why = "stream " + std::to_string(id) + ": the table holds other tokens than the engine reads";
+        }
+    }
+    if (why.empty() && live != n_live_) {
+        why = std::to_string(live) + " streams hold a sequence, " + std::to_string(n_live_) + " live";
+    }
+    if (why.empty() && streams_.prefix() != (prefix_ ? prefix_->seq_id : -1)) {
+        why = "the prefix's stream differs";
+    }
+    return why;
 }
 
-// loss(id, 0) of every free stream (0 for the others), computed once per decision. With
-// every stream's tokens in lexicographic order, the longest prefix a stream shares with any
-// other is the longer of those it shares with its two neighbours: O(n_seq log n_seq) token
-// comparisons instead of one comparison per pair of streams.
-std::vector<int32_t> Engine::losses() const {
-    std::vector<int32_t> out(static_cast<size_t>(n_seq_), 0);
-    std::vector<std::pair<Held, llama_seq_id>> order;
-    order.reserve(static_cast<size_t>(n_seq_));
-    for (int32_t id = 0; id < n_seq_; ++id) {
-        const Held h = held(id);
-        if (h.n > 0) {
-            order.push_back({h, id});
-        }
+// The cached tokens of stream `id` past its first `keep` that no other stream holds: what
+// overwriting it from `keep` on loses.
+int32_t Engine::loss(llama_seq_id id, int32_t keep) const {
+    const int32_t n = static_cast<int32_t>(streams_.entry(id).size());
+    return std::max(0, std::min(n - keep, streams_.lost(id)));
+}
+
+// Running sequences and the prefix decoded tokens since the index last looked.
+void Engine::sync_streams() {
+    if (prefix_) {
+        streams_.prefix_decoded(prefix_->n_past);
     }
-    std::sort(order.begin(), order.end(), [](const auto & a, const auto & b) {
-        return std::lexicographical_compare(a.first.data, a.first.data + a.first.n, b.first.data,
-                                            b.first.data + b.first.n);
-    });
-    auto shared = [](const Held & a, const Held & b) {
-        const int32_t n = std::min(a.n, b.n);
-        return static_cast<int32_t>(std::mismatch(a.data, a.data + n, b.data).first - a.data);
-    };
-    for (size_t k = 0; k < order.size(); ++k) {
-        const llama_seq_id id = order[k].second;
-        if (!stream_free(id)) {
-            continue;
-        }
-        const Held & h       = order[k].first;
-        int32_t      covered = 0;
-        if (k > 0) {
-            covered = shared(h, order[k - 1].first);
-        }
-        if (k + 1 < order.size()) {
-            covered = std::max(covered, shared(h, order[k + 1].first));
-        }
-        out[static_cast<size_t>(id)] = h.n - covered;
-    }
+    streams_.sync();
+}
+
+// The stream (any: a copy source) holding more than `floor` leading tokens of `t` (at most
+// `cap`), the most it can: the index proposes, reusable() confirms. kMaxVisits bounds the
+// walk where proposals fail (a sliding window's lost cells, a snapshot a step old).
+StreamMatch Engine::best_source(const std::vector<llama_token> & t, int32_t cap, int32_t floor) const {
+    constexpr int32_t kMaxVisits = 16;
+    StreamMatch       out;
+    streams_.longest(
+        t.data(), static_cast<int32_t>(t.size()), cap, /*free_only=*/false,
+        [&](int32_t id, int32_t k) {
+            if (k <= std::max(floor, out.n)) {
+                return true;  // nothing farther out holds more
+            }
+            const int32_t r = reusable(id, t, cap);
+            if (r > std::max(floor, out.n)) {
+                out = {id, r};
+            }
+            return r >= k;
+        },
+        kMaxVisits);
     return out;
 }
 
 // With one KV stream per sequence, live seq ids must be consecutive (see close_gaps). The
-// window [first, first + n) of streams the live sequences (and `extra`, a free stream about
-// to take one) can gather in at least cost, in tokens: a move (a stream copy) per live
+// window [first, first + n) of streams the live sequences (and `grow` sequences about to be
+// admitted) can gather in at least cost, in tokens: a move (a stream copy) per live
 // sequence outside it, and per hole inside it that caches something, a copy to keep that
 // elsewhere (into a free stream out of the window that loses nothing) or the tokens lost.
-Engine::GapPlan Engine::gap_plan(llama_seq_id extra, const std::vector<int32_t> & lost) const {
+// O(n_seq): once per admission (for the newcomer, grow 1) and per move of close_gaps.
+Engine::GapPlan Engine::gap_plan(int32_t grow) const {
     GapPlan plan;
     if (cfg_.kv_unified) {
         return plan;
     }
-    // Every window costs O(1) from prefix sums over the stream ids (admission asks this for
-    // each candidate stream: a scan per window made it O(n_seq^3) per admitted sequence).
+    // Every window costs O(1) from prefix sums over the stream ids.
     // holes[i], spares[i], lossy[i]: holes, spare streams and lossy holes among ids < i;
     // lost_sum[j]: tokens lost by the first j lossy holes, in id order.
     const size_t n_ids = static_cast<size_t>(n_seq_);
@@ -427,17 +418,18 @@ Engine::GapPlan Engine::gap_plan(llama_seq_id extra, const std::vector<int32_t> 
     std::vector<int64_t> lost_sum(1, 0);
     for (int32_t id = 0; id < n_seq_; ++id) {
         const size_t i    = static_cast<size_t>(id);
-        const bool   hole = id != extra && slots_[i] == nullptr;
-        const bool   lose = hole && lost[i] > 0;
+        const bool    hole = streams_.seq(id) == nullptr;
+        const int32_t lost = streams_.lost(id);
+        const bool    lose = hole && lost > 0;
         holes[i + 1]  = holes[i] + (hole ? 1 : 0);
-        spares[i + 1] = spares[i] + (hole && stream_free(id) && lost[i] == 0 ? 1 : 0);
+        spares[i + 1] = spares[i] + (hole && streams_.is_free(id) && lost == 0 ? 1 : 0);
         lossy[i + 1]  = lossy[i] + (lose ? 1 : 0);
         if (lose) {
-            lost_sum.push_back(lost_sum.back() + lost[i]);
+            lost_sum.push_back(lost_sum.back() + lost);
         }
     }
-    const int32_t n = n_seq_ - holes[n_ids];  // live sequences, `extra` included
-    if (n == 0) {
+    const int32_t n = std::min(n_seq_, n_seq_ - holes[n_ids] + grow);  // live sequences and newcomers
+    if (n == 0 || n == grow) {
         return plan;
     }
     const llama_seq_id pinned = prefix_ ? prefix_->seq_id : -1;  // the shared prefix cannot move
@@ -467,82 +459,66 @@ Engine::GapPlan Engine::gap_plan(llama_seq_id extra, const std::vector<int32_t> 
     return plan;
 }
 
-// The free stream to overwrite (never `avoid`): one that loses nothing (empty, or its tokens
-// held by another stream too), else the least recently used entry. A live sequence prefers
-// streams that keep the live ids consecutive; a shared prefix the highest id, out of their way.
-llama_seq_id Engine::victim(llama_seq_id avoid, bool live, const std::vector<int32_t> & lost) const {
-    llama_seq_id best = -1;
-    std::tuple<bool, uint64_t, int64_t, int32_t> best_key{};
-    for (int32_t id = 0; id < n_seq_; ++id) {
-        if (id == avoid || !stream_free(id)) {
-            continue;
-        }
-        const bool unique = lost[static_cast<size_t>(id)] > 0;
-        const std::tuple<bool, uint64_t, int64_t, int32_t> key{
-            unique, unique ? cache_used_[static_cast<size_t>(id)] : 0, live ? gap_plan(id, lost).cost : 0,
-            live ? id : -id};
-        if (best < 0 || key < best_key) {
-            best     = id;
-            best_key = key;
-        }
-    }
-    return best;
-}
-
-// Where a prompt `t` starts, reusing at most `cap` of its tokens: in place in the free stream
-// that holds the longest prefix of it, or copied from whichever stream holds the longest
-// (running sequences' included) into a victim, or from nothing; whichever saves the most
-// decoding, counting in tokens what a copy, moves to keep the live ids consecutive and lost
-// cache entries cost. `reuse`: the cache may be used; else only `prefix_src` (a shared
-// prefix), if >= 0.
+// Where a prompt `t` starts, reusing at most `cap` of its tokens: in place in a free stream
+// that holds a prefix of it, or copied from whichever stream holds the longest (running
+// sequences' included) into a victim, or restored from host memory into the victim, or from
+// nothing; whichever saves the most decoding (placement.hpp weighs them). `reuse`: the cache
+// may be used; else only `prefix_src` (a shared prefix), if >= 0. `live`: a sequence (its id
+// should join the live ones'); else a shared prefix (out of their way: the highest free id).
+//
+// The victim: a free stream that loses nothing (inside the window the live ids gather in
+// first), else the least recently used entry. The stream table answers each question from
+// an index: O(log n_seq) set operations and O(prompt length) token comparisons, plus one
+// O(n_seq) pass of integer sums for the window (gap_plan).
 Engine::Placement Engine::place(const std::vector<llama_token> & t, int32_t cap, bool reuse, llama_seq_id prefix_src,
                                 bool live) const {
-    auto source_ok = [&](llama_seq_id id) { return reuse || id == prefix_src; };
     llama_seq_id src  = prefix_src;  // on a tie the shared prefix, decoded for this very prompt
     int32_t      best = prefix_src >= 0 ? reusable(prefix_src, t, cap) : 0;
-    for (int32_t id = 0; id < n_seq_; ++id) {
-        if (source_ok(id)) {
-            const int32_t n = reusable(id, t, cap);
-            if (n > best) {
-                best = n;
-                src  = id;
-            }
+    if (reuse) {
+        const StreamMatch m = best_source(t, cap, best);
+        if (m.n > best) {
+            src  = m.id;
+            best = m.n;
         }
     }
-    const std::vector<int32_t> lost = losses();
-    Placement out;
-    int64_t   out_value = 0;
-    auto consider = [&](llama_seq_id stream, llama_seq_id source, int32_t n, int32_t dropped, int64_t value,
-                        int64_t host = -1) {
-        if (out.stream < 0 || value > out_value) {
-            out       = Placement{stream, source, n, dropped, host};
-            out_value = value;
-        }
+    const GapPlan window = live ? gap_plan(1) : GapPlan{};
+    // A stream outside the window the live ids gather in costs a move later (close_gaps).
+    auto gap = [&](llama_seq_id id) -> int64_t {
+        return window.n > 0 && (id < window.first || id >= window.first + window.n) ? kCopyTokens : 0;
     };
-    const llama_seq_id v = victim(src, live, lost);
+    PlaceChoice        choice(cfg_.kv_unified);
+    const llama_seq_id v = streams_.victim(src, window.first, window.first + window.n, /*low=*/live);
     if (v >= 0) {
-        const int32_t l   = lost[static_cast<size_t>(v)];
-        const int64_t gap = live ? gap_plan(v, lost).cost : 0;
-        consider(v, -1, 0, l, -int64_t(l) - gap);
+        const int32_t l = streams_.lost(v);
+        choice.consider({v, KvFrom::Nothing, -1, 0, l, gap(v)});
         if (src >= 0 && best > 0) {
-            consider(v, src, best, l, int64_t(best) - kv_cost::copy(cfg_.kv_unified) - l - gap);
+            choice.consider({v, KvFrom::Copy, src, best, l, gap(v)});
         }
         // From host memory: into the victim, unless a queued copy still reads or writes it.
-        const HostHit h = reuse && !copy_pending_[static_cast<size_t>(v)] ? host_lookup(t, cap) : HostHit{};
+        const HostHit h = reuse && !streams_.copy_pending(v) ? host_lookup(t, cap) : HostHit{};
         if (h.n > best) {
-            consider(v, -1, h.n, l, int64_t(h.n) - kv_cost::restore(h.n) - l - gap, h.id);
+            choice.consider({v, KvFrom::Host, -1, h.n, l, gap(v), h.id});
         }
     }
-    for (int32_t id = 0; id < n_seq_; ++id) {
-        if (stream_free(id) && source_ok(id)) {
-            const int32_t n = id == src ? best : reusable(id, t, cap);
-            if (n > 0) {
-                const int32_t l = loss(id, n, lost);
-                consider(id, id, n, l, int64_t(n) - l - (live ? gap_plan(id, lost).cost : 0));
-            }
-        }
+    if (reuse) {
+        // In place: free streams holding a prefix of t, longest first, while one could still
+        // be worth more than the choice so far (an option is worth at most what it reuses).
+        constexpr int32_t kMaxInPlace = 8;
+        streams_.longest(
+            t.data(), static_cast<int32_t>(t.size()), cap, /*free_only=*/true,
+            [&](int32_t id, int32_t k) {
+                if (choice.any() && k <= choice.value()) {
+                    return true;
+                }
+                const int32_t n = id == src ? best : reusable(id, t, cap);
+                if (n > 0) {
+                    choice.consider({id, KvFrom::InPlace, id, n, loss(id, n), gap(id)});
+                }
+                return false;
+            },
+            kMaxInPlace);
     }
-    return out;
+    return choice.best();
 }
 
 // Makes free stream p.stream hold the KV of the first p.reuse tokens and nothing else.
@@ -571,47 +547,37 @@ int32_t Engine::fill(const Placement & p) {
             copy_stream(p.source, id);  // whole streams only
         }
         ++counters_.kv_copies;
-        cache_used_[static_cast<size_t>(p.source)] = ++cache_clock_;
+        streams_.touch(p.source);
     }
     if (n > 0 && !llama_memory_seq_rm(mem_, id, n, -1)) {
         llama_memory_seq_rm(mem_, id, -1, -1);
         n = 0;
     }
-    cached_[static_cast<size_t>(id)].clear();
+    streams_.drop(id);
     return n;
 }
 
 // Stream `id` (no sequence runs in it any more) keeps the KV of `data[0, n)` for later prompts.
-void Engine::keep_cached(llama_seq_id id, const llama_token * data, int32_t n) {
-    cached_[static_cast<size_t>(id)].assign(data, data + n);
-    cache_used_[static_cast<size_t>(id)] = ++cache_clock_;
-}
+void Engine::keep_cached(llama_seq_id id, const llama_token * data, int32_t n) { streams_.keep(id, data, n); }
 
 // Drops the least recently used cache entry (not in spare_a or spare_b); false if none.
 bool Engine::evict_one(llama_seq_id spare_a, llama_seq_id spare_b) {
-    llama_seq_id oldest = -1;
-    for (int32_t id = 0; id < n_seq_; ++id) {
-        const size_t i = static_cast<size_t>(id);
-        if (id != spare_a && id != spare_b && !cached_[i].empty() && !(prefix_ && prefix_->seq_id == id) &&
-            (oldest < 0 || cache_used_[i] < cache_used_[static_cast<size_t>(oldest)])) {
-            oldest = id;
-        }
-    }
+    const llama_seq_id oldest = streams_.oldest_entry(spare_a, spare_b);
     if (oldest < 0) {
         return false;
     }
     spill(oldest);
     llama_memory_seq_rm(mem_, oldest, -1, -1);
-    cached_[static_cast<size_t>(oldest)].clear();
+    streams_.drop(oldest);
     ++counters_.prompt_cache_evictions;
     return true;
 }
 
 void Engine::clear_cache() {
     for (int32_t id = 0; id < n_seq_; ++id) {
-        if (!cached_[static_cast<size_t>(id)].empty()) {
+        if (!streams_.entry(id).empty()) {
             llama_memory_seq_rm(mem_, id, -1, -1);
-            cached_[static_cast<size_t>(id)].clear();
+            streams_.drop(id);
         }
     }
 }
@@ -634,10 +600,9 @@ Engine::HostHit Engine::host_lookup(const std::vector<llama_token> & t, int32_t 
 // Free stream `id`'s cache entry is about to be dropped or overwritten: its tokens and KV
 // state go to host memory (unless held there already, or too short to be worth a restore).
 void Engine::spill(llama_seq_id id) {
-    const size_t   i = static_cast<size_t>(id);
-    const auto &   c = cached_[i];
+    const auto &   c = streams_.entry(id);
     const int32_t  n = static_cast<int32_t>(c.size());
-    if (!host_ || n < host_->block() || copy_pending_[i]) {
+    if (!host_ || n < host_->block() || streams_.copy_pending(id)) {
         return;
     }
     const HostMatch m = host_->longest(c.data(), n, n);
@@ -693,8 +658,8 @@ int32_t Engine::restore(llama_seq_id id, const HostHit & hit) {
 // A whole-stream copy, queued by llama.cpp until the next decode.
 void Engine::copy_stream(llama_seq_id src, llama_seq_id dst) {
     llama_memory_seq_cp(mem_, src, dst, -1, -1);
-    copy_pending_[static_cast<size_t>(src)] = 1;
-    copy_pending_[static_cast<size_t>(dst)] = 1;
+    streams_.mark_copy(src);
+    streams_.mark_copy(dst);
 }
 
 bool Engine::keeps_kv(const Sequence & s) const {
@@ -733,10 +698,7 @@ void Engine::choose_prefix() {
     }
     int32_t cached = 0;
     if (best_len > 0 && caching()) {
-        for (int32_t id = 0; id < n_seq_; ++id) {
-            cached = std::max(cached, reusable(id, head.tokens, best_len));
-        }
-        cached = std::max(cached, host_lookup(head.tokens, best_len).n);
+        cached = std::max(best_source(head.tokens, best_len, 0).n, host_lookup(head.tokens, best_len).n);
     }
     if (best_len - cached < cfg_.min_prefix) {
         no_prefix_head_ = waiting_.front().get();  // nothing to share: don't rescan each step
@@ -751,6 +713,7 @@ void Engine::choose_prefix() {
     prefix_->tokens = std::move(tokens);
     prefix_->seq_id = p.stream;
     prefix_->n_past = fill(p);
+    streams_.set_prefix(p.stream, prefix_->tokens.data(), prefix_->n_past);
     if (caching()) {  // the prefix's own lookup; its users count as neither hits nor misses
         counters_.cached_prompt_tokens += prefix_->n_past;
         ++(prefix_->n_past > 0 ? counters_.prompt_cache_hits : counters_.prompt_cache_misses);
@@ -775,6 +738,7 @@ void Engine::drop_prefix(bool keep) {
     }
     const llama_seq_id id = prefix_->seq_id;
     const int32_t      n  = prefix_->n_past;
+    streams_.clear_prefix();
     std::vector<llama_token> tokens = std::move(prefix_->tokens);
     prefix_.reset();
     if (keep && caching() && n > 0) {
@@ -788,6 +752,9 @@ void Engine::drop_prefix(bool keep) {
 }
 
 void Engine::admit() {
+    if (!waiting_.empty()) {
+        sync_streams();
+    }
     // Each round admits under one shared prefix; when its last user is in, the queue may
     // hold the next group (say, the n samples of the next prompt): choose again.
     for (;;) {
@@ -820,7 +787,7 @@ void Engine::admit_round() {
             // (least recently used first), then admit only what fits now, so sequences wait
             // in the queue instead of thrashing the cache.
             const int64_t need = static_cast<int64_t>(s.tokens.size()) + 1 -
-                                 static_cast<int64_t>(cached_[static_cast<size_t>(p.stream)].size()) -
+                                 static_cast<int64_t>(streams_.entry(p.stream).size()) -
                                  (p.source >= 0 && p.source != p.stream ? p.reuse : 0);
             while (kv_used_estimate() + need > kv_capacity() && evict_one(p.stream, p.source)) {
             }
@@ -848,7 +815,7 @@ void Engine::admit_round() {
         if (waiting_.front().get() == no_prefix_head_) {
             no_prefix_head_ = nullptr;  // the address may be reused by a later sequence
         }
-        slots_[static_cast<size_t>(s.seq_id)] = std::move(waiting_.front());
+        streams_.occupy(s.seq_id, std::move(waiting_.front()));
         waiting_.pop_front();
         ++n_live_;
     }
@@ -862,9 +829,9 @@ void Engine::admit_round() {
 // does it before the next decode), so outputs are unchanged. What a hole caches is first
 // copied to a free stream out of the window when one holds less (nothing, or an older entry).
 void Engine::close_gaps() {
-    for (int32_t round = 0; round < n_seq_; ++round) {  // each round moves one sequence
-        const std::vector<int32_t> lost = losses();
-        const GapPlan              plan = gap_plan(-1, lost);
+    bool synced = false;
+    for (int32_t round = 0; round <= n_seq_; ++round) {  // each round moves one sequence
+        const GapPlan plan = gap_plan(0);
         if (plan.first < 0) {
             return;  // unified KV, nothing live, or nowhere to gather
         }
@@ -873,10 +840,10 @@ void Engine::close_gaps() {
         llama_seq_id  to    = -1;  // the lowest hole in the window
         llama_seq_id  from  = -1;  // the live sequence farthest out of it
         for (int32_t id = first; id < last && to < 0; ++id) {
-            to = slots_[static_cast<size_t>(id)] ? -1 : id;
+            to = streams_.seq(id) ? -1 : id;
         }
         for (int32_t id = 0; id < n_seq_; ++id) {
-            if (slots_[static_cast<size_t>(id)] && (id < first || id >= last) &&
+            if (streams_.seq(id) && (id < first || id >= last) &&
                 (from < 0 || std::abs(id - first) > std::abs(from - first))) {
                 from = id;
             }
@@ -884,42 +851,43 @@ void Engine::close_gaps() {
         if (to < 0 || from < 0) {
             return;  // the live ids are consecutive
         }
-        if (lost[static_cast<size_t>(to)] > 0) {
+        if (!synced) {
+            sync_streams();  // losses count what running sequences hold now: plan again
+            synced = true;
+            continue;
+        }
+        if (streams_.lost(to) > 0) {
             llama_seq_id keep = -1;
+            auto         rank = [&](llama_seq_id id) { return std::make_pair(streams_.lost(id) > 0, streams_.last_used(id)); };
             for (int32_t id = 0; id < n_seq_; ++id) {  // a free stream out of the window
-                const size_t i = static_cast<size_t>(id);
-                if (id != from && (id < first || id >= last) && stream_free(id) &&
-                    (keep < 0 || std::make_pair(lost[i] > 0, cache_used_[i]) <
-                                     std::make_pair(lost[static_cast<size_t>(keep)] > 0,
-                                                    cache_used_[static_cast<size_t>(keep)]))) {
+                if (id != from && (id < first || id >= last) && streams_.is_free(id) &&
+                    (keep < 0 || rank(id) < rank(keep))) {
                     keep = id;
                 }
             }
-            const size_t k = static_cast<size_t>(keep);
-            if (keep >= 0 && (lost[k] == 0 || cache_used_[k] < cache_used_[static_cast<size_t>(to)])) {
-                if (lost[k] > 0) {
+            if (keep >= 0 && (streams_.lost(keep) == 0 || streams_.last_used(keep) < streams_.last_used(to))) {
+                if (streams_.lost(keep) > 0) {
                     spill(keep);
                     ++counters_.prompt_cache_evictions;
                 }
                 llama_memory_seq_rm(mem_, keep, -1, -1);
                 copy_stream(to, keep);  // queued before the move's copy
                 ++counters_.kv_copies;
-                cached_[k]     = std::move(cached_[static_cast<size_t>(to)]);
-                cache_used_[k] = cache_used_[static_cast<size_t>(to)];
+                streams_.move_entry(to, keep);
             } else {
                 spill(to);
                 ++counters_.prompt_cache_evictions;
             }
         }
-        cached_[static_cast<size_t>(to)].clear();
-        auto & s = slots_[static_cast<size_t>(from)];
+        streams_.drop(to);
+        Sequence * s = streams_.seq(from);
         llama_memory_seq_rm(mem_, to, -1, -1);
         if (s->n_past > 0) {
             copy_stream(from, to);
         }
         llama_memory_seq_rm(mem_, from, -1, -1);
-        s->seq_id                       = to;
-        slots_[static_cast<size_t>(to)] = std::move(s);
+        s->seq_id = to;
+        streams_.move_seq(from, to);
         ++counters_.sequence_moves;
     }
 }
@@ -927,9 +895,10 @@ void Engine::close_gaps() {
 // The running sequences, oldest admission first: the order their prompt chunks are fed in.
 std::vector<Sequence *> Engine::running_by_admission() const {
     std::vector<Sequence *> running;
-    for (const auto & s : slots_) {
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        Sequence * s = streams_.seq(id);
         if (s && s->running()) {
-            running.push_back(s.get());
+            running.push_back(s);
         }
     }
     std::sort(running.begin(), running.end(),
@@ -1023,7 +992,8 @@ void Engine::step_invariant() {
 // max(min_rows, highest live id + 1): consecutive ids, at least min_rows rows.
 void Engine::build_padded_rows(std::vector<Entry> & rows) {
     int32_t top = -1;
-    for (auto & s : slots_) {
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        const Sequence * s = streams_.seq(id);
         if (s && s->running()) {
             top = std::max(top, static_cast<int32_t>(s->seq_id));
         }
@@ -1033,7 +1003,7 @@ void Engine::build_padded_rows(std::vector<Entry> & rows) {
     }
     top = std::max(top + 1, cfg_.min_rows);
     for (int32_t id = 0; id < top; ++id) {
-        Sequence * s = slots_[static_cast<size_t>(id)].get();
+        Sequence * s = streams_.seq(id);
         if (s && s->running()) {
             if (s->to_feed() != 1) {
                 throw std::logic_error("batch-invariant step: a sequence with " + std::to_string(s->to_feed()) +
@@ -1112,7 +1082,7 @@ void Engine::decode_entries(std::vector<Entry> & entries) {
         abort_now_.store(false);
 
         if (ret == 0) {
-            std::fill(copy_pending_.begin(), copy_pending_.end(), 0);  // llama.cpp made the copies first
+            streams_.copies_done();  // llama.cpp made the copies first
             ++counters_.decode_calls;
             counters_.fallback_decodes += split ? 1 : 0;
             const double share = static_cast<double>(n_prompt_tok) / batch_.n_tokens;
@@ -1243,20 +1213,20 @@ void Engine::bind_backend_samplers() {
         return;
     }
     for (int32_t id = 0; id < n_seq_; ++id) {
-        const size_t i = static_cast<size_t>(id);
-        Sequence *   s = slots_[i] && slots_[i]->running() && slots_[i]->sampler ? slots_[i].get() : nullptr;
+        Sequence *      in     = streams_.seq(id);
+        Sequence *      s      = in && in->running() && in->sampler ? in : nullptr;
         llama_sampler * chain  = s ? s->sampler->backend_chain() : nullptr;
         const uint64_t  serial = chain ? s->sampler->serial() : 0;
-        if (backend_bound_[i] == serial) {
+        if (streams_.backend_bound(id) == serial) {
             continue;
         }
-        if (backend_bound_[i] != 0) {
+        if (streams_.backend_bound(id) != 0) {
             llama_set_sampler(ctx_, id, nullptr);
-            backend_bound_[i] = 0;
+            streams_.set_backend_bound(id, 0);
         }
         if (chain) {
             if (llama_set_sampler(ctx_, id, s->sampler->chain_to_attach())) {
-                backend_bound_[i] = serial;
+                streams_.set_backend_bound(id, serial);
             } else {
                 s->sampler->drop_backend();  // this backend lacks an op: the host samples it
                 take_log_errors();
@@ -1298,11 +1268,12 @@ Engine::Recovery Engine::recover(int32_t code, size_t n_tokens, const Entry & fi
     }
     Sequence * youngest  = nullptr;
     int32_t    n_running = 0;
-    for (auto & s : slots_) {
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        Sequence * s = streams_.seq(id);
         if (s && s->running()) {
             ++n_running;
             if (!youngest || s->admitted_at > youngest->admitted_at) {
-                youngest = s.get();
+                youngest = s;
             }
         }
     }
@@ -1331,7 +1302,7 @@ void Engine::pause(Sequence * s) {
     }
     ++counters_.preemptions;
     --n_live_;
-    waiting_.push_front(std::move(slots_[static_cast<size_t>(id)]));
+    waiting_.push_front(streams_.release(id));
 }
 
 // The drawn token joins its sequence: stop tokens, stop strings and lengths end it.
@@ -1456,30 +1427,33 @@ Result Engine::to_result(Sequence & s) const {
 
 // A finished sequence's KV was dealt with by finish(); a running one's (cancelled) is kept
 // in the prompt cache when `keep` allows, or removed.
-void Engine::free_slot(std::unique_ptr<Sequence> & slot, bool keep) {
-    if (slot->running()) {
-        if (keep && keeps_kv(*slot)) {
-            keep_cached(slot->seq_id, slot->tokens.data(), slot->n_past);
+void Engine::free_slot(llama_seq_id id, bool keep) {
+    const Sequence * s = streams_.seq(id);
+    if (s->running()) {
+        if (keep && keeps_kv(*s)) {
+            keep_cached(id, s->tokens.data(), s->n_past);
         } else {
-            llama_memory_seq_rm(mem_, slot->seq_id, -1, -1);
+            llama_memory_seq_rm(mem_, id, -1, -1);
         }
     }
-    slot.reset();
+    streams_.release(id);
     --n_live_;
     prefix_backoff_ = false;  // room returned: a prefix may be worth decoding again
 }
 
 void Engine::collect_finished(std::vector<Result> & out) {
-    for (auto & slot : slots_) {
-        if (slot && slot->state == SeqState::Done) {
-            out.push_back(to_result(*slot));
-            free_slot(slot, /*keep=*/true);
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        Sequence * s = streams_.seq(id);
+        if (s && s->state == SeqState::Done) {
+            out.push_back(to_result(*s));
+            free_slot(id, /*keep=*/true);
         }
     }
 }
 
 void Engine::collect_deltas(std::vector<StreamDelta> & out) {
-    for (auto & slot : slots_) {
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        Sequence * slot = streams_.seq(id);
         if (!slot || !slot->item.stream || slot->state == SeqState::Done || slot->scorer) {
             continue;
         }
@@ -1522,9 +1496,10 @@ size_t Engine::cancel_request(uint64_t request) {
             ++it;
         }
     }
-    for (auto & slot : slots_) {
-        if (slot && slot->item.request == request) {
-            free_slot(slot, /*keep=*/true);  // what it decoded stays valid KV
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        const Sequence * s = streams_.seq(id);
+        if (s && s->item.request == request) {
+            free_slot(id, /*keep=*/true);  // what it decoded stays valid KV
             ++dropped;
         }
     }
@@ -1542,13 +1517,13 @@ size_t Engine::cancel_request(uint64_t request) {
 // nothing llama.cpp holds is trusted.
 void Engine::drop_live(const Failure & why, std::vector<Result> & out) {
     drop_prefix(/*keep=*/false);
-    for (auto & slot : slots_) {
-        if (slot) {
-            if (slot->state != SeqState::Done) {
-                finish(slot.get(), Finish::Error, why);
+    for (int32_t id = 0; id < n_seq_; ++id) {
+        if (Sequence * s = streams_.seq(id)) {
+            if (s->state != SeqState::Done) {
+                finish(s, Finish::Error, why);
             }
-            out.push_back(to_result(*slot));
-            free_slot(slot, /*keep=*/false);
+            out.push_back(to_result(*s));
+            free_slot(id, /*keep=*/false);
         }
     }
     clear_cache();

@@ -22,8 +22,10 @@
 #include "kv_host.hpp"
 #include "llama.h"
 #include "model.hpp"
+#include "placement.hpp"
 #include "request.hpp"
 #include "sequence.hpp"
+#include "streams.hpp"
 
 namespace pg {
 
@@ -170,11 +172,15 @@ public:
     // Test hook: make the n-th llama_decode from now abort through llama.cpp's own abort
     // callback (it then returns 2), to exercise the fatal-failure path for real.
     void abort_after_decodes(int32_t n) { abort_countdown_ = n; }
+    // Test hook: empty when the stream table agrees with itself (index, losses, listings)
+    // and with the engine (each sequence in the stream of its seq id, the live count, the
+    // prefix's stream, the tokens KV is reused by); else what disagrees. Between steps.
+    std::string check_streams();
 
 private:
     struct SharedPrefix;
     struct Entry;
-    struct Placement;
+    using Placement = PlaceOption;
     struct GapPlan {
         int64_t cost  = 0;
         int32_t first = -1;  // the live sequences gather in streams [first, first + n)
@@ -183,10 +189,6 @@ private:
     struct HostHit {
         int64_t id = -1;  // host entry; -1: none
         int32_t n  = 0;   // leading tokens it restores
-    };
-    struct Held {
-        const llama_token * data = nullptr;
-        int32_t             n    = 0;
     };
     enum class Recovery { Split, Retry, Fatal };
 
@@ -199,12 +201,11 @@ private:
     void close_gaps();
     // the prompt cache: where a prompt (or a prefix) starts, and what each stream holds
     Held         held(llama_seq_id id) const;
-    bool         stream_free(llama_seq_id id) const;
     int32_t      reusable(llama_seq_id id, const std::vector<llama_token> & t, int32_t cap) const;
-    int32_t      loss(llama_seq_id id, int32_t keep, const std::vector<int32_t> & lost) const;
-    std::vector<int32_t> losses() const;
-    GapPlan      gap_plan(llama_seq_id extra, const std::vector<int32_t> & lost) const;
-    llama_seq_id victim(llama_seq_id avoid, bool live, const std::vector<int32_t> & lost) const;
+    int32_t      loss(llama_seq_id id, int32_t keep) const;
+    void         sync_streams();
+    StreamMatch  best_source(const std::vector<llama_token> & t, int32_t cap, int32_t floor) const;
+    GapPlan      gap_plan(int32_t grow) const;
     Placement    place(const std::vector<llama_token> & t, int32_t cap, bool reuse, llama_seq_id prefix_src,
                        bool live) const;
     int32_t      fill(const Placement & p);
@@ -237,7 +238,7 @@ private:
     void score(Sequence * s, int32_t idx, llama_pos pos);
     void next_continuation(Sequence * s);
     void finish(Sequence * s, Finish why, Failure failure = {});
-    void free_slot(std::unique_ptr<Sequence> & slot, bool keep);  // slot emptied; its KV cached or removed
+    void free_slot(llama_seq_id id, bool keep);  // its sequence leaves; its KV cached or removed
     void collect_finished(std::vector<Result> & out);
     void collect_deltas(std::vector<StreamDelta> & out);
     void drop_live(const Failure & why, std::vector<Result> & out);
@@ -259,22 +260,12 @@ private:
 
     int32_t                                n_seq_ = 0;  // KV streams (seq ids): slots, prefix/cache, padding
     int32_t                                n_swa_ = 0;  // the model's sliding window (0: none)
-    std::vector<std::unique_ptr<Sequence>> slots_;   // index == seq_id, n_seq_ of them; at most
-                                                     // n_parallel hold a sequence
-    // The prompt cache, per stream: the tokens whose KV a stream without a running
-    // sequence keeps at positions [0, n), and when that entry was last filled or reused.
-    std::vector<std::vector<llama_token>>  cached_;
-    std::vector<uint64_t>                  cache_used_;
-    uint64_t                               cache_clock_ = 0;
+    // Per KV stream (index == seq_id, n_seq_ of them): the sequence in it (at most n_parallel
+    // hold one), the prompt cache entry it keeps, its last use, queued copies; and the index
+    // admission places prompts by.
+    StreamTable                            streams_;
     std::unique_ptr<HostCache>             host_;         // the host tier; null: off
     std::string                            fingerprint_;  // what KV state from this context belongs to
-    // Streams a cross-stream copy is queued for (source or destination): llama.cpp copies
-    // the buffers at the next decode, so until then their state is neither saved nor
-    // overwritten by a restore.
-    std::vector<uint8_t>                   copy_pending_;
-    // Per stream: the serial of the Sampler whose chain is attached to it in llama.cpp
-    // (backend sampling), 0 for none. Synced before every decode (bind_backend_samplers).
-    std::vector<uint64_t>                  backend_bound_;
     std::unique_ptr<SharedPrefix>          prefix_;  // at most one at a time
     // A prefix was given up for KV room: none is chosen again until a sequence leaves its
     // slot, or the same prefix would be decoded and given up every step.

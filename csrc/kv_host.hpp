@@ -1,4 +1,4 @@
-// The host-memory tier under the KV streams, and the cost model admission places prompts by.
+// The host-memory tier under the KV streams (the cost of a restore: placement.hpp).
 //
 // A KV stream's prompt cache entry is overwritten when its stream is needed for another
 // prompt. With a host tier (EngineConfig::cache_ram > 0) the engine first saves the
@@ -18,25 +18,6 @@
 namespace pg {
 
 using HostToken = int32_t;  // llama_token
-
-// What admission weighs, in tokens of prompt decoding saved or spent.
-namespace kv_cost {
-// A KV copy between two streams moves a whole stream (llama.cpp copies streams, not cells),
-// and one that leaves a hole in the live seq ids costs another (close_gaps). Measured on
-// SmolLM2 (2 cores): a stream copy takes 4-14 ms for 512-4096 cells, about what decoding a
-// few prompt tokens takes; prefixes shorter than this are decoded rather than copied.
-constexpr int32_t kCopyTokens = 16;
-// Restoring n tokens from host memory: a fixed part (a stream cleared, a state parsed and
-// its cells found) and a part per token (a copy of its K and V rows: 23 KB for SmolLM2).
-// Measured on SmolLM2-135M (2 cores, benchmarks/prompt_cache.py --only crossover): a restore
-// takes ~0.3 ms + ~2.7 us per token (5.7 ms for 2,048 tokens), saving ~15-25 us per token,
-// against 3-5 ms per prompt token decoded: restoring is cheaper than decoding from one token
-// on. Charged conservatively: a few tokens fixed, and 1/64 of a decoded token per token.
-constexpr int32_t kRestoreTokens   = 4;
-constexpr int32_t kRestorePerToken = 64;  // one token of decoding per this many restored
-inline int64_t copy(bool unified) { return unified ? 1 : kCopyTokens; }  // unified: cells gain a seq id
-inline int64_t restore(int32_t n) { return kRestoreTokens + n / kRestorePerToken; }
-}  // namespace kv_cost
 
 struct HostEntry {
     std::vector<HostToken> tokens;  // the stream held exactly their KV, at positions [0, n)
