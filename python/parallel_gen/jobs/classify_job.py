@@ -7,7 +7,7 @@ BatchRunner runs the same :class:`ClassifyJob` on a Dataset's batches.
 
 Output row: the input's fields, then ``row``, ``label`` (the most likely), one
 probability column per label named ``p_<label>`` (in the order the labels were given),
-and ``error``. An input field named like one of these is carried as ``input_<name>``.
+``error`` and ``error_code`` (the ErrorCode's value). An input field named like one of these is carried as ``input_<name>``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .sources import Columns, InputRow
 
 PROBABILITY_PREFIX = "p_"
 """The probability of label L is the column ``p_L``: one column per label, never one of
-``row``, ``label``, ``error`` (which have no ``p_``), distinct since labels are."""
+``row``, ``label``, ``error``, ``error_code`` (which have no ``p_``), distinct since labels are."""
 
 
 def probability_column(label: str) -> str:
@@ -41,7 +41,7 @@ def probability_column(label: str) -> str:
 
 def output_columns(labels: Sequence[str]) -> Tuple[str, ...]:
     """The columns of a classify row after the input's own fields."""
-    return ("row", "label", *map(probability_column, labels), "error")
+    return ("row", "label", *map(probability_column, labels), "error", "error_code")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class _Scored:
 
     scoring_prompt: Optional[ScoringPrompt]
     scores: List[Score]
-    error: Optional[str]
+    failure: Optional[Failure]
     prompt_tokens: int = 0
 
 
@@ -79,11 +79,12 @@ class OrderedScoring(OrderedRequests[_Scoring, _Scored]):
 
     def _finished(self, r: SequenceResult) -> None:
         sp = self._prompts[r.index]
-        self._done[r.index] = _Scored(sp, prompt_scores(sp, r) if sp is not None else [], r.error, r.prompt_tokens)
+        failure = Failure(r.error_code or ErrorCode.ABORTED, r.error) if r.error else None
+        self._done[r.index] = _Scored(sp, prompt_scores(sp, r) if sp is not None else [], failure, r.prompt_tokens)
         self.stats.generated_tokens += r.prompt_tokens + len(r.token_ids)  # tokens decoded, for tokens/s
 
     def _failed(self, i: int, failure: Failure) -> None:
-        self._done[i] = _Scored(self._prompts[i], [], failure.message)
+        self._done[i] = _Scored(self._prompts[i], [], failure)
 
     def _take(self, i: int) -> _Scored:
         del self._prompts[i]
@@ -159,12 +160,14 @@ class ClassifyJob(RowJob):
     def record(self, row: InputRow, result: _Scored) -> RowDone:
         rec = self.carried(row.fields)
         labels = self.options.labels
-        error: Optional[str] = result.error
+        failure = result.failure
+        error = None if failure is None else failure.message
+        code = None if failure is None else failure.code
         label: Optional[str] = None
         probs: Dict[str, Optional[float]] = dict.fromkeys(labels)
-        if error is None and result.scoring_prompt is not None and self._classifier is not None:
+        if failure is None and result.scoring_prompt is not None and self._classifier is not None:
             c = self._classifier.result(row.prompt or "", result.scoring_prompt, result.scores)
-            error, label = c.error, c.label
+            error, code, label = c.error, c.error_code, c.label
             if error is None:
                 probs = dict(c.probs)
         if error is not None and not error.startswith(row.where):
@@ -175,6 +178,7 @@ class ClassifyJob(RowJob):
             p = probs[lab]
             rec[probability_column(lab)] = None if p is None or math.isnan(p) else p
         rec["error"] = error
+        rec["error_code"] = None if error is None or code is None else code.value
         return RowDone(rec, result.prompt_tokens, 0)
 
 
@@ -198,8 +202,8 @@ def classify_file(model: Union[Model, PathLike, None], input: Optional[PathLike]
             probabilities are those ``classify`` gives its text.
 
     Each output row holds the input row's fields, then ``row`` (the input row number,
-    from 0), ``label`` (the most likely), ``p_<label>`` per label (they sum to 1) and
-    ``error``. A row that cannot be classified (no text, a text too long for n_ctx)
+    from 0), ``label`` (the most likely), ``p_<label>`` per label (they sum to 1),
+    ``error`` and ``error_code`` (the :class:`~parallel_gen.ErrorCode` value). A row that cannot be classified (no text, a text too long for n_ctx)
     has ``error`` set, ``label`` and the probabilities null; the others are unaffected.
     In the summary, ``prompt_tokens`` counts the texts' prompts and
     ``completion_tokens`` is 0 (nothing is generated).
