@@ -371,6 +371,37 @@ def test_cli_sizes_n_ctx_to_the_work_and_later_rows_that_do_not_fit_say_so(smol,
     assert [g["text"] for g in got[:8]] == greedy(smol, [r["prompt"] for r in rows[:8]], 2)
 
 
+@pytest.mark.parametrize("lookahead, chat", [(16, False), (3, False), (3, True)])
+def test_a_file_job_tokenizes_each_row_once(smol, smollm2_path, tmp_path, monkeypatch, lookahead, chat):
+    """Sizing the context (the first look-ahead rows), checking a later row against it and
+    running it read one tokenization per row: counted on Model.tokenize. lookahead 16: the
+    sample is every row; 3: later rows are checked against the sized context; chat: the
+    rows' conversations are rendered (and tokenized) once too."""
+    calls = []
+    tokenize = pg.Model.tokenize
+
+    def counting(self, text, *args, **kwargs):
+        calls.append(text)
+        return tokenize(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pg.Model, "tokenize", counting)
+    prompts = [f"Row {i} says hello" for i in range(7)] + ["Row 1 says hello"]  # a repeated prompt is its own row
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"prompt": p} for p in prompts])
+    s = run_file_job(smollm2_path, src, out, max_tokens=2, temperature=0, lookahead=lookahead, chat=chat,
+                     model_options=dict(n_parallel=2, n_threads=1))
+    assert (s.rows, s.failed) == (8, 0)
+    rows = [c for c in calls if "says hello" in c]
+    assert len(rows) == len(prompts), rows  # one per row, whichever path it took
+    if chat:
+        assert all(p in text and text != p for p, text in zip(prompts[:7], rows[:7])), rows  # rendered
+    else:
+        assert sorted(rows) == sorted(prompts)
+    monkeypatch.undo()
+    if not chat:  # the tokens handed on are the prompt's own: the same outputs
+        assert [g["text"] for g in read_jsonl(out)] == greedy(smol, prompts, 2)
+
+
 KV_LOG = """
 import re, sys, parallel_gen as pg
 m = pg.Model(sys.argv[1], n_parallel=3, n_ctx=300, n_threads=1, type_k=sys.argv[2], type_v=sys.argv[2], verbose=True)

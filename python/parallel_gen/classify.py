@@ -19,10 +19,11 @@ import numpy as np
 from .chat import chat_mode, conversation
 from .errors import ErrorCode, ParamError
 from .generate import ModelLike, open_model
-from .inputs import prepare, prompt_list
+from .inputs import ScoringPrompt, prepare, prompt_list
 from .model import Model
 from .progress import make_progress
-from .scoring import ContinuationTokens, ScoringPromptsFor, Score, ScoringPrompt, run_scoring, split_boundary
+from .results import Score
+from .scoring import ContinuationTokens, ScoringPromptsFor, run_scoring, split_boundary
 from .templates import ChatTemplate
 
 Template = Union[str, Callable[[str], str]]

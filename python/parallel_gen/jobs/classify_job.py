@@ -19,12 +19,13 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..chat import conversation
 from ..classify import Classifier, ClassifyOptions, Template, classify_options
+from ..collector import Scored
 from ..errors import ErrorCode, Failure
-from ..events import SequenceResult
+from ..inputs import ScoringPrompt
 from ..iterate import OrderedRequests
 from ..model import Model
 from ..runner import Item
-from ..scoring import Score, ScoringPrompt, prompt_scores, scoring_item
+from ..scoring import scoring_item
 from .driver import JobSummary, PathLike, RowDone, RowJob, open_file_source, run_rows
 from .sizing import NOTHING, RowNeeds, SizedContext
 from .sources import Columns, InputRow
@@ -52,43 +53,18 @@ class _Scoring:
     failure: Optional[Failure] = None
 
 
-@dataclass(frozen=True)
-class _Scored:
-    """One row's Scores (one per label), or why it has none."""
-
-    scoring_prompt: Optional[ScoringPrompt]
-    scores: List[Score]
-    failure: Optional[Failure]
-    prompt_tokens: int = 0
-
-
-class OrderedScoring(OrderedRequests[_Scoring, _Scored]):
+class OrderedScoring(OrderedRequests[_Scoring, Scored]):
     """Scoring prompts run with bounded look-ahead, their Scores handed back in input order."""
 
-    def __init__(self, model: Model, works: Iterator[_Scoring], lookahead: Optional[int] = None) -> None:
-        super().__init__(model, works, lookahead)
-        self._prompts: Dict[int, Optional[ScoringPrompt]] = {}
-        self._done: Dict[int, _Scored] = {}
-
     def _start(self, i: int, work: _Scoring) -> Tuple[List[Item], Optional[Failure]]:
-        self._prompts[i] = work.scoring_prompt
+        self.collector.expect_scores(i, work.scoring_prompt)
         if work.scoring_prompt is None:
             return [], work.failure or Failure(ErrorCode.INVALID_INPUT, "nothing to score")
         item, failure = scoring_item(self.model, i, work.scoring_prompt)
         return ([item] if item is not None else []), failure
 
-    def _finished(self, r: SequenceResult) -> None:
-        sp = self._prompts[r.index]
-        failure = Failure(r.error_code or ErrorCode.ABORTED, r.error) if r.error else None
-        self._done[r.index] = _Scored(sp, prompt_scores(sp, r) if sp is not None else [], failure, r.prompt_tokens)
-        self.stats.generated_tokens += r.prompt_tokens + len(r.token_ids)  # tokens decoded, for tokens/s
-
-    def _failed(self, i: int, failure: Failure) -> None:
-        self._done[i] = _Scored(self._prompts[i], [], failure)
-
-    def _take(self, i: int) -> _Scored:
-        del self._prompts[i]
-        return self._done.pop(i)
+    def _take(self, i: int) -> Scored:
+        return self.collector.take_scored(i)
 
 
 class ClassifyJob(RowJob):
@@ -157,7 +133,7 @@ class ClassifyJob(RowJob):
                 return _Scoring(None, Failure(ErrorCode.PROMPT_TOO_LONG, f"{row.where}: {error}"))
         return _Scoring(sp)
 
-    def record(self, row: InputRow, result: _Scored) -> RowDone:
+    def record(self, row: InputRow, result: Scored) -> RowDone:
         rec = self.carried(row.fields)
         labels = self.options.labels
         failure = result.failure
