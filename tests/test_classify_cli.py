@@ -82,7 +82,7 @@ def test_jsonl_in_and_out_equal_classify_in_process(smol, tmp_path):
     assert r.returncode == 0, r.stderr
     got = read_jsonl(out)
     assert [list(g) for g in got] == [["id", "text", "input_label", "input_row", "row", "label", "p_positive",
-                                       "p_negative", "p_neutral", "error"]] * len(rows)
+                                       "p_negative", "p_neutral", "error", "error_code"]] * len(rows)
     assert [g["row"] for g in got] == list(range(len(rows)))
     assert [(g["id"], g["text"], g["input_label"], g["input_row"]) for g in got] == \
         [(r["id"], r["text"], r["label"], r["row"]) for r in rows]
@@ -112,7 +112,8 @@ def test_csv_in_and_out_with_chat_mean_and_a_labels_file(smol, tmp_path):
                      system, "--normalize", "mean", *CLI_MODEL)
     assert r.returncode == 0, r.stderr
     got = read_csv(out)
-    assert list(got[0]) == ["id", "review", "row", "label", "p_good, really", "p_bad", "p_meh", "error"]
+    assert list(got[0]) == ["id", "review", "row", "label", "p_good, really", "p_bad", "p_meh", "error",
+                            "error_code"]
     assert [(g["id"], g["review"], g["row"]) for g in got] == [(str(i), t, str(i)) for i, t in enumerate(items)]
     expected = pg.classify(smol, items, labels, chat=True, system=system, normalize="mean")
     assert_probabilities(got, expected, labels)
@@ -188,6 +189,8 @@ def test_a_text_too_long_for_the_context_or_missing_is_a_row_error_and_the_other
     too_long, missing = got[3], got[6]
     assert "n_ctx" in too_long["error"] and f"{src}:4" in too_long["error"]
     assert "'text' is missing" in missing["error"] and "--text-column" in missing["error"]
+    # The codes of the failures, for programs (ErrorCode values); a good row has none.
+    assert [g["error_code"] for g in got] == [None] * 3 + ["prompt_too_long"] + [None] * 2 + ["invalid_input"]
     assert missing["body"] == "no text field"
     for bad in (too_long, missing):
         assert bad["label"] is None and all(bad[f"p_{lab}"] is None for lab in LABELS)
@@ -200,7 +203,7 @@ def test_a_text_too_long_for_the_context_or_missing_is_a_row_error_and_the_other
                      "--n-parallel", 2, "--threads", 1)
     assert r.returncode == 1, r.stderr
     got = read_jsonl(out)
-    assert "--n-ctx" in got[3]["error"]
+    assert "--n-ctx" in got[3]["error"] and got[3]["error_code"] == "prompt_too_long"
     assert [g["error"] is None for g in got] == [True, True, True, False, True, True, False]
 
 

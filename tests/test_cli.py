@@ -143,7 +143,8 @@ def test_generate_prompts_from_arguments_as_jsonl(smol):
     assert [x["prompt_tokens"] for x in recs] == [c.prompt_tokens for c in ref]
     assert [x["finish_reason"] for x in recs] == [c.finish_reason for c in ref]
     assert all(list(x) == ["prompt", "row", "text", "finish_reason", "stop_reason", "prompt_tokens",
-                           "completion_tokens", "error"] and x["error"] is None for x in recs)
+                           "completion_tokens", "error", "error_code"] and x["error"] is None
+               and x["error_code"] is None for x in recs)
 
 
 def test_generate_stdin_with_chat(smol):

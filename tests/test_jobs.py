@@ -226,6 +226,9 @@ def test_malformed_line_mid_file_is_an_error_row_and_the_job_goes_on(smol, tmp_p
     assert "in.jsonl:4" in got[2]["error"] and "neither" in got[2]["error"]
     assert "not UTF-8" in got[3]["error"]
     assert "temperature" in got[5]["error"]
+    # Each failure's code (an ErrorCode value): unreadable rows vs a bad per-row setting.
+    assert [g["error_code"] for g in got] == [None, "invalid_input", "invalid_input", "invalid_input", None,
+                                              "invalid_param"]
     assert got[0]["text"] == greedy(smol, ["Water boils at"], 3)[0]
     assert got[4]["text"] == greedy(smol, ["Roses are red,"], 1)[0]  # the row's own max_tokens
 
@@ -244,7 +247,7 @@ def test_csv_round_trip_carries_every_column_and_per_row_settings(smol, tmp_path
     with open(out, newline="") as f:
         got = list(csv.DictReader(f))
     assert list(got[0]) == ["id", "input_text", "prompt", "max_tokens", "note", "row", "text", "finish_reason",
-                            "stop_reason", "prompt_tokens", "completion_tokens", "error"]
+                            "stop_reason", "prompt_tokens", "completion_tokens", "error", "error_code"]
     assert [g["id"] for g in got] == ["a1", "a2", "a3", "a4"]
     assert [g["input_text"] for g in got] == ["old text", "", "x", "y"]  # renamed, not lost
     assert got[1]["note"] == 'a "quoted", multi\nline note'
@@ -253,6 +256,7 @@ def test_csv_round_trip_carries_every_column_and_per_row_settings(smol, tmp_path
     assert [g["completion_tokens"] for g in got[:2]] == ["2", "4"]
     assert "neither" in got[2]["error"] and "max_tokens" in got[3]["error"]
     assert [g["finish_reason"] for g in got] == ["length", "length", "error", "error"]
+    assert [g["error_code"] for g in got] == ["", "", "invalid_input", "invalid_param"]  # CSV: null is ""
 
 
 def test_parquet_round_trip_and_resume(smol, tmp_path):
@@ -365,6 +369,37 @@ def test_cli_sizes_n_ctx_to_the_work_and_later_rows_that_do_not_fit_say_so(smol,
     assert [g["error"] is None for g in got] == [True] * 8 + [False]
     assert "--n-ctx 512 or more" in got[8]["error"]
     assert [g["text"] for g in got[:8]] == greedy(smol, [r["prompt"] for r in rows[:8]], 2)
+
+
+@pytest.mark.parametrize("lookahead, chat", [(16, False), (3, False), (3, True)])
+def test_a_file_job_tokenizes_each_row_once(smol, smollm2_path, tmp_path, monkeypatch, lookahead, chat):
+    """Sizing the context (the first look-ahead rows), checking a later row against it and
+    running it read one tokenization per row: counted on Model.tokenize. lookahead 16: the
+    sample is every row; 3: later rows are checked against the sized context; chat: the
+    rows' conversations are rendered (and tokenized) once too."""
+    calls = []
+    tokenize = pg.Model.tokenize
+
+    def counting(self, text, *args, **kwargs):
+        calls.append(text)
+        return tokenize(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pg.Model, "tokenize", counting)
+    prompts = [f"Row {i} says hello" for i in range(7)] + ["Row 1 says hello"]  # a repeated prompt is its own row
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"prompt": p} for p in prompts])
+    s = run_file_job(smollm2_path, src, out, max_tokens=2, temperature=0, lookahead=lookahead, chat=chat,
+                     model_options=dict(n_parallel=2, n_threads=1))
+    assert (s.rows, s.failed) == (8, 0)
+    rows = [c for c in calls if "says hello" in c]
+    assert len(rows) == len(prompts), rows  # one per row, whichever path it took
+    if chat:
+        assert all(p in text and text != p for p, text in zip(prompts[:7], rows[:7])), rows  # rendered
+    else:
+        assert sorted(rows) == sorted(prompts)
+    monkeypatch.undo()
+    if not chat:  # the tokens handed on are the prompt's own: the same outputs
+        assert [g["text"] for g in read_jsonl(out)] == greedy(smol, prompts, 2)
 
 
 KV_LOG = """
@@ -480,6 +515,8 @@ def test_columns_follow_the_job_even_when_the_first_row_fails(smol, tmp_path):
         assert got[0]["logprobs"] in (None, "") and got[0]["cumulative_logprob"] in (None, ""), fmt
         failed = json.loads(got[0]["samples"]) if fmt == "csv" else got[0]["samples"]
         assert [x["finish_reason"] for x in failed] == ["error", "error"], fmt  # each sample says why
+        assert got[0]["error_code"] == "invalid_input" and got[1]["error_code"] in (None, ""), fmt
+        assert [x["error_code"] for x in failed] == ["invalid_input"] * 2, fmt
         for g, c in zip(got[1:], ref):
             samples = json.loads(g["samples"]) if fmt == "csv" else g["samples"]
             logprobs = json.loads(g["logprobs"]) if fmt == "csv" else g["logprobs"]
@@ -502,7 +539,8 @@ def test_a_row_setting_that_needs_a_column_the_job_lacks_is_that_rows_error(smol
     assert s.failed == 2 and [g["finish_reason"] for g in got] == ["error", "error", "length"]
     assert "n=3 needs the 'samples' column" in got[0]["error"] and "--samples" in got[0]["error"]
     assert "'logprobs' column" in got[1]["error"] and "--logprobs" in got[1]["error"]
-    assert all(list(g)[-1] == "error" for g in got)  # no row gained a column
+    assert [g["error_code"] for g in got] == ["invalid_param", "invalid_param", None]
+    assert all(list(g)[-1] == "error_code" for g in got)  # no row gained a column
     # A job with samples: a row may ask for fewer (its samples list is shorter).
     s = run_file_job(smol, src, out, max_tokens=2, temperature=0, n=2, logprobs=0, overwrite=True)
     got = read_jsonl(out)

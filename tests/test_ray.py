@@ -213,7 +213,7 @@ def test_classify_matches_pg_classify_carries_columns_and_isolates_bad_rows(clus
                          model_options=options).take_all())
     assert sorted(out) == list(range(24))
     assert list(out[0]) == ["id", "text", "input_label", "row", "label", "p_positive", "p_negative", "p_neutral",
-                            "error"]
+                            "error", "error_code"]
     good = [i for i in range(24) if i not in (5, 9)]
     with pg.Model(smollm2_path, n_threads=1, **options) as m:
         want = pg.classify(m, [data[i]["text"] for i in good], LABELS)

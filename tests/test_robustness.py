@@ -157,7 +157,7 @@ def test_a_stream_looks_only_at_its_unsent_tail(smol):
     sent = "".join(c.hold_back(plan, p) for p in pieces)
     assert sent == "word " * 2000
     assert Counting.looked < 2 * len("".join(pieces[:2003]))  # linear: each character looked at ~once
-    c.text = pieces
+    c.output = Output("".join(pieces), [], "stop")  # finished: the collector's whole output
     assert c.sent_text() == sent
 
 

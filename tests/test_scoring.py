@@ -278,9 +278,11 @@ def test_text_longer_than_the_context_is_a_per_text_error(smollm2_path):
         result = pg.classify(m, [REVIEWS[0], long_text, edge, REVIEWS[1]], labels, template=template)
         for k in (1, 2):
             assert result[k].error is not None and "n_ctx=64" in result[k].error and result[k].label is None
+            assert result[k].error_code is pg.ErrorCode.PROMPT_TOO_LONG  # the code beside the message
             assert np.isnan(result.probs[k]).all()
         fine = pg.classify(m, [REVIEWS[0], REVIEWS[1]], labels, template=template)
         assert np.array_equal(result.probs[[0, 3]], fine.probs)
+        assert result[0].error is None and result[0].error_code is None
         assert repr(result).endswith("failed=2)")
         assert _kv_left(m) == 0
 

@@ -187,7 +187,34 @@ def test_slow_chat_rendering_does_not_stall_the_event_loop(smollm2_path, monkeyp
             assert results["chat"].status_code == 200, results["chat"].text
 
 
-def test_streamed_logprobs_are_accumulated_in_place(smol):
+def test_streamed_logprobs_are_built_once(smol):
+    """A kept stream's whole output reuses the logprobs its deltas built (extended in
+    place): each token's are built once, not again when the sequence finishes."""
+    from parallel_gen.client import Routed
+    from parallel_gen.collector import Collector
+    from parallel_gen.events import Delta, SequenceDelta, SequenceFinished, SequenceResult
+
+    class Counting:
+        calls = 0
+
+        def token_text(self, t):
+            Counting.calls += 1
+            return smol.token_text(t)
+
+    n = 3000
+    collector = Collector(Counting(), stream=True, keep_outputs=True)  # type: ignore[arg-type]
+    collector.expect(0, "x", 1, 1)
+    for _ in range(n):
+        collector.handle(Routed(None, SequenceDelta(Delta(0, 0, b"ab", [7], [(-0.5, [])]))))  # type: ignore[arg-type]
+    done = SequenceResult(0, 0, 1, [7] * n, b"ab" * n, "length", None, None, [(-0.5, [])] * n)
+    last = collector.handle(Routed(None, SequenceFinished(done)))  # type: ignore[arg-type]
+    out = collector.take_output(0, 0)
+    assert last is not None and last.finished and last.logprobs == [] and last.text == ""
+    assert out is not None and out.text == "ab" * n and len(out.logprobs) == n
+    assert Counting.calls == n  # once per token
+
+
+def test_streamed_logprob_offsets_are_counted_in_place(smol):
     """Each event's logprobs used to be appended by rebuilding the choice's whole list (and
     the chunk offsets by slicing it): quadratic in the tokens of a long stream."""
     from parallel_gen.results import TokenLogprobs
@@ -212,6 +239,9 @@ def test_streamed_logprobs_are_accumulated_in_place(smol):
             except StopIteration:
                 raise StopAsyncIteration
 
+        def take_output(self, index, sample):
+            return None
+
         async def aclose(self):
             pass
 
@@ -219,18 +249,16 @@ def test_streamed_logprobs_are_accumulated_in_place(smol):
     call = Call("t", "completions", ["x"], [pg.SamplingParams()], 1, [1], stream=Replay())
 
     async def run():
-        ids, offsets = set(), []
+        offsets = []
         async for c, ev in service.events(call):
             if ev.logprobs:
-                ids.add(id(c.logprobs))
                 offsets.append(c.event_offset)
-        return ids, offsets, c
+        return offsets, c
 
     import asyncio
 
-    ids, offsets, c = asyncio.run(run())
-    assert len(ids) == 1 and len(c.logprobs) == n  # one list, extended
-    assert offsets == [2 * i for i in range(n)]
+    offsets, c = asyncio.run(run())
+    assert offsets == [2 * i for i in range(n)] and c.tokens == n
 
 
 def test_ignored_fields_are_logged_at_any_depth(smollm2_path, caplog):

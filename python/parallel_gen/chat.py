@@ -87,7 +87,7 @@ def chat_parallel(
         plan, prompts = rendered(m)
         per_conv = [plan.params(plan.template.add_stops(p)) for p in per_conv]
         with bar as on_step:
-            return plan.read_all(m, run_batch(m, prompts, per_conv, on_step=on_step))
+            return run_batch(m, prompts, per_conv, on_step=on_step, tools=plan)
 
 
 def apply_chat_template(

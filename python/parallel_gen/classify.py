@@ -17,12 +17,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import numpy as np
 
 from .chat import chat_mode, conversation
-from .errors import ParamError
+from .errors import ErrorCode, ParamError
 from .generate import ModelLike, open_model
-from .inputs import prepare, prompt_list
+from .inputs import ScoringPrompt, prepare, prompt_list
 from .model import Model
 from .progress import make_progress
-from .scoring import ContinuationTokens, ScoringPromptsFor, Score, ScoringPrompt, run_scoring, split_boundary
+from .results import Score
+from .scoring import ContinuationTokens, ScoringPromptsFor, run_scoring, split_boundary
 from .templates import ChatTemplate
 
 Template = Union[str, Callable[[str], str]]
@@ -51,6 +52,8 @@ class Classification:
     """The prompt the labels were scored after (chat mode: the rendered conversation)."""
     error: Optional[str] = None
     """Why this text could not be classified (say, longer than the model's n_ctx)."""
+    error_code: Optional[ErrorCode] = None
+    """The same as a code for programs (see ErrorCode); None when ``error`` is None."""
 
 
 class Classifications(_SequenceABC):
@@ -201,9 +204,10 @@ def label_probabilities(scores: Sequence[Score], normalize: str = "sum") -> np.n
 
 
 def _classification(text: str, prompt: str, labels: List[str], scores: List[Score], normalize: str) -> Classification:
-    error = next((s.error for s in scores if s.error), None)
-    if error is not None:
-        return Classification(text, None, {lab: math.nan for lab in labels}, scores, prompt, error)
+    failed = next((s for s in scores if s.error), None)
+    if failed is not None:
+        return Classification(text, None, {lab: math.nan for lab in labels}, scores, prompt, failed.error,
+                              failed.error_code)
     p = label_probabilities(scores, normalize)
     return Classification(text, labels[int(np.argmax(p))], dict(zip(labels, p.tolist())), scores, prompt)
 

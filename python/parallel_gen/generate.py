@@ -11,25 +11,25 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Set, 
 from ._native import llama_cpp
 from .cache import open_cache
 from .client import Client
-from .errors import Failure, GenerationError, ParamTypeError
-from .events import EngineCounters, Progress, RequestDone, SequenceFinished, SequenceResult
+from .collector import Collector, StepCallback
+from .errors import GenerationError, ParamTypeError
+from .events import EngineCounters
 from .inputs import (OncePerModel, Params, PreparedPrompt, Prompts, check_params_against, deterministic,
                      param_list, prepare_all, prompt_items, prompt_list, read_once)
 from .memory import n_ctx_for_work
 from .model import Model
 from .params import SamplingParams
 from .progress import make_progress
-from .results import BatchResult, BatchStats, Completion, Output
+from .results import BatchResult, BatchStats, Completion
 from .runner import Item
 
 if TYPE_CHECKING:
     from .cache import ResultCache
+    from .tools import ToolPlan
 
 logger = logging.getLogger("parallel_gen")
 
 ModelLike = Union[Model, str, "os.PathLike[str]", "llama_cpp.Llama"]
-# Called after every engine step with (prompts finished, prompts in total, tokens generated so far).
-StepCallback = Callable[[int, int, int], None]
 
 
 def generate_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *,
@@ -116,76 +116,21 @@ def _closing(model: Model) -> Iterator[Model]:
         model.close()
 
 
-class CompletionGather:
-    """Collects the engine's per-sample results into per-prompt Completions, for any
-    number of prompts (a whole call, or the look-ahead window of generate_iter)."""
-
-    def __init__(self, model: Model) -> None:
-        self.model = model
-        self._prompts: dict = {}
-        self._outputs: dict = {}
-        self._prompt_tokens: dict = {}
-        self._missing: dict = {}
-        self.reused_kv: Set[int] = set()
-        """Prompts whose prefill started from KV decoded before (the prompt cache, a shared
-        prefix): their outputs may differ slightly from a whole prefill's (see cacheable_result)."""
-        self.n_done = 0
-        self.generated_tokens = 0
-
-    def expect(self, i: int, prompt: str, n: int, prompt_tokens: int = 0) -> None:
-        self._prompts[i] = prompt
-        self._outputs[i] = [None] * n
-        self._prompt_tokens[i] = prompt_tokens
-        self._missing[i] = n
-
-    def add(self, r: SequenceResult) -> None:
-        self._outputs[r.index][r.sample] = r.to_output(self.model.token_text)
-        self._prompt_tokens[r.index] = r.prompt_tokens
-        if r.sample == 0 and r.cached_tokens > 0:  # (later samples share sample 0's prefill)
-            self.reused_kv.add(r.index)
-        self.generated_tokens += len(r.token_ids)
-        self._missing[r.index] -= 1
-        self.n_done += self._missing[r.index] == 0
-
-    def fail(self, i: int, failure: Failure) -> None:
-        self._outputs[i] = [Output.failed(failure) for _ in self._outputs[i]]
-        self._missing[i] = 0
-        self.n_done += 1
-
-    def put(self, i: int, c: Completion) -> None:
-        """A whole Completion from elsewhere (the result cache)."""
-        self._outputs[i] = list(c.outputs)
-        self._prompt_tokens[i] = c.prompt_tokens
-        self._missing[i] = 0
-        self.n_done += 1
-
-    def ready(self, i: int) -> bool:
-        return self._missing.get(i) == 0
-
-    def take(self, i: int) -> Completion:
-        """Completion ``i`` (complete), forgotten here."""
-        del self._missing[i]
-        return Completion(i, self._prompts.pop(i), self._outputs.pop(i), self._prompt_tokens.pop(i))
-
-    def completed(self) -> List[Completion]:
-        """Every complete Completion so far, in index order (kept here)."""
-        return [Completion(i, self._prompts[i], list(self._outputs[i]), self._prompt_tokens[i])
-                for i in sorted(self._missing) if self._missing[i] == 0]
-
-
 def run_batch(model: Model, prompts: List[PreparedPrompt], params: List[SamplingParams],
               on_step: Optional[StepCallback] = None, *, request_id: Optional[str] = None,
-              cache: Optional["ResultCache"] = None, cacheable: Optional[List[bool]] = None) -> BatchResult:
+              cache: Optional["ResultCache"] = None, cacheable: Optional[List[bool]] = None,
+              tools: Optional["ToolPlan"] = None) -> BatchResult:
     """Runs prepared prompts and per-prompt params (seeds set) through the model's engine.
 
     The request joins the Model's running batch (shared with any other callers) and this
     thread waits for its results. ``on_step`` (if given) is called after engine steps,
     for progress reporting. With a ``cache``, prompts whose ``cacheable`` flag is set are
-    looked up first and stored after.
+    looked up first and stored after. With ``tools`` (chat_parallel's), every output's
+    tool calls are read.
     """
     t0 = time.perf_counter()
     check_params_against(model, params)
-    gather = CompletionGather(model)
+    gather = Collector(model, tools=tools, on_step=on_step)
     keys: List[Optional[str]] = [None] * len(prompts)
     hits: Set[int] = set()
     items: List[Item] = []
@@ -205,21 +150,7 @@ def run_batch(model: Model, prompts: List[PreparedPrompt], params: List[Sampling
     with Client(model, request_id) as client:
         logger.info("request %s: %d prompts, %d sequences", client.name, len(prompts), len(items))
         req = client.submit(items, ticks=on_step is not None)
-        try:
-            while True:
-                event = client.next().event
-                if isinstance(event, SequenceFinished):
-                    gather.add(event.result)
-                elif isinstance(event, Progress):
-                    if on_step is not None:
-                        on_step(gather.n_done, len(prompts), event.generated_tokens)
-                elif isinstance(event, RequestDone):
-                    if on_step is not None:  # the request ends before its last step's Progress
-                        on_step(gather.n_done, len(prompts), req.counters.generated_tokens)
-                    break
-        except GenerationError as e:
-            e.results = gather.completed()
-            raise
+        gather.drain(client)
     completions = gather.completed()
     if len(completions) != len(prompts):
         raise GenerationError(f"internal error: the engine returned {len(completions)} of {len(prompts)} prompts",
@@ -238,7 +169,7 @@ def cacheable_result(model: Model, c: Completion, params: SamplingParams) -> boo
     """Whether a completion is a function of the prompt, the params and the numerics alone:
     not an error, and not cut off by this Model's context (n_ctx is capacity, not part of
     the cache key, so an output the context ended would be wrong under a larger one).
-    The caller also leaves out a prefill that reused KV (CompletionGather.reused_kv): it
+    The caller also leaves out a prefill that reused KV (Collector.reused_kv): it
     depends on what ran before, so the result cache keeps only whole prefills' outputs."""
     for o in c.outputs:
         if o.finish_reason == "error":

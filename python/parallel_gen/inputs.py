@@ -110,6 +110,20 @@ class PreparedPrompt:
     failure: Optional[Failure] = None
 
 
+@dataclass(frozen=True)
+class ScoringPrompt:
+    """One prompt and the continuations to score after it, tokenized (see split_boundary)."""
+
+    prepared: PreparedPrompt
+    """The prompt and its tokens (BOS per the model, special tokens parsed)."""
+    continuations: List[List[int]]
+    """Token ids of each continuation; none empty."""
+
+    @property
+    def prompt(self) -> str:
+        return self.prepared.text
+
+
 def prepare(model: "Model", text: str) -> PreparedPrompt:
     try:
         return PreparedPrompt(text, model.tokenize(text))

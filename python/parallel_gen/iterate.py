@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Generic, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Dict, Generic, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 from .client import Client
+from .collector import Collector
 from .errors import ErrorCode, Failure, ParamError, ParamTypeError
-from .events import SequenceFinished, SequenceResult
-from .generate import CompletionGather, ModelLike, open_model
-from .inputs import prepare, prompt_items, reject_unordered
+from .generate import ModelLike, open_model
+from .inputs import PreparedPrompt, prepare, prompt_items, reject_unordered
 from .model import Model
 from .params import SamplingParams, SeedRule, check_field_names, own_seed
 from .results import Completion
 from .runner import Item
+
+if TYPE_CHECKING:
+    from .tools import ToolPlan
 
 logger = logging.getLogger("parallel_gen")
 
@@ -44,6 +47,9 @@ class Work:
     prompt: str
     params: SamplingParams
     failure: Optional[Failure] = None
+    prepared: Optional[PreparedPrompt] = None
+    """The prompt tokenized, when the work's maker had to (a file job sizing its context):
+    the engine takes these tokens rather than tokenizing it again."""
 
 
 @dataclass
@@ -148,22 +154,23 @@ class OrderedRequests(Generic[W, R]):
     back in input order, with at most ``lookahead`` works pulled and not handed back.
     ``close()`` cancels what is in flight.
 
-    Subclasses say what a work is: ``_start`` turns it into the engine's sequences (or
-    says why it cannot run), ``_finished`` keeps a finished sequence's result, ``_failed``
-    records a work that did not run, ``_take`` builds the result of a completed work.
+    The events are read, and results assembled, by a :class:`Collector` (``tools``: the
+    outputs' tool calls are read there). Subclasses say what a work is: ``_start`` tells
+    the collector what to expect of it and turns it into the engine's sequences (or says
+    why it cannot run), ``_take`` builds the result of a completed work from the collector.
     """
 
     def __init__(self, model: Model, works: Iterator[W], lookahead: Optional[int] = None,
-                 request_id: Optional[str] = None) -> None:
+                 request_id: Optional[str] = None, tools: Optional["ToolPlan"] = None) -> None:
         check_lookahead(lookahead)
         self.model = model
         self._client = Client(model, request_id)
+        self.collector = Collector(model, tools=tools, on_done=self._done)
         self._works = works
         self.lookahead = lookahead or LOOKAHEAD_PER_SLOT * model.n_parallel
         # Chunks of about one slot-full: few requests in flight (each takes turns in the
         # runner's round-robin), yet enough queued to refill slots as they free.
         self._chunk = max(1, min(model.n_parallel, self.lookahead // 2))
-        self._missing: Dict[int, int] = {}  # work index -> sequences not finished yet (0: ready)
         self._next_in = 0  # index of the next work to pull
         self._next_out = 0  # index of the next result to hand back
         self._exhausted = False
@@ -173,14 +180,12 @@ class OrderedRequests(Generic[W, R]):
         try:
             while True:
                 self._refill()
-                while self._missing.get(self._next_out) == 0:
+                while self.collector.ready(self._next_out):
                     yield self._pop()
                     self._refill()
                 if self._exhausted and self._next_out == self._next_in:
                     return
-                event = self._client.next().event
-                if isinstance(event, SequenceFinished):
-                    self._add(event.result)
+                self.collector.step(self._client)
         finally:
             self.close()
 
@@ -193,15 +198,8 @@ class OrderedRequests(Generic[W, R]):
 
     # -- what a work is (subclasses) ----------------------------------------------------
     def _start(self, i: int, work: W) -> Tuple[List[Item], Optional[Failure]]:
-        """The engine's sequences of work ``i`` (their index is ``i``), or why it cannot run."""
-        raise NotImplementedError
-
-    def _finished(self, r: SequenceResult) -> None:
-        """Keeps one finished sequence of work ``r.index``."""
-        raise NotImplementedError
-
-    def _failed(self, i: int, failure: Failure) -> None:
-        """Records that work ``i`` did not run."""
+        """Tells the collector what to expect of work ``i``; the engine's sequences of it
+        (their index is ``i``), or why it cannot run."""
         raise NotImplementedError
 
     def _take(self, i: int) -> R:
@@ -229,27 +227,23 @@ class OrderedRequests(Generic[W, R]):
             self._next_in += 1
             mine, failure = self._start(i, work)
             if failure is not None:
-                self._failed(i, failure)
-                self._missing[i] = 0
+                self.collector.fail(i, failure)
                 self.stats.finished += 1
                 continue
             items.extend(mine)
-            self._missing[i] = len(mine)
             self.stats.in_flight += 1
         if items:
             self._client.submit(items)
 
     # -- output side --------------------------------------------------------------------
-    def _add(self, r: SequenceResult) -> None:
-        self._finished(r)
-        self._missing[r.index] -= 1
-        if self._missing[r.index] == 0:
-            self.stats.finished += 1
-            self.stats.in_flight -= 1
+    def _done(self, i: int) -> None:
+        """The engine finished work ``i`` (the collector's on_done)."""
+        self.stats.finished += 1
+        self.stats.in_flight -= 1
+        self.stats.generated_tokens = self.collector.tokens
 
     def _pop(self) -> R:
         i = self._next_out
-        del self._missing[i]
         self._next_out += 1
         return self._take(i)
 
@@ -259,24 +253,12 @@ class OrderedGeneration(OrderedRequests[Work, Completion]):
     the order of ``works``, with at most ``lookahead`` prompts pulled and not yielded.
     A prompt that cannot run is an "error" Completion. ``close()`` cancels what is in flight."""
 
-    def __init__(self, model: Model, works: Iterator[Work], lookahead: Optional[int] = None,
-                 request_id: Optional[str] = None) -> None:
-        super().__init__(model, works, lookahead, request_id)
-        self._gather = CompletionGather(model)
-
     def _start(self, i: int, work: Work) -> Tuple[List[Item], Optional[Failure]]:
-        self._gather.expect(i, work.prompt, work.params.n)
+        self.collector.expect(i, work.prompt, work.params.n)
         if work.failure is not None:
             return [], work.failure
-        return prompt_items(self.model, i, prepare(self.model, work.prompt), work.params)
-
-    def _finished(self, r: SequenceResult) -> None:
-        before = self._gather.generated_tokens
-        self._gather.add(r)
-        self.stats.generated_tokens += self._gather.generated_tokens - before
-
-    def _failed(self, i: int, failure: Failure) -> None:
-        self._gather.fail(i, failure)
+        prepared = work.prepared if work.prepared is not None else prepare(self.model, work.prompt)
+        return prompt_items(self.model, i, prepared, work.params)
 
     def _take(self, i: int) -> Completion:
-        return self._gather.take(i)
+        return self.collector.take(i)

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
-# Same shape as generate.StepCallback: (prompts finished, prompts in total, tokens
+# Same shape as collector.StepCallback: (prompts finished, prompts in total, tokens
 # generated so far; None for work that generates none, such as scoring).
 OnStep = Callable[[int, int, Optional[int]], None]
 

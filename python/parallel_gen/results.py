@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence as _SequenceABC
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, List, Optional, Union, overload
@@ -292,3 +293,53 @@ class BatchResult(_SequenceABC):
         s = self.stats
         return (f"BatchResult({len(self)} completions, {s.completion_tokens} tokens, "
                 f"{s.generation_tokens_per_second:.1f} gen tok/s, {s.failed} failed)")
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """New output of one prompt (one sample of it) since its previous event."""
+
+    index: int
+    """The prompt's position in the call's prompts."""
+    text: str
+    """Text generated since the previous event of this prompt and sample: whole
+    characters only, and never the start of what may turn out to be a stop string."""
+    token_ids: List[int]
+    """Tokens generated since the previous event."""
+    finished: bool
+    """True on the prompt's (sample's) last event."""
+    finish_reason: Optional[str] = None
+    """On the last event: "stop", "length" or "error"."""
+    sample: int = 0
+    """Which of the prompt's SamplingParams.n samples."""
+    stop_reason: Union[str, int, None] = None
+    error: Optional[str] = None
+    logprobs: Optional[List[TokenLogprobs]] = None
+    """When SamplingParams.logprobs is set: the log-probabilities of this event's
+    ``token_ids``, one each (the events of a prompt together cover its whole output)."""
+    error_code: Optional[str] = None
+    """On a failed last event: the ErrorCode (see Output.error_code)."""
+    cached_tokens: int = 0
+    """On the last event: prompt tokens whose KV was reused (the Model's prompt cache,
+    or a prefix shared with other prompts) rather than decoded for this sample."""
+
+
+@dataclass(frozen=True)
+class Score:
+    """The log-likelihood of one continuation given its prompt."""
+
+    logprob: float
+    """The total: the sum of ``token_logprobs`` (NaN when ``error`` is set)."""
+    token_logprobs: List[float]
+    """Each continuation token's log-probability (natural log) given everything before it."""
+    token_ids: List[int]
+    """The continuation's tokens as scored (after the boundary whitespace was moved)."""
+    error: Optional[str] = None
+    """Why this prompt could not be scored (say, prompt + continuation longer than n_ctx)."""
+    error_code: Optional[ErrorCode] = None
+    """The same as a code (see ErrorCode)."""
+
+    @property
+    def mean_logprob(self) -> float:
+        """The length-normalized log-likelihood: ``logprob`` per token."""
+        return self.logprob / len(self.token_ids) if self.token_ids else math.nan

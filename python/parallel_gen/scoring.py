@@ -14,57 +14,24 @@ with any other work on the Model (see csrc/scoring.hpp).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ._native import _core
 from .client import Client
+from .collector import Collector
 from .errors import ErrorCode, Failure, GenerationError
-from .events import Progress, RequestDone, SequenceFinished, SequenceResult
 from .generate import ModelLike, open_model
-from .inputs import OncePerModel, PreparedPrompt, Prompts, prepare, prompt_list
+from .inputs import OncePerModel, Prompts, ScoringPrompt, prepare, prompt_list
 from .memory import n_ctx_for_work
 from .model import Model
 from .progress import OnStep, make_progress
+from .results import Score
 from .runner import Item
 
 Continuations = Union[Sequence[str], Sequence[Sequence[str]]]
 
-
-@dataclass(frozen=True)
-class Score:
-    """The log-likelihood of one continuation given its prompt."""
-
-    logprob: float
-    """The total: the sum of ``token_logprobs`` (NaN when ``error`` is set)."""
-    token_logprobs: List[float]
-    """Each continuation token's log-probability (natural log) given everything before it."""
-    token_ids: List[int]
-    """The continuation's tokens as scored (after the boundary whitespace was moved)."""
-    error: Optional[str] = None
-    """Why this prompt could not be scored (say, prompt + continuation longer than n_ctx)."""
-    error_code: Optional[ErrorCode] = None
-    """The same as a code (see ErrorCode)."""
-
-    @property
-    def mean_logprob(self) -> float:
-        """The length-normalized log-likelihood: ``logprob`` per token."""
-        return self.logprob / len(self.token_ids) if self.token_ids else math.nan
-
-
-@dataclass(frozen=True)
-class ScoringPrompt:
-    """One prompt and the continuations to score after it, tokenized (see split_boundary)."""
-
-    prepared: PreparedPrompt
-    """The prompt and its tokens (BOS per the model, special tokens parsed)."""
-    continuations: List[List[int]]
-    """Token ids of each continuation; none empty."""
-
-    @property
-    def prompt(self) -> str:
-        return self.prepared.text
+__all__ = ["ContinuationTokens", "Continuations", "Score", "ScoringPrompt", "ScoringPromptsFor", "run_scoring", "score",
+           "scoring_item", "split_boundary"]
 
 
 def score(model: ModelLike, prompts: Prompts, continuations: Continuations, *,
@@ -149,33 +116,25 @@ def run_scoring(model: Model, prompts: List[ScoringPrompt], *, request_id: Optio
                 on_step: Optional[OnStep] = None) -> List[List[Score]]:
     """Scores validated prompts on the model's engine, sharing its batch with other callers;
     ``on_step(prompts done, prompts, None)`` after engine steps (a progress bar)."""
-    out: List[Optional[List[Score]]] = [None] * len(prompts)
+    step = None if on_step is None else (lambda done, total, _tokens: on_step(done, total, None))
+    collector = Collector(model, on_step=step)
     items: List[Item] = []
     for i, sp in enumerate(prompts):
+        collector.expect_scores(i, sp)
         if not sp.continuations:
-            out[i] = []
             continue
         item, failure = scoring_item(model, i, sp)
         if item is None:
-            out[i] = failed_scores(sp, failure)
+            collector.fail(i, failure or Failure(ErrorCode.INVALID_INPUT, "cannot be scored"))
             continue
         items.append(item)
     with Client(model, request_id) as client:
-        req = client.submit(items, ticks=on_step is not None)
-        while True:
-            event = client.next().event
-            if isinstance(event, SequenceFinished):
-                out[event.result.index] = prompt_scores(prompts[event.result.index], event.result)
-            elif isinstance(event, Progress) and on_step is not None:
-                on_step(len(prompts) - req.remaining, len(prompts), None)
-            elif isinstance(event, RequestDone):
-                if on_step is not None:
-                    on_step(len(prompts), len(prompts), None)
-                break
-    missing = [i for i, s in enumerate(out) if s is None]
+        client.submit(items, ticks=on_step is not None)
+        collector.drain(client)
+    missing = [i for i in range(len(prompts)) if not collector.ready(i)]
     if missing:
         raise GenerationError(f"internal error: the engine returned no scores for texts {missing[:10]}")
-    return out  # type: ignore[return-value]
+    return [collector.take_scored(i).scores for i in range(len(prompts))]
 
 
 def scoring_item(model: Model, index: int, sp: ScoringPrompt) -> Tuple[Optional[Item], Optional[Failure]]:
@@ -188,28 +147,6 @@ def scoring_item(model: Model, index: int, sp: ScoringPrompt) -> Tuple[Optional[
     config = _core.SamplingConfig()
     config.continuations = sp.continuations
     return Item(index, 0, prompt.tokens, config), None
-
-
-def prompt_scores(sp: ScoringPrompt, r: SequenceResult) -> List[Score]:
-    """Splits one scoring sequence's result (continuations end to end) into Scores."""
-    if r.error:
-        return failed_scores(sp, Failure(r.error_code or ErrorCode.ABORTED, r.error))
-    logprobs = [float(lp) for lp, _ in r.logprobs or []]
-    tokens = r.token_ids
-    out, at = [], 0
-    for ids in sp.continuations:
-        n = len(ids)
-        if tokens[at:at + n] != ids:
-            raise GenerationError(f"internal error: the engine scored tokens {tokens[at:at + n]}, not {ids}")
-        lps = logprobs[at:at + n]
-        out.append(Score(math.fsum(lps), lps, list(ids)))
-        at += n
-    return out
-
-
-def failed_scores(sp: ScoringPrompt, failure: Failure) -> List[Score]:
-    """One Score per continuation of ``sp``, each NaN with the failure's message and code."""
-    return [Score(math.nan, [], list(ids), failure.message, failure.code) for ids in sp.continuations]
 
 
 def _continuation_lists(continuations: Any, n_prompts: int) -> List[List[str]]:

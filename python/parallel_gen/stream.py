@@ -1,127 +1,76 @@
 """Streaming: events as tokens arrive, from a plain or an async iterator.
 
-Both iterators reach the Model's shared engine through a client (parallel_gen.client);
+Both iterators reach the Model's shared engine through a client (parallel_gen.client)
+and read it through a stream :class:`~parallel_gen.collector.Collector`;
 closing one (or dropping it, or breaking out of its loop) cancels its sequences and
 frees their KV cache.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Deque, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple
 
 from .client import AsyncClient, Client
-from .events import EngineEvent, RequestDone, SequenceDelta, SequenceFinished, public_logprobs
+from .collector import Collector
 from .generate import ModelLike, open_model
 from .inputs import Params, PreparedPrompt, Prompts, check_params_against, param_list, prepare_all, prompt_items, \
     prompt_list
 from .model import Model
 from .params import SamplingParams
-from .results import TokenLogprobs
+from .results import Output, StreamEvent
 from .runner import Item, Share
 
+if TYPE_CHECKING:
+    from .tools import ToolPlan
 
-@dataclass(frozen=True)
-class StreamEvent:
-    """New output of one prompt (one sample of it) since its previous event."""
-
-    index: int
-    """The prompt's position in the call's prompts."""
-    text: str
-    """Text generated since the previous event of this prompt and sample: whole
-    characters only, and never the start of what may turn out to be a stop string."""
-    token_ids: List[int]
-    """Tokens generated since the previous event."""
-    finished: bool
-    """True on the prompt's (sample's) last event."""
-    finish_reason: Optional[str] = None
-    """On the last event: "stop", "length" or "error"."""
-    sample: int = 0
-    """Which of the prompt's SamplingParams.n samples."""
-    stop_reason: Union[str, int, None] = None
-    error: Optional[str] = None
-    logprobs: Optional[List[TokenLogprobs]] = None
-    """When SamplingParams.logprobs is set: the log-probabilities of this event's
-    ``token_ids``, one each (the events of a prompt together cover its whole output)."""
-    error_code: Optional[str] = None
-    """On a failed last event: the ErrorCode (see Output.error_code)."""
-    cached_tokens: int = 0
-    """On the last event: prompt tokens whose KV was reused (the Model's prompt cache,
-    or a prefix shared with other prompts) rather than decoded for this sample."""
+__all__ = ["AsyncStreamIterator", "StreamEvent", "StreamIterator", "astream_parallel", "stream_collector",
+           "stream_parallel"]
 
 
-class StreamState:
-    """What both iterators share: the work to submit, and engine events turned into
-    StreamEvents (each sequence's last event carries only what its deltas had not)."""
-
-    def __init__(self, model: Model, prompts: List[PreparedPrompt], params: List[SamplingParams]) -> None:
-        check_params_against(model, params)
-        self.model = model
-        self.ready: Deque[StreamEvent] = collections.deque()
-        self.items: List[Item] = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            mine, failure = prompt_items(model, i, prompt, p)
-            if failure is not None:
-                self.ready.extend(StreamEvent(i, "", [], True, "error", j, None, failure.message,
-                                              error_code=failure.code) for j in range(p.n))
-            self.items.extend(mine)
-        self._sent: Dict[Tuple[int, int], Tuple[int, int]] = {}  # (index, sample) -> (bytes, tokens) sent
-        self.done = False
-
-    def event(self, event: EngineEvent) -> Optional[StreamEvent]:
-        """The StreamEvent for one engine event; None when it has nothing to show."""
-        if isinstance(event, SequenceDelta):
-            d = event.delta
-            key = (d.index, d.sample)
-            sent_bytes, sent_tokens = self._sent.get(key, (0, 0))
-            self._sent[key] = (sent_bytes + len(d.text), sent_tokens + len(d.token_ids))
-            return StreamEvent(d.index, d.text.decode("utf-8", "replace"), list(d.token_ids), False, sample=d.sample,
-                               logprobs=public_logprobs(d.token_ids, d.logprobs, self.model.token_text))
-        if isinstance(event, SequenceFinished):
-            r = event.result
-            sent_bytes, sent_tokens = self._sent.pop((r.index, r.sample), (0, 0))
-            raw = r.logprobs[sent_tokens:] if r.logprobs is not None else None
-            return StreamEvent(r.index, r.text[sent_bytes:].decode("utf-8", "replace"), r.token_ids[sent_tokens:],
-                               True, r.finish_reason, r.sample, r.stop_reason, r.error,
-                               public_logprobs(r.token_ids[sent_tokens:], raw, self.model.token_text),
-                               r.error_code, r.cached_tokens)
-        if isinstance(event, RequestDone):
-            self.done = True
-        return None  # Progress: nothing to show
+def stream_collector(model: Model, prompts: List[PreparedPrompt], params: List[SamplingParams], *,
+                     tools: Optional["ToolPlan"] = None, keep_outputs: bool = False) -> Tuple[Collector, List[Item]]:
+    """A stream's collector (a prompt that cannot run has its failed events ready) and
+    the items to submit; the params are checked against the model first."""
+    check_params_against(model, params)
+    collector = Collector(model, tools=tools, stream=True, keep_outputs=keep_outputs)
+    items: List[Item] = []
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        collector.expect(i, prompt.text, p.n, len(prompt.tokens))
+        mine, failure = prompt_items(model, i, prompt, p)
+        if failure is not None:
+            collector.fail(i, failure)
+        items.extend(mine)
+    return collector, items
 
 
 class StreamIterator(Iterator[StreamEvent]):
     """Iterator of :class:`StreamEvent`; ``close()`` (or ``with``) cancels what is left."""
 
-    def __init__(self, state: StreamState, owned: Optional["contextlib.AbstractContextManager[Model]"] = None,
+    def __init__(self, collector: Collector, items: List[Item],
+                 owned: Optional["contextlib.AbstractContextManager[Model]"] = None,
                  request_id: Optional[str] = None) -> None:
-        self._state = state
+        self.collector = collector
         self._owned = owned
-        self._client = Client(state.model, request_id)
-        self._client.submit(state.items, stream=True)
+        self._client = Client(collector.model, request_id)
+        self._client.submit(items, stream=True)
 
     def __iter__(self) -> "StreamIterator":
         return self
 
     def __next__(self) -> StreamEvent:
-        st = self._state
-        while not st.ready:
-            if st.done:
-                self.close()
-                raise StopIteration
-            try:
-                ev = st.event(self._client.next().event)
-            except BaseException:
-                self.close()  # Ctrl-C or a failure: cancel, then let it propagate
-                raise
-            if ev is not None:
-                return ev
-        return st.ready.popleft()
+        try:
+            ev = self.collector.next_event(self._client)
+        except BaseException:
+            self.close()  # Ctrl-C or a failure: cancel, then let it propagate
+            raise
+        if ev is None:
+            self.close()
+            raise StopIteration
+        return ev
 
     def close(self) -> None:
-        self._state.done = True
+        self.collector.done = True
         self._client.close()
         owned, self._owned = self._owned, None
         if owned is not None:
@@ -142,12 +91,13 @@ class StreamIterator(Iterator[StreamEvent]):
 class AsyncStreamIterator(AsyncIterator[StreamEvent]):
     """Async iterator of :class:`StreamEvent`; ``await aclose()`` cancels what is left."""
 
-    def __init__(self, state: StreamState, owned: Optional["contextlib.AbstractContextManager[Model]"] = None,
+    def __init__(self, collector: Collector, items: List[Item],
+                 owned: Optional["contextlib.AbstractContextManager[Model]"] = None,
                  request_id: Optional[str] = None) -> None:
-        self._state = state
+        self.collector = collector
+        self._items: Optional[List[Item]] = items
         self._owned = owned
-        self._client = AsyncClient(state.model, request_id)
-        self._started = False
+        self._client = AsyncClient(collector.model, request_id)
         self.share: Optional[Share] = None
         """Set before the first iteration: the group whose fair turns these sequences take."""
 
@@ -155,25 +105,25 @@ class AsyncStreamIterator(AsyncIterator[StreamEvent]):
         return self
 
     async def __anext__(self) -> StreamEvent:
-        st = self._state
-        if not self._started:
-            self._started = True  # submitted on first use, inside the running loop
-            self._client.submit(st.items, stream=True, share=self.share)
-        while not st.ready:
-            if st.done:
-                await self.aclose()
-                raise StopAsyncIteration
-            try:
-                ev = st.event((await self._client.next()).event)
-            except BaseException:
-                await self.aclose()
-                raise
-            if ev is not None:
-                return ev
-        return st.ready.popleft()
+        if self._items is not None:  # submitted on first use, inside the running loop
+            items, self._items = self._items, None
+            self._client.submit(items, stream=True, share=self.share)
+        try:
+            ev = await self.collector.anext_event(self._client)
+        except BaseException:
+            await self.aclose()
+            raise
+        if ev is None:
+            await self.aclose()
+            raise StopAsyncIteration
+        return ev
+
+    def take_output(self, index: int, sample: int) -> Optional[Output]:
+        """A finished sequence's whole Output, when its collector keeps them (the server's)."""
+        return self.collector.take_output(index, sample)
 
     async def aclose(self) -> None:
-        self._state.done = True
+        self.collector.done = True
         await self._client.aclose()
         owned, self._owned = self._owned, None
         if owned is not None:
@@ -185,17 +135,17 @@ class AsyncStreamIterator(AsyncIterator[StreamEvent]):
 
 
 def _state(model: ModelLike, prompts: Prompts, params: Params, overrides: Dict[str, Any]
-           ) -> Tuple[StreamState, Optional["contextlib.AbstractContextManager[Model]"]]:
+           ) -> Tuple[Collector, List[Item], Optional["contextlib.AbstractContextManager[Model]"]]:
     texts = prompt_list(prompts)
     per_prompt = param_list(params, overrides, len(texts))
     opened = open_model(model)
     m = opened.__enter__()
     try:
-        state = StreamState(m, prepare_all(m, texts), per_prompt)
+        collector, items = stream_collector(m, prepare_all(m, texts), per_prompt)
     except BaseException:
         opened.__exit__(None, None, None)
         raise
-    return state, (None if m is model else opened)
+    return collector, items, (None if m is model else opened)
 
 
 def stream_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *,
@@ -207,8 +157,8 @@ def stream_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *
     at once. Closing the iterator (``close()``, leaving a ``with`` block, or dropping
     it) cancels the prompts still running and frees their KV cache.
     """
-    state, owned = _state(model, prompts, params, overrides)
-    return StreamIterator(state, owned, request_id)
+    collector, items, owned = _state(model, prompts, params, overrides)
+    return StreamIterator(collector, items, owned, request_id)
 
 
 def astream_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *,
@@ -218,5 +168,5 @@ def astream_parallel(model: ModelLike, prompts: Prompts, params: Params = None, 
     Arguments are checked at once; the prompts are submitted on the first iteration, from
     the running event loop. ``await it.aclose()`` cancels the rest.
     """
-    state, owned = _state(model, prompts, params, overrides)
-    return AsyncStreamIterator(state, owned, request_id)
+    collector, items, owned = _state(model, prompts, params, overrides)
+    return AsyncStreamIterator(collector, items, owned, request_id)

@@ -20,8 +20,9 @@
 #'   `output_format`). Each output row holds the input row's fields, then `row` (the
 #'   input row number, from 0), `label` (the most likely label), one probability column
 #'   per label, **named `p_<label>`** (`p_positive`, ..., in the order of `labels`;
-#'   unlike [pg_classify()]'s data.frame, whose columns are named by the label), and
-#'   `error`. An input field named like one of these is carried as `input_<name>`. A row
+#'   unlike [pg_classify()]'s data.frame, whose columns are named by the label),
+#'   `error` and `error_code` (its ErrorCode value). An input field named like one of these
+#'   is carried as `input_<name>`. A row
 #'   that cannot be classified (no text, a text too long for `n_ctx`) has `error` set
 #'   and an empty label and probabilities; the job goes on.
 #' @param text_column the input field holding the text (a text file's lines are the

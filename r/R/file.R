@@ -20,8 +20,9 @@
 #' @param output the output file: JSONL, CSV or Parquet (by its extension, or
 #'   `output_format`). Every input field is carried into its output row, followed by
 #'   `row` (the input row number, from 0), `text`, `finish_reason`, `stop_reason`,
-#'   `prompt_tokens`, `completion_tokens` and `error` (a bad row, e.g. a missing prompt,
-#'   becomes a row with `error` set; the job goes on).
+#'   `prompt_tokens`, `completion_tokens`, `error` and `error_code` (a bad row, e.g. a
+#'   missing prompt, becomes a row with `error` set and its code, such as
+#'   `invalid_input`, in `error_code`; the job goes on).
 #' @param ... the other sampling options of [pg_generate()]. A row's own columns named
 #'   like a sampling option (`max_tokens`, `seed`, `json_schema`, ...) override these
 #'   for that row. Row *r* samples with `seed + r` unless it gives its own seed.

@@ -7,7 +7,7 @@ BatchRunner runs the same :class:`ClassifyJob` on a Dataset's batches.
 
 Output row: the input's fields, then ``row``, ``label`` (the most likely), one
 probability column per label named ``p_<label>`` (in the order the labels were given),
-and ``error``. An input field named like one of these is carried as ``input_<name>``.
+``error`` and ``error_code`` (the ErrorCode's value). An input field named like one of these is carried as ``input_<name>``.
 """
 
 from __future__ import annotations
@@ -19,19 +19,20 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..chat import conversation
 from ..classify import Classifier, ClassifyOptions, Template, classify_options
+from ..collector import Scored
 from ..errors import ErrorCode, Failure
-from ..events import SequenceResult
+from ..inputs import ScoringPrompt
 from ..iterate import OrderedRequests
 from ..model import Model
 from ..runner import Item
-from ..scoring import Score, ScoringPrompt, prompt_scores, scoring_item
+from ..scoring import scoring_item
 from .driver import JobSummary, PathLike, RowDone, RowJob, open_file_source, run_rows
 from .sizing import NOTHING, RowNeeds, SizedContext
 from .sources import Columns, InputRow
 
 PROBABILITY_PREFIX = "p_"
 """The probability of label L is the column ``p_L``: one column per label, never one of
-``row``, ``label``, ``error`` (which have no ``p_``), distinct since labels are."""
+``row``, ``label``, ``error``, ``error_code`` (which have no ``p_``), distinct since labels are."""
 
 
 def probability_column(label: str) -> str:
@@ -41,7 +42,7 @@ def probability_column(label: str) -> str:
 
 def output_columns(labels: Sequence[str]) -> Tuple[str, ...]:
     """The columns of a classify row after the input's own fields."""
-    return ("row", "label", *map(probability_column, labels), "error")
+    return ("row", "label", *map(probability_column, labels), "error", "error_code")
 
 
 @dataclass(frozen=True)
@@ -52,42 +53,18 @@ class _Scoring:
     failure: Optional[Failure] = None
 
 
-@dataclass(frozen=True)
-class _Scored:
-    """One row's Scores (one per label), or why it has none."""
-
-    scoring_prompt: Optional[ScoringPrompt]
-    scores: List[Score]
-    error: Optional[str]
-    prompt_tokens: int = 0
-
-
-class OrderedScoring(OrderedRequests[_Scoring, _Scored]):
+class OrderedScoring(OrderedRequests[_Scoring, Scored]):
     """Scoring prompts run with bounded look-ahead, their Scores handed back in input order."""
 
-    def __init__(self, model: Model, works: Iterator[_Scoring], lookahead: Optional[int] = None) -> None:
-        super().__init__(model, works, lookahead)
-        self._prompts: Dict[int, Optional[ScoringPrompt]] = {}
-        self._done: Dict[int, _Scored] = {}
-
     def _start(self, i: int, work: _Scoring) -> Tuple[List[Item], Optional[Failure]]:
-        self._prompts[i] = work.scoring_prompt
+        self.collector.expect_scores(i, work.scoring_prompt)
         if work.scoring_prompt is None:
             return [], work.failure or Failure(ErrorCode.INVALID_INPUT, "nothing to score")
         item, failure = scoring_item(self.model, i, work.scoring_prompt)
         return ([item] if item is not None else []), failure
 
-    def _finished(self, r: SequenceResult) -> None:
-        sp = self._prompts[r.index]
-        self._done[r.index] = _Scored(sp, prompt_scores(sp, r) if sp is not None else [], r.error, r.prompt_tokens)
-        self.stats.generated_tokens += r.prompt_tokens + len(r.token_ids)  # tokens decoded, for tokens/s
-
-    def _failed(self, i: int, failure: Failure) -> None:
-        self._done[i] = _Scored(self._prompts[i], [], failure.message)
-
-    def _take(self, i: int) -> _Scored:
-        del self._prompts[i]
-        return self._done.pop(i)
+    def _take(self, i: int) -> Scored:
+        return self.collector.take_scored(i)
 
 
 class ClassifyJob(RowJob):
@@ -156,15 +133,17 @@ class ClassifyJob(RowJob):
                 return _Scoring(None, Failure(ErrorCode.PROMPT_TOO_LONG, f"{row.where}: {error}"))
         return _Scoring(sp)
 
-    def record(self, row: InputRow, result: _Scored) -> RowDone:
+    def record(self, row: InputRow, result: Scored) -> RowDone:
         rec = self.carried(row.fields)
         labels = self.options.labels
-        error: Optional[str] = result.error
+        failure = result.failure
+        error = None if failure is None else failure.message
+        code = None if failure is None else failure.code
         label: Optional[str] = None
         probs: Dict[str, Optional[float]] = dict.fromkeys(labels)
-        if error is None and result.scoring_prompt is not None and self._classifier is not None:
+        if failure is None and result.scoring_prompt is not None and self._classifier is not None:
             c = self._classifier.result(row.prompt or "", result.scoring_prompt, result.scores)
-            error, label = c.error, c.label
+            error, code, label = c.error, c.error_code, c.label
             if error is None:
                 probs = dict(c.probs)
         if error is not None and not error.startswith(row.where):
@@ -175,6 +154,7 @@ class ClassifyJob(RowJob):
             p = probs[lab]
             rec[probability_column(lab)] = None if p is None or math.isnan(p) else p
         rec["error"] = error
+        rec["error_code"] = None if error is None or code is None else code.value
         return RowDone(rec, result.prompt_tokens, 0)
 
 
@@ -198,8 +178,8 @@ def classify_file(model: Union[Model, PathLike, None], input: Optional[PathLike]
             probabilities are those ``classify`` gives its text.
 
     Each output row holds the input row's fields, then ``row`` (the input row number,
-    from 0), ``label`` (the most likely), ``p_<label>`` per label (they sum to 1) and
-    ``error``. A row that cannot be classified (no text, a text too long for n_ctx)
+    from 0), ``label`` (the most likely), ``p_<label>`` per label (they sum to 1),
+    ``error`` and ``error_code`` (the :class:`~parallel_gen.ErrorCode` value). A row that cannot be classified (no text, a text too long for n_ctx)
     has ``error`` set, ``label`` and the probabilities null; the others are unaffected.
     In the summary, ``prompt_tokens`` counts the texts' prompts and
     ``completion_tokens`` is 0 (nothing is generated).

@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..chat import chat_mode, checked_conversation, conversation
 from ..errors import ErrorCode, Failure
+from ..inputs import prepare
 from ..iterate import OrderedGeneration, Work
 from ..model import Model
 from ..params import SamplingParams, SeedRule
@@ -74,7 +75,6 @@ class GenerationJob(RowJob):
         self.columns = output_columns(self.params, tools is not None)
         self._sized: Optional[SizedContext] = None
         self._plan: Optional[ToolPlan] = None
-        self._model: Optional[Model] = None
 
     def writes_column(self, name: str) -> bool:
         return name in OUTPUT_COLUMNS or name in OPTIONAL_COLUMNS
@@ -99,7 +99,6 @@ class GenerationJob(RowJob):
     def prepare(self, model: Model, sized: Optional[SizedContext]) -> None:
         self._sized = sized
         self._plan = None
-        self._model = model
         if self.chat:
             self._chat_plan(model)  # no usable template: an error before any row
 
@@ -131,18 +130,22 @@ class GenerationJob(RowJob):
                 params = plan.params(plan.template.add_stops(params))
             except (TypeError, ValueError) as e:
                 return Work("", params, Failure(ErrorCode.INVALID_INPUT, f"{row.where}: {e}"))
+        # Tokenized once: sizing the context may have done it (the first rows), else here,
+        # and the engine takes these tokens.
+        prepared = self._sized.take(row.row, prompt) if self._sized is not None else None
+        if prepared is None:
+            prepared = prepare(model, prompt)
         if self._sized is not None:
-            error = self._sized.check(model, prompt, params)
+            error = self._sized.check(prepared, params)
             if error is not None:
                 return Work(prompt, params, Failure(ErrorCode.PROMPT_TOO_LONG, f"{row.where}: {error}"))
-        return Work(prompt, params)
+        return Work(prompt, params, prepared=prepared)
 
     def ordered(self, model: Model, rows: Iterator[InputRow], lookahead: Optional[int]) -> OrderedGeneration:
-        return OrderedGeneration(model, (self.work(model, row) for row in rows), lookahead)
+        # A chat job's plan was built by prepare(): the collector reads each output's tool calls.
+        return OrderedGeneration(model, (self.work(model, row) for row in rows), lookahead, tools=self._plan)
 
     def record(self, row: InputRow, result: Completion) -> RowDone:
-        if self._plan is not None and self._model is not None:
-            result = self._plan.read_completion(self._model, result)
         return RowDone(output_record(row.row, row.fields, result, self.columns), result.prompt_tokens,
                        result.completion_tokens)
 

@@ -14,10 +14,11 @@ from typing import Any, Collection, Dict, Optional, Tuple
 from ..params import SamplingParams
 from ..results import Completion, Output
 
-OUTPUT_COLUMNS = ("row", "text", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "error")
+OUTPUT_COLUMNS = ("row", "text", "finish_reason", "stop_reason", "prompt_tokens", "completion_tokens", "error",
+                  "error_code")
 """Columns every output row has, after the input's own fields."""
 SAMPLES = "samples"
-"""Every output of the row (text, finish_reason, stop_reason, completion_tokens, error): when the job's n > 1."""
+"""Every output of the row (text, finish_reason, stop_reason, completion_tokens, error, error_code): when the job's n > 1."""
 LOGPROBS = ("logprobs", "cumulative_logprob")
 """The first output's [token text, logprob] per generated token, and their sum: when the job asks for logprobs."""
 TOOL_COLUMNS = ("content", "tool_calls")
@@ -43,18 +44,20 @@ def output_record(row: int, fields: Dict[str, Any], completion: Completion,
                   columns: Collection[str]) -> Dict[str, Any]:
     """One output row with the job's ``columns`` (see :func:`output_columns`): the input
     fields, then ``row``, the first output's text and finish, token counts and error;
+    ``error_code`` (the failure's :class:`~parallel_gen.ErrorCode` value, null when none);
     the first output's content and tool calls ([] when the row failed or made none);
     every output in ``samples``, the first one's logprobs (null where it has none)."""
     rec = carried(fields, columns)
+    failed = next((o for o in completion.outputs if o.finish_reason == "error"), None)
     rec.update(row=row, text=completion.text, finish_reason=completion.finish_reason,
                stop_reason=completion.stop_reason, prompt_tokens=completion.prompt_tokens,
-               completion_tokens=completion.completion_tokens, error=_first_error(completion))
+               completion_tokens=completion.completion_tokens, **_error_fields(failed))
     tools = TOOL_COLUMNS[0] in columns
     if tools:
         rec.update(_tool_fields(completion.outputs[0]))
     if SAMPLES in columns:
         rec[SAMPLES] = [{"text": o.text, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
-                         "completion_tokens": len(o.token_ids), "error": o.error,
+                         "completion_tokens": len(o.token_ids), **_error_fields(o),
                          **(_tool_fields(o) if tools else {})} for o in completion.outputs]
     if LOGPROBS[0] in columns:
         first = completion.outputs[0]
@@ -74,10 +77,11 @@ def arrow_types(columns: Collection[str]) -> Any:
                                 ("function", pa.struct([("name", text), ("arguments", text)]))]))
     tool_types = [("content", text), ("tool_calls", calls)] if TOOL_COLUMNS[0] in columns else []
     types = {"row": count, "text": text, "finish_reason": text, "stop_reason": text, "prompt_tokens": count,
-             "completion_tokens": count, "error": text,
+             "completion_tokens": count, "error": text, "error_code": text,
              TOOL_COLUMNS[0]: text, TOOL_COLUMNS[1]: calls,
              SAMPLES: pa.list_(pa.struct([("text", text), ("finish_reason", text), ("stop_reason", text),
-                                          ("completion_tokens", count), ("error", text), *tool_types])),
+                                          ("completion_tokens", count), ("error", text), ("error_code", text),
+                                          *tool_types])),
              LOGPROBS[0]: pa.list_(pa.struct([("token", text), ("logprob", pa.float64())])),
              LOGPROBS[1]: pa.float64()}
     return pa.schema([(name, types[name]) for name in columns])
@@ -102,5 +106,8 @@ def _tool_fields(o: Output) -> Dict[str, Any]:
     return {"content": o.content, "tool_calls": [c.to_openai() for c in o.tool_calls or ()]}
 
 
-def _first_error(completion: Completion) -> Optional[str]:
-    return next((o.error for o in completion.outputs if o.finish_reason == "error"), None)
+def _error_fields(o: Optional[Output]) -> Dict[str, Optional[str]]:
+    """An output's error message and code (the ErrorCode's value): both null when it did not fail."""
+    if o is None or o.finish_reason != "error":
+        return {"error": None, "error_code": None}
+    return {"error": o.error, "error_code": None if o.error_code is None else o.error_code.value}

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..chat import checked_conversation
 from ..config import model_config
+from ..inputs import PreparedPrompt, prepare
 from ..memory import n_ctx_for_work, round_cells
 from ..model import Model
 from ..params import SamplingParams
 from ..templates import ChatTemplate
 from ..tools import ToolPlan, ToolRequest
+from .sources import InputRow
 
 logger = logging.getLogger("parallel_gen")
 
@@ -38,36 +40,46 @@ NOTHING = RowNeeds()
 Describe = Callable[[Any], RowNeeds]
 
 
-@dataclass(frozen=True)
+@dataclass
 class SizedContext:
     """The n_ctx a job chose itself, and what it was chosen from."""
 
     n_ctx: int
     sample_rows: int
+    checks: bool = True
+    """False when the sample was every row: they all fit by construction."""
+    prepared: Dict[int, PreparedPrompt] = field(default_factory=dict)
+    """The sample rows' prompts as sizing tokenized them, by row number, until the job
+    takes them (:meth:`take`): a row is tokenized once."""
 
-    def check(self, model: Model, prompt: str, params: SamplingParams) -> Optional[str]:
+    def take(self, row: int, prompt: str) -> Optional[PreparedPrompt]:
+        """Row ``row``'s prompt as sizing tokenized it (None: not in the sample, or another text)."""
+        prepared = self.prepared.pop(row, None)
+        return prepared if prepared is not None and prepared.text == prompt else None
+
+    def check(self, prompt: PreparedPrompt, params: SamplingParams) -> Optional[str]:
         """Why a prompt does not fit the chosen context (None when it does): a row that
         would otherwise stop early, cut off by the context rather than max_tokens."""
-        return self.check_length(len(model.tokenize(prompt)), params.max_tokens,
-                                 f"max_tokens={params.max_tokens}")
+        return self.check_length(len(prompt.tokens), params.max_tokens, f"max_tokens={params.max_tokens}")
 
     def check_length(self, prompt_tokens: int, after: int, what: str) -> Optional[str]:
         """Why a prompt of ``prompt_tokens`` followed by ``after`` more tokens (``what``
         they are, for the message) does not fit the chosen context; None when it does."""
         need = prompt_tokens + after
-        if need <= self.n_ctx:
+        if need <= self.n_ctx or not self.checks:
             return None
         return (f"the prompt has {prompt_tokens} tokens; with {what} it needs {need} tokens of context, "
                 f"but n_ctx={self.n_ctx} was sized from the first {self.sample_rows} rows: run it with "
                 f"--n-ctx {round_cells(need)} or more (n_ctx in model_options from Python)")
 
 
-def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequence[Any], describe: Describe,
+def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequence[InputRow], describe: Describe,
                      chat_template: Optional[str], *, complete: bool, tools: Optional[ToolRequest] = None,
                      **options: Any) -> Tuple[Model, Optional[SizedContext]]:
     """Opens the model (None: the default one). With ``n_ctx`` in ``options`` as given;
     else sized to the ``sample`` rows (``complete``: they are all the work), their
-    conversations rendered with ``chat_template`` and ``tools``."""
+    conversations rendered with ``chat_template`` and ``tools``. The SizedContext (None
+    with ``n_ctx`` given) carries the sample's prompts as tokenized here, for the job."""
     if path is None:
         from ..models import default_model_path
 
@@ -79,6 +91,7 @@ def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequenc
 
     def size(model: Model) -> int:
         longest, max_tokens = 0, 1
+        prepared: Dict[int, PreparedPrompt] = {}
         plan: Optional[ToolPlan] = None
         for row in sample:
             needs = describe(row)
@@ -91,14 +104,15 @@ def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequenc
                     continue  # the job reports it as the row's error
             if prompt is None:
                 continue
-            longest = max(longest, len(model.tokenize(prompt)))
+            tokenized = prepared[row.row] = prepare(model, prompt)
+            longest = max(longest, len(tokenized.tokens))
             max_tokens = max(max_tokens, needs.after)
         n_ctx = n_ctx_for_work(longest, max_tokens, complete=complete, n_ctx_train=model.n_ctx_train)
-        chosen.append(SizedContext(n_ctx, len(sample)))
+        chosen.append(SizedContext(n_ctx, len(sample), checks=not complete, prepared=prepared))
         logger.info("n_ctx %d sized to the work: longest prompt %d tokens%s + max_tokens %d, in %d rows",
                     n_ctx, longest, "" if complete else " (x2 for rows not seen yet)", max_tokens, len(sample))
         return n_ctx
 
     model = Model.open_sized(path, size, config)
     # A complete sample fits by construction: only a streamed job checks later rows.
-    return model, (None if complete else chosen[0])
+    return model, chosen[0]

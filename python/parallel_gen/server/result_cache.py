@@ -37,6 +37,7 @@ class Replay:
     """A call's stream made of cached results: one finished event per choice."""
 
     def __init__(self, completions: List[Completion]) -> None:
+        self._outputs = {(c.index, j): o for c in completions for j, o in enumerate(c.outputs)}
         self._events = [StreamEvent(c.index, o.text, list(o.token_ids), True, o.finish_reason, sample=j,
                                     stop_reason=o.stop_reason, logprobs=o.logprobs, cached_tokens=c.prompt_tokens)
                         for c in completions for j, o in enumerate(c.outputs)]
@@ -48,6 +49,10 @@ class Replay:
         if not self._events:
             raise StopAsyncIteration
         return self._events.pop(0)
+
+    def take_output(self, index: int, sample: int) -> Optional[Output]:
+        """A replayed choice's whole Output (as AsyncStreamIterator.take_output)."""
+        return self._outputs.pop((index, sample), None)
 
     async def aclose(self) -> None:
         self._events.clear()
@@ -112,10 +117,9 @@ class CallCache:
             outputs = []
             for j in range(call.n):
                 c = call.choices.get(i * call.n + j)
-                if c is None or c.finish_reason is None or c.failure is not None:
+                if c is None or c.finish_reason is None or c.failure is not None or c.output is None:
                     return
-                outputs.append(Output("".join(c.text), list(c.token_ids), c.finish_reason,  # type: ignore[arg-type]
-                                      c.stop_reason, logprobs=c.logprobs))
+                outputs.append(c.output)
             completions.append(Completion(i, prompt, outputs, call.prompt_tokens[i]))
 
         items = list(zip(plan.keys, completions, call.params))

@@ -30,7 +30,9 @@ from ..inputs import PreparedPrompt, prepare_all
 from ..model import Model
 from ..params import SamplingParams, SeedRule
 from ..results import Output, TokenLogprobs, ToolCall
-from ..stream import AsyncStreamIterator, StreamEvent, StreamState
+from ..collector import Collector
+from ..runner import Item
+from ..stream import AsyncStreamIterator, StreamEvent, stream_collector
 from ..templates import ChatTemplate
 from ..tools import ToolPlan, tool_request
 from .errors import APIError, failure_error, invalid_value
@@ -46,23 +48,20 @@ RequestBody = Union[CompletionRequest, ChatCompletionRequest]
 
 @dataclass
 class Choice:
-    """What one choice (prompt i, sample j) has produced so far."""
+    """Where one choice (prompt i, sample j) stands: its events so far, and once finished
+    its whole Output as the stream's collector assembled it (tool calls read)."""
 
     index: int
-    text: List[str] = field(default_factory=list)
+    events: int = 0
+    """Stream events of this choice so far."""
     tokens: int = 0
     finish_reason: Optional[str] = None
     failure: Optional[Failure] = None
-    logprobs: Optional[List[TokenLogprobs]] = None
-    """Every token's so far, when asked for (each stream event adds its tokens')."""
+    output: Optional[Output] = None
+    """Once finished: the whole output (with tools offered: its calls and content read)."""
     event_offset: int = 0
     """Characters of the tokens before the current event's (completions' logprobs offsets)."""
-    token_ids: List[int] = field(default_factory=list)
     stop_reason: Union[str, int, None] = None
-    tool_calls: Optional[List[ToolCall]] = None
-    """With tools offered, once finished: the reply's calls (see ToolPlan.read)."""
-    content: Optional[str] = None
-    """With tools offered, once finished: the reply's text besides its calls."""
     streamed: int = 0
     """Characters of the text already streamed as content (a stream with tools holds back
     what may be the start of a call)."""
@@ -85,8 +84,32 @@ class Choice:
         return out
 
     def sent_text(self) -> str:
-        """The text streamed as content so far."""
-        return "".join(self.text)[:self.streamed]
+        """The text streamed as content so far (once finished)."""
+        return self.text[:self.streamed]
+
+    @property
+    def text(self) -> str:
+        """The whole text, once finished ("" before)."""
+        return "" if self.output is None else self.output.text
+
+    @property
+    def token_ids(self) -> List[int]:
+        return [] if self.output is None else self.output.token_ids
+
+    @property
+    def logprobs(self) -> Optional[List[TokenLogprobs]]:
+        """Every token's, when asked for, once finished."""
+        return None if self.output is None else self.output.logprobs
+
+    @property
+    def tool_calls(self) -> Optional[List[ToolCall]]:
+        """With tools offered, once finished: the reply's calls (None without tools)."""
+        return None if self.output is None else self.output.tool_calls
+
+    @property
+    def content(self) -> Optional[str]:
+        """With tools offered, once finished: the reply's text besides its calls."""
+        return None if self.output is None else self.output.content
 
 
 @dataclass
@@ -252,8 +275,9 @@ class Service:
             schema = fmt.json_schema.schema_
         # A JSON schema becomes a grammar inside SamplingParams: large ones take a while.
         params = await anyio.to_thread.run_sync(self._chat_params, body, max_tokens, logprobs, schema, plan, template)
-        call = await self._call(rid, "chat", [prompt], params, body)
-        call.plan = plan if request is not None else None
+        tools = plan if request is not None else None
+        call = await self._call(rid, "chat", [prompt], params, body, tools)
+        call.plan = tools
         return call
 
     def _chat_params(self, body: ChatCompletionRequest, max_tokens: Optional[int], logprobs: Optional[int],
@@ -315,22 +339,25 @@ class Service:
         except (ParamError, ParamTypeError) as e:
             raise invalid_value(e) from None
 
-    async def _call(self, rid: str, endpoint: str, prompts: List[str], base: SamplingParams, body: RequestBody) -> Call:
+    async def _call(self, rid: str, endpoint: str, prompts: List[str], base: SamplingParams, body: RequestBody,
+                    tools: Optional[ToolPlan] = None) -> Call:
         ignored = body.ignored_fields()
         if ignored:
             logger.info("request %s: ignoring unsupported fields %s", rid, ", ".join(ignored))
         # Seeding every prompt's params, tokenizing, the engine's checks and the grammar
         # check can take a while (256 prompts...): off the loop.
-        prepared, params, state = await anyio.to_thread.run_sync(self._prepare, endpoint, prompts, base)
+        prepared, params, (collector, items) = await anyio.to_thread.run_sync(self._prepare, endpoint, prompts, base,
+                                                                              tools)
         call = Call(rid, endpoint, prompts, params, base.n, [len(p.tokens) for p in prepared],
                     fingerprint=self.fingerprint)
-        call.stream = AsyncStreamIterator(state, request_id=rid)
+        call.stream = AsyncStreamIterator(collector, items, request_id=rid)
         return call
 
-    def _prepare(self, endpoint: str, prompts: List[str], base: SamplingParams
-                 ) -> Tuple[List[PreparedPrompt], List[SamplingParams], StreamState]:
+    def _prepare(self, endpoint: str, prompts: List[str], base: SamplingParams, tools: Optional[ToolPlan]
+                 ) -> Tuple[List[PreparedPrompt], List[SamplingParams], Tuple[Collector, List[Item]]]:
         """The prompts tokenized once, refused with the engine's own rule when one cannot
-        run, their params, and the stream's state (which checks the params against the model)."""
+        run, their params, and the stream's collector (which checks the params against the
+        model; it keeps each finished output, read for ``tools``) with its items."""
         rule = SeedRule(base.seed)  # as generate_parallel does with one seed for a call: prompt i uses seed + i
         params = [rule.apply(base, i) for i in range(len(prompts))]
         prepared = prepare_all(self.model, prompts)
@@ -346,7 +373,7 @@ class Service:
                     failure = Failure(failure.code, f"{name} is empty: it has no tokens")
                 raise failure_error(failure, param=name)
         try:
-            return prepared, params, StreamState(self.model, prepared, params)
+            return prepared, params, stream_collector(self.model, prepared, params, tools=tools, keep_outputs=True)
         except (ParamError, ParamTypeError) as e:  # what only the model can check: token ids, grammars
             raise invalid_value(e) from None
 
@@ -376,30 +403,23 @@ class Service:
                         call.admission.started()
                     self.metrics.time_to_first_token.labels(call.endpoint).observe(call.first_token_at - call.started)
                 c = call.choice(ev)
-                c.text.append(ev.text)
+                c.events += 1
                 c.tokens += len(ev.token_ids)
-                c.token_ids.extend(ev.token_ids)
                 if ev.finished:
+                    # The collector's whole output: with tools, its calls were read there (off the loop).
+                    c.output = stream.take_output(ev.index, ev.sample)
                     c.finish_reason, c.stop_reason = ev.finish_reason, ev.stop_reason
                     if ev.error is not None:
                         c.failure = Failure(ErrorCode(ev.error_code or ErrorCode.ABORTED), ev.error)
-                    elif call.plan is not None:  # parsing and detokenizing a long reply: off the loop
-                        await anyio.to_thread.run_sync(self._read_tools, call.plan, c)
+                    elif c.output is not None:
+                        c.finish_reason = c.output.finish_reason
                     call.cached[ev.index] = min(call.cached.get(ev.index, ev.cached_tokens), ev.cached_tokens)
-                if ev.logprobs is not None:  # extended in place: linear in the tokens, not quadratic
-                    if c.logprobs is None:
-                        c.logprobs = []
-                    c.logprobs.extend(ev.logprobs)
+                if ev.logprobs is not None:
                     c.event_offset = c._offset
                     c._offset += sum(len(t.token) for t in ev.logprobs)
                 yield c, ev
         finally:
             await stream.aclose()
-
-    def _read_tools(self, plan: ToolPlan, c: Choice) -> None:
-        """A finished choice read as content and tool calls, as chat_parallel reads an Output."""
-        out = plan.read(self.model, Output("".join(c.text), c.token_ids, c.finish_reason or "stop", c.stop_reason))
-        c.tool_calls, c.content, c.finish_reason = out.tool_calls, out.content, out.finish_reason
 
     async def collect(self, call: Call, request: Request) -> None:
         """Runs the call to the end; raises ClientGone (the work cancelled) if the client leaves."""

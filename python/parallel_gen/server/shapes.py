@@ -97,7 +97,7 @@ class CompletionShape(_ChunkShape):
 
     def response(self, call: Call, choices: List[Choice], usage: Usage) -> CompletionResponse:
         return CompletionResponse(id=f"cmpl-{call.id}", system_fingerprint=call.fingerprint, model=self.model, usage=usage, choices=[
-            CompletionChoice(index=c.index, text="".join(c.text), logprobs=self._logprobs(c.logprobs),
+            CompletionChoice(index=c.index, text=c.text, logprobs=self._logprobs(c.logprobs),
                              finish_reason=c.finish_reason) for c in choices])
 
     def chunks(self, call: Call, c: Choice, ev: StreamEvent) -> List[ServerSentEvent]:
@@ -129,7 +129,7 @@ class ChatShape(_ChunkShape):
     @staticmethod
     def _message(c: Choice) -> AssistantMessage:
         if c.tool_calls is None:  # no tools offered
-            return AssistantMessage(content="".join(c.text))
+            return AssistantMessage(content=c.text)
         calls = [ToolCallOut(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments)) for t in c.tool_calls]
         # As OpenAI answers: null content in a reply that is only calls.
         return AssistantMessage(content=c.content or (None if calls else ""), tool_calls=calls or None)
@@ -146,7 +146,7 @@ class ChatShape(_ChunkShape):
                 ChatChunkChoice(index=c.index, delta=delta, finish_reason=finish, logprobs=logprobs)]).model_dump_json())
 
         out = []
-        if len(c.text) == 1:  # this event's text is the choice's first: open with the role alone, as OpenAI does
+        if c.events == 1:  # this event is the choice's first: open with the role alone, as OpenAI does
             out.append(chunk(DeltaMessage(role="assistant", content="")))
         text = ev.text
         if call.plan is not None:  # with tools: only what is surely not a call, until the reply is read
@@ -212,7 +212,7 @@ class ResponsesShape(Shape):
 
     def response(self, call: Call, choices: List[Choice], usage: Usage) -> ResponseObject:
         status = self._status(choices[0])
-        message = OutputMessage(id=f"msg_{call.id}", status=status, content=[OutputText(text="".join(choices[0].text))])
+        message = OutputMessage(id=f"msg_{call.id}", status=status, content=[OutputText(text=choices[0].text)])
         return self._object(call, status, [message], usage)
 
     def opening(self, call: Call) -> List[ServerSentEvent]:
@@ -229,7 +229,7 @@ class ResponsesShape(Shape):
         return [self._event(TextDeltaEvent, "response.output_text.delta", item_id=f"msg_{call.id}", delta=ev.text)]
 
     def closing(self, call: Call, choices: List[Choice], usage: Usage) -> List[ServerSentEvent]:
-        item, status, text = f"msg_{call.id}", self._status(choices[0]), "".join(choices[0].text)
+        item, status, text = f"msg_{call.id}", self._status(choices[0]), choices[0].text
         part = OutputText(text=text)
         message = OutputMessage(id=item, status=status, content=[part])
         return [self._event(TextDoneEvent, "response.output_text.done", item_id=item, text=text),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-from ..results import BatchResult, Completion, Output, ToolCall
+from ..results import Output, ToolCall
 from .formats import Constraint, ToolFormat
 from .spec import ChoiceMode, ToolRequest
 
@@ -102,16 +102,6 @@ class ToolPlan:
         calls = [ToolCall(self.format.new_id(), c.name, c.arguments) for c in reply.calls]
         return dataclasses.replace(output, tool_calls=calls, content=reply.content,
                                    finish_reason="length" if cut else "tool_calls")
-
-    def read_completion(self, model: "Model", c: Completion) -> Completion:
-        if self.request is None:
-            return c
-        return dataclasses.replace(c, outputs=[self.read(model, o) for o in c.outputs])
-
-    def read_all(self, model: "Model", result: BatchResult) -> BatchResult:
-        if self.request is None:
-            return result
-        return BatchResult([self.read_completion(model, c) for c in result], result.stats)
 
 
 def _with_instructions(messages: Sequence["Message"], block: str, system_role: bool) -> List[Dict[str, Any]]:

@@ -154,7 +154,7 @@ test_that("pg_classify_file: one row per input row, ids carried, p_<label> colum
   expect_true(s$prompt_tokens > 0L)
   out <- read.csv(output, stringsAsFactors = FALSE)
   p_cols <- paste0("p_", sentiments)
-  expect_named(out, c("id", "review", "row", "label", p_cols, "error"))
+  expect_named(out, c("id", "review", "row", "label", p_cols, "error", "error_code"))
   expect_identical(out$id, sprintf("r-%d", 1:5))
   expect_identical(out$review, file_reviews)
   expect_identical(out$row, 0:4)
