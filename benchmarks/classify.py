@@ -32,7 +32,7 @@ import llama_cpp
 import numpy as np
 
 import parallel_gen as pg
-from parallel_gen.classify import DEFAULT_TEMPLATE, label_probabilities
+from parallel_gen.classification import DEFAULT_TEMPLATE, label_probabilities
 from parallel_gen.models import default_model_path
 from parallel_gen.scoring import Score, split_boundary
 

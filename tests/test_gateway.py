@@ -393,10 +393,10 @@ def test_weighted_turns_in_the_runner(smollm2_path):
     """The runner's turns by Share: with one slot, keys of weight 3 and 1 with work waiting
     get their sequences admitted 3 to 1, whoever sent more requests (counted in the order
     sequences finish: with one slot, the order they were admitted)."""
-    from parallel_gen.client import Client
-    from parallel_gen.events import RequestDone, SequenceFinished
-    from parallel_gen.inputs import param_list, prepare_all, prompt_items
-    from parallel_gen.runner import Share
+    from parallel_gen.core.client import Client
+    from parallel_gen.core.events import RequestDone, SequenceFinished
+    from parallel_gen.core.inputs import param_list, prepare_all, prompt_items
+    from parallel_gen.core.runner import Share
 
     def items(m, n, max_tokens):
         texts = [f"Item {i}:" for i in range(n)]

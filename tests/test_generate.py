@@ -10,7 +10,7 @@ import pytest
 import parallel_gen as pg
 from parallel_gen import progress
 from parallel_gen.generate import run_batch
-from parallel_gen.inputs import param_list, prepare_all
+from parallel_gen.core.inputs import param_list, prepare_all
 
 from conftest import PROMPTS_16
 

@@ -5,6 +5,7 @@ names (the package's own extension, ``_native``/``_core``, aside)."""
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 from typing import Dict, Iterator, List, Set, Tuple
 
@@ -99,3 +100,32 @@ def test_no_module_imports_another_modules_underscore_names():
             if private:
                 found.append(f"{path.relative_to(ROOT.parent)}:{line}: {target} {private}")
     assert not found, "\n".join(found)
+
+
+# What the core may import besides itself: the shared types, never a surface.
+CORE_MAY_IMPORT = {"config", "params", "results", "errors", "model", "tools", "_native", "constraints", "templates"}
+
+
+def test_the_core_imports_no_surface():
+    """parallel_gen.core (client, runner, events, inputs, collector) is what every surface
+    (generate, chat, streams, jobs, the server, Ray, ...) sits on: it imports none of them."""
+    graph = _graph()
+    core = [m for m in graph if m.startswith(f"{PACKAGE}.core")]
+    assert {f"{PACKAGE}.core.{m}" for m in ("client", "runner", "events", "inputs", "collector")} <= set(core)
+    bad = []
+    for module in core:
+        for target in graph[module]:
+            top = target.split(".")[1] if target.count(".") else ""
+            if top != "core" and top not in CORE_MAY_IMPORT:
+                bad.append(f"{module} imports {target}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_public_name_is_also_a_submodule():
+    """pg.classify is a function; a submodule of the same name would replace it on the
+    package once imported (the module is classification.py)."""
+    top = {name.split(".")[1] for name in MODULES if name.count(".") >= 1}
+    assert not set(parallel_gen.__all__) & top
+    importlib.import_module("parallel_gen.classification")  # binds the submodule on the package
+
+    assert callable(parallel_gen.classify) and parallel_gen.classify.__name__ == "classify"

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 import parallel_gen as pg
-from parallel_gen import events, inputs
+from parallel_gen.core import events, inputs
 from parallel_gen._native import _core
 from parallel_gen.errors import ErrorCode, Failure
 
@@ -159,7 +159,7 @@ def test_numerics_leave_capacity_out(smollm2_path):
             pg.generate_parallel(b, ["Water boils at"], max_tokens=12, temperature=0).texts
     assert set(pg.ModelConfig().numerics()) == {"n_batch", "n_gpu_layers", "kv_unified", "flash_attn", "type_k",
                                                 "type_v", "kv_size", "share_prefix", "prompt_cache", "cache_ram",
-                                                "batch_invariant"}
+                                                "batch_invariant", "backend_sampling"}
 
 
 # -- bug 7: a Model's engine is freed by close(), whatever still refers to it --------------

@@ -13,11 +13,11 @@ import pytest
 
 import parallel_gen as pg
 from parallel_gen import constraints
-from parallel_gen.client import AsyncClient
+from parallel_gen.core.client import AsyncClient
 from parallel_gen.model import CHECKED_PARAMS_KEPT
 from parallel_gen.params import SeedRule
 from parallel_gen.results import Output
-from parallel_gen.runner import Item, Request
+from parallel_gen.core.runner import Item, Request
 from parallel_gen.templates import ChatTemplate
 from parallel_gen.tools import FORMATS, GENERIC, ToolPlan, tool_request
 from test_tools import HERMES, SCHEMAS, TOOLS, check_calls, user
@@ -180,7 +180,7 @@ def test_concurrent_acloses_both_wait_for_the_cancel(smol):
 
 
 def test_a_cancel_queued_behind_stop_soon_is_answered(smollm2_path):
-    from parallel_gen.runner import _Cancel
+    from parallel_gen.core.runner import _Cancel
 
     m = pg.Model(smollm2_path, n_parallel=1, n_ctx=128, n_threads=1)
     runner = m.runner

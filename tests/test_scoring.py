@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import parallel_gen as pg
-from parallel_gen.classify import DEFAULT_TEMPLATE, label_probabilities
+from parallel_gen.classification import DEFAULT_TEMPLATE, label_probabilities
 from parallel_gen.templates import ChatTemplate
 
 SENTIMENT = ["positive", "negative", "neutral"]

@@ -190,9 +190,9 @@ def test_slow_chat_rendering_does_not_stall_the_event_loop(smollm2_path, monkeyp
 def test_streamed_logprobs_are_built_once(smol):
     """A kept stream's whole output reuses the logprobs its deltas built (extended in
     place): each token's are built once, not again when the sequence finishes."""
-    from parallel_gen.client import Routed
-    from parallel_gen.collector import Collector
-    from parallel_gen.events import Delta, SequenceDelta, SequenceFinished, SequenceResult
+    from parallel_gen.core.client import Routed
+    from parallel_gen.core.collector import Collector
+    from parallel_gen.core.events import Delta, SequenceDelta, SequenceFinished, SequenceResult
 
     class Counting:
         calls = 0

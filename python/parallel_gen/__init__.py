@@ -22,12 +22,12 @@ _EXPORTS = {
     "Agreement": "study.agreement",
     "BatchResult": "results",
     "BatchStats": "results",
-    "Classification": "classify",
-    "Classifications": "classify",
+    "Classification": "classification",
+    "Classifications": "classification",
     "Comparison": "study.compare",
     "Completion": "results",
     "EngineFailedError": "errors",
-    "EngineStats": "runner",
+    "EngineStats": "core.runner",
     "ErrorCode": "errors",
     "GenerationError": "errors",
     "JobSummary": "jobs",
@@ -40,7 +40,7 @@ _EXPORTS = {
     "ParamError": "errors",
     "ParamTypeError": "errors",
     "RequestCancelledError": "errors",
-    "ResultCache": "cache",
+    "ResultCache": "result_cache",
     "RunRecord": "study.record",
     "SamplingParams": "params",
     "Score": "scoring",
@@ -51,7 +51,7 @@ _EXPORTS = {
     "apply_chat_template": "chat",
     "astream_parallel": "stream",
     "chat_parallel": "chat",
-    "classify": "classify",
+    "classify": "classification",
     "compare": "study.compare",
     "default_model_path": "models",
     "generate_iter": "iterate",
@@ -68,7 +68,6 @@ class _Package(types.ModuleType):
     """The package module: a public name is imported from its submodule on first use."""
 
     _import = staticmethod(importlib.import_module)
-    _Module = types.ModuleType
 
     def __getattr__(self, name: str) -> object:
         module = _EXPORTS.get(name)
@@ -82,13 +81,6 @@ class _Package(types.ModuleType):
         value = getattr(self._import(f".{module}", __name__), name)
         super().__setattr__(name, value)
         return value
-
-    def __setattr__(self, name: str, value: object) -> None:
-        # Importing the submodule parallel_gen.classify binds it on the package; the
-        # public name pg.classify stays the function, as it would be imported eagerly.
-        if name in _EXPORTS and isinstance(value, self._Module):
-            return
-        super().__setattr__(name, value)
 
     def __dir__(self) -> "list[str]":
         return sorted(set(super().__dir__()) | set(_EXPORTS))

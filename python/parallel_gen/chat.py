@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import ParamTypeError
 from .generate import ModelLike, open_model, run_batch, sized_to
-from .inputs import OncePerModel, Params, PreparedPrompt, param_list, prepare_all, reject_unordered
+from .core.inputs import OncePerModel, Params, PreparedPrompt, param_list, prepare_all, reject_unordered
 from .model import Model
 from .progress import make_progress
 from .results import BatchResult

@@ -9,22 +9,22 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Set, Union
 
 from ._native import llama_cpp
-from .cache import open_cache
-from .client import Client
-from .collector import Collector, StepCallback
+from .result_cache import open_cache
+from .core.client import Client
+from .core.collector import Collector, StepCallback
 from .errors import GenerationError, ParamTypeError
-from .events import EngineCounters
-from .inputs import (OncePerModel, Params, PreparedPrompt, Prompts, check_params_against, deterministic,
+from .core.events import EngineCounters
+from .core.inputs import (OncePerModel, Params, PreparedPrompt, Prompts, check_params_against, deterministic,
                      param_list, prepare_all, prompt_items, prompt_list, read_once)
 from .memory import n_ctx_for_work
 from .model import Model
 from .params import SamplingParams
 from .progress import make_progress
 from .results import BatchResult, BatchStats, Completion
-from .runner import Item
+from .core.runner import Item
 
 if TYPE_CHECKING:
-    from .cache import ResultCache
+    from .result_cache import ResultCache
     from .tools import ToolPlan
 
 logger = logging.getLogger("parallel_gen")

@@ -17,15 +17,15 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Generic, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
-from .client import Client
-from .collector import Collector
+from .core.client import Client
+from .core.collector import Collector
 from .errors import ErrorCode, Failure, ParamError, ParamTypeError
 from .generate import ModelLike, open_model
-from .inputs import PreparedPrompt, prepare, prompt_items, reject_unordered
+from .core.inputs import PreparedPrompt, prepare, prompt_items, reject_unordered
 from .model import Model
 from .params import SamplingParams, SeedRule, check_field_names, own_seed
 from .results import Completion
-from .runner import Item
+from .core.runner import Item
 
 if TYPE_CHECKING:
     from .tools import ToolPlan

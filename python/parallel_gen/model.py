@@ -10,13 +10,13 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 from ._native import _core, llama_cpp
-from .client import runner_of
+from .core.client import runner_of
 from .config import KV_TYPES, ModelConfig, check_config_names, model_config
 from .errors import Failure, ModelClosedError, ModelLoadError, ParamError, ParamTypeError
-from .events import ERROR_CODES
+from .core.events import ERROR_CODES
 from .memory import KV_MEMORY_SHARE, available_memory, capped_default_n_ctx, kv_cell_bytes, kv_cells
 from .repack import check_borrowed, use_extra_bufts
-from .runner import EngineRunner, EngineStats
+from .core.runner import EngineRunner, EngineStats
 
 if TYPE_CHECKING:
     from .params import SamplingParams
@@ -260,7 +260,7 @@ class Model:
 
     @property
     def runner(self) -> Optional[EngineRunner]:
-        """The engine thread's runner (None once closed); callers reach it through parallel_gen.client."""
+        """The engine thread's runner (None once closed); callers reach it through parallel_gen.core.client."""
         return self._runner
 
     @property

@@ -17,16 +17,16 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ._native import _core
-from .client import Client
-from .collector import Collector
+from .core.client import Client
+from .core.collector import Collector
 from .errors import ErrorCode, Failure, GenerationError
 from .generate import ModelLike, open_model
-from .inputs import OncePerModel, Prompts, ScoringPrompt, prepare, prompt_list
+from .core.inputs import OncePerModel, Prompts, ScoringPrompt, prepare, prompt_list
 from .memory import n_ctx_for_work
 from .model import Model
 from .progress import OnStep, make_progress
 from .results import Score
-from .runner import Item
+from .core.runner import Item
 
 Continuations = Union[Sequence[str], Sequence[Sequence[str]]]
 

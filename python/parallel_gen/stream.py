@@ -1,7 +1,7 @@
 """Streaming: events as tokens arrive, from a plain or an async iterator.
 
-Both iterators reach the Model's shared engine through a client (parallel_gen.client)
-and read it through a stream :class:`~parallel_gen.collector.Collector`;
+Both iterators reach the Model's shared engine through a client (parallel_gen.core.client)
+and read it through a stream :class:`~parallel_gen.core.collector.Collector`;
 closing one (or dropping it, or breaking out of its loop) cancels its sequences and
 frees their KV cache.
 """
@@ -11,15 +11,15 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple
 
-from .client import AsyncClient, Client
-from .collector import Collector
+from .core.client import AsyncClient, Client
+from .core.collector import Collector
 from .generate import ModelLike, open_model
-from .inputs import Params, PreparedPrompt, Prompts, check_params_against, param_list, prepare_all, prompt_items, \
+from .core.inputs import Params, PreparedPrompt, Prompts, check_params_against, param_list, prepare_all, prompt_items, \
     prompt_list
 from .model import Model
 from .params import SamplingParams
 from .results import Output, StreamEvent
-from .runner import Item, Share
+from .core.runner import Item, Share
 
 if TYPE_CHECKING:
     from .tools import ToolPlan

@@ -56,7 +56,7 @@ def labels_arg(args: argparse.Namespace) -> Tuple[str, str, List[str]]:
 
 def run(args: argparse.Namespace) -> int:
     """The ``classify`` command; returns its exit status."""
-    from ..classify import classify_options
+    from ..classification import classify_options
     from ..jobs.classify_job import classify_job, text_columns
     from ..jobs.driver import run_rows
     from ..jobs.formats import JobInputError

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..chat import conversation
-from ..classify import Classifier, ClassifyOptions, Template, classify_options
-from ..collector import Scored
+from ..classification import Classifier, ClassifyOptions, Template, classify_options
+from ..core.collector import Scored
 from ..errors import ErrorCode, Failure
-from ..inputs import ScoringPrompt
+from ..core.inputs import ScoringPrompt
 from ..iterate import OrderedRequests
 from ..model import Model
-from ..runner import Item
+from ..core.runner import Item
 from ..scoring import scoring_item
 from .driver import JobSummary, PathLike, RowDone, RowJob, open_file_source, run_rows
 from .sizing import NOTHING, RowNeeds, SizedContext

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..chat import chat_mode, checked_conversation, conversation
 from ..errors import ErrorCode, Failure
-from ..inputs import prepare
+from ..core.inputs import prepare
 from ..iterate import OrderedGeneration, Work
 from ..model import Model
 from ..params import SamplingParams, SeedRule

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..chat import checked_conversation
 from ..config import model_config
-from ..inputs import PreparedPrompt, prepare
+from ..core.inputs import PreparedPrompt, prepare
 from ..memory import n_ctx_for_work, round_cells
 from ..model import Model
 from ..params import SamplingParams

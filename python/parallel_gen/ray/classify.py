@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import ray.data
 
-from ..classify import Template
+from ..classification import Template
 from ..config import model_config
 from ..jobs.classify_job import classify_job, text_columns
 from .batch import BatchRunner

@@ -147,7 +147,8 @@ class Ingress:
             return _unavailable("the replica closed the response before starting it")
         except Exception as e:  # noqa: BLE001 - a dead or unreachable replica: the client may retry
             return _unavailable(f"the replica serving this request failed: {type(e).__name__}")
-        assert isinstance(start, ResponseStart)
+        if not isinstance(start, ResponseStart):  # the replica's generator yields its start first
+            return _unavailable(f"the replica answered {type(start).__name__} before its status")
         headers = _headers(start.headers)
         event_stream = headers.get("content-type", "").startswith("text/event-stream")
 

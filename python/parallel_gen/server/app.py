@@ -23,11 +23,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from ..cache import ResultCache
-from ..cache_redis import is_redis_url
+from ..result_cache import ResultCache
+from ..result_cache_redis import is_redis_url
 from ..errors import GenerationError
 from ..model import Model
-from ..runner import EngineStats
+from ..core.runner import EngineStats
 from .errors import APIError, install_handlers
 from .gateway import Gateway
 from .keys import KeyTable

@@ -19,7 +19,7 @@ import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.requests import Request
 
-from ..runner import Share
+from ..core.runner import Share
 from .errors import APIError
 from .keys import ApiKey, KeyTable
 from .limits import MemoryCounters, RedisCounters, Refusal

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Deque, Dict, Optional, Tuple
 
-from ..cache_redis import Outage, connect
+from ..result_cache_redis import Outage, connect
 from .keys import ApiKey
 
 logger = logging.getLogger("parallel_gen")

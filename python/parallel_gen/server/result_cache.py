@@ -15,7 +15,7 @@ from typing import AsyncIterator, List, Optional
 import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..cache import ResultCache
+from ..result_cache import ResultCache
 from ..generate import cacheable_result
 from ..model import Model
 from ..results import Completion, Output

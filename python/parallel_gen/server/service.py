@@ -23,15 +23,15 @@ from typing import AsyncIterator, Dict, List, Optional, Tuple, Union
 import anyio
 from starlette.requests import Request
 
-from ..cache import model_fingerprint
+from ..result_cache import model_fingerprint
 from ..chat import checked_conversation
 from ..errors import ErrorCode, Failure, ParamError, ParamTypeError
-from ..inputs import PreparedPrompt, prepare_all
+from ..core.inputs import PreparedPrompt, prepare_all
 from ..model import Model
 from ..params import SamplingParams, SeedRule
 from ..results import Output, TokenLogprobs, ToolCall
-from ..collector import Collector
-from ..runner import Item
+from ..core.collector import Collector
+from ..core.runner import Item
 from ..stream import AsyncStreamIterator, StreamEvent, stream_collector
 from ..templates import ChatTemplate
 from ..tools import ToolPlan, tool_request

@@ -133,8 +133,8 @@ def compare(models: Any, texts: Union[str, Sequence[str]], labels: Sequence[str]
         ParamError, ParamTypeError: bad models, templates, labels, gold (a label not in
             ``labels``, a text without one) or options, before any model opens.
     """
-    from ..classify import classify_options as check_classify
-    from ..inputs import prompt_list
+    from ..classification import classify_options as check_classify
+    from ..core.inputs import prompt_list
     from .agreement import require_sklearn, check_gold
 
     text_list = prompt_list(texts)
@@ -170,7 +170,7 @@ def compare(models: Any, texts: Union[str, Sequence[str]], labels: Sequence[str]
 
 def _codings(model: "Model", coder: Coder, texts: List[str], labels: List[str], template: Any,
              progress: Optional[bool], options: Mapping[str, Any]) -> List[Coding]:
-    from ..classify import classify
+    from ..classification import classify
 
     result = classify(model, texts, labels, template=template, progress=progress, request_id=coder.name, **options)
     return [Coding(i, coder.name, coder.model, coder.template, c.label, dict(c.probs), c.error)
@@ -239,7 +239,7 @@ def _open(spec: ModelSpec, model_options: Optional[Mapping[str, Any]], texts: Li
     every template's prompts (unless n_ctx is given) and closed after."""
     import contextlib
 
-    from ..classify import Classifier, classify_options
+    from ..classification import Classifier, classify_options
     from ..config import model_config
     from ..model import Model
     from ..scoring import ScoringPromptsFor

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .client import AsyncClient, Client, Routed
-from .errors import ErrorCode, Failure, GenerationError
+from ..errors import ErrorCode, Failure, GenerationError
 from .events import Progress, RequestDone, SequenceDelta, SequenceFinished, SequenceResult, public_logprobs
 from .inputs import ScoringPrompt
-from .results import Completion, Output, Score, StreamEvent, TokenLogprobs
+from ..results import Completion, Output, Score, StreamEvent, TokenLogprobs
 
 if TYPE_CHECKING:
-    from .model import Model
-    from .tools import ToolPlan
+    from ..model import Model
+    from ..tools import ToolPlan
 
 # Called after engine steps with (prompts done, prompts expected, tokens generated so far).
 StepCallback = Callable[[int, int, int], None]

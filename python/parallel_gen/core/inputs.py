@@ -15,12 +15,12 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generic, List, Optional, Sequence, Tuple, TypeVar, Union
 
-from .errors import ErrorCode, Failure, ParamError, ParamTypeError
-from .params import SamplingParams, SeedRule, check_field_names, own_seed, sample_seed
+from ..errors import ErrorCode, Failure, ParamError, ParamTypeError
+from ..params import SamplingParams, SeedRule, check_field_names, own_seed, sample_seed
 from .runner import Item
 
 if TYPE_CHECKING:
-    from .model import Model
+    from ..model import Model
 
 Prompts = Union[str, Sequence[str]]
 Params = Union[SamplingParams, Sequence[SamplingParams], None]

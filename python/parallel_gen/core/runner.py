@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, List, Optional, Union
 
-from ._native import _core
+from .._native import _core
 from .events import (Cancelled, Closed, Delta, EngineCounters, EngineEvent, EngineFailed, Fatal, Progress, RequestDone,
                      SequenceDelta, SequenceFinished, SequenceResult, Listener)
-from .results import hit_rate
+from ..results import hit_rate
 
 logger = logging.getLogger("parallel_gen")
 

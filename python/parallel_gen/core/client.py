@@ -23,8 +23,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional
 
-from ._native import _core
-from .errors import EngineFailedError, GenerationError, ModelClosedError, RequestCancelledError
+from .._native import _core
+from ..errors import EngineFailedError, GenerationError, ModelClosedError, RequestCancelledError
 from .events import Cancelled, Closed, EngineEvent, EngineFailed, Fatal, RequestDone
 from .runner import EngineRunner, Item, Request, Share
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from ._native import _core
-from .errors import ErrorCode
-from .results import FinishReason, Logprob, Output, TokenLogprobs
+from .._native import _core
+from ..errors import ErrorCode
+from ..results import FinishReason, Logprob, Output, TokenLogprobs
 
 _FINISH: Dict["_core.Finish", FinishReason] = {
     _core.Finish.stop: "stop", _core.Finish.length: "length", _core.Finish.error: "error",

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 import diskcache
 
-from .cache_redis import CacheCounts, RedisStore, is_redis_url
+from .result_cache_redis import CacheCounts, RedisStore, is_redis_url
 from .results import Completion
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ import numpy as np
 from .chat import chat_mode, conversation
 from .errors import ErrorCode, ParamError
 from .generate import ModelLike, open_model
-from .inputs import ScoringPrompt, prepare, prompt_list
+from .core.inputs import ScoringPrompt, prepare, prompt_list
 from .model import Model
 from .progress import make_progress
 from .results import Score
