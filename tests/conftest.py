@@ -122,3 +122,14 @@ def agree_up_to_near_ties(got, ref, near_tie: float = NEAR_TIE, tol: float = LOG
         assert len(top) >= 2 and top[0].logprob - top[1].logprob < near_tie, (
             f"left the reference at step {d} where it led by {top[0].logprob - top[1].logprob:.3f}", a, b)
     return identical
+
+
+def terminal_sigint() -> None:
+    """preexec_fn for a child that is sent Ctrl-C: SIGINT handled as in a terminal's
+    foreground process. A parent started in the background by a shell without job control
+    (or under nohup) ignores SIGINT, and a child inherits that through exec: Python then
+    never raises KeyboardInterrupt in it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])

@@ -15,7 +15,7 @@ import pytest
 
 import parallel_gen as pg
 
-from conftest import PROMPTS_16, rss_bytes
+from conftest import PROMPTS_16, rss_bytes, terminal_sigint
 
 
 def _idle(model) -> bool:
@@ -102,7 +102,8 @@ CTRL_C_CHILD = textwrap.dedent(
 def test_ctrl_c_stops_within_a_step_and_model_stays_usable(smollm2_path, tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CTRL_C_CHILD)
-    p = subprocess.Popen([sys.executable, str(script), str(smollm2_path)], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, str(script), str(smollm2_path)], stdout=subprocess.PIPE, text=True,
+                         preexec_fn=terminal_sigint)
     try:
         out, _ = p.communicate(timeout=600)
     finally:

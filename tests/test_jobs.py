@@ -23,6 +23,7 @@ import pytest
 import parallel_gen as pg
 from parallel_gen.jobs import JobInputError, generate_iter, run_file_job
 from parallel_gen.jobs.sinks import JOURNAL_SUFFIX
+from conftest import terminal_sigint
 
 PYTHON_DIR = str(Path(pg.__file__).resolve().parent.parent)
 # One thread, small contexts: the same numerics in the test process and in CLI subprocesses.
@@ -46,7 +47,7 @@ def start_cli(*args):
     env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
     return subprocess.Popen([sys.executable, "-m", "parallel_gen", "generate", *map(str, args)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, preexec_fn=terminal_sigint)  # it may be sent Ctrl-C
 
 
 def read_jsonl(path):
