@@ -19,7 +19,8 @@
 # ModelConfig fields taken through `...` of pg_model() (n_parallel and n_ctx are its
 # named arguments); each is documented there.
 .MODEL_DOTS <- c("n_batch", "n_threads", "n_gpu_layers", "kv_unified", "flash_attn", "type_k", "type_v",
-                 "kv_size", "share_prefix", "prompt_cache", "cache_ram", "batch_invariant", "verbose")
+                 "kv_size", "share_prefix", "prompt_cache", "cache_ram", "batch_invariant",
+                 "backend_sampling", "verbose")
 
 .is_whole <- function(x) is.numeric(x) & is.finite(x) & x == trunc(x)
 

@@ -16,7 +16,9 @@
 #'   `kv_size`, `share_prefix`, `prompt_cache` (`FALSE`: keep no finished prompt's KV
 #'   for later prompts), `cache_ram` (MiB of host memory keeping prompt cache entries
 #'   whose KV stream is needed for another prompt; 0: none), `batch_invariant` (`TRUE`: a prompt's output never depends on
-#'   what else runs), `verbose`; each left out keeps `ModelConfig`'s default.
+#'   what else runs), `backend_sampling` (`TRUE`: sample inside llama.cpp's graph, so only
+#'   token ids come back from a GPU; `NULL`: on when layers are offloaded), `verbose`; each
+#'   left out keeps `ModelConfig`'s default.
 #'   Whole doubles are accepted where an integer is needed.
 #' @return A model of class `pg_model`. `model$n_ctx`, `model$n_parallel`,
 #'   `model$closed`, ... read the settings of the Python `parallel_gen.Model` it wraps;
