@@ -20,9 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Tuple, Union
+from urllib.parse import urlsplit
 
 import ray
 from ray import serve as ray_serve
@@ -245,12 +249,26 @@ class RayServeApp:
     name: str
     started_cluster: bool
 
-    def shutdown(self) -> None:
-        """Deletes the application (and, when :func:`serve` started Ray here, Serve and Ray)."""
+    def shutdown(self, wait: float = 60.0) -> None:
+        """Deletes the application (and, when :func:`serve` started Ray here, Serve and Ray,
+        then waits up to ``wait`` seconds for the HTTP port to close: Ray's proxy process
+        outlives the driver's ``ray.shutdown()`` briefly, and a caller that restarts on the
+        same port, or a supervisor that checks it, must find it closed)."""
         ray_serve.delete(self.name)
-        if self.started_cluster:
-            ray_serve.shutdown()
-            ray.shutdown()
+        if not self.started_cluster:
+            return
+        ray_serve.shutdown()
+        ray.shutdown()
+        parts = urlsplit(self.url)
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(parts.hostname or "", parts.hostname or "127.0.0.1")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((host, parts.port or 80), timeout=1).close()
+            except OSError:
+                return
+            time.sleep(0.2)
+        logger.warning("%s still accepts connections %.0f s after Ray's shutdown", self.url, wait)
 
 
 def serve(model: Union[str, "os.PathLike[str]", None] = None, *, address: Optional[str] = None, replicas: int = 1,
@@ -339,11 +357,17 @@ def serve(model: Union[str, "os.PathLike[str]", None] = None, *, address: Option
 
 
 def serve_until_stopped(app: RayServeApp) -> None:
-    """Blocks until Ctrl-C or SIGTERM, then shuts the app down."""
+    """Blocks until Ctrl-C or SIGTERM, then shuts the app down and returns (the command
+    exits 0, as the one-process server does): the handlers replace Ray's driver handler,
+    which would exit on SIGTERM from wherever the main thread is."""
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            time.sleep(3600)
-    except (KeyboardInterrupt, SystemExit):  # SIGTERM: Ray's driver handler raises SystemExit
-        pass
+        while not stop.wait(1.0):
+            pass
     finally:
-        app.shutdown()
+        try:
+            app.shutdown()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
