@@ -278,3 +278,32 @@ def test_classify_file_parquet_in_and_out_from_python(smol, tmp_path):
     got = pq.read_table(out).to_pylist()
     assert [(g["n"], g["body"], g["row"]) for g in got] == [(i, t, i) for i, t in enumerate(items)]
     assert_probabilities(got, pg.classify(smol, items, ["yes", "no"], template="{text} Good? "), ["yes", "no"])
+
+
+@pytest.mark.parametrize("lookahead, chat", [(16, False), (3, False), (3, True)])
+def test_a_classify_job_tokenizes_each_row_once(smol, smollm2_path, tmp_path, monkeypatch, lookahead, chat):
+    """Sizing the context on the first look-ahead rows and classifying them read one
+    tokenization of each row's prompt (counted on Model.tokenize); the probabilities are
+    those pg.classify gives. lookahead 16: every row is in the sample; 3: later rows are
+    tokenized when classified; chat: the rows' conversations are rendered once too."""
+    from parallel_gen.jobs import classify_file
+
+    items = [f"Row {i} says hello, the film was {'great' if i % 2 else 'dull'}." for i in range(7)]
+    items.append(items[1])  # a repeated text is its own row
+    calls = []
+    tokenize = pg.Model.tokenize
+
+    def counting(self, text, *args, **kwargs):
+        calls.append(text)
+        return tokenize(self, text, *args, **kwargs)
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"text": t} for t in items])
+    monkeypatch.setattr(pg.Model, "tokenize", counting)
+    s = classify_file(smollm2_path, src, out, LABELS, chat=chat, lookahead=lookahead,
+                      model_options=dict(n_parallel=2, n_threads=1))
+    monkeypatch.undo()
+    assert (s.rows, s.failed) == (len(items), 0)
+    rows = [c for c in calls if "says hello" in c]
+    assert len(rows) == len(items), rows  # one per row, whichever path it took
+    assert_probabilities(read_jsonl(out), pg.classify(smol, items, LABELS, chat=chat), LABELS, cast=float)

@@ -19,7 +19,7 @@ import numpy as np
 from .chat import chat_mode, conversation
 from .errors import ErrorCode, ParamError
 from .generate import ModelLike, open_model
-from .core.inputs import ScoringPrompt, prepare, prompt_list
+from .core.inputs import PreparedPrompt, ScoringPrompt, prepare, prompt_list
 from .model import Model
 from .progress import make_progress
 from .results import Score
@@ -177,6 +177,14 @@ def classify_options(labels: Sequence[str], *, template: Optional[Template] = No
     return ClassifyOptions(label_list, fmt, chat, system, normalize, chat_template, template)
 
 
+Known = Callable[[str], Optional[PreparedPrompt]]
+"""Looks a prompt text up among those already tokenized (None: not there)."""
+
+
+def _unknown(prompt: str) -> Optional[PreparedPrompt]:
+    return None
+
+
 class Classifier:
     """classify one text at a time, for callers that stream texts (the classify file job):
     ``scoring_prompt`` turns a text into its ScoringPrompt, ``result`` its Scores into a Classification."""
@@ -186,10 +194,11 @@ class Classifier:
         self._build = (_ChatJobs(model, options.labels, options.system, options.chat_template) if options.chat
                        else _PlainJobs(model, options.labels))
 
-    def scoring_prompt(self, text: str, where: str) -> ScoringPrompt:
+    def scoring_prompt(self, text: str, where: str, known: Optional[Known] = None) -> ScoringPrompt:
         """The text's prompt and every label's tokens. ValueError (naming ``where``, the
-        text's place) when the text cannot be put into a prompt."""
-        return self._build.scoring_prompt(self.options.format(text), where)
+        text's place) when the text cannot be put into a prompt. ``known``: the prompt
+        as already tokenized (by a file job's sizing), or None to tokenize it here."""
+        return self._build.scoring_prompt(self.options.format(text), where, known or _unknown)
 
     def result(self, text: str, sp: ScoringPrompt, scores: List[Score]) -> Classification:
         """The text's Classification from its labels' Scores (in label order)."""
@@ -220,11 +229,11 @@ class _PlainJobs:
         self._labels = labels
         self._tokens = ContinuationTokens(model)
 
-    def scoring_prompt(self, prompt: str, where: str) -> ScoringPrompt:
+    def scoring_prompt(self, prompt: str, where: str, known: Known) -> ScoringPrompt:
         head = split_boundary(prompt, "")[0]
         ids = [self._tokens.get(split_boundary(prompt, lab)[1], f"label {lab!r} (after the prompt of {where})")
                for lab in self._labels]
-        return ScoringPrompt(prepare(self._model, head), ids)
+        return ScoringPrompt(known(head) or prepare(self._model, head), ids)
 
 
 class _ChatJobs:
@@ -247,12 +256,12 @@ class _ChatJobs:
             return model.tokenize(self._template.end_of_turn, add_special=False, parse_special=True)
         return []
 
-    def scoring_prompt(self, user: str, where: str) -> ScoringPrompt:
+    def scoring_prompt(self, user: str, where: str, known: Known) -> ScoringPrompt:
         try:
             prompt = self._template.render(conversation(user, self._system))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        return ScoringPrompt(prepare(self._model, prompt), self._ids)
+        return ScoringPrompt(known(prompt) or prepare(self._model, prompt), self._ids)
 
 
 def _label_list(labels: Any) -> List[str]:

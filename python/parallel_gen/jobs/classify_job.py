@@ -25,7 +25,7 @@ from ..core.inputs import ScoringPrompt
 from ..iterate import OrderedRequests
 from ..model import Model
 from ..core.runner import Item
-from ..scoring import scoring_item
+from ..scoring import scoring_item, split_boundary
 from .driver import JobSummary, PathLike, RowDone, RowJob, open_file_source, run_rows
 from .sizing import NOTHING, RowNeeds, SizedContext
 from .sources import Columns, InputRow
@@ -80,7 +80,7 @@ class ClassifyJob(RowJob):
         self.columns = output_columns(options.labels)
         self._sized: Optional[SizedContext] = None
         self._classifier: Optional[Classifier] = None
-        # No label has more tokens than UTF-8 bytes; +2: the chat end-of-turn, a moved space.
+        # No label has more tokens than UTF-8 bytes; +2: the chat end-of-turn, a merge at the boundary.
         self._label_bound = max(len(lab.encode("utf-8")) for lab in options.labels) + 2
 
     def writes_column(self, name: str) -> bool:
@@ -107,7 +107,10 @@ class ClassifyJob(RowJob):
             return NOTHING  # the job reports it as the row's error
         if self.options.chat:
             return RowNeeds(conversation(text, self.options.system), after=self._label_bound)
-        return RowNeeds(prompt=text, after=self._label_bound)
+        # The prompt the classifier tokenizes (sized here once): its trailing whitespace
+        # moves into the labels' tokens.
+        head, moved = split_boundary(text, "")
+        return RowNeeds(prompt=head, after=self._label_bound + len(moved.encode("utf-8")))
 
     def prepare(self, model: Model, sized: Optional[SizedContext]) -> None:
         self._sized = sized
@@ -122,7 +125,9 @@ class ClassifyJob(RowJob):
         if self._classifier is None:
             raise RuntimeError("the classify job was not prepared for its Model")
         try:
-            sp = self._classifier.scoring_prompt(row.prompt, row.where)
+            sized = self._sized
+            sp = self._classifier.scoring_prompt(
+                row.prompt, row.where, None if sized is None else lambda prompt: sized.take(row.row, prompt))
         except (TypeError, ValueError) as e:
             return _Scoring(None, Failure(ErrorCode.INVALID_INPUT, str(e)))
         if self._sized is not None:
