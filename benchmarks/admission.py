@@ -31,7 +31,7 @@ from host_step import run_child  # benchmarks/ is this script's folder
 CHILD = r"""
 import json, sys, time
 import parallel_gen as pg
-from parallel_gen import models
+from parallel_gen import model_files
 n, threads = int(sys.argv[1]), int(sys.argv[2])
 system = "You are a careful assistant. Answer in one short sentence, and never add anything else. "
 first = [f"{system}Question {i}: what is {i} plus {i}?" for i in range(n)]
@@ -39,7 +39,7 @@ second = [f"{system}Question {i}: what is {i} times {i + 1}?" for i in range(2 *
 out = {"build": pg.__file__}
 # cache_ram=0: no host tier, whose saves (a stream's KV copied out per overwritten entry) would
 # swamp the placement work measured here
-with pg.Model(models.smollm2_path(), n_parallel=n, n_ctx=128, n_threads=threads, flash_attn=False, cache_ram=0) as m:
+with pg.Model(model_files.smollm2_path(), n_parallel=n, n_ctx=128, n_threads=threads, flash_attn=False, cache_ram=0) as m:
     pg.generate_parallel(m, first, max_tokens=1, temperature=0.0)
     t0 = time.perf_counter()
     r = pg.generate_parallel(m, second, max_tokens=2, temperature=0.0, ignore_eos=True)

@@ -26,7 +26,7 @@ import time
 from typing import Dict, List
 
 import parallel_gen as pg
-from parallel_gen.models import default_model_path
+from parallel_gen.model_files import default_model_path
 
 TOPICS = ["the capital of France", "autumn leaves", "photosynthesis", "prime numbers", "the German language",
           "the blue sky", "pancakes", "cats", "multiplication", "the solar system", "Hamlet", "vaccines",

@@ -33,7 +33,7 @@ import numpy as np
 
 import parallel_gen as pg
 from parallel_gen.classification import DEFAULT_TEMPLATE, label_probabilities
-from parallel_gen.models import default_model_path
+from parallel_gen.model_files import default_model_path
 from parallel_gen.scoring import Score, split_boundary
 
 LABELS = ["positive", "negative", "neutral"]

@@ -20,7 +20,7 @@ import time
 from typing import Dict, List
 
 import parallel_gen as pg
-from parallel_gen import models
+from parallel_gen import model_files
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from classify import LABELS, make_texts  # noqa: E402  (the same reviews as the classify benchmark)
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE")
     a = ap.parse_args()
     texts = make_texts(a.texts)
-    paths = {"smollm2": str(models.smollm2_path()), "gemma3": str(models.gemma3_path())}
+    paths = {"smollm2": str(model_files.smollm2_path()), "gemma3": str(model_files.gemma3_path())}
     # The same settings both ways: n_ctx given, so neither sizes the context.
     options = dict(n_parallel=16, n_ctx=128, n_threads=a.threads, flash_attn=True, prompt_cache=False)
     hand_s, compare_s, agree_s = [], [], []

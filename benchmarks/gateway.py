@@ -39,7 +39,7 @@ from typing import Dict, List
 import httpx
 
 import parallel_gen as pg
-from parallel_gen.models import default_model_path
+from parallel_gen.model_files import default_model_path
 
 KEYS = {name: f"sk-bench-{name}-000" for name in ("flood", "i1", "i2", "i3")}
 

@@ -42,10 +42,10 @@ CASES = [  # (model, n_parallel, sampled)
 CHILD = r"""
 import json, sys, time
 import parallel_gen as pg
-from parallel_gen import models
+from parallel_gen import model_files
 which, n, sampled, threads, tokens = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
 extra = json.loads(sys.argv[6])  # more ModelConfig settings
-path = models.smollm2_path() if which == "smollm2" else models.gemma3_path()
+path = model_files.smollm2_path() if which == "smollm2" else model_files.gemma3_path()
 prompts = [f"Story {i}: once upon a time" for i in range(n)]
 kw = dict(max_tokens=tokens, ignore_eos=True, temperature=0.8 if sampled else 0.0)
 if sampled:

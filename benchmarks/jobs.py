@@ -73,7 +73,7 @@ def output_tokens(path: Path):
 PARALLEL = """
 import json, sys
 import parallel_gen as pg
-from parallel_gen.models import default_model_path
+from parallel_gen.model_files import default_model_path
 src, model, n_parallel, n_ctx, threads, max_tokens = sys.argv[1:7]
 prompts = [json.loads(line)["prompt"] for line in open(src)]
 with pg.Model(model or default_model_path(), n_parallel=int(n_parallel), n_ctx=int(n_ctx), n_threads=int(threads)) as m:

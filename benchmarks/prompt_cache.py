@@ -59,7 +59,7 @@ from typing import Dict, List, Optional
 import httpx
 
 import parallel_gen as pg
-from parallel_gen.models import default_model_path
+from parallel_gen.model_files import default_model_path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -33,7 +33,7 @@ library(parallelgen)
 pg_use_python()
 
 path <- if (nzchar(options$model)) options$model else
-  reticulate::py_str(reticulate::import("parallel_gen.models", convert = FALSE)$smollm2_path())
+  reticulate::py_str(reticulate::import("parallel_gen.model_files", convert = FALSE)$smollm2_path())
 n <- options$prompts
 max_tokens <- options$`max-tokens`
 model <- pg_model(path, n_parallel = n, n_ctx = 64L + max_tokens, n_threads = options$threads)

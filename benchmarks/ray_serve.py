@@ -115,7 +115,7 @@ def main() -> None:
 
     import ray
 
-    from parallel_gen.models import default_model_path
+    from parallel_gen.model_files import default_model_path
     from parallel_gen.ray import serve
 
     model = args.model or default_model_path()

@@ -28,7 +28,7 @@ import time
 from typing import Any, Dict, List
 
 import parallel_gen as pg
-from parallel_gen.models import default_model_path
+from parallel_gen.model_files import default_model_path
 from parallel_gen.tools import GENERIC, tool_request
 
 TOOLS = [

@@ -15,7 +15,7 @@ from types import ModuleType
 import pytest
 
 import parallel_gen as pg
-from parallel_gen import models
+from parallel_gen import model_files
 
 PROMPTS_16 = [
     "The capital of France is",
@@ -55,18 +55,18 @@ def import_extra(module: str, extra: str) -> ModuleType:
 def _require(fn, name: str) -> Path:
     try:
         return fn()
-    except models.ModelNotInstalledError as e:
+    except model_files.ModelNotInstalledError as e:
         pytest.fail(f"test model {name} missing: {e}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    return _require(models.smollm2_path, "SmolLM2-135M")
+    return _require(model_files.smollm2_path, "SmolLM2-135M")
 
 
 @pytest.fixture(scope="session")
 def gemma3_path() -> Path:
-    return _require(models.gemma3_path, "Gemma 3 270M")
+    return _require(model_files.gemma3_path, "Gemma 3 270M")
 
 
 # The shared Models run without the prompt cache: many tests compare a call's greedy

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import parallel_gen as pg
-from parallel_gen import cli, models
+from parallel_gen import cli, model_files
 from parallel_gen._native import _core
 from parallel_gen.cli import options
 from parallel_gen.cli.demo import DEMO_QUESTIONS
@@ -227,11 +227,11 @@ def own_logger():
 
 def test_no_default_model_says_how_to_install(monkeypatch, capsys, own_logger):
     def gemma_absent(*args, **kwargs):
-        raise models.ModelNotInstalledError("gemma absent")
+        raise model_files.ModelNotInstalledError("gemma absent")
 
-    monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "parallel-gen-no-such-package")
-    monkeypatch.setattr(models, "gemma3_path", gemma_absent)
-    with pytest.raises(models.ModelNotInstalledError, match="parallel-gen install-model"):
+    monkeypatch.setattr(model_files, "SMOLLM2_PACKAGE", "parallel-gen-no-such-package")
+    monkeypatch.setattr(model_files, "gemma3_path", gemma_absent)
+    with pytest.raises(model_files.ModelNotInstalledError, match="parallel-gen install-model"):
         pg.default_model_path()
     with pytest.raises(FileNotFoundError):  # ModelNotInstalledError is one
         pg.Model.default()
@@ -302,7 +302,7 @@ def test_info(smol, gemma3_path, tmp_path):
     assert b["libllama"] == _core.libllama_path() and os.path.isfile(b["libllama"])
     assert b["backends"] == list(_core.backends()) and "CPU" in b["backends"]
     assert b["threads"] >= 1 and b["system_info"]
-    assert m["path"] == str(models.smollm2_path()) and m["architecture"] == "llama"
+    assert m["path"] == str(model_files.smollm2_path()) and m["architecture"] == "llama"
     assert m["parameters"] == smol.handle.n_params and m["context_length"] == smol.n_ctx_train
     assert m["chat_template"] is True
     # CPU build and repacking (parallel_gen.repack)
@@ -336,9 +336,9 @@ def test_default_model(smollm2_path, gemma3_path, monkeypatch):
     assert r.stdout.strip() == "False", r.stderr
 
     def absent():
-        raise models.ModelNotInstalledError("not installed")
+        raise model_files.ModelNotInstalledError("not installed")
 
-    monkeypatch.setattr(models, "smollm2_path", absent)
+    monkeypatch.setattr(model_files, "smollm2_path", absent)
     assert pg.default_model_path() == gemma3_path  # the second choice
 
 
@@ -346,10 +346,10 @@ def test_default_model(smollm2_path, gemma3_path, monkeypatch):
 # once parallel_gen is imported (the GGUF is found through distribution metadata only).
 WITHOUT_PACKAGE = """
 import sys
-from parallel_gen import cli, models
+from parallel_gen import cli, model_files
 sys.path[:] = [p for p in sys.path if "site-packages" not in p]
 status = cli.main(sys.argv[1:])
-print("default:", models.smollm2_path())
+print("default:", model_files.smollm2_path())
 sys.exit(status)
 """
 
@@ -376,8 +376,8 @@ def test_install_model_unpacks_smollm2_outside_the_environment(smollm2_path, tmp
 SILENT = """
 import logging, sys
 import parallel_gen as pg
-from parallel_gen import models
-m = pg.Model(models.smollm2_path(), n_parallel=2, n_ctx=64, n_threads=1, verbose={verbose})
+from parallel_gen import model_files
+m = pg.Model(model_files.smollm2_path(), n_parallel=2, n_ctx=64, n_threads=1, verbose={verbose})
 r = pg.generate_parallel(m, ["Hello", "Hi"], max_tokens=2, temperature=0)
 m.close()
 logging.getLogger("parallel_gen").warning("a library warning nobody asked to see")

@@ -28,7 +28,7 @@ from typing import List, Optional
 import pytest
 
 import parallel_gen as pg
-from parallel_gen import models
+from parallel_gen import model_files
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -96,7 +96,7 @@ def docs_server():
     """The docs' server: `parallel-gen serve` on the default model, any model name accepted."""
     from test_server import KEY, Server
 
-    server = Server(models.default_model_path(), "--n-parallel", "4", key=KEY, names=("model",))
+    server = Server(model_files.default_model_path(), "--n-parallel", "4", key=KEY, names=("model",))
     yield server
     server.stop()
 
@@ -127,7 +127,7 @@ def _prepared(block: Block, request: pytest.FixtureRequest) -> str:
         pd.DataFrame({"review": ["Loved it!", "Awful.", "Fine, I guess.", "Best book this year."]}).to_parquet(
             "reviews.parquet")
         assert DOCS_MODEL in code, f"{block.where}: a Ray block names {DOCS_MODEL}"
-        code = code.replace(DOCS_MODEL, repr(str(models.default_model_path())))
+        code = code.replace(DOCS_MODEL, repr(str(model_files.default_model_path())))
     return code
 
 
@@ -166,7 +166,7 @@ def test_readme_examples_run_on_the_default_model() -> None:
     runnable = [b for b in readme if b.illustrative is None and b.needs is None]
     assert len(runnable) >= 4, [b.where for b in readme]
     assert all("pg.Model.default(" in b.code for b in runnable), [b.where for b in runnable]
-    assert models.default_model_path().exists()
+    assert model_files.default_model_path().exists()
 
 
 def test_readme_is_short() -> None:

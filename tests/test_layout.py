@@ -129,3 +129,11 @@ def test_no_public_name_is_also_a_submodule():
     importlib.import_module("parallel_gen.classification")  # binds the submodule on the package
 
     assert callable(parallel_gen.classify) and parallel_gen.classify.__name__ == "classify"
+
+
+def test_no_module_name_is_another_ones_plural():
+    """model.py (the Model) beside models.py (the packaged files) read as one thing in two
+    places: sibling modules differ by more than an "s" (the files are model_files.py)."""
+    names = {name for name in MODULES if name.count(".") >= 1}
+    assert f"{PACKAGE}.model" in names and f"{PACKAGE}.model_files" in names  # it read the package
+    assert sorted(n for n in names if n + "s" in names) == []

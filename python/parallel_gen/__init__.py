@@ -53,7 +53,7 @@ _EXPORTS = {
     "chat_parallel": "chat",
     "classify": "classification",
     "compare": "study.compare",
-    "default_model_path": "models",
+    "default_model_path": "model_files",
     "generate_iter": "iterate",
     "generate_parallel": "generate",
     "load_llama": "repack",

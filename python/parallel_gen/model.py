@@ -149,7 +149,7 @@ class Model:
     @classmethod
     def default(cls, config: Optional[ModelConfig] = None, **settings: Any) -> "Model":
         """Opens the default model (see :func:`parallel_gen.default_model_path`)."""
-        from .models import default_model_path
+        from .model_files import default_model_path
 
         return cls(default_model_path(), config, **settings)
 

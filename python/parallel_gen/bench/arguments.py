@@ -49,7 +49,7 @@ def _positive(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="GGUF file (default: parallel_gen.models.default_model_path())")
+    p.add_argument("-m", "--model", help="GGUF file (default: parallel_gen.model_files.default_model_path())")
     p.add_argument("--prompts", type=_positive, default=16, metavar="N", help="prompts per workload (default 16)")
     p.add_argument("--max-tokens", type=_positive, default=128, help="tokens generated per prompt (default 128)")
     p.add_argument("--n-parallel", type=_n_parallel_list, default=list(DEFAULT_N_PARALLEL), metavar="LIST",

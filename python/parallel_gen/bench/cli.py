@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from parallel_gen._native import _core
     from parallel_gen.config import cpu_threads
-    from parallel_gen.models import default_model_path
+    from parallel_gen.model_files import default_model_path
     from parallel_gen.repack import use_extra_bufts
 
     if args.plot:

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from ..chat import chat_parallel
     from ..generate import generate_parallel
     from ..model import Model
-    from ..models import default_model_path
+    from ..model_files import default_model_path
 
     path = args.model or default_model_path()
     n_parallel = args.n_parallel or len(DEMO_QUESTIONS)

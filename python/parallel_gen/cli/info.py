@@ -29,7 +29,7 @@ def _info_data(model_path: Optional[str]) -> Dict[str, Any]:
     from .._native import _core
     from ..config import cpu_threads
     from ..model import Model
-    from ..models import default_model_path
+    from ..model_files import default_model_path
     from ..repack import choose_repack, cpu_build
 
     cpu = cpu_build()

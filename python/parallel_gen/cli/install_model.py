@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``install-model`` command."""
-    from ..models import install_smollm2
+    from ..model_files import install_smollm2
 
     print(install_smollm2())
     return ExitStatus.OK

@@ -81,7 +81,7 @@ def open_sized_model(path: Union[str, "os.PathLike[str]", None], sample: Sequenc
     conversations rendered with ``chat_template`` and ``tools``. The SizedContext (None
     with ``n_ctx`` given) carries the sample's prompts as tokenized here, for the job."""
     if path is None:
-        from ..models import default_model_path
+        from ..model_files import default_model_path
 
         path = default_model_path()
     config = model_config(None, options)

@@ -37,7 +37,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..config import ModelConfig
 from ..model import Model
-from ..models import default_model_path
+from ..model_files import default_model_path
 from ..server.app import Phase, create_app
 from ..server.errors import APIError
 from ..server.settings import ServerSettings

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ImportError(f"parallel-gen serve needs the server extra: pip install 'parallel_gen[serve]' ({e})")
     from ..model import Model
-    from ..models import default_model_path
+    from ..model_files import default_model_path
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: must be in [0, 65535]")

