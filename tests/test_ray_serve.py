@@ -48,15 +48,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cli_serves_on_ray_until_sigterm(smollm2_path):
+def test_cli_serves_on_ray_until_sigterm(smollm2_path, tmp_path):
     """``parallel-gen serve --ray``: its own local cluster (first in the module, before the
-    module's), one replica, answers with its replica named; SIGTERM stops it and its cluster."""
+    module's), one replica, answers with its replica named; a rewritten keys file is in force
+    within seconds (no signal reaches a replica: it rereads the file when it changes);
+    SIGTERM stops it and its cluster."""
     port = free_port()
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"name": "alice", "key": KEY}]}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     p = subprocess.Popen([sys.executable, "-m", "parallel_gen", "serve", "--ray", "--model", str(smollm2_path),
                           "--replicas", "1", "--threads", "1", "--n-parallel", "2", "--n-ctx", "512", "--port",
-                          str(port), "--api-key", KEY], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True)
+                          str(port), "--api-keys", str(keys)], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(240):  # until it answers (0.5 s apart), or it exits
@@ -67,9 +71,19 @@ def test_cli_serves_on_ray_until_sigterm(smollm2_path):
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        r = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=60,
-                       json={"messages": user("Hi"), "max_tokens": 3, "temperature": 0})
+        body = {"messages": user("Hi"), "max_tokens": 3, "temperature": 0}
+        r = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=60, json=body)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1 and r.headers["x-replica-id"]
+        bob = {"X-Api-Key": "bob-secret"}
+        assert httpx.post(url + "/v1/chat/completions", headers=bob, timeout=60, json=body).status_code == 401
+        keys.write_text(json.dumps({"keys": [{"name": "bob", "key": "bob-secret"}]}))
+        for _ in range(60):  # within a few of the replica's 2 s checks
+            if httpx.post(url + "/v1/chat/completions", headers=bob, timeout=60, json=body).status_code == 200:
+                break
+            time.sleep(0.5)
+        assert httpx.post(url + "/v1/chat/completions", headers=bob, timeout=60, json=body).status_code == 200
+        gone = httpx.post(url + "/v1/chat/completions", headers=AUTH, timeout=60, json=body)
+        assert gone.status_code == 401 and gone.json()["error"]["code"] == "invalid_api_key"
         p.send_signal(signal.SIGTERM)
         # It stops its deployment and its cluster, waits for the port to close, and exits 0.
         assert p.wait(120) == 0, p.stderr.read()

@@ -67,6 +67,9 @@ class ModelReplica:
         self.replica_id = ray_serve.get_replica_context().replica_id.unique_id
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
+        gateway = self.app.state.gateway
+        self._keys_watch = (asyncio.ensure_future(_watch_keys(gateway))
+                            if gateway is not None and gateway.keys_file is not None else None)
 
     def check_health(self) -> None:
         phase = self.app.state.lifecycle.phase
@@ -74,6 +77,8 @@ class ModelReplica:
             raise RuntimeError(f"replica {self.replica_id}: the server is {phase.value}")
 
     async def __del__(self) -> None:
+        if self._keys_watch is not None:
+            self._keys_watch.cancel()
         await self._lifespan.__aexit__(None, None, None)  # closes the Model
 
     async def __call__(self, request: ForwardedRequest) -> AsyncIterator[Union[ResponseStart, bytes]]:
@@ -241,6 +246,30 @@ def merge_metrics(texts: Mapping[str, str]) -> bytes:
     return generate_latest(_Families())  # type: ignore[arg-type]
 
 
+KEYS_POLL_SECONDS = 2.0
+
+
+def _file_version(path: str) -> Optional[Tuple[int, int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+async def _watch_keys(gateway: Any) -> None:
+    """No signal reaches a replica (SIGHUP reloads a one-process server's keys): each replica
+    rereads the keys file when it changes, checked every KEYS_POLL_SECONDS (the file must be
+    readable on every node, as the model is). A bad file keeps the old keys (logged)."""
+    seen = _file_version(gateway.keys_file)
+    while True:
+        await asyncio.sleep(KEYS_POLL_SECONDS)
+        now = _file_version(gateway.keys_file)
+        if now is not None and now != seen:
+            seen = now
+            await asyncio.to_thread(gateway.reload)
+
+
 @dataclass
 class RayServeApp:
     """The app :func:`serve` deployed: its URL, Serve application name, and how to stop it."""
@@ -305,6 +334,8 @@ def serve(model: Union[str, "os.PathLike[str]", None] = None, *, address: Option
     for what, value in (("replicas", replicas), ("min_replicas", min_replicas), ("max_replicas", max_replicas)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (what != "min_replicas")):
             raise ValueError(f"{what}={value!r}: must be an int >= {int(what != 'min_replicas')}")
+    if settings.get("api_keys") is not None:  # read by every replica, whatever its working directory
+        settings["api_keys"] = os.path.abspath(settings["api_keys"])
     config = ServerSettings(**settings)  # bad settings fail here, not in every replica
     options = dict(model_options or {})
     cpus, gpus = actor_resources(options)
