@@ -152,10 +152,19 @@ def test_max_concurrent_counts_sequences_in_flight(keyed):
             assert any(next(lines).startswith("data: ") for _ in range(4))
             e = _limited(ask(c), "max_concurrent")
             assert "2 now" in e["message"]
+            # Refused before the call is built: a schema that cannot be converted (a 400 once
+            # admitted) and a chat history that cannot be parsed cost no work, the 429 comes first.
+            _limited(ask(c, json_schema={"type": "object", "properties": {"a": {"$ref": "#/definitions/no"}}}),
+                     "max_concurrent")
+            _limited(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}, {
+                "role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+                    "name": "f", "arguments": "{not json"}}]}], "max_tokens": 1}), "max_concurrent")
         # the stream is closed: its sequences are cancelled and let go
         assert _wait(lambda: keyed.metric("parallel_gen_key_sequences_in_flight", '{key="carol"}') == 0)
         assert ask(c, prompt=["a", "b"]).status_code == 200
-    assert keyed.metric("parallel_gen_key_rate_limited_total", '{key="carol",limit="max_concurrent"}') == 1
+        _error(ask(c, json_schema={"type": "object", "properties": {"a": {"$ref": "#/definitions/no"}}}), 400,
+               param="json_schema")  # admitted now: the conversion finds the error
+    assert keyed.metric("parallel_gen_key_rate_limited_total", '{key="carol",limit="max_concurrent"}') == 3
 
 
 def test_one_key_filling_its_queue_does_not_refuse_the_others(keyed):

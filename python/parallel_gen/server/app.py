@@ -36,7 +36,7 @@ from .middleware import BodyLimit, OpenRequestLimit, RequestId, add_cors
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, PromptTokensDetails, Usage
 from .responses_protocol import FIELDS_FROM_CHAT, ResponsesRequest
 from .result_cache import CachePlan, CallCache
-from .service import Choice, ClientGone, Call, Service, failed_choice
+from .service import Choice, ClientGone, Call, KeyHold, Service, failed_choice
 from .settings import ServerSettings
 from .shapes import ChatShape, CompletionShape, ResponsesShape, Shape
 
@@ -213,14 +213,14 @@ def create_app(model: ModelSource, *, close_model: Optional[bool] = None, **sett
     async def completions(body: CompletionRequest, request: Request) -> Any:
         svc = life.ready()
         check_model(body.model)
-        call = await svc.completion_call(request.state.request_id, body)
+        call = await svc.completion_call(request.state.request_id, body, _key_hold(svc, request))
         return await _respond(svc, call, request, body.stream, CompletionShape(names()[0], _include_usage(body)))
 
     @api.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         svc = life.ready()
         check_model(body.model)
-        call = await svc.chat_call(request.state.request_id, body)
+        call = await svc.chat_call(request.state.request_id, body, _key_hold(svc, request))
         return await _respond(svc, call, request, body.stream, ChatShape(names()[0], _include_usage(body)))
 
     @api.post("/responses")
@@ -228,7 +228,8 @@ def create_app(model: ModelSource, *, close_model: Optional[bool] = None, **sett
         svc = life.ready()
         check_model(body.model)
         try:
-            call = await svc.chat_call(request.state.request_id, body.to_chat())  # the chat path, all of it
+            # the chat path, all of it
+            call = await svc.chat_call(request.state.request_id, body.to_chat(), _key_hold(svc, request))
         except APIError as e:
             raise e.renamed(FIELDS_FROM_CHAT) from None
         call.endpoint = "responses"
@@ -272,33 +273,34 @@ async def _respond(svc: Service, call: Call, request: Request, stream: bool, sha
         _finish(svc, call, status, request, plan)
 
 
+def _key_hold(svc: Service, request: Request) -> Optional[KeyHold]:
+    """The caller's key's admission (a keyed server), for the Service to take before it
+    builds the call; None without keys."""
+    gateway: Optional[Gateway] = request.app.state.gateway
+    key = getattr(request.state, "api_key", None)
+    if gateway is None or key is None:
+        return None
+    return lambda sequences: gateway.admit(key, sequences, svc.model.n_parallel)
+
+
 async def _admit(svc: Service, call: Call, request: Request) -> Tuple[Callable[[], None], Optional[CachePlan]]:
-    """Admission: the caller's key's limits and queue (a keyed server), the server's queue,
-    then the result cache (a call it answers whole never reaches the engine)."""
-    # The server's queue bound was held before the call was built (Service.admit: a refused
-    # request costs no rendering or tokenizing); released however the call ends.
+    """What admission leaves after the call is built (the server's queue and the caller's
+    key's limits were held before, by Service.admit: a refused request costs no rendering
+    or tokenizing): the key's turn group, then the result cache (a call it answers whole
+    never reaches the engine)."""
     if call.admission is None:
         raise RuntimeError(f"request {call.id}: its call was never admitted")
-    let_call_go: Callable[[], None] = call.admission.release
-    let_key_go: Callable[[], None] = lambda: None  # noqa: E731
-
-    def release() -> None:
-        let_call_go()
-        let_key_go()
-
+    release = call.admission.release  # the queue and the key's hold, however the call ends
     gateway: Optional[Gateway] = request.app.state.gateway
     key = getattr(request.state, "api_key", None)
     try:
-        if gateway is not None and key is not None:
-            let_key_go = await gateway.admit(key, call.sequences, svc.model.n_parallel)
-            if call.stream is not None:
-                call.stream.share = gateway.share(key)
+        if gateway is not None and key is not None and call.stream is not None:
+            call.stream.share = gateway.share(key)
         cache: Optional[CallCache] = request.app.state.result_cache
         plan = await cache.lookup(call) if cache is not None else None
     except BaseException:
         release()
         raise
-
     return release, plan
 
 

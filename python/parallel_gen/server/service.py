@@ -18,7 +18,7 @@ import os
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Dict, List, Optional, Tuple, Union
+from typing import AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
 import anyio
 from starlette.requests import Request
@@ -171,6 +171,7 @@ class Admission:
         self.sequences = sequences
         self.running = False  # a token came: counted as running, no longer waiting
         self.released = False
+        self.let_key_go: Callable[[], None] = _nothing  # the caller's key's hold (a keyed server)
         service.in_flight += sequences
         service.metrics.requests_waiting.inc()
 
@@ -186,6 +187,16 @@ class Admission:
         self.released = True
         self.service.in_flight -= self.sequences
         (self.service.metrics.requests_running if self.running else self.service.metrics.requests_waiting).dec()
+        self.let_key_go()
+
+
+KeyHold = Callable[[int], Awaitable[Callable[[], None]]]
+"""Holds a number of sequences for the caller's API key (429 when its limits refuse) and
+returns what lets them go: the gateway's admission, bound to the key."""
+
+
+def _nothing() -> None:
+    pass
 
 
 class ClientGone(Exception):
@@ -210,7 +221,7 @@ class Service:
             self.template_error = str(e)
 
     # -- building calls ------------------------------------------------------------------
-    async def completion_call(self, rid: str, body: CompletionRequest) -> Call:
+    async def completion_call(self, rid: str, body: CompletionRequest, key: Optional[KeyHold] = None) -> Call:
         if body.echo:
             raise APIError(400, "echo=true is not supported: the response holds the completion only",
                            param="echo", code="unsupported")
@@ -222,7 +233,7 @@ class Service:
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
             raise APIError(400, "prompt=[]: give at least one prompt", param="prompt", code="invalid_value")
-        admission = self.admit(self._sequences(len(prompts), body.n))
+        admission = await self.admit(self._sequences(len(prompts), body.n), key)
         try:
             params = await anyio.to_thread.run_sync(self._params, body, body.max_tokens, body.logprobs)
             call = await self._call(rid, "completions", prompts, params, body)
@@ -232,11 +243,11 @@ class Service:
         call.admission = admission
         return call
 
-    async def chat_call(self, rid: str, body: ChatCompletionRequest) -> Call:
+    async def chat_call(self, rid: str, body: ChatCompletionRequest, key: Optional[KeyHold] = None) -> Call:
         if self.template is None:
             raise APIError(400, f"this model cannot chat: {self.template_error} (start the server with "
                                 "--chat-template)", param="messages", code="no_chat_template")
-        admission = self.admit(self._sequences(1, body.n))
+        admission = await self.admit(self._sequences(1, body.n), key)
         try:
             call = await self._chat_call(rid, body, self.template)
         except BaseException:
@@ -379,15 +390,24 @@ class Service:
 
 
     # -- running ------------------------------------------------------------------------
-    def admit(self, sequences: int) -> Admission:
-        """Holds ``sequences`` against the queue bound (429 when they do not fit), before
-        the request's costly work; the caller releases the Admission once the call has ended."""
+    async def admit(self, sequences: int, key: Optional[KeyHold] = None) -> Admission:
+        """Holds ``sequences`` against the queue bound, then the caller's key's limits (429
+        when either refuses), before the request's costly work (rendering, tokenizing,
+        grammars): a refused request costs none of it. The caller releases the Admission
+        once the call has ended."""
         if self.in_flight + sequences > self.capacity:
             waiting = max(0, self.in_flight - self.model.n_parallel)
             raise APIError(429, f"the server is busy: {waiting} sequences are waiting for a slot (limit "
                                 f"{self.settings.max_queue}); retry later", code="queue_full",
                            headers={"Retry-After": str(self.settings.retry_after)})
-        return Admission(self, sequences)
+        admission = Admission(self, sequences)
+        if key is not None:
+            try:
+                admission.let_key_go = await key(sequences)
+            except BaseException:
+                admission.release()
+                raise
+        return admission
 
     async def events(self, call: Call) -> AsyncIterator[Tuple[Choice, StreamEvent]]:
         """The call's stream events with their choices; the stream is closed (the engine's
