@@ -427,3 +427,24 @@ def test_weighted_turns_in_the_runner(smollm2_path):
     assert len(order) == 24
     assert order[:8].count("heavy") == 6, order  # 3 to 1 while both wait
     assert order[-6:].count("light") == 6, order  # light's rest, once heavy has none
+
+
+def test_a_file_job_shares_results_through_redis(smol, smollm2_path, redis_server, tmp_path):
+    """`parallel-gen generate --result-cache redis://...` stores its greedy rows in Redis; a
+    job in another process with the same cache answers them from Redis with no decode."""
+    prompts = [f"Fact {i}: the mountain" for i in range(4)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    r = subprocess.run([sys.executable, "-m", "parallel_gen", "generate", "-f", str(src), "-o",
+                        str(tmp_path / "one.jsonl"), "--model", str(smollm2_path), "--max-tokens", "6",
+                        "--temperature", "0", "--threads", "1", "--no-prompt-cache", "--result-cache",
+                        redis_server.url], env={**os.environ, "PYTHONPATH": PYTHON_DIR}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    before = smol.stats().tokens_generated
+    with pg.ResultCache(redis_server.url) as cache:  # an empty in-process level: every hit is Redis's
+        s = pg.run_file_job(smol, src, tmp_path / "two.jsonl", max_tokens=6, temperature=0, cache=cache)
+        assert cache.counts.hits == {"memory": 0, "redis": 4}
+    assert (s.written, s.failed) == (4, 0) and smol.stats().tokens_generated == before
+    texts = lambda name: [json.loads(line)["text"] for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
+    assert texts("one.jsonl") == texts("two.jsonl")

@@ -562,3 +562,36 @@ def test_resume_refuses_an_output_written_with_other_columns(smol, tmp_path):
         run_file_job(smol, src, out, max_tokens=1, temperature=0, logprobs=1, n=2, resume=True)
     s = run_file_job(smol, src, out, max_tokens=1, temperature=0, logprobs=1, resume=True)
     assert (s.rows, s.skipped) == (3, 1)
+
+
+def test_a_file_job_reads_and_fills_the_result_cache(smollm2_path, tmp_path):
+    """With a result cache, rows whose result is a function of their inputs (greedy, or a
+    seed given) are stored by the first run and answered from the cache by the next, with
+    no decode; a sampled row without a seed is never stored. Counted in generated tokens."""
+    prompts = [f"Fact {i}: the river" for i in range(5)]
+    rows = [{"prompt": p} for p in prompts]
+    rows += [{"prompt": "A seeded tale", "temperature": 0.8, "seed": 7},
+             {"prompt": "An unseeded tale", "temperature": 0.8}]
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, rows)
+    cache = tmp_path / "cache"
+    # No KV reuse across rows: every greedy row's prefill is whole, so every one is stored.
+    with pg.Model(smollm2_path, n_parallel=2, n_ctx=256, n_threads=1, prompt_cache=False,
+                  share_prefix=False) as m:
+        s1 = run_file_job(m, src, tmp_path / "one.jsonl", max_tokens=6, temperature=0, ignore_eos=True,
+                          cache=cache)
+        before = m.stats().tokens_generated
+        s2 = run_file_job(m, src, tmp_path / "two.jsonl", max_tokens=6, temperature=0, ignore_eos=True,
+                          cache=cache)
+        generated = m.stats().tokens_generated - before
+    assert (s1.written, s1.failed, s2.written, s2.failed) == (7, 0, 7, 0)
+    assert generated == 6  # only the unseeded sampled row ran again
+    one, two = read_jsonl(tmp_path / "one.jsonl"), read_jsonl(tmp_path / "two.jsonl")
+    assert [r["text"] for r in one[:6]] == [r["text"] for r in two[:6]]
+    assert all(r["completion_tokens"] == 6 and r["error"] is None for r in two)
+    assert [r["text"] for r in one[:5]] == greedy_texts(smollm2_path, prompts)
+
+
+def greedy_texts(path, prompts):
+    with pg.Model(path, n_parallel=2, n_ctx=256, n_threads=1) as m:
+        return pg.generate_parallel(m, prompts, max_tokens=6, temperature=0, ignore_eos=True).texts

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Dict, Generic, Iterable, Iterator, List, 
 from .core.client import Client
 from .core.collector import Collector
 from .errors import ErrorCode, Failure, ParamError, ParamTypeError
-from .generate import ModelLike, open_model
+from .generate import ModelLike, cacheable_result, open_model
 from .core.inputs import PreparedPrompt, prepare, prompt_items, reject_unordered
 from .model import Model
 from .params import SamplingParams, SeedRule, check_field_names, own_seed
@@ -28,6 +28,7 @@ from .results import Completion
 from .core.runner import Item
 
 if TYPE_CHECKING:
+    from .result_cache import ResultCache
     from .tools import ToolPlan
 
 logger = logging.getLogger("parallel_gen")
@@ -50,6 +51,9 @@ class Work:
     prepared: Optional[PreparedPrompt] = None
     """The prompt tokenized, when the work's maker had to (a file job sizing its context):
     the engine takes these tokens rather than tokenizing it again."""
+    cacheable: bool = False
+    """Its result is a function of the inputs (greedy, or a seed the user gave): with a
+    result cache, looked up first and stored after."""
 
 
 @dataclass
@@ -230,6 +234,9 @@ class OrderedRequests(Generic[W, R]):
                 self.collector.fail(i, failure)
                 self.stats.finished += 1
                 continue
+            if self.collector.ready(i):  # answered without the engine (the result cache)
+                self.stats.finished += 1
+                continue
             items.extend(mine)
             self.stats.in_flight += 1
         if items:
@@ -253,12 +260,35 @@ class OrderedGeneration(OrderedRequests[Work, Completion]):
     the order of ``works``, with at most ``lookahead`` prompts pulled and not yielded.
     A prompt that cannot run is an "error" Completion. ``close()`` cancels what is in flight."""
 
+    def __init__(self, model: Model, works: Iterator[Work], lookahead: Optional[int] = None,
+                 request_id: Optional[str] = None, tools: Optional["ToolPlan"] = None,
+                 cache: Optional["ResultCache"] = None) -> None:
+        super().__init__(model, works, lookahead, request_id, tools)
+        self.cache = cache
+        self.cache_hits = 0
+        self._keys: Dict[int, Tuple[str, SamplingParams]] = {}  # works to store once finished
+
     def _start(self, i: int, work: Work) -> Tuple[List[Item], Optional[Failure]]:
         self.collector.expect(i, work.prompt, work.params.n)
         if work.failure is not None:
             return [], work.failure
         prepared = work.prepared if work.prepared is not None else prepare(self.model, work.prompt)
+        if self.cache is not None and work.cacheable and prepared.failure is None:
+            key = self.cache.key(self.model, prepared.text, work.params)
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.collector.put(i, hit)
+                self.cache_hits += 1
+                return [], None
+            self._keys[i] = (key, work.params)
         return prompt_items(self.model, i, prepared, work.params)
 
     def _take(self, i: int) -> Completion:
-        return self.collector.take(i)
+        reused = i in self.collector.reused_kv  # (take() forgets it)
+        c = self.collector.take(i)
+        stored = self._keys.pop(i, None)
+        # The rule of run_batch: only whole prefills' results, not cut short by the context.
+        if stored is not None and self.cache is not None and not reused \
+                and cacheable_result(self.model, c, stored[1]):
+            self.cache.put(stored[0], c)
+        return c

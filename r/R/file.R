@@ -40,6 +40,10 @@
 #'   built-in name such as `"chatml"` (implies `chat`).
 #' @param model_options `NULL`, or a named list of [pg_model()] settings (`n_parallel`,
 #'   `n_ctx`, `n_threads`, ...) used when `model` is a path.
+#' @param cache `NULL` (no result cache), a directory, or a Redis URL
+#'   (`"redis://host:6379/0"`): rows whose result is a function of their inputs
+#'   (`temperature = 0`, or a `seed` given to the job or by the row) are answered from it
+#'   without decoding, and the rows decoded whole are stored (as [pg_generate()]'s `cache`).
 #' @return A one-row data.frame, the job's summary: `output`, `rows` (rows in the output
 #'   now), `written` (by this call), `skipped` (already there, with `resume`), `failed`
 #'   (rows written with an error), `prompt_tokens`, `completion_tokens`, `seconds`,
@@ -57,12 +61,13 @@ pg_generate_file <- function(model, input, output, max_tokens = 128L, temperatur
                              stop = NULL, input_format = "auto", output_format = "auto", prompt_column = "prompt",
                              messages_column = "messages", resume = FALSE, overwrite = FALSE, chat = FALSE,
                              system = NULL, chat_template = NULL, model_options = NULL,
-                             progress = interactive()) {
+                             progress = interactive(), cache = NULL) {
   model <- .check_model(model)
   job <- .file_job_args(input, output, input_format, output_format,
                         list(prompt_column = prompt_column, messages_column = messages_column),
                         resume, overwrite, chat, system, chat_template, model_options, progress)
   kwargs <- c(.sampling_kwargs(max_tokens, temperature, seed, stop, list(...)), job$kwargs)
+  if (!is.null(cache)) kwargs$cache <- .check_string(cache, "cache")
   .run_file_job("run_file_job", model, job$paths, kwargs = kwargs)
 }
 

@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "(jsonl, csv, parquet), or the texts alone (text) (default: by the extension of "
                            "--output, else jsonl)")
     add_sampling_options(p)
+    p.add_argument("--result-cache", metavar="DIR_OR_URL",
+                   help="answer rows whose result is a function of their inputs (greedy, or seeded with --seed "
+                        "or a row's seed) from a result cache, and store them: a directory, or "
+                        "redis://host:port/db (shared with servers and other jobs)")
     add_model_options(p)
 
 
@@ -52,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
     tools = tools_args(args)
     if args.ray is not None:
-        if tools:
+        if tools or args.result_cache:
             from ..jobs.formats import JobInputError
 
-            raise JobInputError("--tools is not supported with --ray yet: run the job without --ray")
+            flag = "--tools" if tools else "--result-cache"
+            raise JobInputError(f"{flag} is not supported with --ray yet: run the job without --ray")
         from ..ray.cli import generate_on_ray
 
         return generate_on_ray(args)
@@ -65,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     return run_job(args, source, lambda model_options: run_source_job(
         args.model, source, args.output, output_format=args.output_format, resume=args.resume,
         overwrite=args.overwrite, chat=args.chat, system=args.system, chat_template=template_arg,
-        progress=args.progress, params=params, lookahead=args.lookahead, model_options=model_options, **tools))
+        progress=args.progress, params=params, lookahead=args.lookahead, model_options=model_options,
+        cache=args.result_cache, **tools))
 
 
 def tools_args(args: argparse.Namespace) -> Dict[str, Any]:

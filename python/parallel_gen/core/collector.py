@@ -150,11 +150,13 @@ class Collector:
 
     def take(self, i: int) -> Completion:
         """Completion ``i`` (ready), forgotten here."""
+        self.reused_kv.discard(i)
         p = self._prompts.pop(i)
         return Completion(i, p.text, p.outputs, p.prompt_tokens)  # type: ignore[arg-type]
 
     def take_scored(self, i: int) -> Scored:
         """Scoring prompt ``i``'s result (ready), forgotten here."""
+        self.reused_kv.discard(i)
         scored = self._prompts.pop(i).scored
         if scored is None:
             raise RuntimeError(f"prompt {i} is not a finished scoring prompt")

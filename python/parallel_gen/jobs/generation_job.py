@@ -18,6 +18,7 @@ from ..core.inputs import prepare
 from ..iterate import OrderedGeneration, Work
 from ..model import Model
 from ..params import SamplingParams, SeedRule
+from ..result_cache import ResultCache, open_cache
 from ..results import Completion
 from ..templates import ChatTemplate
 from ..tools import ToolPlan, ToolRequest, tool_request
@@ -63,10 +64,13 @@ class GenerationJob(RowJob):
 
     def __init__(self, params: SamplingParams, *, chat: bool = False, system: Optional[str] = None,
                  chat_template: Optional[str] = None, cells_are_text: bool = False,
-                 tools: Optional[ToolRequest] = None) -> None:
+                 tools: Optional[ToolRequest] = None, cache: Optional[ResultCache] = None) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        # A seed drawn here makes no result reproducible by another run: not worth caching.
+        self._seed_given = params.seed is not None
         self.params = params.replace(seed=SeedRule(params.seed).start)
+        self.cache = cache
         self.chat = chat_mode(chat, system, chat_template) or tools is not None
         self.system = system
         self.chat_template = chat_template
@@ -139,11 +143,13 @@ class GenerationJob(RowJob):
             error = self._sized.check(prepared, params)
             if error is not None:
                 return Work(prompt, params, Failure(ErrorCode.PROMPT_TOO_LONG, f"{row.where}: {error}"))
-        return Work(prompt, params, prepared=prepared)
+        fixed = params.temperature == 0 or self._seed_given or "seed" in row.fields
+        return Work(prompt, params, prepared=prepared, cacheable=self.cache is not None and fixed)
 
     def ordered(self, model: Model, rows: Iterator[InputRow], lookahead: Optional[int]) -> OrderedGeneration:
         # A chat job's plan was built by prepare(): the collector reads each output's tool calls.
-        return OrderedGeneration(model, (self.work(model, row) for row in rows), lookahead, tools=self._plan)
+        return OrderedGeneration(model, (self.work(model, row) for row in rows), lookahead, tools=self._plan,
+                                 cache=self.cache)
 
     def record(self, row: InputRow, result: Completion) -> RowDone:
         return RowDone(output_record(row.row, row.fields, result, self.columns), result.prompt_tokens,
@@ -171,7 +177,8 @@ def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike],
                  progress: Optional[bool] = None, params: Optional[SamplingParams] = None,
                  lookahead: Optional[int] = None, model_options: Optional[Mapping[str, Any]] = None,
                  tools: Optional[Sequence[Mapping[str, Any]]] = None, tool_choice: Any = None,
-                 parallel_tool_calls: bool = True, **sampling: Any) -> JobSummary:
+                 parallel_tool_calls: bool = True, cache: Union[None, PathLike, ResultCache] = None,
+                 **sampling: Any) -> JobSummary:
     """Generates for every row of ``input`` and writes one output row per input row.
 
     Args:
@@ -204,6 +211,10 @@ def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike],
         model_options: Model keywords (ModelConfig fields) when ``model`` is a path.
         tools, tool_choice, parallel_tool_calls: tools offered in every row's
             conversation, as for :func:`parallel_gen.chat_parallel` (tools imply chat).
+        cache: a result cache (a directory, a ``redis://`` URL or a
+            :class:`~parallel_gen.ResultCache`), as for :func:`parallel_gen.generate_parallel`:
+            rows whose result is a function of their inputs (greedy, or a seed given by the
+            job or the row) are looked up first, and stored once finished (whole prefills only).
 
     Each output row holds the input row's fields, then ``row`` (the input row number,
     from 0), ``text``, ``finish_reason``, ``stop_reason``, ``prompt_tokens``,
@@ -231,7 +242,7 @@ def run_file_job(model: Union[Model, PathLike, None], input: Optional[PathLike],
                               overwrite=overwrite, chat=chat, system=system, chat_template=chat_template,
                               progress=progress, params=params, lookahead=lookahead, model_options=model_options,
                               tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
-                              **sampling)
+                              cache=cache, **sampling)
     finally:
         source.close()
 
@@ -242,15 +253,23 @@ def run_source_job(model: Union[Model, PathLike, None], source: Source, output: 
                    progress: Optional[bool] = None, params: Optional[SamplingParams] = None,
                    lookahead: Optional[int] = None, model_options: Optional[Mapping[str, Any]] = None,
                    tools: Optional[Sequence[Mapping[str, Any]]] = None, tool_choice: Any = None,
-                   parallel_tool_calls: bool = True, **sampling: Any) -> JobSummary:
+                   parallel_tool_calls: bool = True, cache: Union[None, PathLike, ResultCache] = None,
+                   **sampling: Any) -> JobSummary:
     """run_file_job on an opened :class:`~parallel_gen.jobs.sources.Source` (the CLI's
     prompts from arguments are one); ``output`` None is stdout."""
     t0 = time.perf_counter()
-    job = GenerationJob(job_params(params, sampling), chat=chat, system=system, chat_template=chat_template,
-                        cells_are_text=source.format is InputFormat.CSV,
-                        tools=tool_request(tools, tool_choice, parallel_tool_calls))
-    return run_rows(model, source, output, job, output_format=output_format, resume=resume, overwrite=overwrite,
-                    progress=progress, lookahead=lookahead, model_options=model_options, t0=t0)
+    params = job_params(params, sampling)
+    request = tool_request(tools, tool_choice, parallel_tool_calls)
+    result_cache = open_cache(cache)
+    try:
+        job = GenerationJob(params, chat=chat, system=system, chat_template=chat_template,
+                            cells_are_text=source.format is InputFormat.CSV, tools=request, cache=result_cache)
+        return run_rows(model, source, output, job, output_format=output_format, resume=resume,
+                        overwrite=overwrite, progress=progress, lookahead=lookahead, model_options=model_options,
+                        t0=t0)
+    finally:
+        if result_cache is not None and result_cache is not cache:
+            result_cache.close()  # opened from a path or URL for this job
 
 
 def job_params(params: Optional[SamplingParams], sampling: Mapping[str, Any]) -> SamplingParams:

@@ -46,3 +46,10 @@ catch_error <- function(expr) tryCatch({
   NULL
 }, error = identity)
 
+
+# Tokens a model's engine has generated since it opened (Python's Model.stats()).
+.py_tokens_generated <- function(m) {
+  n <- parallelgen:::.py_model(m)$stats()$tokens_generated
+  if (inherits(n, "python.builtin.object")) n <- reticulate::py_to_r(n)
+  as.integer(n)
+}

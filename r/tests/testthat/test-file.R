@@ -88,3 +88,22 @@ test_that("pg_generate_file: JSONL and text, a model path, per-row errors, argum
   expect_error(pg_generate_file(m, text_in, file.path(dir, "o2.csv"), max_tokens = 0, progress = FALSE),
                "max_tokens", class = "pg_ValueError")
 })
+
+test_that("pg_generate_file(cache =) answers a job run again from the result cache, without decoding", {
+  # No KV reuse between rows: every row's prefill is whole, so every row is stored.
+  m <- pg_model(smollm2_path(), n_parallel = 2, n_ctx = 256, n_threads = 1, prompt_cache = FALSE,
+                share_prefix = FALSE)
+  on.exit(pg_close(m))
+  dir <- job_dir()
+  input <- write_input(dir)
+  cache <- file.path(dir, "cache")
+  first <- pg_generate_file(m, input, file.path(dir, "one.csv"), max_tokens = 5, temperature = 0,
+                            progress = FALSE, cache = cache)
+  before <- .py_tokens_generated(m)
+  second <- pg_generate_file(m, input, file.path(dir, "two.csv"), max_tokens = 5, temperature = 0,
+                             progress = FALSE, cache = cache)
+  expect_identical(c(first$written, second$written, second$failed), c(6L, 6L, 0L))
+  expect_identical(.py_tokens_generated(m) - before, 0L)
+  expect_identical(read.csv(file.path(dir, "two.csv"))$text, read.csv(file.path(dir, "one.csv"))$text)
+  expect_error(pg_generate_file(m, input, file.path(dir, "x.csv"), cache = 1, progress = FALSE), "cache")
+})
