@@ -265,7 +265,6 @@ class OrderedGeneration(OrderedRequests[Work, Completion]):
                  cache: Optional["ResultCache"] = None) -> None:
         super().__init__(model, works, lookahead, request_id, tools)
         self.cache = cache
-        self.cache_hits = 0
         self._keys: Dict[int, Tuple[str, SamplingParams]] = {}  # works to store once finished
 
     def _start(self, i: int, work: Work) -> Tuple[List[Item], Optional[Failure]]:
@@ -278,7 +277,6 @@ class OrderedGeneration(OrderedRequests[Work, Completion]):
             hit = self.cache.get(key)
             if hit is not None:
                 self.collector.put(i, hit)
-                self.cache_hits += 1
                 return [], None
             self._keys[i] = (key, work.params)
         return prompt_items(self.model, i, prepared, work.params)

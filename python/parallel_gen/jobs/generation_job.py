@@ -143,7 +143,8 @@ class GenerationJob(RowJob):
             error = self._sized.check(prepared, params)
             if error is not None:
                 return Work(prompt, params, Failure(ErrorCode.PROMPT_TOO_LONG, f"{row.where}: {error}"))
-        fixed = params.temperature == 0 or self._seed_given or "seed" in row.fields
+        # (an empty seed cell keeps the job's seed: row_params' rule)
+        fixed = params.temperature == 0 or self._seed_given or row.fields.get("seed") not in (None, "")
         return Work(prompt, params, prepared=prepared, cacheable=self.cache is not None and fixed)
 
     def ordered(self, model: Model, rows: Iterator[InputRow], lookahead: Optional[int]) -> OrderedGeneration:
