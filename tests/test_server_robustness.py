@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 
 from test_robustness import big_schema
-from test_server import ALIAS, KEY, Server
+from test_server import ALIAS, KEY, Server, _wait
 from test_tools import TOOLS, user
 
 HERMES_FILE = str(Path(__file__).parent / "templates" / "hermes_tools.jinja")
@@ -201,3 +201,37 @@ def test_a_full_server_refuses_before_converting_or_parsing(tiny):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     _error(http.post("/v1/completions", json=bad_schema), 400, param="json_schema")
+
+
+# -- 6 on the server: its result cache keeps whole prefills' outputs only ------------------------
+def test_the_servers_result_cache_leaves_out_prefills_that_reused_kv(smollm2_path, tmp_path):
+    """The rule of generate_parallel's cache (tests/test_robustness.py) holds for the server's:
+    an answer whose prefill resumed from the prompt cache is not stored. Counted in the
+    server's hits; its single writer thread stores in order, so once a later answer is a
+    hit, every earlier answer's store has been decided."""
+    s = Server(smollm2_path, "--result-cache", tmp_path / "rc", key=None)
+    try:
+        http = httpx.Client(base_url=s.url, timeout=120)
+        base = "The history of the city of Lyon, told in three short parts. Part one:"
+
+        def ask(prompt):
+            r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        def hits():
+            return s.metric("parallel_gen_result_cache_calls_total", '{outcome="hit"}') or 0
+
+        assert ask(base)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # decoded whole: stored
+        warm = ask(base + " the Romans")
+        assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # resumed from the cached prefix
+        other = "Zebras live in"  # decoded whole, stored after the warm answer's turn
+        ask(other)
+        assert _wait(lambda: ask(other) and hits() >= 1, 60)
+        before = hits()
+        again = ask(base + " the Romans")
+        assert hits() == before  # not stored: answered by decoding again
+        assert again["choices"][0]["text"] == warm["choices"][0]["text"]
+        assert ask(base) and hits() == before + 1  # the whole prefill's answer was stored
+    finally:
+        s.stop()

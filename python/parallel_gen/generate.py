@@ -157,20 +157,23 @@ def run_batch(model: Model, prompts: List[PreparedPrompt], params: List[Sampling
                               completions)
     if cache is not None:
         for i, c in enumerate(completions):
-            if (keys[i] is not None and i not in hits and i not in gather.reused_kv
-                    and cacheable_result(model, c, params[i])):
+            if (keys[i] is not None and i not in hits
+                    and cacheable_result(model, c, params[i], reused_kv=i in gather.reused_kv)):
                 cache.put(keys[i], c)
     stats = batch_stats(completions, req.counters, time.perf_counter() - t0, cache_hits=len(hits))
     logger.info("request %s: done, %d tokens in %.2f s", client.name, stats.completion_tokens, stats.wall_seconds)
     return BatchResult(completions, stats)
 
 
-def cacheable_result(model: Model, c: Completion, params: SamplingParams) -> bool:
-    """Whether a completion is a function of the prompt, the params and the numerics alone:
-    not an error, and not cut off by this Model's context (n_ctx is capacity, not part of
-    the cache key, so an output the context ended would be wrong under a larger one).
-    The caller also leaves out a prefill that reused KV (Collector.reused_kv): it
-    depends on what ran before, so the result cache keeps only whole prefills' outputs."""
+def cacheable_result(model: Model, c: Completion, params: SamplingParams, *, reused_kv: bool) -> bool:
+    """Whether a completion is a function of the prompt, the params and the numerics alone,
+    the one rule of every result cache's writer: its prefill did not start from reused KV
+    (``reused_kv``: the prompt cache, a shared prefix; its output depends on what ran
+    before, so only whole prefills' outputs are kept), it is not an error, and it was not
+    cut off by this Model's context (n_ctx is capacity, not part of the cache key, so an
+    output the context ended would be wrong under a larger one)."""
+    if reused_kv:
+        return False
     for o in c.outputs:
         if o.finish_reason == "error":
             return False

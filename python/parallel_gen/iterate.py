@@ -285,8 +285,7 @@ class OrderedGeneration(OrderedRequests[Work, Completion]):
         reused = i in self.collector.reused_kv  # (take() forgets it)
         c = self.collector.take(i)
         stored = self._keys.pop(i, None)
-        # The rule of run_batch: only whole prefills' results, not cut short by the context.
-        if stored is not None and self.cache is not None and not reused \
-                and cacheable_result(self.model, c, stored[1]):
+        if stored is not None and self.cache is not None \
+                and cacheable_result(self.model, c, stored[1], reused_kv=reused):
             self.cache.put(stored[0], c)
         return c

@@ -122,11 +122,12 @@ class CallCache:
                 outputs.append(c.output)
             completions.append(Completion(i, prompt, outputs, call.prompt_tokens[i]))
 
-        items = list(zip(plan.keys, completions, call.params))
+        reused = [call.cached.get(i, 0) > 0 for i in range(len(call.prompts))]
+        items = list(zip(plan.keys, completions, call.params, reused))
 
         def write() -> None:
-            for key, completion, params in items:
-                if cacheable_result(self.model, completion, params):
+            for key, completion, params, reused_kv in items:
+                if cacheable_result(self.model, completion, params, reused_kv=reused_kv):
                     self.cache.put(key, completion)
 
         self._writer.submit(write)
