@@ -5,7 +5,11 @@ Every round runs, one after another on a quiet machine (only one server process 
 time): in-process generate_parallel on the prompts; parallel-gen serve with C concurrent
 streaming HTTP clients (one prompt each); llama-server -np N with the same clients. The
 figures are ratios of generated tokens per second of wall time within a round, plus the
-time to first token (p50/p95) of the HTTP runs.
+time to first token (p50/p95) of the HTTP runs, and what each server process spent in CPU
+time per generated token (user + system, read from /proc: the decode threads' spinning
+included, so it is a cost, not a speed) with, for parallel-gen serve, the part its event
+loop thread took (HTTP, SSE, JSON). The two servers take turns going first, round by round,
+so a drift of the machine's speed does not favour one.
 
     benchmarks/build_batched_bench.sh                       # also builds benchmarks/bin/llama-server
     python benchmarks/serve.py --clients 16,64 --rounds 3 --json benchmarks/results-serve.json
@@ -49,16 +53,34 @@ class Run:
     tokens: int
     seconds: float
     ttft: List[float] = field(default_factory=list)
+    cpu_seconds: Optional[float] = None  # the server process's CPU time (user + system) in the run
+    loop_cpu_seconds: Optional[float] = None  # parallel-gen serve: its event loop (main) thread's
 
     @property
     def tps(self) -> float:
         return self.tokens / self.seconds
+
+    @property
+    def cpu_ms_per_token(self) -> Optional[float]:
+        return None if self.cpu_seconds is None else 1000 * self.cpu_seconds / self.tokens
+
+    @property
+    def loop_ms_per_token(self) -> Optional[float]:
+        return None if self.loop_cpu_seconds is None else 1000 * self.loop_cpu_seconds / self.tokens
 
     def pct(self, q: float) -> Optional[float]:
         if not self.ttft:
             return None
         xs = sorted(self.ttft)
         return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def cpu_seconds(stat_path: str) -> float:
+    """User + system CPU seconds of a process (/proc/PID/stat) or one of its threads
+    (/proc/PID/task/TID/stat); threads that exited are counted in the process's."""
+    with open(stat_path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def prompts_for(n: int) -> List[str]:
@@ -175,24 +197,31 @@ def main() -> None:
                 runs.append(Run("in-process", c, rnd, res.stats.completion_tokens, time.perf_counter() - t0))
                 print(f"round {rnd}: in-process, {c} prompts: {runs[-1].tps:.1f} t/s", flush=True)
             # The in-process Model sleeps (its engine thread is idle) while the servers run.
-            for impl, cmd, ready in (("parallel-gen serve", ours_cmd, "/health"),
-                                     ("llama-server", llama_cmd, "/health")):
+            servers = [("parallel-gen serve", ours_cmd, "/health"), ("llama-server", llama_cmd, "/health")]
+            for impl, cmd, ready in (servers if rnd % 2 else servers[::-1]):
                 if impl == "llama-server" and not have_llama:
                     continue
                 proc = Process(cmd, url, ready)
                 try:
                     http_run(url, prompts_for(2), 4)  # warm up
                     for c in clients:
+                        pid = proc.proc.pid
+                        cpu0, loop0 = cpu_seconds(f"/proc/{pid}/stat"), cpu_seconds(f"/proc/{pid}/task/{pid}/stat")
                         run = http_run(url, prompts_for(c), args.max_tokens)
+                        run.cpu_seconds = cpu_seconds(f"/proc/{pid}/stat") - cpu0
+                        if impl == "parallel-gen serve":  # uvicorn's event loop runs on the main thread
+                            run.loop_cpu_seconds = cpu_seconds(f"/proc/{pid}/task/{pid}/stat") - loop0
                         run.impl, run.round = impl, rnd
                         runs.append(run)
+                        loop = f", event loop {run.loop_ms_per_token:.3f}" if run.loop_cpu_seconds is not None else ""
                         print(f"round {rnd}: {impl}, {c} clients: {run.tps:.1f} t/s, ttft p50 {run.pct(0.5):.2f} s "
-                              f"p95 {run.pct(0.95):.2f} s", flush=True)
+                              f"p95 {run.pct(0.95):.2f} s; CPU {run.cpu_ms_per_token:.2f} ms/token{loop}", flush=True)
                 finally:
                     proc.stop()
 
-    print("\n| clients | impl | t/s (median) | x in-process | x llama-server | TTFT p50 | TTFT p95 |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("\n| clients | impl | t/s (median) | x in-process | x llama-server (median, min-max) | TTFT p50 | TTFT p95 "
+          "| server CPU ms/token | of it event loop |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for c in clients:
         base = {r.round: r.tps for r in runs if r.impl == "in-process" and r.clients == c}
         llama = {r.round: r.tps for r in runs if r.impl == "llama-server" and r.clients == c}
@@ -201,14 +230,20 @@ def main() -> None:
             if not mine:
                 continue
             x_in = statistics.median(r.tps / base[r.round] for r in mine)
-            x_ll = statistics.median(r.tps / llama[r.round] for r in mine) if llama else float("nan")
+            x_ll = [r.tps / llama[r.round] for r in mine] if llama else []
+            ll = f"{statistics.median(x_ll):.3f} ({min(x_ll):.2f}-{max(x_ll):.2f})" if x_ll else ""
             p50 = statistics.median(r.pct(0.5) for r in mine) if mine[0].ttft else None
             p95 = statistics.median(r.pct(0.95) for r in mine) if mine[0].ttft else None
-            print(f"| {c} | {impl} | {statistics.median(r.tps for r in mine):.1f} | {x_in:.3f} | {x_ll:.3f} | "
-                  f"{'' if p50 is None else f'{p50:.2f} s'} | {'' if p95 is None else f'{p95:.2f} s'} |")
+            cpu = statistics.median(r.cpu_ms_per_token for r in mine) if mine[0].cpu_seconds is not None else None
+            lp = statistics.median(r.loop_ms_per_token for r in mine) if mine[0].loop_cpu_seconds is not None else None
+            print(f"| {c} | {impl} | {statistics.median(r.tps for r in mine):.1f} | {x_in:.3f} | {ll} | "
+                  f"{'' if p50 is None else f'{p50:.2f} s'} | {'' if p95 is None else f'{p95:.2f} s'} | "
+                  f"{'' if cpu is None else f'{cpu:.2f}'} | {'' if lp is None else f'{lp:.3f}'} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "runs": [dict(asdict(r), tps=r.tps) for r in runs]}, f, indent=1)
+            json.dump({"args": vars(args), "runs": [dict(asdict(r), tps=r.tps, cpu_ms_per_token=r.cpu_ms_per_token,
+                                                          loop_ms_per_token=r.loop_ms_per_token) for r in runs]},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,42 @@ def test_cli_compare_killed_mid_way_resumes_to_the_uninterrupted_result_with_its
     assert r.returncode == 2 and "changed since the job started" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_file_compare_loads_each_model_once_for_all_its_templates(smol1, smollm2_path, tmp_path, monkeypatch):
+    from parallel_gen.study.compare_file import compare_file, parts_dir, read_codings
+
+    texts, gold = reviews()
+    src, out = tmp_path / "in.csv", tmp_path / "codings.csv"
+    with open(src, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "gold"])
+        w.writerows(zip(texts[:8], gold[:8]))
+    loads = []
+    load = pg.Model._load  # every way of opening a Model (the constructor, open_sized) loads the weights here
+
+    def counted(path, config):
+        loads.append(str(path))
+        return load(path, config)
+
+    monkeypatch.setattr(pg.Model, "_load", staticmethod(counted))
+    options = {k: v for k, v in MODEL.items() if k != "n_ctx"}  # sized to the prompts of both templates
+    summary = compare_file([smollm2_path], src, out, LABELS, templates=TEMPLATES, gold_column="gold",
+                           model_options=options, model_names=["smollm2"])
+    assert loads == [str(smollm2_path)]  # one load for both coders (it was one per coder)
+    assert summary.failed == 0 and summary.rows == 16
+    expected = pg.compare({"smollm2": smol1}, texts[:8], LABELS, gold[:8], TEMPLATES, ci=None)
+    rows = read_codings(out)
+    assert [(int(r["item"]), r["coder"], r["label"]) for r in rows] == \
+        [(c.item, c.coder, c.label) for c in expected.codings]
+    for r, e in zip(rows, expected.codings):
+        assert [float(r[f"p_{lab}"]) for lab in LABELS] == pytest.approx([e.probs[lab] for lab in LABELS], abs=TOL)
+    configs = [pg.RunRecord.read(Path(parts_dir(out)) / f"{i:02d}.jsonl").models[0]["config"] for i in (0, 1)]
+    assert configs[0] == configs[1]  # both coders ran on the one Model
+    # Resumed when every part is complete: joined again without loading any model.
+    again = compare_file([smollm2_path], src, out, LABELS, templates=TEMPLATES, gold_column="gold",
+                         model_options=options, model_names=["smollm2"], resume=True)
+    assert loads == [str(smollm2_path)] and again.parts == [None, None] and read_codings(out) == rows
+
+
 def test_cli_compare_rejects_gold_problems_before_work(smollm2_path, tmp_path):
     src = tmp_path / "in.csv"
     src.write_text("text,gold\nfine,positive\nbad,\n")

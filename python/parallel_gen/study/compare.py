@@ -155,7 +155,7 @@ def compare(models: Any, texts: Union[str, Sequence[str]], labels: Sequence[str]
         require_sklearn()  # agreement needs it: say so before any work
     codings: List[Coding] = []
     for model_name, spec in specs.items():
-        with _open(spec, model_options, text_list, label_list, variants, classify_options) as m:
+        with open_for_templates(spec, model_options, text_list, label_list, variants, classify_options) as m:
             for template_name, template in variants.items():
                 coder = next(c for c in coders if c.model == model_name and c.template == template_name)
                 codings += _codings(m, coder, text_list, label_list, template, progress, classify_options)
@@ -233,14 +233,17 @@ def _check_spec(name: str, spec: Any) -> None:
                          f"got {type(spec).__name__}", "models")
 
 
-def _open(spec: ModelSpec, model_options: Optional[Mapping[str, Any]], texts: List[str], labels: List[str],
-          templates: Dict[str, Any], options: Mapping[str, Any]) -> Any:
-    """The model as a context manager: an open Model is lent, a path opened sized to
-    every template's prompts (unless n_ctx is given) and closed after."""
+def open_for_templates(spec: ModelSpec, model_options: Optional[Mapping[str, Any]], texts: Sequence[Optional[str]],
+                       labels: List[str], templates: Mapping[str, Any], options: Mapping[str, Any]) -> Any:
+    """The model as a context manager: an open Model is lent, a path opened once for all
+    ``templates`` (sized to every template's prompt of every text, unless n_ctx is given)
+    and closed after. Texts that are None or make no prompt are left out of the sizing:
+    their classify call reports them."""
     import contextlib
 
     from ..classification import Classifier, classify_options
     from ..config import model_config
+    from ..core.inputs import ScoringPrompt
     from ..model import Model
     from ..scoring import ScoringPromptsFor
 
@@ -250,11 +253,19 @@ def _open(spec: ModelSpec, model_options: Optional[Mapping[str, Any]], texts: Li
     config = model_config(config, model_options)
     if config.n_ctx is not None:
         return contextlib.closing(Model(path, config))
-    sizers = []
-    for template in templates.values():
-        opts = classify_options(labels, template=template, **options)
-        sizers.append(ScoringPromptsFor(
-            lambda m, opts=opts: [Classifier(m, opts).scoring_prompt(t, f"texts[{i}]") for i, t in enumerate(texts)]))
+
+    def prompts(m: Model, opts: Any) -> List[ScoringPrompt]:
+        classifier, out = Classifier(m, opts), []
+        for i, t in enumerate(texts):
+            if t is not None:
+                try:
+                    out.append(classifier.scoring_prompt(t, f"texts[{i}]"))
+                except (TypeError, ValueError):
+                    pass
+        return out
+
+    sizers = [ScoringPromptsFor(lambda m, opts=classify_options(labels, template=t, **options): prompts(m, opts))
+              for t in templates.values()]
     return contextlib.closing(Model.open_sized(path, lambda m: max(s.n_ctx(m) for s in sizers), config))
 
 

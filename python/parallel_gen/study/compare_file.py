@@ -2,7 +2,8 @@
 classify file job (jobs/classify_job.py) writing its own part, ``OUTPUT.parts/NN.jsonl``,
 streamed and resumable as ``classify`` is; when every part is complete they are joined
 into the long table OUTPUT (item, coder, model, template, text, gold, label, p_<label>,
-error). A killed compare continues with ``resume=True``: finished parts are skipped
+error). Each model is loaded once for all of its templates, sized to all of their
+prompts. A killed compare continues with ``resume=True``: finished parts are skipped
 whole (each keeps its own run record), a cut one resumes after its last row.
 """
 
@@ -19,7 +20,7 @@ from ..jobs.classify_job import classify_job, probability_column, text_columns
 from ..jobs.driver import JobInterrupted, JobSummary, PathLike, check_options, run_rows
 from ..jobs.formats import JobInputError
 from ..jobs.sources import open_source
-from .compare import Coder, template_variants, model_name
+from .compare import Coder, model_name, open_for_templates, template_variants
 from .record import Recorder, RunRecord
 
 PARTS_SUFFIX = ".parts"
@@ -86,21 +87,24 @@ def compare_file(models: Sequence[PathLike], input: PathLike, output: PathLike, 
     record = Recorder.start("compare", out, os.fspath(input), arguments, resume)
     if record is None:  # a file output always has one
         raise RuntimeError(f"no run record for {out}")
-    done: List[Optional[JobSummary]] = []
+    done: List[Optional[JobSummary]] = [None] * len(coders)
+    part = [os.path.join(parts, f"{i:02d}.jsonl") for i in range(len(coders))]
     try:
-        for i, coder in enumerate(coders):
-            path = os.path.join(parts, f"{i:02d}.jsonl")
-            if resume and _complete(path, len(texts)):
-                done.append(None)
+        for name, spec in zip(names, models):
+            todo = [i for i, c in enumerate(coders)
+                    if c.model == name and not (resume and _complete(part[i], len(texts)))]
+            if not todo:
                 continue
-            source = open_source(os.fspath(input), input_format, text_columns(text_column))
-            try:
-                again = resume and os.path.exists(path)  # else the part is new, or ours to replace
-                done.append(run_rows(models[names.index(coder.model)], source, path, jobs[coder.template],
-                                     resume=again, overwrite=not again,
-                                     progress=progress, lookahead=lookahead, model_options=model_options))
-            finally:
-                source.close()
+            # One load per model for all its templates (sized to all of their prompts).
+            with open_for_templates(spec, model_options, texts, label_list, variants, options) as model:
+                for i in todo:
+                    source = open_source(os.fspath(input), input_format, text_columns(text_column))
+                    try:
+                        again = resume and os.path.exists(part[i])  # else the part is new, or ours to replace
+                        done[i] = run_rows(model, source, part[i], jobs[coders[i].template], resume=again,
+                                           overwrite=not again, progress=progress, lookahead=lookahead)
+                    finally:
+                        source.close()
     except JobInterrupted:
         record.end(0, 0, 0, interrupted=True)
         raise
