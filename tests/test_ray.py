@@ -8,6 +8,7 @@ Outputs are compared with generate_parallel's greedy output on the same prompts
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ import ray  # noqa: E402
 
 import parallel_gen as pg  # noqa: E402
 from parallel_gen.jobs.records import OUTPUT_COLUMNS  # noqa: E402
-from parallel_gen.ray import BatchGenerator, classify, generate  # noqa: E402
+from parallel_gen.ray import BatchGenerator, RayJobError, classify, generate, run_ray_job  # noqa: E402
 
 PYTHON_DIR = str(Path(pg.__file__).resolve().parent.parent)
 MAX_TOKENS = 6
@@ -248,6 +249,43 @@ def test_a_missing_model_fails_the_job_with_its_path(cluster, tmp_path):
     assert time.time() - t0 < 60
 
 
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_a_ray_job_writes_a_run_record_whose_seed_reproduces_it(cluster, smollm2_path, tmp_path):
+    src, out, again = tmp_path / "in.jsonl", tmp_path / "out", tmp_path / "again"
+    src.write_text("".join(json.dumps({"id": i, "prompt": f"Story {i}: once upon a time"}) + "\n" for i in range(8)))
+    job = dict(model=str(smollm2_path), temperature=0.9, max_tokens=MAX_TOKENS, model_options=ACTOR_MODEL)
+    summary = run_ray_job(cluster, str(src), str(out), actors=2, batch_size=3, **job)  # no seed: the job draws one
+    record = pg.RunRecord.read(out)  # out.run.json, beside the output directory
+    assert record.kind == "generate" and record.input["sha256"] == sha256(src) and record.input["bytes"] > 0
+    [model] = record.models
+    assert model["sha256"] == sha256(smollm2_path) and model["config"]["n_ctx"] == 256
+    assert model["config"]["n_threads"] == 1  # an actor's: its one CPU
+    seed = record.arguments["params"]["seed"]
+    assert isinstance(seed, int) and record.arguments["params"]["temperature"] == 0.9
+    assert record.arguments["actors"] == 2 and record.arguments["batch_size"] == 3
+    assert record.output["rows"] == summary.rows == 8 and record.output["files"] == len(list(out.iterdir()))
+    [segment] = record.segments
+    assert segment["ended"] and segment["error"] is None and segment["written"] == 8 and record.verify()
+    first = {i: r["text"] for i, r in by_id(read_dir(out)).items()}
+    assert len(set(first.values())) > 1  # sampled
+    # The recorded seed makes the same texts, on another batching.
+    run_ray_job(cluster, str(src), str(again), actors=1, batch_size=8, seed=seed, **job)
+    assert {i: r["text"] for i, r in by_id(read_dir(again)).items()} == first
+    assert pg.RunRecord.read(again).arguments["params"]["seed"] == seed
+    part = sorted(out.iterdir())[0]  # a changed output no longer verifies
+    part.write_bytes(part.read_bytes() + b"\n")
+    assert not record.verify()
+    # A job that fails records why.
+    failed = tmp_path / "failed"
+    with pytest.raises(RayJobError, match="nope.gguf"):
+        run_ray_job(cluster, str(src), str(failed), model=str(tmp_path / "nope.gguf"), model_options=ACTOR_MODEL)
+    [segment] = pg.RunRecord.read(failed).segments
+    assert segment["ended"] and "nope.gguf" in segment["error"]
+
+
 # -- the command line -------------------------------------------------------------------
 def cli(*args, timeout=240, command="generate"):
     env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
@@ -327,6 +365,10 @@ def test_cli_classify_jsonl_in_parquet_out_on_a_given_cluster(cluster, smollm2_p
     r = cli(*args, "--stats", command="classify")
     assert r.returncode == 1, r.stderr  # the malformed line is a failed row
     assert f"1 of {len(REVIEWS) + 1} row(s) failed" in r.stderr and "parallel-gen classify" in r.stderr
+    record = pg.RunRecord.read(out)
+    assert record.kind == "classify" and record.arguments["labels"] == LABELS and record.input["sha256"] == sha256(src)
+    assert record.output["rows"] == len(REVIEWS) + 1 and record.segments[0]["failed"] == 1 and record.verify()
+    assert record.command[1:3] == ["classify", "--ray"]
     written = read_dir(out)
     [bad] = [w for w in written if w.get("id") is None]  # JSONL: a block's rows have only its columns
     assert "not valid JSON" in bad["error"] and bad["label"] is None

@@ -2,19 +2,22 @@
 Parquet or JSONL files out, generated on a Ray cluster.
 
 Ray Data writes a dataset as a directory of part files (one per block), so the output
-is a directory. Ray retries the batch of an actor that dies; a job whose driver dies
-is run again from the start (``overwrite=True``): Ray keeps no journal to resume from.
+is a directory; its run record, ``OUTPUT.run.json``, lies beside it (as a file job's: see
+:class:`~parallel_gen.RunRecord`). Ray retries the batch of an actor that dies; a job
+whose driver dies is run again from the start (``overwrite=True``): Ray keeps no journal
+to resume from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import pyarrow as pa
 import ray
@@ -22,8 +25,12 @@ import ray.data
 import ray.exceptions
 from ray.data import SaveMode
 
+from ..config import model_config
 from ..jobs.classify_job import classify_job
 from ..jobs.formats import InputFormat, JobInputError, OutputFormat, input_format_for, output_format_for
+from ..jobs.generation_job import GenerationJob, job_params
+from ..params import SamplingParams
+from ..study.record import Recorder, model_file_info
 from .batch import INPUT_ERROR_COLUMN
 from .classify import classify
 from .dataset import generate
@@ -78,9 +85,15 @@ def run_ray_job(address: Optional[str], input: str, output: str, *, model: Optio
             other than Parquet or JSONL.
     """
     pool = dict(actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size)
-    return _run_on_ray(address, input, output, lambda ds: generate(ds, model, **pool, **generate_args),
+    # The job's settings, its seed drawn here once: what the actors run and the record says.
+    sampling = {k: generate_args.pop(k) for k in list(generate_args) if k in _SAMPLING_FIELDS}
+    job = GenerationJob(job_params(generate_args.pop("params", None), sampling), chat=generate_args.get("chat", False),
+                        system=generate_args.get("system"), chat_template=generate_args.get("chat_template"))
+    arguments = {**job.arguments(), **{k: v for k, v in generate_args.items() if k != "model_options"}, **pool}
+    return _run_on_ray(address, input, output, lambda ds: generate(ds, model, params=job.params, **pool, **generate_args),
                        input_format=input_format, output_format=output_format, overwrite=overwrite,
-                       cpus=actors * cpus_per_actor, gpus=actors * gpus_per_actor, progress=progress)
+                       cpus=actors * cpus_per_actor, gpus=actors * gpus_per_actor, progress=progress,
+                       record=_JobRecord("generate", arguments, model, generate_args.get("model_options"), pool))
 
 
 def run_ray_classify_job(address: Optional[str], input: str, output: str, labels: Sequence[str], *,
@@ -92,20 +105,54 @@ def run_ray_classify_job(address: Optional[str], input: str, output: str, labels
     rows of :func:`parallel_gen.ray.classify`; ``labels`` and ``**classify_args`` (text_column,
     template, chat, system, normalize, chat_template, model_options) as for it."""
     # bad labels or template: an error before any cluster starts
-    classify_job(labels, **{k: v for k, v in classify_args.items() if k in _CLASSIFY_OPTIONS})
+    job = classify_job(labels, **{k: v for k, v in classify_args.items() if k in _CLASSIFY_OPTIONS})
     pool = dict(actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size)
+    arguments = {**job.arguments(), **{k: v for k, v in classify_args.items() if k != "model_options"}, **pool}
     return _run_on_ray(address, input, output, lambda ds: classify(ds, labels, model, **pool, **classify_args),
                        input_format=input_format, output_format=output_format, overwrite=overwrite,
-                       cpus=actors * cpus_per_actor, gpus=actors * gpus_per_actor, progress=progress)
+                       cpus=actors * cpus_per_actor, gpus=actors * gpus_per_actor, progress=progress,
+                       record=_JobRecord("classify", arguments, model, classify_args.get("model_options"), pool))
 
 
 _CLASSIFY_OPTIONS = ("template", "chat", "system", "normalize", "chat_template")
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
+@dataclass(frozen=True)
+class _JobRecord:
+    """What a Ray job's run record (OUTPUT.run.json, beside the output directory) says
+    besides the environment, input and output: the job's kind and arguments, and the
+    model as its actors open it."""
+
+    kind: str
+    arguments: Dict[str, Any]
+    model: Optional[str]
+    model_options: Optional[Mapping[str, Any]]
+    pool: Dict[str, Any]
+
+    def model_info(self) -> Dict[str, Any]:
+        # The actor's own options (its CPUs as threads, every layer on its GPU), then the job's.
+        actor: Dict[str, Any] = {"n_threads": max(1, int(self.pool["cpus_per_actor"]))}
+        if self.pool["gpus_per_actor"]:
+            actor["n_gpu_layers"] = -1
+        config = model_config(None, {**actor, **dict(self.model_options or {})})
+        path = self.model
+        if path is None:
+            from ..model_files import ModelNotInstalledError, default_model_path
+
+            try:
+                path = os.fspath(default_model_path())  # the one every node installs
+            except ModelNotInstalledError:  # not on this node: the actors' own
+                return {"name": None, "path": None, "config": dataclasses.asdict(config)}
+        return model_file_info(path, config)
 
 
 def _run_on_ray(address: Optional[str], input: str, output: str,
                 transform: Callable[["ray.data.Dataset"], "ray.data.Dataset"], *, input_format: str,
-                output_format: str, overwrite: bool, cpus: float, gpus: float, progress: bool) -> RayJobSummary:
-    """Reads ``input``, maps it with ``transform`` on the cluster and writes ``output``."""
+                output_format: str, overwrite: bool, cpus: float, gpus: float, progress: bool,
+                record: _JobRecord) -> RayJobSummary:
+    """Reads ``input``, maps it with ``transform`` on the cluster and writes ``output``
+    with its run record (not for a URI output: the record is a local file)."""
     t0 = time.perf_counter()
     in_fmt = _input_format(input, input_format)
     out_fmt = output_format_for(output, output_format)
@@ -114,19 +161,33 @@ def _run_on_ray(address: Optional[str], input: str, output: str,
     if os.path.exists(output) and not overwrite:
         raise JobInputError(f"the output {output} exists: --overwrite replaces it (a Ray job does not "
                             "--resume: Ray retries a failed batch itself)")
-    with _cluster(address, cpus, gpus):
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        ds = ray.data.read_parquet(input) if in_fmt is InputFormat.PARQUET else read_jsonl(input)
-        out = transform(ds)
-        mode = SaveMode.OVERWRITE if overwrite else SaveMode.ERROR
-        try:
-            if out_fmt is OutputFormat.PARQUET:
-                out.write_parquet(output, mode=mode)
-            else:
-                out.write_json(output, mode=mode)
-        except ray.exceptions.RayError as e:
-            raise RayJobError(f"the Ray job failed: {root_cause(e)}") from None
-        rows, failed = _count(output, out_fmt)
+    recorder = None if "://" in output else Recorder.start(record.kind, output, input, record.arguments, False)
+    try:
+        if recorder is not None:
+            recorder.model_file(record.model_info())
+        with _cluster(address, cpus, gpus):
+            ray.data.DataContext.get_current().enable_progress_bars = progress
+            ds = ray.data.read_parquet(input) if in_fmt is InputFormat.PARQUET else read_jsonl(input)
+            out = transform(ds)
+            mode = SaveMode.OVERWRITE if overwrite else SaveMode.ERROR
+            try:
+                if out_fmt is OutputFormat.PARQUET:
+                    out.write_parquet(output, mode=mode)
+                else:
+                    out.write_json(output, mode=mode)
+            except ray.exceptions.RayError as e:
+                raise RayJobError(f"the Ray job failed: {root_cause(e)}") from None
+            rows, failed = _count(output, out_fmt)
+    except KeyboardInterrupt:
+        if recorder is not None:
+            recorder.end(0, 0, 0, interrupted=True)
+        raise
+    except BaseException as e:
+        if recorder is not None:
+            recorder.end(0, 0, 0, error=f"{type(e).__name__}: {e}")
+        raise
+    if recorder is not None:
+        recorder.end(rows, rows, failed)
     return RayJobSummary(output, rows, failed, time.perf_counter() - t0)
 
 

@@ -52,8 +52,17 @@ def _now() -> str:
 
 
 def _file_info(path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """A file's path, size and SHA-256; a directory's (a Ray job's input or output) with
+    its file count and a SHA-256 over its files' relative paths and SHA-256s."""
+    if path is not None and os.path.isdir(path):
+        files = sorted(os.path.relpath(os.path.join(d, n), path) for d, _, names in os.walk(path) for n in names)
+        h = hashlib.sha256()
+        for rel in files:
+            h.update(f"{rel}\0{sha256_file(os.path.join(path, rel))}\n".encode("utf-8"))
+        return {"path": os.path.abspath(path), "bytes": sum(os.path.getsize(os.path.join(path, f)) for f in files),
+                "files": len(files), "sha256": h.hexdigest()}
     if path is None or not os.path.isfile(path):
-        return None  # stdin, arguments, a pipe: nothing to hash again
+        return None  # stdin, arguments, a pipe, a URI: nothing to hash again
     return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
@@ -91,9 +100,15 @@ def environment() -> Dict[str, Any]:
 
 def model_info(model: "Model") -> Dict[str, Any]:
     """A Model's file (name, size, SHA-256) and its ModelConfig."""
-    path = os.fspath(model.path)
-    info = _file_info(path) or {"path": path}
-    return {"name": os.path.basename(path), **info, "config": dataclasses.asdict(model.config)}
+    return model_file_info(model.path, model.config)
+
+
+def model_file_info(path: Union[str, "os.PathLike[str]"], config: Any) -> Dict[str, Any]:
+    """A model file (name, size, SHA-256: when this process can read it) and the
+    ModelConfig it is (or was) opened with."""
+    p = os.fspath(path)
+    info = _file_info(p) or {"path": p}
+    return {"name": os.path.basename(p), **info, "config": dataclasses.asdict(config)}
 
 
 def json_ready(x: Any) -> Any:
@@ -124,11 +139,13 @@ class RunRecord:
     command: List[str]
     """The command line of the process that started the first segment (sys.argv)."""
     input: Optional[Dict[str, Any]]
-    """The input file's path, size and SHA-256 (None: stdin or arguments)."""
+    """The input file's path, size and SHA-256 (a directory's: also its file count; None:
+    stdin, arguments or a URI)."""
     arguments: Dict[str, Any]
     """Every generation / classify argument of the job."""
     models: List[Dict[str, Any]] = field(default_factory=list)
-    """Each model file's name, path, size, SHA-256 and ModelConfig."""
+    """Each model file's name, path, size, SHA-256 and ModelConfig (a Ray job's: the one
+    its actors open, where n_ctx None means each actor sized it to its first batch)."""
     segments: List[Dict[str, Any]] = field(default_factory=list)
     """One per run (a resume appends one): started, ended, command, rows_before, written,
     failed, interrupted, error."""
@@ -169,9 +186,11 @@ class RunRecord:
         return sum(int(s.get("failed") or 0) for s in self.segments)
 
     def verify(self) -> bool:
-        """Whether the output file's SHA-256 is still the recorded one."""
+        """Whether the output's SHA-256 (a file's, or a directory's over its files) is
+        still the recorded one."""
         out = self.output or {}
-        return bool(out.get("path")) and os.path.isfile(out["path"]) and sha256_file(out["path"]) == out.get("sha256")
+        now = _file_info(out.get("path"))
+        return now is not None and now["sha256"] == out.get("sha256")
 
 
 def _appended(path: str, size: int, sha256: str) -> bool:
@@ -239,7 +258,11 @@ class Recorder:
 
     def model(self, model: "Model") -> None:
         """Adds an open Model's file and settings (once per file and settings)."""
-        info = model_info(model)
+        self.model_file(model_info(model))
+
+    def model_file(self, info: Dict[str, Any]) -> None:
+        """Adds a model as :func:`model_file_info` describes it (a model that other
+        processes open: a Ray job's actors)."""
         if info not in self.record.models:
             self.record.models.append(info)
             self.record.write(self.path)
@@ -254,4 +277,5 @@ class Recorder:
         self.record.write(self.path)
 
 
-__all__ = ["RECORD_SUFFIX", "Recorder", "RunRecord", "environment", "model_info", "record_path", "sha256_file"]
+__all__ = ["RECORD_SUFFIX", "Recorder", "RunRecord", "environment", "model_file_info", "model_info", "record_path",
+           "sha256_file"]
