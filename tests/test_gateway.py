@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -350,8 +351,41 @@ def test_redis_result_cache_in_process_and_redis_down(smol, redis_server, caplog
         pg.ResultCache(redis_server.url, ttl=0)
 
 
+def test_sequences_in_flight_are_leases_in_redis_that_a_dead_server_does_not_keep(redis_server):
+    from parallel_gen.server.limits import Lease, RedisCounters, Refusal
+
+    key = KeyTable.parse({"keys": [as_key("bob", max_concurrent=3)]}).keys[0]
+    errors = []
+    one, two, dead = (RedisCounters(redis_server.url, lambda: errors.append(1), lease_seconds=1.5) for _ in range(3))
+    try:
+        a = one.take_request(key, 2, time.time())
+        assert isinstance(a, Lease)
+        refused = two.take_request(key, 2, time.time())  # 2 + 2 > 3, whichever server asks
+        assert isinstance(refused, Refusal) and refused.limit == "max_concurrent" and "(2 now)" in refused.message
+        b = two.take_request(key, 1, time.time())
+        assert isinstance(b, Lease)
+        # Held for several lease lengths: the live servers renew theirs.
+        time.sleep(4 * 1.5)
+        assert isinstance(two.take_request(key, 1, time.time()), Refusal)
+        a.release()
+        a.release()  # a second call lets nothing else go
+        one.flush()
+        c = two.take_request(key, 2, time.time())
+        assert isinstance(c, Lease)
+        b.release(), c.release()
+        two.flush()
+        # A server that dies holds its sequences no longer than a lease.
+        assert isinstance(dead.take_request(key, 3, time.time()), Lease)
+        dead.close()  # stops renewing, releases nothing: what a killed process leaves
+        assert isinstance(one.take_request(key, 1, time.time()), Refusal)
+        assert _wait(lambda: isinstance(one.take_request(key, 3, time.time()), Lease), 10)
+        assert not errors
+    finally:
+        one.close(), two.close()
+
+
 def test_two_servers_share_results_and_limits_through_redis(smollm2_path, tmp_path, redis_server):
-    path = keys_file(tmp_path / "keys.json", [as_key("alice", rpm=4), as_key("dave")])
+    path = keys_file(tmp_path / "keys.json", [as_key("alice", rpm=4), as_key("dave"), as_key("bob", max_concurrent=2)])
     args = ("--n-parallel", "2", "--api-keys", path, "--result-cache", redis_server.url)
     one = Server(smollm2_path, *args, key=None, names=())
     two = Server(smollm2_path, *args, key=None, names=())
@@ -364,6 +398,14 @@ def test_two_servers_share_results_and_limits_through_redis(smollm2_path, tmp_pa
                 assert ask(c, temperature=1.0).status_code == 200  # not cacheable: each one runs
             _limited(ask(a1), "rpm")
             _limited(ask(a2), "rpm")
+        # bob's 2 sequences in flight, wherever they run.
+        with http(one, "bob") as b1, http(two, "bob") as b2:
+            with b1.stream("POST", "/v1/completions", json={"prompt": ["Once", "Twice"], **LONG}) as r:
+                lines = r.iter_lines()
+                assert any(next(lines).startswith("data: ") for _ in range(4))
+                assert "(2 now)" in _limited(ask(b2), "max_concurrent")["message"]
+            # the stream closed: its sequences are let go on one, and two sees it
+            assert _wait(lambda: ask(b2, prompt=["a", "b"]).status_code == 200)
         # Results: what one decoded, two answers without decoding.
         body = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
         with http(one, "dave") as d1, http(two, "dave") as d2:

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from ..core.runner import Share
 from .errors import APIError
 from .keys import ApiKey, KeyTable
-from .limits import MemoryCounters, RedisCounters, Refusal
+from .limits import Lease, MemoryCounters, RedisCounters, Refusal
 
 logger = logging.getLogger("parallel_gen")
 
@@ -53,7 +53,8 @@ class Gateway:
     """Authentication, per-key limits and accounting for a server with API keys.
 
     ``keys``: a keys file (reloaded by :meth:`reload`) or a ready KeyTable (``--api-key``).
-    ``redis_url``: where the rpm/tpm windows live (None: in this process).
+    ``redis_url``: where the rpm/tpm windows and the sequences in flight (max_concurrent)
+    are counted, for every server using it (None: in this process).
     """
 
     def __init__(self, keys: Union[str, KeyTable], registry: CollectorRegistry, *, max_queue: int,
@@ -65,8 +66,9 @@ class Gateway:
         self.fair = fair
         self.metrics = KeyMetrics(registry)
         self.counters: Union[MemoryCounters, RedisCounters] = (
-            RedisCounters(redis_url, self.metrics.limit_store_errors.inc) if redis_url else MemoryCounters())
-        self.in_flight: Dict[str, int] = {}  # sequences per key name (event loop only)
+            RedisCounters(redis_url, self.metrics.limit_store_errors.inc, retry_after=retry_after) if redis_url
+            else MemoryCounters(retry_after))
+        self.in_flight: Dict[str, int] = {}  # sequences per key name in this process (event loop only)
         self._reload_lock = threading.Lock()
         self.on_reload: Callable[[], None] = lambda: None
 
@@ -109,9 +111,9 @@ class Gateway:
 
     # -- admission ----------------------------------------------------------------------------
     async def admit(self, key: ApiKey, sequences: int, n_parallel: int) -> Callable[[], None]:
-        """Holds ``sequences`` for ``key`` against its own queue bound and max_concurrent, and
-        counts the request in its rpm window (429 with Retry-After when one refuses); returns
-        the function that lets the sequences go."""
+        """Holds ``sequences`` for ``key`` against its queue bound in this server, then its
+        max_concurrent (across servers, with Redis) and its rpm/tpm windows (429 with
+        Retry-After when one refuses); returns the function that lets the sequences go."""
         bound = n_parallel + self.max_queue
         if sequences > bound or (key.max_concurrent is not None and sequences > key.max_concurrent):
             limit = f"max_concurrent={key.max_concurrent}" if sequences <= bound else f"its limit of {bound}"
@@ -119,20 +121,17 @@ class Gateway:
                                 f"may ever have in flight ({limit}); split the request", param="n",
                            code="invalid_value")
         held = self.in_flight.get(key.name, 0)
-        if key.max_concurrent is not None and held + sequences > key.max_concurrent:
-            self._refuse(key, Refusal("max_concurrent", f"rate limit reached for key {key.name!r}: max_concurrent="
-                                                        f"{key.max_concurrent} sequences in flight ({held} now)",
-                                      self.retry_after))
         if held + sequences > bound:
             self.metrics.refused.labels(key.name, "queue").inc()
             raise APIError(429, f"key {key.name!r} has {held} sequences in flight, its limit of {bound} "
                                 f"({n_parallel} slots + max_queue {self.max_queue}); retry later", code="queue_full",
                            headers={"Retry-After": str(self.retry_after)})
-        # Redis may be slow: not on the event loop. Counted last, so a request refused above
-        # does not use up the key's rpm.
-        refusal = await anyio.to_thread.run_sync(self.counters.take_request, key, time.time())
-        if refusal is not None:
-            self._refuse(key, refusal)
+        # Redis may be slow: not on the event loop. One atomic step, so a refused request
+        # uses up none of the key's rpm and holds nothing.
+        taken = await anyio.to_thread.run_sync(self.counters.take_request, key, sequences, time.time())
+        if isinstance(taken, Refusal):
+            self._refuse(key, taken)
+        lease: Lease = taken
         self.in_flight[key.name] = self.in_flight.get(key.name, 0) + sequences
         self.metrics.in_flight.labels(key.name).inc(sequences)
         released = False
@@ -141,6 +140,7 @@ class Gateway:
             nonlocal released
             if not released:
                 released = True
+                lease.release()
                 self.in_flight[key.name] -= sequences
                 self.metrics.in_flight.labels(key.name).dec(sequences)
 
