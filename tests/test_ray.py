@@ -286,6 +286,38 @@ def test_a_ray_job_writes_a_run_record_whose_seed_reproduces_it(cluster, smollm2
     assert segment["ended"] and "nope.gguf" in segment["error"]
 
 
+def test_a_ray_job_answers_from_a_redis_result_cache_what_it_stored(cluster, smol, smollm2_path, tmp_path):
+    from test_gateway import RedisServer
+
+    redis = RedisServer()
+    try:
+        src = tmp_path / "in.jsonl"
+        # Distinct from the first token, and no prompt cache: every prefill is whole (a row whose
+        # prefill reused cached KV is not stored, see ResultCache).
+        words = ["Apples", "Rivers", "Seven", "Quietly", "Under", "Maps"]
+        data = [{"id": i, "prompt": f"{w} and the number {i * 7} are", "temperature": None, "seed": None}
+                for i, w in enumerate(words)]
+        data.append({"id": 6, "prompt": "Once upon a time", "temperature": 0.9, "seed": None})  # the job's drawn seed
+        data.append({"id": 7, "prompt": "Later that day", "temperature": 0.9, "seed": 5})  # the row's own seed
+        src.write_text("".join(json.dumps(d) + "\n" for d in data))
+        job = dict(model=str(smollm2_path), temperature=0, max_tokens=MAX_TOKENS, cache=redis.url, actors=2,
+                   batch_size=3, model_options={**ACTOR_MODEL, "prompt_cache": False})
+        run_ray_job(cluster, str(src), str(tmp_path / "one"), **job)
+        stored = redis.client.keys("parallel_gen:result:*")
+        assert len(stored) == 7  # not row 6: a seed the job drew is no other run's
+        hits = redis.client.info("stats")["keyspace_hits"]
+        run_ray_job(cluster, str(src), str(tmp_path / "two"), **job)
+        assert redis.client.info("stats")["keyspace_hits"] - hits == 7  # each cacheable row looked up and found
+        assert sorted(redis.client.keys("parallel_gen:result:*")) == sorted(stored)  # nothing stored again
+        one, two = by_id(read_dir(tmp_path / "one")), by_id(read_dir(tmp_path / "two"))
+        assert [two[i]["text"] for i in range(8) if i != 6] == [one[i]["text"] for i in range(8) if i != 6]
+        assert [one[i]["text"] for i in range(6)] == greedy(smol, [d["prompt"] for d in data[:6]])
+        assert all(two[i]["completion_tokens"] == one[i]["completion_tokens"] for i in range(6))
+        assert pg.RunRecord.read(tmp_path / "two").arguments["cache"] == redis.url
+    finally:
+        redis.kill()
+
+
 # -- the command line -------------------------------------------------------------------
 def cli(*args, timeout=240, command="generate"):
     env = dict(os.environ, PYTHONPATH=PYTHON_DIR)

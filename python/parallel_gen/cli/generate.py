@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-cache", metavar="DIR_OR_URL",
                    help="answer rows whose result is a function of their inputs (greedy, or seeded with --seed "
                         "or a row's seed) from a result cache, and store them: a directory, or "
-                        "redis://host:port/db (shared with servers and other jobs)")
+                        "redis://host:port/db (shared with servers and other jobs; with --ray, what every "
+                        "node reaches)")
     add_model_options(p)
 
 
@@ -56,11 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
     tools = tools_args(args)
     if args.ray is not None:
-        if tools or args.result_cache:
+        if tools:
             from ..jobs.formats import JobInputError
 
-            flag = "--tools" if tools else "--result-cache"
-            raise JobInputError(f"{flag} is not supported with --ray yet: run the job without --ray")
+            raise JobInputError("--tools is not supported with --ray yet: run the job without --ray")
         from ..ray.cli import generate_on_ray
 
         return generate_on_ray(args)

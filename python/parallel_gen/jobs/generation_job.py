@@ -52,6 +52,9 @@ class GenerationJob(RowJob):
         tools: tools offered in every row's conversation (see
             :func:`~parallel_gen.tools.tool_request`); they imply ``chat``, and the job
             writes the ``content`` and ``tool_calls`` columns.
+        cache: rows whose result is a function of their inputs (greedy, or a seed the
+            user gave) are looked up there first and stored once decoded whole.
+        seed_given: whether ``params.seed`` is the user's (default: whether it is set).
 
     A row's fields named like SamplingParams fields override ``params`` for that row;
     one that would need a column the job does not write (n > 1 when the job's n is 1,
@@ -64,11 +67,14 @@ class GenerationJob(RowJob):
 
     def __init__(self, params: SamplingParams, *, chat: bool = False, system: Optional[str] = None,
                  chat_template: Optional[str] = None, cells_are_text: bool = False,
-                 tools: Optional[ToolRequest] = None, cache: Optional[ResultCache] = None) -> None:
+                 tools: Optional[ToolRequest] = None, cache: Optional[ResultCache] = None,
+                 seed_given: Optional[bool] = None) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        # A seed drawn here makes no result reproducible by another run: not worth caching.
-        self._seed_given = params.seed is not None
+        # A seed drawn by the job makes no result reproducible by another run: not worth
+        # caching. (A Ray job's actors get the seed its driver drew: seed_given=False.)
+        self.seed_given = params.seed is not None if seed_given is None else seed_given
+        """Whether the job's seed is the user's, not one the job drew."""
         self.params = params.replace(seed=SeedRule(params.seed).start)
         self.cache = cache
         self.chat = chat_mode(chat, system, chat_template) or tools is not None
@@ -144,7 +150,7 @@ class GenerationJob(RowJob):
             if error is not None:
                 return Work(prompt, params, Failure(ErrorCode.PROMPT_TOO_LONG, f"{row.where}: {error}"))
         # (an empty seed cell keeps the job's seed: row_params' rule)
-        fixed = params.temperature == 0 or self._seed_given or row.fields.get("seed") not in (None, "")
+        fixed = params.temperature == 0 or self.seed_given or row.fields.get("seed") not in (None, "")
         return Work(prompt, params, prepared=prepared, cacheable=self.cache is not None and fixed)
 
     def ordered(self, model: Model, rows: Iterator[InputRow], lookahead: Optional[int]) -> OrderedGeneration:

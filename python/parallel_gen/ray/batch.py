@@ -24,6 +24,7 @@ from ..jobs.generation_job import GenerationJob
 from ..jobs.sources import Columns, InputRow, row_from_fields
 from ..model import Model
 from ..params import SamplingParams
+from ..result_cache import open_cache
 
 logger = logging.getLogger("parallel_gen")
 
@@ -93,6 +94,11 @@ class BatchGenerator(BatchRunner):
             conversation (a list of {"role", "content"}).
         chat, system, chat_template: as for :func:`parallel_gen.run_file_job`.
         model_options: other Model keywords (ModelConfig fields: n_parallel, n_ctx, ...).
+        cache: a result cache every actor opens (a redis:// URL, shared by the nodes, or
+            a directory each node can write): rows whose result is a function of their
+            inputs are looked up there first and stored once decoded whole.
+        seed_given: whether ``params.seed`` is the user's; False: the driver drew it, so
+            sampled rows are not cached.
 
     Output columns: the input's (one named like an output column is carried as
     ``input_<name>``), then ``row`` (null: a Dataset has no row numbers; identify rows
@@ -107,10 +113,12 @@ class BatchGenerator(BatchRunner):
     def __init__(self, model: Optional[str] = None, *, params: SamplingParams,
                  prompt_column: str = "prompt", messages_column: str = "messages", chat: bool = False,
                  system: Optional[str] = None, chat_template: Optional[str] = None,
-                 model_options: Optional[Mapping[str, Any]] = None) -> None:
+                 model_options: Optional[Mapping[str, Any]] = None, cache: Optional[str] = None,
+                 seed_given: bool = True) -> None:
         if not isinstance(params, SamplingParams) or params.seed is None:
             raise ValueError("params must be a SamplingParams with its seed set")
-        job = GenerationJob(params, chat=chat, system=system, chat_template=chat_template)
+        job = GenerationJob(params, chat=chat, system=system, chat_template=chat_template,
+                            cache=open_cache(cache), seed_given=seed_given)
         super().__init__(job, model, Columns(prompt_column, messages_column), model_options)
 
 

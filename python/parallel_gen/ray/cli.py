@@ -19,7 +19,7 @@ def generate_on_ray(args: argparse.Namespace) -> int:
 
     return _on_ray(args, lambda **pool: run_ray_job(
         prompt_column=args.prompt_column, messages_column=args.messages_column, chat=args.chat, system=args.system,
-        chat_template=chat_template_arg(args), params=sampling_params(args), **pool))
+        chat_template=chat_template_arg(args), params=sampling_params(args), cache=args.result_cache, **pool))
 
 
 def classify_on_ray(args: argparse.Namespace, labels: Sequence[str], classify_options: Dict[str, Any]) -> int:

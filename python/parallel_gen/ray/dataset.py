@@ -10,6 +10,8 @@ import ray.data
 from ..config import model_config
 from ..jobs.generation_job import GenerationJob, job_params
 from ..params import SamplingParams
+from ..result_cache import ResultCache
+from ..result_cache_redis import is_redis_url
 from .batch import BatchGenerator
 
 ROWS_PER_SLOT = 4
@@ -23,7 +25,7 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
              cpus_per_actor: float = 1, gpus_per_actor: float = 0, batch_size: Optional[int] = None,
              chat: bool = False, system: Optional[str] = None, chat_template: Optional[str] = None,
              params: Optional[SamplingParams] = None, model_options: Optional[Mapping[str, Any]] = None,
-             **sampling: Any) -> "ray.data.Dataset":
+             cache: Union[None, str, "os.PathLike[str]", ResultCache] = None, **sampling: Any) -> "ray.data.Dataset":
     """The rows of ``ds``, each with the output columns of a file job added (lazy, like
     every Dataset transform: it runs when the result is written or read).
 
@@ -44,6 +46,11 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
             Without a seed the job picks one; each row samples with the job's seed plus
             a hash of its fields, the same on any actor or retry.
         model_options: other Model keywords (n_parallel, n_ctx, type_k, ...).
+        cache: a result cache every actor opens: a ``redis://`` URL (shared by every
+            node, and with servers and other jobs) or a directory each node can write
+            (a ResultCache: its own). Rows whose result is a function of their inputs
+            (greedy, or seeded by ``seed`` or a row's seed) are looked up there first
+            and stored once decoded whole.
 
     Returns:
         The Dataset of output rows; see :class:`BatchGenerator` for the columns. Rows
@@ -53,18 +60,44 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
     Raises:
         TypeError, ValueError: bad arguments or sampling settings, at the call.
     """
+    # checked here, not in every actor; its seed drawn once for the whole job, before any actor starts
+    job = GenerationJob(job_params(params, sampling), chat=chat, system=system, chat_template=chat_template)
+    return generate_job(ds, model, job, prompt_column=prompt_column, messages_column=messages_column,
+                        actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                        batch_size=batch_size, model_options=model_options, cache=cache)
+
+
+def generate_job(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None], job: GenerationJob, *,
+                 prompt_column: str = "prompt", messages_column: str = "messages", actors: int = 1,
+                 cpus_per_actor: float = 1, gpus_per_actor: float = 0, batch_size: Optional[int] = None,
+                 model_options: Optional[Mapping[str, Any]] = None,
+                 cache: Union[None, str, "os.PathLike[str]", ResultCache] = None) -> "ray.data.Dataset":
+    """:func:`generate` of a GenerationJob built by the caller (``run_ray_job``, which
+    records the job's seed); its chat settings and SamplingParams are the actors'."""
     for name, value in (("prompt_column", prompt_column), ("messages_column", messages_column)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name}={value!r}: must be a non-empty str")
-    # checked here, not in every actor; its seed drawn once for the whole job, before any actor starts
-    job = GenerationJob(job_params(params, sampling), chat=chat, system=system, chat_template=chat_template)
     options = dict(model_options or {})
     path = None if model is None else os.fspath(model)
     return map_with_actors(ds, BatchGenerator, (path,),
                            dict(params=job.params, prompt_column=prompt_column, messages_column=messages_column,
-                                chat=chat, system=system, chat_template=chat_template, model_options=options),
+                                chat=job.chat, system=job.system, chat_template=job.chat_template,
+                                model_options=options, cache=cache_location(cache), seed_given=job.seed_given),
                            actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
                            batch_size=batch_size, n_parallel=model_config(None, options).n_parallel)
+
+
+def cache_location(cache: Union[None, str, "os.PathLike[str]", ResultCache]) -> Optional[str]:
+    """Where every actor opens the result cache: a Redis URL, or a directory made absolute
+    (an actor's working directory is not the driver's)."""
+    if cache is None:
+        return None
+    if isinstance(cache, ResultCache):
+        return cache.url or os.path.abspath(cache.path)
+    if not isinstance(cache, (str, os.PathLike)):
+        raise TypeError(f"cache must be a path, a redis:// URL or a parallel_gen.ResultCache, "
+                        f"got {type(cache).__name__}")
+    return os.fspath(cache) if is_redis_url(cache) else os.path.abspath(cache)
 
 
 def map_with_actors(ds: "ray.data.Dataset", cls: type, args: Tuple[Any, ...], kwargs: Dict[str, Any], *,

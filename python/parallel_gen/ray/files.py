@@ -33,7 +33,7 @@ from ..params import SamplingParams
 from ..study.record import Recorder, model_file_info
 from .batch import INPUT_ERROR_COLUMN
 from .classify import classify
-from .dataset import generate
+from .dataset import cache_location, generate_job
 
 _READABLE = (InputFormat.PARQUET, InputFormat.JSONL)
 _WRITABLE = (OutputFormat.PARQUET, OutputFormat.JSONL)
@@ -87,10 +87,11 @@ def run_ray_job(address: Optional[str], input: str, output: str, *, model: Optio
     pool = dict(actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size)
     # The job's settings, its seed drawn here once: what the actors run and the record says.
     sampling = {k: generate_args.pop(k) for k in list(generate_args) if k in _SAMPLING_FIELDS}
-    job = GenerationJob(job_params(generate_args.pop("params", None), sampling), chat=generate_args.get("chat", False),
-                        system=generate_args.get("system"), chat_template=generate_args.get("chat_template"))
+    job = GenerationJob(job_params(generate_args.pop("params", None), sampling), chat=generate_args.pop("chat", False),
+                        system=generate_args.pop("system", None), chat_template=generate_args.pop("chat_template", None))
+    generate_args["cache"] = cache_location(generate_args.get("cache"))
     arguments = {**job.arguments(), **{k: v for k, v in generate_args.items() if k != "model_options"}, **pool}
-    return _run_on_ray(address, input, output, lambda ds: generate(ds, model, params=job.params, **pool, **generate_args),
+    return _run_on_ray(address, input, output, lambda ds: generate_job(ds, model, job, **pool, **generate_args),
                        input_format=input_format, output_format=output_format, overwrite=overwrite,
                        cpus=actors * cpus_per_actor, gpus=actors * gpus_per_actor, progress=progress,
                        record=_JobRecord("generate", arguments, model, generate_args.get("model_options"), pool))
