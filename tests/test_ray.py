@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from conftest import import_extra
@@ -386,6 +387,38 @@ def test_cli_parquet_dir_in_jsonl_out_on_a_given_cluster(cluster, smol, tmp_path
     assert sorted(got) == list(range(12))
     want = greedy(smol, [f"Item {i}: the sky is" for i in range(12)])
     assert [got[i]["text"] for i in range(12)] == want
+
+
+def test_cli_tools_on_a_given_cluster_call_as_the_file_job_does(cluster, smollm2_path, tmp_path):
+    from test_tools import HERMES, SCHEMAS, TOOLS, user
+
+    from parallel_gen import run_file_job
+
+    rows = [{"id": 0, "prompt": "What is the weather in Paris?"}, {"id": 1, "messages": user("Time in Tokyo?")},
+            {"id": 2, "messages": [{"role": "user"}]}]
+    src, out, local = tmp_path / "in.jsonl", tmp_path / "out", tmp_path / "local.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tools.json").write_text(json.dumps(TOOLS))
+    (tmp_path / "hermes.jinja").write_text(HERMES)
+    r = cli("--ray", cluster, "-f", src, "-o", out, "--output-format", "jsonl", "--tools", tmp_path / "tools.json",
+            "--tool-choice", "required", "--no-parallel-tool-calls", "--chat-template-file", tmp_path / "hermes.jinja",
+            "-n", 80, "--temperature", 0, "--threads", 1, "--n-parallel", 4)  # n_ctx sized to the tools' prompts
+    assert r.returncode == 1, r.stderr  # row 2's message has no content
+    got = by_id(read_dir(out))
+    run_file_job(smollm2_path, src, local, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                 chat_template=HERMES, temperature=0, max_tokens=80, model_options={"n_threads": 1, "n_parallel": 4})
+    want = {r["id"]: r for r in map(json.loads, local.read_text().splitlines())}
+    for i in (0, 1):
+        assert got[i]["finish_reason"] == "tool_calls" and len(got[i]["tool_calls"]) == 1
+        [call] = got[i]["tool_calls"]
+        assert call["id"].startswith("call_") and call["type"] == "function"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
+        assert call["function"] == want[i]["tool_calls"][0]["function"]  # greedy: the file job's call
+        assert got[i]["content"] == want[i]["content"]
+    assert got[2]["finish_reason"] == "error" and got[2]["tool_calls"] == []
+    # (Arrow gives every message of a block the same keys: the missing content reads as null)
+    assert "messages[0]['content'] must be a str, got NoneType" in got[2]["error"]
+    assert pg.RunRecord.read(out).arguments["tools"]["mode"] == "required"
 
 
 def test_cli_classify_jsonl_in_parquet_out_on_a_given_cluster(cluster, smollm2_path, tmp_path):

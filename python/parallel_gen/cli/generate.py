@@ -57,13 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
     tools = tools_args(args)
     if args.ray is not None:
-        if tools:
-            from ..jobs.formats import JobInputError
-
-            raise JobInputError("--tools is not supported with --ray yet: run the job without --ray")
         from ..ray.cli import generate_on_ray
 
-        return generate_on_ray(args)
+        return generate_on_ray(args, tools)
     params = sampling_params(args)
     template_arg = chat_template_arg(args)
     source = job_source(args, Columns(args.prompt_column, args.messages_column))

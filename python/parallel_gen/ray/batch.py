@@ -25,6 +25,7 @@ from ..jobs.sources import Columns, InputRow, row_from_fields
 from ..model import Model
 from ..params import SamplingParams
 from ..result_cache import open_cache
+from ..tools import ToolRequest
 
 logger = logging.getLogger("parallel_gen")
 
@@ -99,6 +100,8 @@ class BatchGenerator(BatchRunner):
             inputs are looked up there first and stored once decoded whole.
         seed_given: whether ``params.seed`` is the user's; False: the driver drew it, so
             sampled rows are not cached.
+        tools: tools offered in every row's conversation (a checked
+            :class:`~parallel_gen.tools.ToolRequest`); they add ``content`` and ``tool_calls``.
 
     Output columns: the input's (one named like an output column is carried as
     ``input_<name>``), then ``row`` (null: a Dataset has no row numbers; identify rows
@@ -114,11 +117,11 @@ class BatchGenerator(BatchRunner):
                  prompt_column: str = "prompt", messages_column: str = "messages", chat: bool = False,
                  system: Optional[str] = None, chat_template: Optional[str] = None,
                  model_options: Optional[Mapping[str, Any]] = None, cache: Optional[str] = None,
-                 seed_given: bool = True) -> None:
+                 seed_given: bool = True, tools: Optional[ToolRequest] = None) -> None:
         if not isinstance(params, SamplingParams) or params.seed is None:
             raise ValueError("params must be a SamplingParams with its seed set")
         job = GenerationJob(params, chat=chat, system=system, chat_template=chat_template,
-                            cache=open_cache(cache), seed_given=seed_given)
+                            cache=open_cache(cache), seed_given=seed_given, tools=tools)
         super().__init__(job, model, Columns(prompt_column, messages_column), model_options)
 
 

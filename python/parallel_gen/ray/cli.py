@@ -13,13 +13,15 @@ from ..cli.options import ExitStatus, chat_template_arg, model_options, sampling
 RAY_FLAGS_ONLY_LOCAL = ("resume", "lookahead")
 
 
-def generate_on_ray(args: argparse.Namespace) -> int:
-    """Runs the generate job of ``args`` on Ray; returns the exit status (FAILED when a row failed)."""
+def generate_on_ray(args: argparse.Namespace, tools: Dict[str, Any]) -> int:
+    """Runs the generate job of ``args`` on Ray (``tools``: run_ray_job's tools keywords,
+    checked); returns the exit status (FAILED when a row failed)."""
     from . import run_ray_job
 
     return _on_ray(args, lambda **pool: run_ray_job(
         prompt_column=args.prompt_column, messages_column=args.messages_column, chat=args.chat, system=args.system,
-        chat_template=chat_template_arg(args), params=sampling_params(args), cache=args.result_cache, **pool))
+        chat_template=chat_template_arg(args), params=sampling_params(args), cache=args.result_cache, **tools,
+        **pool))
 
 
 def classify_on_ray(args: argparse.Namespace, labels: Sequence[str], classify_options: Dict[str, Any]) -> int:

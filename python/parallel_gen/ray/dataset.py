@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import ray.data
 
@@ -12,6 +12,7 @@ from ..jobs.generation_job import GenerationJob, job_params
 from ..params import SamplingParams
 from ..result_cache import ResultCache
 from ..result_cache_redis import is_redis_url
+from ..tools import tool_request
 from .batch import BatchGenerator
 
 ROWS_PER_SLOT = 4
@@ -25,7 +26,9 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
              cpus_per_actor: float = 1, gpus_per_actor: float = 0, batch_size: Optional[int] = None,
              chat: bool = False, system: Optional[str] = None, chat_template: Optional[str] = None,
              params: Optional[SamplingParams] = None, model_options: Optional[Mapping[str, Any]] = None,
-             cache: Union[None, str, "os.PathLike[str]", ResultCache] = None, **sampling: Any) -> "ray.data.Dataset":
+             cache: Union[None, str, "os.PathLike[str]", ResultCache] = None,
+             tools: Optional[Sequence[Mapping[str, Any]]] = None, tool_choice: Any = None,
+             parallel_tool_calls: bool = True, **sampling: Any) -> "ray.data.Dataset":
     """The rows of ``ds``, each with the output columns of a file job added (lazy, like
     every Dataset transform: it runs when the result is written or read).
 
@@ -51,6 +54,9 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
             (a ResultCache: its own). Rows whose result is a function of their inputs
             (greedy, or seeded by ``seed`` or a row's seed) are looked up there first
             and stored once decoded whole.
+        tools, tool_choice, parallel_tool_calls: tools offered in every row's
+            conversation, as for :func:`parallel_gen.run_file_job` (they imply chat, and
+            add the ``content`` and ``tool_calls`` columns).
 
     Returns:
         The Dataset of output rows; see :class:`BatchGenerator` for the columns. Rows
@@ -61,7 +67,8 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
         TypeError, ValueError: bad arguments or sampling settings, at the call.
     """
     # checked here, not in every actor; its seed drawn once for the whole job, before any actor starts
-    job = GenerationJob(job_params(params, sampling), chat=chat, system=system, chat_template=chat_template)
+    job = GenerationJob(job_params(params, sampling), chat=chat, system=system, chat_template=chat_template,
+                        tools=tool_request(tools, tool_choice, parallel_tool_calls))
     return generate_job(ds, model, job, prompt_column=prompt_column, messages_column=messages_column,
                         actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
                         batch_size=batch_size, model_options=model_options, cache=cache)
@@ -73,7 +80,7 @@ def generate_job(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", N
                  model_options: Optional[Mapping[str, Any]] = None,
                  cache: Union[None, str, "os.PathLike[str]", ResultCache] = None) -> "ray.data.Dataset":
     """:func:`generate` of a GenerationJob built by the caller (``run_ray_job``, which
-    records the job's seed); its chat settings and SamplingParams are the actors'."""
+    records the job's seed); its chat settings, tools and SamplingParams are the actors'."""
     for name, value in (("prompt_column", prompt_column), ("messages_column", messages_column)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name}={value!r}: must be a non-empty str")
@@ -82,7 +89,8 @@ def generate_job(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", N
     return map_with_actors(ds, BatchGenerator, (path,),
                            dict(params=job.params, prompt_column=prompt_column, messages_column=messages_column,
                                 chat=job.chat, system=job.system, chat_template=job.chat_template,
-                                model_options=options, cache=cache_location(cache), seed_given=job.seed_given),
+                                model_options=options, cache=cache_location(cache), seed_given=job.seed_given,
+                                tools=job.tools),
                            actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
                            batch_size=batch_size, n_parallel=model_config(None, options).n_parallel)
 

@@ -31,6 +31,7 @@ from ..jobs.formats import InputFormat, JobInputError, OutputFormat, input_forma
 from ..jobs.generation_job import GenerationJob, job_params
 from ..params import SamplingParams
 from ..study.record import Recorder, model_file_info
+from ..tools import tool_request
 from .batch import INPUT_ERROR_COLUMN
 from .classify import classify
 from .dataset import cache_location, generate_job
@@ -87,8 +88,11 @@ def run_ray_job(address: Optional[str], input: str, output: str, *, model: Optio
     pool = dict(actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size)
     # The job's settings, its seed drawn here once: what the actors run and the record says.
     sampling = {k: generate_args.pop(k) for k in list(generate_args) if k in _SAMPLING_FIELDS}
+    tools = tool_request(generate_args.pop("tools", None), generate_args.pop("tool_choice", None),
+                         generate_args.pop("parallel_tool_calls", True))
     job = GenerationJob(job_params(generate_args.pop("params", None), sampling), chat=generate_args.pop("chat", False),
-                        system=generate_args.pop("system", None), chat_template=generate_args.pop("chat_template", None))
+                        system=generate_args.pop("system", None), chat_template=generate_args.pop("chat_template", None),
+                        tools=tools)
     generate_args["cache"] = cache_location(generate_args.get("cache"))
     arguments = {**job.arguments(), **{k: v for k, v in generate_args.items() if k != "model_options"}, **pool}
     return _run_on_ray(address, input, output, lambda ds: generate_job(ds, model, job, **pool, **generate_args),

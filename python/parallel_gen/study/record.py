@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import enum
 import hashlib
 import json
 import os
@@ -112,7 +113,10 @@ def model_file_info(path: Union[str, "os.PathLike[str]"], config: Any) -> Dict[s
 
 
 def json_ready(x: Any) -> Any:
-    """Arguments as JSON values: dataclasses as dicts, functions by name, the rest as str."""
+    """Arguments as JSON values: dataclasses as dicts, enums as their values, functions by
+    name, the rest as str."""
+    if isinstance(x, enum.Enum):
+        return json_ready(x.value)
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         return json_ready(dataclasses.asdict(x))
     if isinstance(x, Mapping):
