@@ -147,6 +147,42 @@ def test_asyncio_consumer(smol):
     assert smol.stats().active_requests == 0 and _kv_left(smol) == 0
 
 
+def test_many_streams_wake_their_event_loop_once_per_engine_step(smol):
+    """Eight one-prompt streams (eight requests, as eight server clients): the engine hands
+    each step's events to the loop in one wakeup, not one per event."""
+    prompts = PROMPTS_16[:8]
+    ref = pg.generate_parallel(smol, prompts, **GREEDY)
+
+    class CountingLoop(asyncio.SelectorEventLoop):
+        wakeups = 0
+
+        def call_soon_threadsafe(self, *args, **kwargs):
+            CountingLoop.wakeups += 1
+            return super().call_soon_threadsafe(*args, **kwargs)
+
+    async def one(prompt):
+        text = ""
+        async for ev in pg.astream_parallel(smol, [prompt], **GREEDY):
+            text += ev.text
+        return text
+
+    async def main():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    before = smol.stats().decode_calls
+    loop = CountingLoop()
+    try:
+        texts = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    steps = smol.stats().decode_calls - before
+    assert texts == ref.texts
+    events = 8 * (GREEDY["max_tokens"] + 1)  # a delta per token, a finish per stream, at least
+    # a step's events in one wakeup (steps + 1: the requests' last events, RequestDone);
+    # one per event would be >= 88
+    assert CountingLoop.wakeups <= steps + 2 < events, (CountingLoop.wakeups, steps)
+
+
 def test_small_request_is_not_starved_by_a_big_one(smollm2_path):
     with pg.Model(smollm2_path, n_parallel=4, n_ctx=256) as m:
         done = {}

@@ -20,8 +20,9 @@ import contextlib
 import queue
 import threading
 import uuid
+import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 from .._native import _core
 from ..errors import EngineFailedError, GenerationError, ModelClosedError, RequestCancelledError
@@ -81,10 +82,11 @@ class _Base:
         """Requests submitted and not ended."""
         return len(self._open)
 
-    def _new(self, items: Iterable[Item], stream: bool, ticks: bool, sink: Any, share: Optional[Share]) -> Request:
+    def _new(self, items: Iterable[Item], stream: bool, ticks: bool, sink: Any, share: Optional[Share],
+             flush: Optional[Callable[[], None]] = None) -> Request:
         self._submitted += 1
         name = self.name if self._submitted == 1 else f"{self.name}/{self._submitted}"
-        req = Request(name, collections.deque(items), sink, stream=stream, ticks=ticks, share=share)
+        req = Request(name, collections.deque(items), sink, stream=stream, ticks=ticks, share=share, flush=flush)
         self._open[req.id] = req
         return req
 
@@ -154,6 +156,50 @@ class Client(_Base):
         self.close()
 
 
+class _LoopInbox:
+    """The engine's events for one event loop's clients, handed over in one wakeup of the
+    loop per engine step (the runner flushes after each step), not one per event: with
+    hundreds of streams the engine thread would otherwise spend its time between two
+    decodes waking the loop, and the loop would wake once per token."""
+
+    _inboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopInbox]" = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: Deque[Tuple["asyncio.Queue[Routed]", Routed]] = collections.deque()
+        self._scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "_LoopInbox":
+        with cls._lock:
+            inbox = cls._inboxes.get(loop)
+            if inbox is None:
+                inbox = cls._inboxes[loop] = cls(loop)
+            return inbox
+
+    def put(self, q: "asyncio.Queue[Routed]", routed: Routed) -> None:
+        """On the engine thread: queues the event until :meth:`flush`."""
+        self._items.append((q, routed))
+
+    def flush(self) -> None:
+        """On the engine thread: wakes the loop for the queued events, unless a wakeup is
+        pending (the loop then takes them too: it clears the flag before draining)."""
+        if self._items and not self._scheduled:
+            self._scheduled = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                self._items.clear()
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        items = self._items
+        while items:
+            q, routed = items.popleft()
+            q.put_nowait(routed)
+
+
 class AsyncClient(_Base):
     """The asyncio twin of :class:`Client`: ``submit`` from inside the running loop,
     ``await next()``, ``await aclose()``."""
@@ -165,20 +211,17 @@ class AsyncClient(_Base):
 
     def submit(self, items: Iterable[Item], *, stream: bool = False, ticks: bool = False,
                share: Optional[Share] = None) -> Request:
-        loop = asyncio.get_running_loop()
+        inbox = _LoopInbox.of(asyncio.get_running_loop())
         if self._queue is None:
             self._queue = asyncio.Queue()
         q = self._queue
         holder: List[Request] = []
 
         def sink(event: EngineEvent) -> None:  # on the engine thread
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, Routed(holder[0], event))
-            except RuntimeError:  # the event loop is closed: nobody is listening
-                pass
+            inbox.put(q, Routed(holder[0], event))
 
         _core.release_caller_openmp_threads()
-        req = self._new(items, stream, ticks, sink, share)
+        req = self._new(items, stream, ticks, sink, share, inbox.flush)
         holder.append(req)
         self._runner.submit(req)
         return req

@@ -142,6 +142,10 @@ class EngineCounters:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
+    def since(self, earlier: "EngineCounters") -> "EngineCounters":
+        """What was counted after ``earlier`` (a copy of these counters taken then)."""
+        return EngineCounters(**{f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)})
+
 
 @dataclass(frozen=True)
 class SequenceFinished:

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Union
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Union
 
 from .._native import _core
 from .events import (Cancelled, Closed, Delta, EngineCounters, EngineEvent, EngineFailed, Fatal, Progress, RequestDone,
@@ -83,8 +83,14 @@ class Request:
     remaining: int = 0  # sequences not finished yet (queued here or in the engine)
     started: float = field(default_factory=time.perf_counter)
     # The engine's counters over the steps this request was active in: exact for a lone
-    # call; with concurrent calls they include the others' work in the same steps.
+    # call; with concurrent calls they include the others' work in the same steps. Set
+    # when it ends, from the runner's totals then and when it was admitted (``since``):
+    # a step costs the same however many requests are active.
     counters: EngineCounters = field(default_factory=EngineCounters)
+    since: Optional[EngineCounters] = None
+    flush: Optional[Callable[[], None]] = None
+    """Hands the events told so far on (an event loop's clients: one wakeup for a whole
+    step's events); the runner calls it after each step and command, None: not needed."""
 
     def __post_init__(self) -> None:
         self.remaining = len(self.items)
@@ -229,6 +235,7 @@ class EngineRunner:
         self._snapshot = _Snapshot()
         self._totals = EngineCounters()  # since the Model opened
         self._completed = 0
+        self._unflushed: Optional[Dict[int, Request]] = None  # told, not yet flushed (inside _telling)
 
     # -- called from any thread ---------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -333,18 +340,20 @@ class EngineRunner:
                 # Going to sleep: free this thread's OpenMP team, or its docked threads
                 # would slow down llama.cpp work on other threads (see the C++ side).
                 _core.release_caller_openmp_threads()
-            try:
-                command = self._commands.get(block=idle)
-                while True:
-                    if not self._apply(command):
-                        return
-                    command = self._commands.get_nowait()
-            except queue.Empty:
-                pass
-            self._feed()
-            if engine.has_work():
-                self._step()
-            self._refresh()
+            with self._telling():
+                try:
+                    command = self._commands.get(block=idle)
+                    while True:
+                        if not self._apply(command):
+                            return
+                        command = self._commands.get_nowait()
+                except queue.Empty:
+                    pass
+            with self._telling():
+                self._feed()
+                if engine.has_work():
+                    self._step()
+                self._refresh()
 
     def _fail(self, e: BaseException) -> None:
         self._failure = f"{type(e).__name__}: {e}"
@@ -379,12 +388,34 @@ class EngineRunner:
             command.box.append(RuntimeError(why))
             command.done.set()
 
-    @staticmethod
-    def _tell(req: Request, event: EngineEvent) -> None:
+    @contextlib.contextmanager
+    def _telling(self) -> Iterator[None]:
+        """Events told inside are handed on (the requests' flush) once, at the end."""
+        self._unflushed = {}
+        try:
+            yield
+        finally:
+            flushes, self._unflushed = self._unflushed, None
+            for req in flushes.values():
+                self._flush(req)
+
+    def _tell(self, req: Request, event: EngineEvent) -> None:
         """A request's listener must not raise; one that does is a bug in its caller, and
         must not take the engine thread (and every other caller) down with it."""
         try:
             req.listener(event)
+        except BaseException:
+            logger.exception("request %s: its event listener failed", req.name)
+        if req.flush is not None:
+            if self._unflushed is None:
+                self._flush(req)
+            else:
+                self._unflushed[req.id] = req
+
+    @staticmethod
+    def _flush(req: Request) -> None:
+        try:
+            req.flush()  # type: ignore[misc]
         except BaseException:
             logger.exception("request %s: its event listener failed", req.name)
 
@@ -393,6 +424,7 @@ class EngineRunner:
         if isinstance(command, _Submit):
             req = command.request
             self._requests[req.id] = req
+            req.since = dataclasses.replace(self._totals)
             if req.items:
                 self._turns.append(req)
                 logger.debug("request %s: %d sequences queued", req.name, len(req.items))
@@ -422,7 +454,13 @@ class EngineRunner:
             return False
         return True
 
+    def _settle(self, req: Request) -> None:
+        """Sets the counters of a request that leaves: the totals' growth since it came."""
+        if req.since is not None:
+            req.counters, req.since = self._totals.since(req.since), None
+
     def _drop(self, req: Request) -> None:
+        self._settle(req)
         req.items.clear()
         if req in self._turns:
             self._turns.remove(req)
@@ -465,12 +503,9 @@ class EngineRunner:
 
     def _step(self) -> None:
         engine = self._engine
-        active = list(self._requests.values())
         out = engine.step()  # type: ignore[union-attr]
         counters = EngineCounters.from_native(engine.counters())  # type: ignore[union-attr]
         engine.reset_counters()  # type: ignore[union-attr]
-        for req in active:
-            req.counters.add(counters)
         self._totals.add(counters)
         # Callers woken by this step's events may read stats() at once: show them this step.
         self._refresh()
@@ -500,7 +535,8 @@ class EngineRunner:
                 logger.error("request %s: llama.cpp failed: %s", req.name, out.fatal)
         for req in self._requests.values():
             if req.ticks:
-                self._tell(req, Progress(req.counters.generated_tokens))
+                since = req.since.generated_tokens if req.since is not None else 0
+                self._tell(req, Progress(self._totals.generated_tokens - since))
 
     def _refresh(self) -> None:
         engine = self._engine
@@ -514,6 +550,7 @@ class EngineRunner:
 
     def _finish(self, req: Request) -> None:
         self._requests.pop(req.id, None)
+        self._settle(req)
         self._completed += 1
         self._refresh()
         self._tell(req, RequestDone())
