@@ -146,8 +146,14 @@ def actor_model_options() -> Dict[str, Any]:
     if context.get_actor_id() is None:  # get_assigned_resources asserts in a driver
         return {}
     resources = context.get_assigned_resources()
-    options: Dict[str, Any] = {"n_threads": max(1, int(resources.get("CPU", 1)))}
-    if resources.get("GPU", 0) > 0:
+    return actor_options(resources.get("CPU", 1), resources.get("GPU", 0))
+
+
+def actor_options(cpus: float, gpus: float) -> Dict[str, Any]:
+    """The Model options of an actor given ``cpus`` and ``gpus``: its CPUs as llama.cpp
+    threads, every layer on its GPU when it has one (the job's model_options come after)."""
+    options: Dict[str, Any] = {"n_threads": max(1, int(cpus))}
+    if gpus > 0:
         options["n_gpu_layers"] = -1
     return options
 

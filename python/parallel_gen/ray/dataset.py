@@ -66,12 +66,20 @@ def generate(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None]
     Raises:
         TypeError, ValueError: bad arguments or sampling settings, at the call.
     """
-    # checked here, not in every actor; its seed drawn once for the whole job, before any actor starts
-    job = GenerationJob(job_params(params, sampling), chat=chat, system=system, chat_template=chat_template,
-                        tools=tool_request(tools, tool_choice, parallel_tool_calls))
+    job = generation_job(params, chat=chat, system=system, chat_template=chat_template, tools=tools,
+                         tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, **sampling)
     return generate_job(ds, model, job, prompt_column=prompt_column, messages_column=messages_column,
                         actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
                         batch_size=batch_size, model_options=model_options, cache=cache)
+
+
+def generation_job(params: Optional[SamplingParams] = None, *, chat: bool = False, system: Optional[str] = None,
+                   chat_template: Optional[str] = None, tools: Optional[Sequence[Mapping[str, Any]]] = None,
+                   tool_choice: Any = None, parallel_tool_calls: bool = True, **sampling: Any) -> GenerationJob:
+    """The GenerationJob of :func:`generate`'s arguments: checked here, not in every actor;
+    its seed drawn once for the whole job, before any actor starts."""
+    return GenerationJob(job_params(params, sampling), chat=chat, system=system, chat_template=chat_template,
+                         tools=tool_request(tools, tool_choice, parallel_tool_calls))
 
 
 def generate_job(ds: "ray.data.Dataset", model: Union[str, "os.PathLike[str]", None], job: GenerationJob, *,

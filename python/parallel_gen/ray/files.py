@@ -28,13 +28,10 @@ from ray.data import SaveMode
 from ..config import model_config
 from ..jobs.classify_job import classify_job
 from ..jobs.formats import InputFormat, JobInputError, OutputFormat, input_format_for, output_format_for
-from ..jobs.generation_job import GenerationJob, job_params
-from ..params import SamplingParams
 from ..study.record import Recorder, model_file_info
-from ..tools import tool_request
-from .batch import INPUT_ERROR_COLUMN
+from .batch import INPUT_ERROR_COLUMN, actor_options
 from .classify import classify
-from .dataset import cache_location, generate_job
+from .dataset import cache_location, generate_job, generation_job
 
 _READABLE = (InputFormat.PARQUET, InputFormat.JSONL)
 _WRITABLE = (OutputFormat.PARQUET, OutputFormat.JSONL)
@@ -86,13 +83,8 @@ def run_ray_job(address: Optional[str], input: str, output: str, *, model: Optio
             other than Parquet or JSONL.
     """
     pool = dict(actors=actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size)
-    # The job's settings, its seed drawn here once: what the actors run and the record says.
-    sampling = {k: generate_args.pop(k) for k in list(generate_args) if k in _SAMPLING_FIELDS}
-    tools = tool_request(generate_args.pop("tools", None), generate_args.pop("tool_choice", None),
-                         generate_args.pop("parallel_tool_calls", True))
-    job = GenerationJob(job_params(generate_args.pop("params", None), sampling), chat=generate_args.pop("chat", False),
-                        system=generate_args.pop("system", None), chat_template=generate_args.pop("chat_template", None),
-                        tools=tools)
+    # The job, its seed drawn here once: what the actors run and the record says.
+    job = generation_job(**{k: generate_args.pop(k) for k in list(generate_args) if k not in _NOT_JOB_ARGS})
     generate_args["cache"] = cache_location(generate_args.get("cache"))
     arguments = {**job.arguments(), **{k: v for k, v in generate_args.items() if k != "model_options"}, **pool}
     return _run_on_ray(address, input, output, lambda ds: generate_job(ds, model, job, **pool, **generate_args),
@@ -120,7 +112,7 @@ def run_ray_classify_job(address: Optional[str], input: str, output: str, labels
 
 
 _CLASSIFY_OPTIONS = ("template", "chat", "system", "normalize", "chat_template")
-_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+_NOT_JOB_ARGS = ("prompt_column", "messages_column", "model_options", "cache")  # generate_job's own
 
 
 @dataclass(frozen=True)
@@ -136,10 +128,7 @@ class _JobRecord:
     pool: Dict[str, Any]
 
     def model_info(self) -> Dict[str, Any]:
-        # The actor's own options (its CPUs as threads, every layer on its GPU), then the job's.
-        actor: Dict[str, Any] = {"n_threads": max(1, int(self.pool["cpus_per_actor"]))}
-        if self.pool["gpus_per_actor"]:
-            actor["n_gpu_layers"] = -1
+        actor = actor_options(self.pool["cpus_per_actor"], self.pool["gpus_per_actor"])
         config = model_config(None, {**actor, **dict(self.model_options or {})})
         path = self.model
         if path is None:

@@ -27,7 +27,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, Optional, Tuple, Union
+from typing import Callable, Deque, Dict, Tuple, Union
 
 from ..result_cache_redis import Outage, connect
 from .keys import ApiKey
