@@ -120,11 +120,10 @@ class MemoryCounters:
 
 
 def _once(f: Callable[[], None]) -> Callable[[], None]:
-    done = threading.Event()
+    gate = threading.Lock()
 
     def call() -> None:
-        if not done.is_set():
-            done.set()
+        if gate.acquire(blocking=False):  # the first call, on whichever thread, takes it for good
             f()
 
     return call
