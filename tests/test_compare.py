@@ -159,7 +159,22 @@ def test_cli_compare_killed_mid_way_resumes_to_the_uninterrupted_result_with_its
     assert r.returncode == 2 and "changed since the job started" in r.stderr and "Traceback" not in r.stderr
 
 
+def counting_tokenize(monkeypatch, texts):
+    """Patches Model.tokenize to count its calls on a prompt holding one of ``texts``."""
+    calls = []
+    tokenize = pg.Model.tokenize
+
+    def counting(self, text, *args, **kwargs):
+        calls.extend(t for t in texts if t in text)
+        return tokenize(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pg.Model, "tokenize", counting)
+    return calls
+
+
 def test_a_file_compare_loads_each_model_once_for_all_its_templates(smol1, smollm2_path, tmp_path, monkeypatch):
+    """One weight load for both coders, and each text tokenized once per template: the
+    sizing's tokens are the ones classified (it was twice per template)."""
     from parallel_gen.study.compare_file import compare_file, parts_dir, read_codings
 
     texts, gold = reviews()
@@ -176,10 +191,12 @@ def test_a_file_compare_loads_each_model_once_for_all_its_templates(smol1, smoll
         return load(path, config)
 
     monkeypatch.setattr(pg.Model, "_load", staticmethod(counted))
+    tokenized = counting_tokenize(monkeypatch, texts[:8])
     options = {k: v for k, v in MODEL.items() if k != "n_ctx"}  # sized to the prompts of both templates
     summary = compare_file([smollm2_path], src, out, LABELS, templates=TEMPLATES, gold_column="gold",
                            model_options=options, model_names=["smollm2"])
     assert loads == [str(smollm2_path)]  # one load for both coders (it was one per coder)
+    assert sorted(tokenized) == sorted(texts[:8] * len(TEMPLATES))
     assert summary.failed == 0 and summary.rows == 16
     expected = pg.compare({"smollm2": smol1}, texts[:8], LABELS, gold[:8], TEMPLATES, ci=None)
     rows = read_codings(out)
@@ -193,6 +210,22 @@ def test_a_file_compare_loads_each_model_once_for_all_its_templates(smol1, smoll
     again = compare_file([smollm2_path], src, out, LABELS, templates=TEMPLATES, gold_column="gold",
                          model_options=options, model_names=["smollm2"], resume=True)
     assert loads == [str(smollm2_path)] and again.parts == [None, None] and read_codings(out) == rows
+
+
+def test_compare_from_a_path_tokenizes_each_text_once_per_template(smol1, smollm2_path, monkeypatch):
+    """pg.compare given a path sizes one Model to both templates and classifies with the
+    tokens that sizing made; its probabilities are those on a Model opened beforehand."""
+    texts, gold = reviews()
+    tokenized = counting_tokenize(monkeypatch, texts[:6])
+    options = {k: v for k, v in MODEL.items() if k != "n_ctx"}
+    got = pg.compare({"smollm2": smollm2_path}, texts[:6], LABELS, gold[:6], TEMPLATES, ci=None,
+                     model_options=options)
+    assert sorted(tokenized) == sorted(texts[:6] * len(TEMPLATES))
+    monkeypatch.undo()
+    expected = pg.compare({"smollm2": smol1}, texts[:6], LABELS, gold[:6], TEMPLATES, ci=None)
+    assert [(c.item, c.coder, c.label) for c in got.codings] == [(c.item, c.coder, c.label) for c in expected.codings]
+    for g, e in zip(got.codings, expected.codings):
+        assert [g.probs[lab] for lab in LABELS] == pytest.approx([e.probs[lab] for lab in LABELS], abs=TOL)
 
 
 def test_cli_compare_rejects_gold_problems_before_work(smollm2_path, tmp_path):

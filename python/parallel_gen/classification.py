@@ -8,6 +8,7 @@ labels run as one request on the Model's batch: a text's prompt is decoded once.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence as _SequenceABC
@@ -139,11 +140,27 @@ def classify(model: ModelLike, texts: Union[str, Sequence[str]], labels: Sequenc
 
     prompts_for = ScoringPromptsFor(build)
     with open_model(model, prompts_for.n_ctx) as m, bar as on_step:
-        built = prompts_for(m)
-        classifier = made[0]
-        scores = run_scoring(m, built, request_id=request_id, on_step=on_step)
-    items = [classifier.result(t, sp, s) for t, sp, s in zip(text_list, built, scores)]
-    return Classifications(items, options.labels)
+        built = prompts_for(m)  # sets made[0]
+        return _classified(m, made[0], text_list, built, on_step, request_id)
+
+
+def classify_texts(model: Model, texts: List[str], options: "ClassifyOptions", *, known: Optional["KnownRows"] = None,
+                   progress: Optional[bool] = None, request_id: Optional[str] = None) -> Classifications:
+    """:func:`classify` on an open Model with checked options; ``known`` hands over the
+    prompts a sizing already tokenized (compare sizes one Model to all its templates), so
+    a text is tokenized once."""
+    classifier = Classifier(model, options)
+    built = [classifier.scoring_prompt(t, f"texts[{i}]", None if known is None else functools.partial(known, i))
+             for i, t in enumerate(texts)]
+    with make_progress(progress, len(texts)) as on_step:
+        return _classified(model, classifier, texts, built, on_step, request_id)
+
+
+def _classified(model: Model, classifier: "Classifier", texts: List[str], built: List[ScoringPrompt],
+                on_step: Any, request_id: Optional[str]) -> Classifications:
+    scores = run_scoring(model, built, request_id=request_id, on_step=on_step)
+    items = [classifier.result(t, sp, s) for t, sp, s in zip(texts, built, scores)]
+    return Classifications(items, classifier.options.labels)
 
 
 @dataclass(frozen=True)
@@ -179,6 +196,9 @@ def classify_options(labels: Sequence[str], *, template: Optional[Template] = No
 
 Known = Callable[[str], Optional[PreparedPrompt]]
 """Looks a prompt text up among those already tokenized (None: not there)."""
+
+KnownRows = Callable[[int, str], Optional[PreparedPrompt]]
+"""Looks text number i's prompt text up among those already tokenized (None: not there)."""
 
 
 def _unknown(prompt: str) -> Optional[PreparedPrompt]:

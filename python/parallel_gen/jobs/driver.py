@@ -182,9 +182,12 @@ def open_job_model(job: RowJob, path: Union[PathLike, None], sample: Sequence[In
 def run_rows(model: Union[Model, PathLike, None], source: Source, output: Optional[str], job: RowJob, *,
              output_format: str = "auto", resume: bool = False, overwrite: bool = False,
              progress: Optional[bool] = None, lookahead: Optional[int] = None,
-             model_options: Optional[Mapping[str, Any]] = None, t0: Optional[float] = None) -> JobSummary:
+             model_options: Optional[Mapping[str, Any]] = None, t0: Optional[float] = None,
+             sized: Optional[SizedContext] = None) -> JobSummary:
     """Runs ``job`` on every row of ``source`` into ``output`` (None: stdout): the part
-    every kind of file job shares. Arguments as :func:`~parallel_gen.jobs.run_file_job`'s."""
+    every kind of file job shares. Arguments as :func:`~parallel_gen.jobs.run_file_job`'s;
+    ``sized``: how an open ``model`` was sized to these rows, with the prompts that
+    sizing tokenized (the job takes them rather than tokenizing again)."""
     t0 = time.perf_counter() if t0 is None else t0
     check_options(progress, lookahead, resume, overwrite)
     first = next(source.rows, None)  # an empty input is a mistake: say so before touching the output
@@ -199,7 +202,8 @@ def run_rows(model: Union[Model, PathLike, None], source: Source, output: Option
         sink.close()
         raise
     try:
-        summary = _run(model, source, sink, point, job, progress, lookahead, dict(model_options or {}), t0, record)
+        summary = _run(model, source, sink, point, job, progress, lookahead, dict(model_options or {}), t0, record,
+                       sized)
     except JobInterrupted as e:
         sink.close()
         if record is not None:
@@ -247,10 +251,10 @@ def _mode(resume: bool, overwrite: bool) -> WriteMode:
 
 def _run(model: Union[Model, PathLike, None], source: Source, sink: Sink, point: ResumePoint, job: RowJob,
          progress: Optional[bool], lookahead: Optional[int], model_options: Dict[str, Any], t0: float,
-         record: Optional[Recorder] = None) -> JobSummary:
+         record: Optional[Recorder] = None, sized: Optional[SizedContext] = None) -> JobSummary:
     rows = _skip_done(source, sink, point, job)
     if isinstance(model, Model):
-        job.prepare(model, None)
+        job.prepare(model, sized)
         if record is not None:
             record.model(model)
         return _drive(model, rows, sink, point, job, source.total, progress, lookahead, t0)

@@ -9,16 +9,19 @@ and nothing more (benchmarks/compare.py measures it).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import ParamError, ParamTypeError
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
+    from ..core.inputs import ScoringPrompt
+    from ..jobs.sizing import SizedContext
     from ..model import Model
     from .agreement import Agreement
 
@@ -155,10 +158,10 @@ def compare(models: Any, texts: Union[str, Sequence[str]], labels: Sequence[str]
         require_sklearn()  # agreement needs it: say so before any work
     codings: List[Coding] = []
     for model_name, spec in specs.items():
-        with open_for_templates(spec, model_options, text_list, label_list, variants, classify_options) as m:
+        with open_for_templates(spec, model_options, text_list, label_list, variants, classify_options) as opened:
             for template_name, template in variants.items():
                 coder = next(c for c in coders if c.model == model_name and c.template == template_name)
-                codings += _codings(m, coder, text_list, label_list, template, progress, classify_options)
+                codings += _codings(opened, coder, text_list, label_list, template, progress, classify_options)
     agreement = None
     if gold_list is not None or len(coders) >= 2:
         from .agreement import agreement as agree
@@ -168,11 +171,13 @@ def compare(models: Any, texts: Union[str, Sequence[str]], labels: Sequence[str]
     return Comparison(text_list, label_list, coders, codings, gold_list, agreement)
 
 
-def _codings(model: "Model", coder: Coder, texts: List[str], labels: List[str], template: Any,
+def _codings(opened: TemplatesModel, coder: Coder, texts: List[str], labels: List[str], template: Any,
              progress: Optional[bool], options: Mapping[str, Any]) -> List[Coding]:
-    from ..classification import classify
+    from ..classification import classify_options, classify_texts
 
-    result = classify(model, texts, labels, template=template, progress=progress, request_id=coder.name, **options)
+    sized = opened.sized.get(coder.template)
+    result = classify_texts(opened.model, texts, classify_options(labels, template=template, **options),
+                            known=None if sized is None else sized.take, progress=progress, request_id=coder.name)
     return [Coding(i, coder.name, coder.model, coder.template, c.label, dict(c.probs), c.error)
             for i, c in enumerate(result)]
 
@@ -233,40 +238,59 @@ def _check_spec(name: str, spec: Any) -> None:
                          f"got {type(spec).__name__}", "models")
 
 
-def open_for_templates(spec: ModelSpec, model_options: Optional[Mapping[str, Any]], texts: Sequence[Optional[str]],
-                       labels: List[str], templates: Mapping[str, Any], options: Mapping[str, Any]) -> Any:
-    """The model as a context manager: an open Model is lent, a path opened once for all
-    ``templates`` (sized to every template's prompt of every text, unless n_ctx is given)
-    and closed after. Texts that are None or make no prompt are left out of the sizing:
-    their classify call reports them."""
-    import contextlib
+@dataclass
+class TemplatesModel:
+    """The Model a compare's templates run on, and per template name the prompts that
+    sizing it tokenized (by text number), for that template's classify run to take: a
+    text is tokenized once per template. No entry when the Model was lent or n_ctx given."""
 
+    model: "Model"
+    sized: Dict[str, "SizedContext"]
+
+
+@contextlib.contextmanager
+def open_for_templates(spec: ModelSpec, model_options: Optional[Mapping[str, Any]], texts: Sequence[Optional[str]],
+                       labels: List[str], templates: Mapping[str, Any],
+                       options: Mapping[str, Any]) -> Iterator[TemplatesModel]:
+    """The model for ``templates``: an open Model is lent, a path opened once for all of
+    them (sized to every template's prompt of every text, unless n_ctx is given) and
+    closed after. Texts that are None or make no prompt are left out of the sizing: their
+    classify call reports them."""
     from ..classification import Classifier, classify_options
     from ..config import model_config
-    from ..core.inputs import ScoringPrompt
+    from ..jobs.sizing import SizedContext
     from ..model import Model
     from ..scoring import ScoringPromptsFor
 
     if isinstance(spec, Model):
-        return contextlib.nullcontext(spec)
+        yield TemplatesModel(spec, {})
+        return
     path, config = spec if isinstance(spec, tuple) else (spec, None)
     config = model_config(config, model_options)
     if config.n_ctx is not None:
-        return contextlib.closing(Model(path, config))
+        with contextlib.closing(Model(path, config)) as m:
+            yield TemplatesModel(m, {})
+        return
+    built: Dict[str, Dict[int, ScoringPrompt]] = {}
 
-    def prompts(m: Model, opts: Any) -> List[ScoringPrompt]:
-        classifier, out = Classifier(m, opts), []
+    def prompts(m: Model, name: str, opts: Any) -> List[ScoringPrompt]:
+        classifier, out = Classifier(m, opts), built.setdefault(name, {})
         for i, t in enumerate(texts):
             if t is not None:
                 try:
-                    out.append(classifier.scoring_prompt(t, f"texts[{i}]"))
+                    out[i] = classifier.scoring_prompt(t, f"texts[{i}]")
                 except (TypeError, ValueError):
                     pass
-        return out
+        return list(out.values())
 
-    sizers = [ScoringPromptsFor(lambda m, opts=classify_options(labels, template=t, **options): prompts(m, opts))
-              for t in templates.values()]
-    return contextlib.closing(Model.open_sized(path, lambda m: max(s.n_ctx(m) for s in sizers), config))
+    sizers = [ScoringPromptsFor(lambda m, name=name, opts=classify_options(labels, template=t, **options):
+                                prompts(m, name, opts))
+              for name, t in templates.items()]
+    with contextlib.closing(Model.open_sized(path, lambda m: max(s.n_ctx(m) for s in sizers), config)) as m:
+        # The whole input was measured: every text fits (no later row to check).
+        yield TemplatesModel(m, {name: SizedContext(m.n_ctx, len(texts), checks=False,
+                                                    prepared={i: sp.prepared for i, sp in done.items()})
+                                 for name, done in built.items()})
 
 
 __all__ = ["Coder", "Coding", "Comparison", "compare", "model_name"]

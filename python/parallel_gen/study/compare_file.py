@@ -96,13 +96,14 @@ def compare_file(models: Sequence[PathLike], input: PathLike, output: PathLike, 
             if not todo:
                 continue
             # One load per model for all its templates (sized to all of their prompts).
-            with open_for_templates(spec, model_options, texts, label_list, variants, options) as model:
+            with open_for_templates(spec, model_options, texts, label_list, variants, options) as opened:
                 for i in todo:
                     source = open_source(os.fspath(input), input_format, text_columns(text_column))
                     try:
                         again = resume and os.path.exists(part[i])  # else the part is new, or ours to replace
-                        done[i] = run_rows(model, source, part[i], jobs[coders[i].template], resume=again,
-                                           overwrite=not again, progress=progress, lookahead=lookahead)
+                        done[i] = run_rows(opened.model, source, part[i], jobs[coders[i].template], resume=again,
+                                           overwrite=not again, progress=progress, lookahead=lookahead,
+                                           sized=opened.sized.get(coders[i].template))
                     finally:
                         source.close()
     except JobInterrupted:
