@@ -1,9 +1,10 @@
 """HTTP serving throughput: `parallel-gen serve` against in-process generate_parallel and
 against llama.cpp's own llama-server, same model, threads, prompts and settings.
 
-Every round runs, one after another on a quiet machine (only one server process alive at a
-time): in-process generate_parallel on the prompts; parallel-gen serve with C concurrent
-streaming HTTP clients (one prompt each); llama-server -np N with the same clients. The
+Every round runs, one after another on a quiet machine: in-process generate_parallel on the
+prompts; parallel-gen serve with C concurrent streaming HTTP clients (one prompt each);
+llama-server -np N with the same clients. Both servers stay up for the whole run (ports
+--port and --port + 1), each idle while the others run. The
 figures are ratios of generated tokens per second of wall time within a round, plus the
 time to first token (p50/p95) of the HTTP runs, and what each server process spent in CPU
 time per generated token (user + system, read from /proc: the decode threads' spinning
@@ -157,6 +158,29 @@ def http_run(url: str, prompts: List[str], max_tokens: int) -> Run:
     return asyncio.run(_clients(url, prompts, body))
 
 
+def write_runs(path: str, args: argparse.Namespace, runs: List[Run]) -> None:
+    """Every run, with the arguments that made them, as JSON."""
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), "runs": [dict(asdict(r), tps=r.tps, cpu_ms_per_token=r.cpu_ms_per_token,
+                                                      loop_ms_per_token=r.loop_ms_per_token) for r in runs]},
+                  f, indent=1)
+
+
+def _served(impl: str, proc: Process, rnd: int, prompts: List[str], max_tokens: int) -> Run:
+    """One burst of streamed requests on a running server, with its process's CPU time."""
+    pid = proc.proc.pid
+    cpu0, loop0 = cpu_seconds(f"/proc/{pid}/stat"), cpu_seconds(f"/proc/{pid}/task/{pid}/stat")
+    run = http_run(proc.url, prompts, max_tokens)
+    run.cpu_seconds = cpu_seconds(f"/proc/{pid}/stat") - cpu0
+    if impl == "parallel-gen serve":  # uvicorn's event loop runs on the main thread
+        run.loop_cpu_seconds = cpu_seconds(f"/proc/{pid}/task/{pid}/stat") - loop0
+    run.impl, run.round = impl, rnd
+    loop = f", event loop {run.loop_ms_per_token:.3f}" if run.loop_cpu_seconds is not None else ""
+    print(f"round {rnd}: {impl}, {len(prompts)} clients: {run.tps:.1f} t/s, ttft p50 {run.pct(0.5):.2f} s "
+          f"p95 {run.pct(0.95):.2f} s; CPU {run.cpu_ms_per_token:.2f} ms/token{loop}", flush=True)
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct)")
@@ -165,6 +189,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stream-interval", type=int, default=1,
+                    help="parallel-gen serve's --stream-interval (default 1: a chunk per token, as llama-server)")
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
                     or str(HERE / "bin" / "llama-server"), help="llama-server binary (skipped if absent)")
@@ -174,12 +200,12 @@ def main() -> None:
     model = args.model or default_model_path()
     clients = [int(c) for c in args.clients.split(",")]
     n_ctx = 256  # per sequence: these prompts are ~15 tokens + 128 generated
-    url = f"http://127.0.0.1:{args.port}"
     ours_cmd = [sys.executable, "-m", "parallel_gen", "serve", "-m", model, "--port", str(args.port),
                 "--n-parallel", str(args.n_parallel), "--n-ctx", str(n_ctx), "--threads", str(args.threads),
-                "--flash-attn", "off", "--max-queue", str(max(clients) * 2)]
+                "--flash-attn", "off", "--max-queue", str(max(clients) * 2),
+                "--stream-interval", str(args.stream_interval)]
     have_llama = Path(args.llama_server).is_file()
-    llama_cmd = [args.llama_server, "-m", model, "--port", str(args.port), "--host", "127.0.0.1",
+    llama_cmd = [args.llama_server, "-m", model, "--port", str(args.port + 1), "--host", "127.0.0.1",
                  "-np", str(args.n_parallel), "-c", str(n_ctx * args.n_parallel), "-t", str(args.threads),
                  "-tb", str(args.threads), "-fa", "off", "--no-webui", "-cb", "--log-disable"]
     if not have_llama:
@@ -187,37 +213,33 @@ def main() -> None:
               file=sys.stderr)
 
     runs: List[Run] = []
-    with pg.Model(model, n_parallel=args.n_parallel, n_ctx=n_ctx, n_threads=args.threads, flash_attn=False) as m:
-        pg.generate_parallel(m, prompts_for(2), max_tokens=4)  # warm up
-        for rnd in range(1, args.rounds + 1):
-            for c in clients:
-                prompts = prompts_for(c)
-                t0 = time.perf_counter()
-                res = pg.generate_parallel(m, prompts, max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-                runs.append(Run("in-process", c, rnd, res.stats.completion_tokens, time.perf_counter() - t0))
-                print(f"round {rnd}: in-process, {c} prompts: {runs[-1].tps:.1f} t/s", flush=True)
-            # The in-process Model sleeps (its engine thread is idle) while the servers run.
-            servers = [("parallel-gen serve", ours_cmd, "/health"), ("llama-server", llama_cmd, "/health")]
-            for impl, cmd, ready in (servers if rnd % 2 else servers[::-1]):
-                if impl == "llama-server" and not have_llama:
-                    continue
-                proc = Process(cmd, url, ready)
-                try:
-                    http_run(url, prompts_for(2), 4)  # warm up
-                    for c in clients:
-                        pid = proc.proc.pid
-                        cpu0, loop0 = cpu_seconds(f"/proc/{pid}/stat"), cpu_seconds(f"/proc/{pid}/task/{pid}/stat")
-                        run = http_run(url, prompts_for(c), args.max_tokens)
-                        run.cpu_seconds = cpu_seconds(f"/proc/{pid}/stat") - cpu0
-                        if impl == "parallel-gen serve":  # uvicorn's event loop runs on the main thread
-                            run.loop_cpu_seconds = cpu_seconds(f"/proc/{pid}/task/{pid}/stat") - loop0
-                        run.impl, run.round = impl, rnd
-                        runs.append(run)
-                        loop = f", event loop {run.loop_ms_per_token:.3f}" if run.loop_cpu_seconds is not None else ""
-                        print(f"round {rnd}: {impl}, {c} clients: {run.tps:.1f} t/s, ttft p50 {run.pct(0.5):.2f} s "
-                              f"p95 {run.pct(0.95):.2f} s; CPU {run.cpu_ms_per_token:.2f} ms/token{loop}", flush=True)
-                finally:
-                    proc.stop()
+    # Both servers start once and stay up, each idle while the other runs (an idle server
+    # takes no CPU to speak of: 0.02 s in 10 s measured): rounds then follow each other
+    # closely, which the VM's speed drift (about +-10% over minutes) needs to resolve a few percent.
+    servers: Dict[str, Process] = {}
+    try:
+        for impl, cmd, port in (("parallel-gen serve", ours_cmd, args.port), ("llama-server", llama_cmd, args.port + 1)):
+            if impl == "llama-server" and not have_llama:
+                continue
+            servers[impl] = Process(cmd, f"http://127.0.0.1:{port}", "/health")
+            http_run(servers[impl].url, prompts_for(2), 4)  # warm up
+        with pg.Model(model, n_parallel=args.n_parallel, n_ctx=n_ctx, n_threads=args.threads,
+                      flash_attn=False) as m:
+            pg.generate_parallel(m, prompts_for(2), max_tokens=4)  # warm up
+            for rnd in range(1, args.rounds + 1):
+                for c in clients:
+                    prompts = prompts_for(c)
+                    t0 = time.perf_counter()
+                    res = pg.generate_parallel(m, prompts, max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+                    runs.append(Run("in-process", c, rnd, res.stats.completion_tokens, time.perf_counter() - t0))
+                    print(f"round {rnd}: in-process, {c} prompts: {runs[-1].tps:.1f} t/s", flush=True)
+                    # The in-process Model sleeps (its engine thread is idle) while the servers run.
+                    order = list(servers.items())
+                    for impl, proc in (order if rnd % 2 else order[::-1]):
+                        runs.append(_served(impl, proc, rnd, prompts, args.max_tokens))
+    finally:
+        for proc in servers.values():
+            proc.stop()
 
     print("\n| clients | impl | t/s (median) | x in-process | x llama-server (median, min-max) | TTFT p50 | TTFT p95 "
           "| server CPU ms/token | of it event loop |")
@@ -240,10 +262,7 @@ def main() -> None:
                   f"{'' if p50 is None else f'{p50:.2f} s'} | {'' if p95 is None else f'{p95:.2f} s'} | "
                   f"{'' if cpu is None else f'{cpu:.2f}'} | {'' if lp is None else f'{lp:.3f}'} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "runs": [dict(asdict(r), tps=r.tps, cpu_ms_per_token=r.cpu_ms_per_token,
-                                                          loop_ms_per_token=r.loop_ms_per_token) for r in runs]},
-                      f, indent=1)
+        write_runs(args.json, args, runs)
 
 
 if __name__ == "__main__":

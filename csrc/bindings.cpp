@@ -219,6 +219,7 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("index", &Item::index)
         .def_readwrite("sample", &Item::sample)
         .def_readwrite("stream", &Item::stream)
+        .def_readwrite("stream_interval", &Item::stream_interval)
         .def_readwrite("tokens", &Item::tokens)
         .def_readwrite("params", &Item::params);
 

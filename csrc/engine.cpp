@@ -1460,7 +1460,12 @@ void Engine::collect_deltas(std::vector<StreamDelta> & out) {
         Sequence &   s         = *slot;
         const size_t generated = s.tokens.size() - static_cast<size_t>(s.n_prompt);
         const size_t stable    = s.text.stable_len();
-        if (generated == s.tokens_streamed && stable <= s.bytes_streamed) {
+        const size_t fresh     = generated - s.tokens_streamed;
+        // Fewer, larger deltas cut the per-token work of whoever reads them (an HTTP
+        // stream's event loop); the first token still goes at once (time to first token).
+        const bool held = fresh > 0 && s.tokens_streamed > 0 &&
+                          fresh < static_cast<size_t>(std::max<int32_t>(1, s.item.stream_interval));
+        if ((fresh == 0 && stable <= s.bytes_streamed) || held) {
             continue;
         }
         StreamDelta d;

@@ -36,6 +36,8 @@ struct Item {
     int64_t                  index   = 0;  // the prompt's index within its request
     int32_t                  sample  = 0;  // which of the prompt's samples
     bool                     stream  = false; // report new tokens every step (StepOutput::deltas)
+    int32_t                  stream_interval = 1; // with stream: a delta once this many tokens are new (the
+                                                  // first token at once; what is left comes in the Result)
     std::vector<llama_token> tokens;       // the prompt, tokenized by the caller
     SamplingConfig           params;
 };

@@ -14,6 +14,7 @@ import pytest
 import parallel_gen as pg
 
 from conftest import PROMPTS_16
+from parallel_gen.stream import WHOLE
 
 GREEDY = dict(max_tokens=10, temperature=0, ignore_eos=True)
 
@@ -97,6 +98,53 @@ def test_stream_events_carry_their_tokens_logprobs(smol):
         assert got[i] == c.outputs[0].logprobs and len(got[i]) == 12
     plain = list(pg.stream_parallel(smol, PROMPTS_16[:1], max_tokens=3, temperature=0))
     assert plain and all(ev.logprobs is None for ev in plain)
+
+
+@pytest.mark.parametrize("interval", [1, 4, 7, WHOLE])
+def test_a_stream_interval_sends_the_same_tokens_in_fewer_events(smol, interval):
+    """Every ``interval`` tokens an event, the first token at once (time to first token),
+    what is left with the finished one: the texts, tokens and logprobs of every token."""
+    n = 14
+    kw = dict(max_tokens=n, temperature=0, ignore_eos=True, logprobs=2)
+    ref = pg.generate_parallel(smol, PROMPTS_16[:3], **kw)
+    events = list(pg.stream_parallel(smol, PROMPTS_16[:3], stream_interval=interval, **kw))
+    step = min(interval, n)
+    expected = [1] + [step] * ((n - 1) // step) + ([(n - 1) % step] if (n - 1) % step else [])
+    for i, c in enumerate(ref):
+        mine = [ev for ev in events if ev.index == i]
+        sizes = [len(ev.token_ids) for ev in mine]
+        # the last event may be the finish alone, when the tokens came out even
+        assert sizes in (expected, expected + [0]), (sizes, expected)
+        assert mine[-1].finished and not any(ev.finished for ev in mine[:-1])
+        assert "".join(ev.text for ev in mine) == c.text
+        assert [t for ev in mine for t in ev.token_ids] == c.token_ids
+        assert [lp for ev in mine for lp in ev.logprobs] == c.outputs[0].logprobs
+
+
+def test_an_async_stream_interval_and_bad_intervals(smol, tmp_path):
+    async def consume():
+        return [ev async for ev in pg.astream_parallel(smol, PROMPTS_16[:2], stream_interval=5, **GREEDY)]
+
+    events = asyncio.run(consume())
+    assert ["".join(ev.text for ev in events if ev.index == i) for i in range(2)] == \
+        pg.generate_parallel(smol, PROMPTS_16[:2], **GREEDY).texts
+    assert max(len(ev.token_ids) for ev in events) == 5
+    # A stop string held back across a delta's end is cut the same way.
+    stops = dict(max_tokens=40, temperature=0, stop=[".", " and"])
+    ref = pg.generate_parallel(smol, PROMPTS_16[:4], **stops)
+    events = list(pg.stream_parallel(smol, PROMPTS_16[:4], stream_interval=3, **stops))
+    for i, c in enumerate(ref):
+        mine = [ev for ev in events if ev.index == i]
+        assert "".join(ev.text for ev in mine) == c.text and mine[-1].stop_reason == c.stop_reason
+    assert any(c.stop_reason is not None for c in ref)
+    # Refused with the field named, before any model opens (the path does not exist).
+    for bad, kind in ((0, pg.ParamError), (-3, pg.ParamError), (WHOLE + 1, pg.ParamError),
+                      (2.0, pg.ParamTypeError), (True, pg.ParamTypeError)):
+        with pytest.raises(kind) as e:
+            pg.stream_parallel(tmp_path / "none.gguf", ["Hi"], stream_interval=bad)
+        assert e.value.field == "stream_interval"
+        with pytest.raises(kind):
+            pg.astream_parallel(smol, ["Hi"], stream_interval=bad)
 
 
 def test_stream_cancelled_halfway_leaves_no_kv(smol):

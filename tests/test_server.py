@@ -248,6 +248,43 @@ def test_streamed_logprobs_arrive_with_their_tokens(server):
     assert [t.logprob for t in content] == pytest.approx([t.logprob for t in chat_whole.content], abs=1e-6)
 
 
+def test_a_stream_interval_sends_chunks_of_n_tokens_with_the_same_text(smollm2_path, server):
+    """--stream-interval 4: after the first token's chunk, a chunk per 4 tokens, the rest
+    with the finish; the same text and logprobs as every-token chunks. A whole response
+    on it is the same too, and its time to first token is still observed."""
+    s = Server(smollm2_path, "--n-parallel", "2", "--no-prompt-cache", "--stream-interval", "4")
+    try:
+        kw = dict(model=ALIAS, prompt=PROMPTS[1], max_tokens=14, temperature=0, logprobs=1,
+                  extra_body={"ignore_eos": True})
+        every = list(server.client().completions.create(stream=True, **kw))
+        chunks = list(s.client().completions.create(stream=True, **kw))
+        sizes = [len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs]
+        assert sizes == [1, 4, 4, 4, 1], sizes
+        assert len(every) > len(chunks) + 5
+
+        def text(cs):
+            return "".join(c.choices[0].text for c in cs if c.choices)
+
+        def logprobs(cs):
+            return [x for c in cs if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+
+        assert text(chunks) == text(every) and logprobs(chunks) == pytest.approx(logprobs(every), abs=1e-6)
+        count = "parallel_gen_time_to_first_token_seconds_count"
+        before = s.metric(count, '{endpoint="completions"}')
+        whole = s.client().completions.create(**kw)
+        assert whole.choices[0].text == text(every) and whole.usage.completion_tokens == 14
+        assert s.metric(count, '{endpoint="completions"}') == before + 1
+    finally:
+        s.stop()
+
+
+def test_serve_refuses_a_bad_stream_interval(smollm2_path):
+    r = subprocess.run([sys.executable, "-m", "parallel_gen", "serve", "-m", str(smollm2_path), "--port", "0",
+                        "--stream-interval", "0"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=PYTHON_DIR))
+    assert r.returncode == 2 and "stream_interval=0" in r.stderr, r.stderr[-2000:]
+
+
 def test_stop_strings(server):
     r = server.client().completions.create(model=ALIAS, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0,
                                            stop=[" 7"])

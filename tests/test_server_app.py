@@ -125,6 +125,8 @@ def test_open_request_limit_is_503_in_openai_shape(smollm2_path):
     ({"shutdown_grace": -1}, "shutdown_grace"), ({"served_model_names": "smol"}, "served_model_names"),
     ({"served_model_names": ["a", ""]}, "served_model_names"), ({"strict_model_name": 1}, "strict_model_name"),
     ({"allowed_origins": ["http://localhost:3000/"]}, "trailing slash"), ({"allowed_origins": ["localhost"]}, "origin"),
+    ({"stream_interval": 0}, "stream_interval=0"), ({"stream_interval": 2**31}, "stream_interval"),
+    ({"stream_interval": "4"}, "stream_interval"),
 ])
 def test_bad_settings_raise_before_serving(kw, message):
     with pytest.raises((TypeError, ValueError), match=message):

@@ -83,10 +83,11 @@ class _Base:
         return len(self._open)
 
     def _new(self, items: Iterable[Item], stream: bool, ticks: bool, sink: Any, share: Optional[Share],
-             flush: Optional[Callable[[], None]] = None) -> Request:
+             flush: Optional[Callable[[], None]] = None, stream_interval: int = 1) -> Request:
         self._submitted += 1
         name = self.name if self._submitted == 1 else f"{self.name}/{self._submitted}"
-        req = Request(name, collections.deque(items), sink, stream=stream, ticks=ticks, share=share, flush=flush)
+        req = Request(name, collections.deque(items), sink, stream=stream, stream_interval=stream_interval,
+                      ticks=ticks, share=share, flush=flush)
         self._open[req.id] = req
         return req
 
@@ -111,15 +112,17 @@ class Client(_Base):
         self._queue: "queue.SimpleQueue[Routed]" = queue.SimpleQueue()
 
     def submit(self, items: Iterable[Item], *, stream: bool = False, ticks: bool = False,
-               share: Optional[Share] = None) -> Request:
-        """Queues one request of ``items``; ``stream``: deltas as tokens arrive; ``ticks``:
-        a Progress event after every engine step (progress bars); ``share``: its group for
-        fair turns (the server's API key)."""
+               share: Optional[Share] = None, stream_interval: int = 1) -> Request:
+        """Queues one request of ``items``; ``stream``: deltas as tokens arrive (every
+        ``stream_interval`` tokens, the first at once); ``ticks``: a Progress event after
+        every engine step (progress bars); ``share``: its group for fair turns (the
+        server's API key)."""
         # An idle OpenMP team left on this thread (say by a llama_cpp.Llama used here) would
         # slow the engine thread's own: free it (see csrc/bindings.cpp).
         _core.release_caller_openmp_threads()
         holder: List[Request] = []
-        req = self._new(items, stream, ticks, lambda event: self._queue.put(Routed(holder[0], event)), share)
+        req = self._new(items, stream, ticks, lambda event: self._queue.put(Routed(holder[0], event)), share,
+                        stream_interval=stream_interval)
         holder.append(req)
         self._runner.submit(req)
         return req
@@ -210,7 +213,7 @@ class AsyncClient(_Base):
         self._cancels: Dict[int, threading.Event] = {}  # requests being cancelled by aclose()
 
     def submit(self, items: Iterable[Item], *, stream: bool = False, ticks: bool = False,
-               share: Optional[Share] = None) -> Request:
+               share: Optional[Share] = None, stream_interval: int = 1) -> Request:
         inbox = _LoopInbox.of(asyncio.get_running_loop())
         if self._queue is None:
             self._queue = asyncio.Queue()
@@ -221,7 +224,7 @@ class AsyncClient(_Base):
             inbox.put(q, Routed(holder[0], event))
 
         _core.release_caller_openmp_threads()
-        req = self._new(items, stream, ticks, sink, share, inbox.flush)
+        req = self._new(items, stream, ticks, sink, share, inbox.flush, stream_interval)
         holder.append(req)
         self._runner.submit(req)
         return req

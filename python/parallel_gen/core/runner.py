@@ -53,9 +53,10 @@ class Item:
     config: "_core.SamplingConfig"
     """The sample's native sampling parameters (its seed resolved)."""
 
-    def to_native(self, request: int, stream: bool) -> "_core.Item":
+    def to_native(self, request: int, stream: bool, stream_interval: int = 1) -> "_core.Item":
         native = _core.Item()
         native.request, native.index, native.sample, native.stream = request, self.index, self.sample, stream
+        native.stream_interval = stream_interval
         native.tokens, native.params = self.tokens, self.config
         return native
 
@@ -76,6 +77,8 @@ class Request:
     items: Deque[Item]
     listener: Listener
     stream: bool = False
+    stream_interval: int = 1
+    """With ``stream``: a delta once this many tokens are new (the first token at once)."""
     ticks: bool = False
     """Send a Progress event after every engine step."""
     share: Optional[Share] = None
@@ -480,7 +483,7 @@ class EngineRunner:
                 req = self._turns.popleft()
             else:
                 break
-            engine.submit(req.items.popleft().to_native(req.id, req.stream))  # type: ignore[union-attr]
+            engine.submit(req.items.popleft().to_native(req.id, req.stream, req.stream_interval))  # type: ignore[union-attr]
             if req.items:
                 self._turns.append(req)
 

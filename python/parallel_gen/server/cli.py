@@ -56,6 +56,9 @@ def add_parser(sub: Any) -> None:
                    help="answer repeated deterministic (greedy or seeded) requests from a result cache: a "
                         "directory, or redis://host:port/db (shared by servers; also holds the keys' rpm/tpm "
                         "counters)")
+    s.add_argument("--stream-interval", type=int, default=1, metavar="N",
+                   help="a stream's chunk carries its new tokens once N have come (the first token at once, the "
+                        "rest at its end): less work per token with hundreds of streams (default: 1, every token)")
     s.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, seconds to let running requests finish before cancelling (default: 10)")
     r = s.add_argument_group("Ray Serve", "serve on a Ray cluster: N model replicas behind one ingress that "
@@ -99,7 +102,8 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
                 max_prompts=args.max_prompts, max_body=args.max_body, max_open_requests=args.max_open_requests,
                 api_key=None if args.api_keys else _api_key(args), api_keys=args.api_keys,
                 fair_admission=args.fair_admission, result_cache=args.result_cache,
-                chat_template=chat_template_arg(args), shutdown_grace=args.grace)
+                chat_template=chat_template_arg(args), shutdown_grace=args.grace,
+                stream_interval=args.stream_interval)
 
 
 def run_on_ray(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ from ..params import SamplingParams, SeedRule
 from ..results import Output, TokenLogprobs, ToolCall
 from ..core.collector import Collector
 from ..core.runner import Item
-from ..stream import AsyncStreamIterator, StreamEvent, stream_collector
+from ..stream import WHOLE, AsyncStreamIterator, StreamEvent, stream_collector
 from ..templates import ChatTemplate
 from ..tools import ToolPlan, tool_request
 from .errors import APIError, failure_error, invalid_value
@@ -361,7 +361,9 @@ class Service:
                                                                               tools)
         call = Call(rid, endpoint, prompts, params, base.n, [len(p.tokens) for p in prepared],
                     fingerprint=self.fingerprint)
-        call.stream = AsyncStreamIterator(collector, items, request_id=rid)
+        # A whole response needs its sequences' first tokens (time to first token) and ends only.
+        interval = self.settings.stream_interval if body.stream else WHOLE
+        call.stream = AsyncStreamIterator(collector, items, request_id=rid, stream_interval=interval)
         return call
 
     def _prepare(self, endpoint: str, prompts: List[str], base: SamplingParams, tools: Optional[ToolPlan]

@@ -69,6 +69,11 @@ class ServerSettings:
     """On shutdown, seconds a running stream may go on before it is cancelled (whole
     responses get the ASGI server's graceful-shutdown timeout)."""
 
+    stream_interval: int = 1
+    """A stream's chunk carries its new tokens once this many have come (its first token
+    at once, the rest in its last chunk), as vLLM's ``--stream-interval``: fewer chunks,
+    less event-loop work per token with hundreds of streams. 1: every token."""
+
     def __post_init__(self) -> None:
         for name, low in (("max_queue", 0), ("max_n", 1), ("max_prompts", 1), ("max_body", 1024),
                           ("max_open_requests", 1), ("retry_after", 0)):
@@ -77,6 +82,9 @@ class ServerSettings:
                 raise TypeError(f"ServerSettings.{name} must be an int, got {type(value).__name__} {value!r}")
             if value < low:
                 raise ValueError(f"ServerSettings.{name}={value!r}: must be >= {low}")
+        from ..stream import check_stream_interval
+
+        check_stream_interval(self.stream_interval)
         if isinstance(self.shutdown_grace, bool) or not isinstance(self.shutdown_grace, (int, float)) \
                 or not self.shutdown_grace >= 0:
             raise ValueError(f"ServerSettings.shutdown_grace={self.shutdown_grace!r}: must be a number >= 0")
