@@ -34,6 +34,14 @@ CLI_MODEL = ["--n-parallel", 4, "--n-ctx", 256, "--threads", 1, "--flash-attn", 
 TOL = 1e-6
 
 
+def write_reviews(path, texts, gold):
+    """A CSV input of ``texts`` with their ``gold`` labels (columns text, gold)."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "gold"])
+        w.writerows(zip(texts, gold))
+
+
 def reviews():
     with open(DATA, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -179,10 +187,7 @@ def test_a_file_compare_loads_each_model_once_for_all_its_templates(smol1, smoll
 
     texts, gold = reviews()
     src, out = tmp_path / "in.csv", tmp_path / "codings.csv"
-    with open(src, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "gold"])
-        w.writerows(zip(texts[:8], gold[:8]))
+    write_reviews(src, texts[:8], gold[:8])
     loads = []
     load = pg.Model._load  # every way of opening a Model (the constructor, open_sized) loads the weights here
 
@@ -239,6 +244,42 @@ def test_cli_compare_rejects_gold_problems_before_work(smollm2_path, tmp_path):
     r = cli("compare", *base)
     assert r.returncode == 2 and "'awful' is not one of the labels" in r.stderr
     assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out.csv.parts").exists()
+
+
+def test_cli_compare_writes_parquet_that_agreement_reads(smol1, smollm2_path, tmp_path, monkeypatch):
+    """-o codings.parquet: the long table typed (item an int, p_<label> doubles, an empty
+    error a null), its codings pg.compare's, and `agreement` reads it back as the CSV's
+    numbers. Without pyarrow, the compare is refused before any work."""
+    pq = import_extra("pyarrow.parquet", "parquet")
+    texts, gold = reviews()
+    src, out = tmp_path / "in.csv", tmp_path / "codings.parquet"
+    write_reviews(src, texts[:6], gold[:6])
+    base = ["-f", src, "--gold-column", "gold", "--labels", ",".join(LABELS), "--models", f"smollm2={smollm2_path}",
+            "--template", f"plain={TEMPLATES['plain']}", "--template", f"review={TEMPLATES['review']}", *CLI_MODEL,
+            "--n-boot", 200]
+    r = cli("compare", *base, "-o", out, "--report", tmp_path / "report.json")
+    assert r.returncode == 0, r.stderr
+    table = pq.read_table(out)
+    types = {f.name: str(f.type) for f in table.schema}
+    assert types["item"] == "int64" and all(types[f"p_{lab}"] == "double" for lab in LABELS), types
+    rows = table.to_pylist()
+    expected = pg.compare({"smollm2": smol1}, texts[:6], LABELS, gold[:6], TEMPLATES, ci=None)
+    assert [(r["item"], r["coder"], r["label"], r["error"]) for r in rows] == \
+        [(c.item, c.coder, c.label, None) for c in expected.codings]
+    for row, e in zip(rows, expected.codings):
+        assert [row[f"p_{lab}"] for lab in LABELS] == pytest.approx([e.probs[lab] for lab in LABELS], abs=TOL)
+    r = cli("agreement", out, "--coder-column", "coder", "--gold-column", "gold", "--labels", ",".join(LABELS),
+            "--report", tmp_path / "again.json", "--n-boot", 200)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "again.json").read_text()) == json.loads((tmp_path / "report.json").read_text())
+    # Without pyarrow: refused before the input is read or a part is written.
+    from parallel_gen.study.compare_file import compare_file
+
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
+    other = tmp_path / "other.parquet"
+    with pytest.raises(pg.jobs.JobInputError, match=r"pip install 'parallel_gen\[parquet\]'"):
+        compare_file([smollm2_path], src, other, LABELS, model_options=MODEL)
+    assert not os.path.exists(str(other) + ".parts")
 
 
 def test_cli_agreement_on_human_coders_equals_pg_agreement(tmp_path):

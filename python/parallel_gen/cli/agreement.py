@@ -18,7 +18,7 @@ EPILOG = "an empty label cell is a missing label: counted per coder, left out as
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``agreement``."""
-    p.add_argument("codings", metavar="CODINGS", help="the codings table (.csv or .jsonl)")
+    p.add_argument("codings", metavar="CODINGS", help="the codings table (.csv, .jsonl, or .parquet with pyarrow)")
     p.add_argument("--item-column", default="item", metavar="NAME", help="the item's id (default: item)")
     p.add_argument("--coder-column", default="coder", metavar="NAME", help="the coder's name (default: coder)")
     p.add_argument("--label-column", default="label", metavar="NAME", help="the coder's label (default: label)")

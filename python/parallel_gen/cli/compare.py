@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a prompt variant read from FILE (repeatable)")
     add_chat_options(p, "score each label as the assistant's answer (see classify)", "system message (implies --chat)")
     p.add_argument("--normalize", choices=["sum", "mean"], default="sum", help="as for classify (default: sum)")
-    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the long table (.csv, or .jsonl)")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="the long table (.csv, .jsonl, or .parquet with pyarrow)")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--resume", action="store_true", help="continue the compare that wrote --output")
     w.add_argument("--overwrite", action="store_true", help="replace an existing --output and its parts")

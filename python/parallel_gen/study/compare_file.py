@@ -2,7 +2,7 @@
 classify file job (jobs/classify_job.py) writing its own part, ``OUTPUT.parts/NN.jsonl``,
 streamed and resumable as ``classify`` is; when every part is complete they are joined
 into the long table OUTPUT (item, coder, model, template, text, gold, label, p_<label>,
-error). Each model is loaded once for all of its templates, sized to all of their
+error) as CSV, JSONL or Parquet, by its extension. Each model is loaded once for all of its templates, sized to all of their
 prompts. A killed compare continues with ``resume=True``: finished parts are skipped
 whole (each keeps its own run record), a cut one resumes after its last row.
 """
@@ -18,12 +18,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from ..jobs.classify_job import classify_job, probability_column, text_columns
 from ..jobs.driver import JobInterrupted, JobSummary, PathLike, check_options, run_rows
-from ..jobs.formats import JobInputError
-from ..jobs.sources import open_source
+from ..jobs.formats import JobInputError, OutputFormat, output_format_for
+from ..jobs.sources import open_source, pyarrow_parquet
 from .compare import Coder, model_name, open_for_templates, template_variants
 from .record import Recorder, RunRecord
 
 PARTS_SUFFIX = ".parts"
+_JSON_EXTENSIONS = (".jsonl", ".json", ".ndjson")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ def compare_file(models: Sequence[PathLike], input: PathLike, output: PathLike, 
                  lookahead: Optional[int] = None, model_options: Optional[Mapping[str, Any]] = None,
                  model_names: Optional[Sequence[str]] = None) -> CompareSummary:
     """Classifies every text of ``input`` with every model x template into the long table
-    ``output`` (CSV, or JSONL by extension); see the module's text.
+    ``output`` (by extension: JSONL for .jsonl/.json/.ndjson, Parquet for .parquet/.pq,
+    which needs pyarrow, else CSV); see the module's text.
 
     Raises:
         JobInputError, ValueError, TypeError: bad options, an unreadable input, a gold
@@ -63,6 +65,7 @@ def compare_file(models: Sequence[PathLike], input: PathLike, output: PathLike, 
     from .agreement import require_sklearn
 
     out = os.fspath(output)
+    table_format(out)  # Parquet without pyarrow: said before any work
     check_options(progress, lookahead, resume, overwrite)
     options = dict(chat=chat, system=system, normalize=normalize, chat_template=chat_template)
     variants = template_variants(templates)
@@ -172,29 +175,49 @@ def _join(out: str, coders: List[Coder], parts: str, texts: List[Optional[str]],
                 rec["error"] = r["error"]
                 rows.append(rec)
     tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        if out.endswith((".jsonl", ".json", ".ndjson")):
-            for rec in rows:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        else:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    fmt = table_format(out)
+    if fmt is OutputFormat.PARQUET:
+        import pyarrow as pa
+
+        pyarrow_parquet().write_table(pa.Table.from_pylist(rows), tmp)
+    else:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            if fmt is OutputFormat.JSONL:
+                for rec in rows:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            else:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
     os.replace(tmp, out)
     return rows
 
 
+def table_format(path: str) -> OutputFormat:
+    """A codings table's format, by its extension: JSONL (.jsonl, .json, .ndjson), Parquet
+    (.parquet, .pq; JobInputError saying how to install pyarrow when it is missing), else CSV."""
+    if path.lower().endswith(_JSON_EXTENSIONS):
+        return OutputFormat.JSONL
+    if output_format_for(path, "auto") is OutputFormat.PARQUET:
+        pyarrow_parquet()
+        return OutputFormat.PARQUET
+    return OutputFormat.CSV
+
+
 def read_codings(path: PathLike) -> List[Dict[str, Any]]:
-    """A codings table (CSV, or JSONL by extension) as records."""
+    """A codings table (CSV, JSONL or Parquet by extension, as :func:`table_format`) as records."""
     p = os.fspath(path)
+    fmt = table_format(p)
     try:
+        if fmt is OutputFormat.PARQUET:
+            return pyarrow_parquet().read_table(p).to_pylist()
         with open(p, encoding="utf-8", newline="") as f:
-            if p.endswith((".jsonl", ".json", ".ndjson")):
+            if fmt is OutputFormat.JSONL:
                 return [json.loads(line) for line in f if line.strip()]
             return list(csv.DictReader(f))
     except OSError as e:
-        raise JobInputError(f"cannot read {p}: {e.strerror}") from None
-    except (ValueError, csv.Error) as e:
+        raise JobInputError(f"cannot read {p}: {e.strerror or e}") from None
+    except (ValueError, csv.Error) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise JobInputError(f"{p}: not a readable codings table ({e})") from None
 
 
