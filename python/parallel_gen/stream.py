@@ -174,8 +174,8 @@ def stream_parallel(model: ModelLike, prompts: Prompts, params: Params = None, *
     it) cancels the prompts still running and frees their KV cache.
 
     ``stream_interval``: a sequence's event carries its new tokens once this many have
-    come (its first token at once; the rest with its finished event), as vLLM's and
-    SGLang's ``--stream-interval``: fewer events, less work per token for the reader
+    come (its first token at once; the rest with its finished event), as SGLang's
+    ``--stream-interval``: fewer events, less work per token for the reader
     (with hundreds of streams, an event loop's); 1 (default): every token. The texts
     and tokens are the same whatever the interval.
     """

@@ -71,7 +71,7 @@ class ServerSettings:
 
     stream_interval: int = 1
     """A stream's chunk carries its new tokens once this many have come (its first token
-    at once, the rest in its last chunk), as vLLM's ``--stream-interval``: fewer chunks,
+    at once, the rest in its last chunk), as SGLang's ``--stream-interval``: fewer chunks,
     less event-loop work per token with hundreds of streams. 1: every token."""
 
     def __post_init__(self) -> None:
