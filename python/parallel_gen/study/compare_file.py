@@ -2,8 +2,8 @@
 classify file job (jobs/classify_job.py) writing its own part, ``OUTPUT.parts/NN.jsonl``,
 streamed and resumable as ``classify`` is; when every part is complete they are joined
 into the long table OUTPUT (item, coder, model, template, text, gold, label, p_<label>,
-error) as CSV, JSONL or Parquet, by its extension. Each model is loaded once for all of its templates, sized to all of their
-prompts. A killed compare continues with ``resume=True``: finished parts are skipped
+error) as CSV, JSONL or Parquet, by its extension. Each model is loaded once for all of
+its templates, sized to all of their prompts. A killed compare continues with ``resume=True``: finished parts are skipped
 whole (each keeps its own run record), a cut one resumes after its last row.
 """
 
